@@ -1,0 +1,39 @@
+# sidecar: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create the virtualenv and install sidecar with its dev tools
+
+run: $(STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
+	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
+
+test: $(STAMP) ## run the whole test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff format check, ruff, mypy
+	$(BIN)/ruff format --check sidecar tests
+	$(BIN)/ruff check sidecar tests
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## format the code
+	$(BIN)/ruff format sidecar tests
+	$(BIN)/ruff check --fix sidecar tests
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
+
+.PHONY: help venv run test lint fmt clean

@@ -1,0 +1,69 @@
+"""The admin app on :8081: /metrics, /healthz, /readyz, /session and the session POSTs.
+
+POSTs that carry an ``Origin`` header are refused: a web page in the developer's browser must not be
+able to log the sidecar out or force refreshes (browsers add Origin to cross-site POSTs).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar.errors import NoSessionError
+from sidecar.metrics import Metrics
+from sidecar.session import SessionManager, State
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
+    """Build the admin application."""
+
+    async def get_metrics(_request: web.Request) -> web.Response:
+        session.update_gauges()
+        return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        state = session.state()
+        ready = state is State.VALID
+        return web.json_response(
+            {"ready": ready, "state": state.value}, status=200 if ready else 503
+        )
+
+    async def get_session(_request: web.Request) -> web.Response:
+        return web.json_response(session.summary())
+
+    async def post_refresh(request: web.Request) -> web.Response:
+        _refuse_cross_site(request)
+        try:
+            await session.force_refresh()
+        except NoSessionError as exc:
+            return web.json_response(
+                {"error": exc.code, "detail": str(exc)}, status=503, headers={"X-Sidecar-Error": "1"}
+            )
+        return web.json_response(session.summary())
+
+    async def post_logout(request: web.Request) -> web.Response:
+        _refuse_cross_site(request)
+        await session.logout()
+        return web.json_response(session.summary())
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/session", get_session)
+    app.router.add_post("/session/refresh", post_refresh)
+    app.router.add_post("/session/logout", post_logout)
+    return app
+
+
+def _refuse_cross_site(request: web.Request) -> None:
+    if "Origin" in request.headers:
+        raise web.HTTPForbidden(
+            text='{"error": "cross_site_refused", "detail": "admin POSTs from web pages are refused"}',
+            content_type="application/json",
+            headers={"X-Sidecar-Error": "1"},
+        )

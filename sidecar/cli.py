@@ -1,0 +1,129 @@
+"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar status``.
+
+Exit codes: 0 success or clean shutdown; 1 runtime failure (e.g. a port in use, admin unreachable);
+2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from sidecar import __version__
+from sidecar.config import Config, load_config, redacted
+from sidecar.errors import ConfigError, SidecarError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("sidecar.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)")
+    check = sub.add_parser("check-config", help="validate a config and print it with secrets redacted")
+    check.add_argument("-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)")
+    status = sub.add_parser("status", help="print a one-line summary of a running sidecar's session")
+    status.add_argument("--admin", default="http://127.0.0.1:8081", help="admin URL (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sidecar`` console script."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exc.code or 0)
+    if args.command == "status":
+        return _status(args.admin)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+        return EXIT_OK
+    return _run(config)
+
+
+def _run(config: Config) -> int:
+    from sidecar.app import serve  # noqa: PLC0415 - check-config and status need none of the server
+    from sidecar.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(config.log.level)
+    try:
+        return asyncio.run(serve(config))
+    except SidecarError as exc:
+        log.error("sidecar.failed", extra={"error": str(exc)})
+        return exc.exit_code
+    except OSError as exc:
+        log.error("sidecar.failed", extra={"error": f"{exc.strerror or exc}"})
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _status(admin: str) -> int:
+    url = admin.rstrip("/") + "/session"
+    if not url.startswith(("http://", "https://")):
+        print(f"sidecar: --admin must be an http(s) URL, not {admin!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - scheme checked above
+            summary = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"sidecar: cannot read {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(status_line(summary))
+    return EXIT_OK
+
+
+def human_duration(seconds: float | None) -> str:
+    """``24m10s``, ``2h03m``, ``5s``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    sign = "-" if seconds < 0 else ""
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{sign}{s}s"
+    if s < 3600:
+        return f"{sign}{s // 60}m{s % 60:02d}s"
+    return f"{sign}{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def status_line(summary: dict[str, Any]) -> str:
+    """The one human line of DESIGN.md, e.g.
+    ``session: VALID | token expires in 24m10s | refreshed 5m ago | last call 2s ago | store: file``.
+    """
+    parts = [f"session: {summary.get('state', '?')}"]
+    expires_in = summary.get("expires_in")
+    if expires_in is None:
+        parts.append("no token")
+    elif expires_in >= 0:
+        parts.append(f"token expires in {human_duration(expires_in)}")
+    else:
+        parts.append(f"token expired {human_duration(-expires_in)} ago")
+    refreshed = summary.get("last_refreshed_ago")
+    parts.append("never refreshed" if refreshed is None else f"refreshed {human_duration(refreshed)} ago")
+    last_call = summary.get("last_api_call_ago")
+    parts.append("no calls yet" if last_call is None else f"last call {human_duration(last_call)} ago")
+    if summary.get("last_error"):
+        parts.append(f"last error: {summary['last_error']}")
+    parts.append(f"store: {summary.get('store', '?')}")
+    return " | ".join(parts)

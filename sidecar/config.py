@@ -1,0 +1,443 @@
+"""Configuration: pydantic models mirroring the YAML, validated once at the edge.
+
+:func:`load_config` reads a YAML file (or the embedded demo), fills ``${VAR}`` from the environment,
+applies ``SIDECAR_<SECTION>_<KEY>`` overrides and validates. Every problem is reported at once, each
+naming its dotted key and the file, as a :class:`~sidecar.errors.ConfigError` (exit code 2).
+
+Secrets are :class:`pydantic.SecretStr` (they print as ``**********``) or ``<key>_file`` paths whose
+content is read when needed, so a rotated Kubernetes Secret is picked up at the next login.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+ENV_CONFIG = "SIDECAR_CONFIG"
+DEMO_SOURCE = "<embedded demo>"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(_Model):
+    """Where the proxy listens. Loopback only unless ``allow_non_loopback`` says otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    allow_non_loopback: bool = False
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> Listen:
+        if not self.allow_non_loopback and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address; anything that can reach it gets "
+                "requests signed with the session's token. Set allow_non_loopback: true to mean it"
+            )
+        return self
+
+
+class Admin(Listen):
+    """Where the admin endpoints listen (/metrics, /healthz, /readyz, /session)."""
+
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class Timeout(_Model):
+    """Seconds allowed for the upstream leg."""
+
+    connect: float = Field(5.0, gt=0)
+    total: float = Field(30.0, gt=0)
+
+
+class TLS(_Model):
+    """TLS toward the upstream: verification is on unless switched off on purpose."""
+
+    verify: bool = True
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> TLS:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self
+
+
+class Upstream(_Model):
+    """The one origin that receives the token."""
+
+    url: str | None = None
+    timeout: Timeout = Timeout()
+    tls: TLS = TLS()
+    send_cookies: bool = False
+    #: request bodies up to this many bytes are buffered so that a request answered 401 can be
+    #: replayed after a reactive refresh; larger bodies stream and are never replayed
+    replay_body_limit: int = Field(65536, ge=0)
+    #: keep-alive connections kept open toward the upstream
+    pool_size: int = Field(100, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        if url.user or url.password:
+            raise ValueError("credentials in the URL are not allowed; the identity section holds them")
+        if url.query_string or url.fragment:
+            raise ValueError("the URL may carry a path prefix but no query or fragment")
+        return str(url.with_path(url.path.rstrip("/")))
+
+
+class Identity(_Model):
+    """How the session is obtained from the identity provider."""
+
+    kind: Literal["oauth2", "demo"] = "demo"
+    token_url: str | None = None
+    grant: Literal["client_credentials", "password"] = "client_credentials"
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    scope: str | None = None
+    audience: str | None = None
+    resource: str | None = None
+    revocation_url: str | None = None
+    #: seconds allowed for one call to the identity provider
+    timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Identity:
+        if self.kind == "demo":
+            return self
+        problems = []
+        if not self.token_url:
+            problems.append("token_url: required for kind oauth2")
+        if not self.client_id:
+            problems.append("client_id: required for kind oauth2")
+        if self.client_secret is not None and self.client_secret_file is not None:
+            problems.append("client_secret: give client_secret or client_secret_file, not both")
+        if self.client_secret is None and self.client_secret_file is None:
+            problems.append("client_secret: client_secret or client_secret_file is required")
+        if self.grant == "password":
+            if not self.username:
+                problems.append("username: required for grant password")
+            if (self.password is None) == (self.password_file is None):
+                problems.append("password: exactly one of password or password_file is required "
+                                "for grant password")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class Retry(_Model):
+    """Exponential backoff with full jitter, in seconds."""
+
+    initial: float = Field(1.0, gt=0)
+    max: float = Field(60.0, gt=0)
+
+
+class Refresh(_Model):
+    """When to refresh: ``max(lead_time, lead_fraction * lifetime)`` before expiry, with jitter."""
+
+    lead_time: float = Field(300.0, ge=0)
+    lead_fraction: float = Field(0.2, ge=0, le=0.9)
+    jitter: float = Field(0.1, ge=0, le=1)
+    retry: Retry = Retry()
+    #: an upstream 401 triggers a reactive refresh at most once per this many seconds, so an
+    #: upstream that rejects every token cannot turn each request into a token call
+    reactive_min_interval: float = Field(5.0, ge=0)
+
+
+class Headers(_Model):
+    """Headers added to each forwarded request. ``null`` switches a header off."""
+
+    tenant_id: str | None = None
+    activity_id: str | None = "auto"
+    correlation_id: str | None = "propagate"
+    request_id: Literal["generate", "propagate"] | None = "generate"
+    traceparent: Literal["generate", "propagate"] | None = "propagate"
+    session_id: str | None = "auto"
+    static: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("static")
+    @classmethod
+    def _safe_static(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = {"host", "authorization", "content-length", "transfer-encoding", "connection"}
+        for name, header_value in value.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in reserved:
+                raise ValueError(f"{name!r} is managed by the sidecar and cannot be set here")
+            if any(c in header_value for c in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} contains a control character")
+        return value
+
+
+class Session(_Model):
+    """Where the session is kept between restarts."""
+
+    store: Literal["memory", "file"] = "file"
+    path: Path = Path(".sidecar/session.json")
+    logout_on_shutdown: bool = False
+
+
+class Log(_Model):
+    """Logging: JSON lines on stderr."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Demo(_Model):
+    """The embedded demo: an identity provider and an echo upstream inside the process."""
+
+    enabled: bool = False
+    token_lifetime: float = Field(120.0, gt=0)
+    #: the echo upstream's port (0 picks a free one)
+    echo_port: int = Field(0, ge=0, le=65535)
+
+
+class Config(_Model):
+    """The whole configuration."""
+
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    upstream: Upstream = Upstream()
+    identity: Identity = Identity()
+    refresh: Refresh = Refresh()
+    headers: Headers = Headers()
+    session: Session = Session()
+    log: Log = Log()
+    demo: Demo = Demo()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Config:
+        if self.identity.kind == "demo" and not self.demo.enabled:
+            raise ValueError("identity.kind: kind demo needs demo.enabled: true")
+        if self.upstream.url is None and not self.demo.enabled:
+            raise ValueError("upstream.url: required")
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(substitute, node)
+
+
+def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | None:
+    """Map ``["upstream", "timeout", "total"]``-like parts onto nested field names, or None."""
+    for cut in range(len(parts), 0, -1):
+        name = "_".join(parts[:cut])
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        rest = parts[cut:]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not rest:
+                return None
+            tail = _resolve_env_key(annotation, rest)
+            if tail is not None:
+                return [name, *tail]
+        elif not rest:
+            return [name]
+    return None
+
+
+def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    """Apply ``SIDECAR_<SECTION>_<KEY>=value``.
+
+    Variables whose first word is not a config section are ignored: Kubernetes injects
+    ``SIDECAR_SERVICE_HOST`` and friends for a Service named ``sidecar``. Within a known section an
+    unknown key is an error, as in the file.
+    """
+    for var, raw in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+            continue
+        parts = var[len(ENV_PREFIX) :].lower().split("_")
+        if parts[0] not in Config.model_fields:
+            continue
+        keys = _resolve_env_key(Config, parts)
+        if keys is None:
+            problems.append(f"{var}: no such configuration key")
+            continue
+        value: Any = raw
+        if raw.startswith(("{", "[")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                problems.append(f"{var}: not valid YAML/JSON")
+                continue
+        elif raw.lower() in ("null", "~", ""):
+            value = None
+        target = data
+        for key in keys[:-1]:
+            child = target.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                target[key] = child
+            target = child
+        target[keys[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem, each starting with its dotted key.
+
+    Cross-field validators name their keys as ``"sub.key: message"``, joined by ``"; "``; those are
+    split and appended to the location so every line names the exact key.
+    """
+    lines = []
+    for err in exc.errors():
+        base = [str(p) for p in err["loc"]]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{'.'.join(base)}: unknown key")
+            continue
+        for part in err["msg"].removeprefix("Value error, ").split("; "):
+            sub, sep, message = part.partition(": ")
+            if sep and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", sub):
+                key = ".".join([*base, sub]) if base else sub
+            else:
+                key, message = ".".join(base) or "(top level)", part
+            lines.append(f"{key}: {message}")
+    return lines
+
+
+def _check_files(config: Config) -> list[str]:
+    """Secret and certificate files must exist and be readable at load time."""
+    problems = []
+    candidates: dict[str, Path | None] = {
+        "identity.client_secret_file": config.identity.client_secret_file,
+        "identity.password_file": config.identity.password_file,
+        "upstream.tls.ca_file": config.upstream.tls.ca_file,
+        "upstream.tls.cert_file": config.upstream.tls.cert_file,
+        "upstream.tls.key_file": config.upstream.tls.key_file,
+    }
+    for key, path in candidates.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path}: {exc.strerror}")
+    return problems
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load, interpolate, override and validate. Raises ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG):
+        path = env[ENV_CONFIG]
+    if path is None:
+        source = DEMO_SOURCE
+        text = resources.files("sidecar").joinpath("demo.yaml").read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+
+    problems: list[str] = []
+    data = _interpolate(data, env, "", problems)
+    _apply_env_overrides(data, env, problems)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_format_validation_error(exc))
+    if config is not None:
+        problems.extend(_check_files(config))
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    assert config is not None
+    return config
+
+
+_SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re.IGNORECASE)
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret value masked."""
+    data = config.model_dump(mode="json")
+    static = data["headers"]["static"]
+    for name in static:
+        if _SECRET_HEADER.search(name):
+            static[name] = "**********"
+    return data
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str:
+    """The secret's current value: from the file when one is configured (re-read every call)."""
+    if file is not None:
+        return file.read_text(encoding="utf-8").strip()
+    if value is not None:
+        return value.get_secret_value()
+    raise ConfigError("a required secret is not configured")

@@ -1,0 +1,134 @@
+"""The sidecar's exception tree. Library errors are translated into it at one boundary each.
+
+::
+
+    SidecarError
+    ├── ConfigError                 bad configuration (exit code 2); names the key and the file
+    ├── IdentityError               the identity provider did not give us a token
+    │   ├── IdentityUnavailable     transient: refused, reset, timeout, 5xx, 429, malformed answer
+    │   └── OAuthError              the provider said no, with an RFC 6749 ``error`` code
+    ├── NoSessionError              no valid token can be had right now (HTTP 503)
+    ├── UpstreamError               the upstream leg failed
+    │   ├── UpstreamUnavailable     refused or reset (HTTP 502)
+    │   └── UpstreamTimeout         connect or total timeout (HTTP 504)
+    ├── RefusedRequest              a caller's request we will not forward (HTTP 4xx)
+    └── StoreError                  the session store could not be read or written
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+    http_status: int = 500
+    exit_code: int = 1
+    #: short machine-readable code for JSON error bodies and metric labels
+    code: str = "internal_error"
+
+
+class ConfigError(SidecarError):
+    """The configuration is invalid. The message lists every problem, each naming its key."""
+
+    exit_code = 2
+    code = "bad_config"
+
+
+class IdentityError(SidecarError):
+    """The identity provider did not give us a usable token."""
+
+    http_status = 503
+    code = "identity_error"
+
+    @property
+    def reason(self) -> str:
+        """A low-cardinality label for metrics (``reason`` of ``sidecar_token_refreshes_total``)."""
+        return self.code
+
+
+class IdentityUnavailable(IdentityError):
+    """A transient failure: worth retrying with backoff.
+
+    ``retry_after`` carries the provider's ``Retry-After`` in seconds when it sent one.
+    """
+
+    code = "identity_unavailable"
+
+    def __init__(self, message: str, *, reason: str = "unavailable", retry_after: float | None = None):
+        super().__init__(message)
+        self._reason = reason
+        self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class OAuthError(IdentityError):
+    """An RFC 6749 section 5.2 error answer. Decisions are made on ``error``, never on text."""
+
+    code = "oauth_error"
+
+    #: errors that mean the grant itself is dead: retrying the same request cannot succeed
+    FATAL_FOR_REFRESH = frozenset({"invalid_grant"})
+
+    def __init__(self, error: str, description: str | None = None, *, status: int | None = None):
+        detail = f"identity provider answered error={error!r}"
+        if status is not None:
+            detail += f" (HTTP {status})"
+        if description:
+            # the provider's text is shown, but bounded: it is not ours to trust
+            detail += f": {description[:200]}"
+        super().__init__(detail)
+        self.error = error
+        self.description = description
+        self.status = status
+
+    @property
+    def reason(self) -> str:
+        return self.error
+
+
+class NoSessionError(SidecarError):
+    """No valid token is held and none could be obtained in time."""
+
+    http_status = 503
+    code = "no_session"
+
+
+class UpstreamError(SidecarError):
+    """The upstream leg failed."""
+
+    http_status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream refused or reset the connection."""
+
+    http_status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within the configured timeout."""
+
+    http_status = 504
+    code = "upstream_timeout"
+
+
+class RefusedRequest(SidecarError):
+    """A caller's request that the sidecar refuses to forward."""
+
+    code = "refused"
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "refused"):
+        super().__init__(message)
+        self.http_status = status
+        self.code = code
+
+
+class StoreError(SidecarError):
+    """The session store could not be read or written."""
+
+    code = "store_error"

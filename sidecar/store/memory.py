@@ -1,0 +1,26 @@
+"""The memory store: the session lives only as long as the process."""
+
+from __future__ import annotations
+
+from sidecar.store import SessionRecord
+
+
+class MemoryStore:
+    """Keeps the last saved record in memory (the default for tests and the demo)."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._record: SessionRecord | None = None
+
+    async def load(self) -> SessionRecord | None:
+        return self._record
+
+    async def save(self, record: SessionRecord) -> None:
+        self._record = record
+
+    async def clear(self) -> None:
+        self._record = None
+
+    async def aclose(self) -> None:
+        return None

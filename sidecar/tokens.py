@@ -1,0 +1,148 @@
+"""The Token value object and the parsing of RFC 6749 token responses.
+
+A :class:`Token` never shows its secrets: ``repr`` and ``str`` print a fingerprint only, so a token
+that slips into a log line or an exception message leaks nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from sidecar.errors import IdentityUnavailable
+
+#: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
+#: short on purpose, so an unknown lifetime errs toward refreshing too often rather than too late
+DEFAULT_LIFETIME = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One access token (and its refresh token, when issued), with wall-clock issue and expiry."""
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    obtained_at: float
+    token_type: str = "Bearer"
+    refresh_token: str | None = field(default=None, repr=False)
+    scope: str | None = None
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds between issue and expiry."""
+        return max(0.0, self.expires_at - self.obtained_at)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short, non-reversible id for logs: the first 8 hex digits of SHA-256 of the token."""
+        return hashlib.sha256(self.access_token.encode()).hexdigest()[:8]
+
+    def is_valid(self, now: float) -> bool:
+        """True while the token has not expired."""
+        return now < self.expires_at
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(fingerprint={self.fingerprint}, expires_at={self.expires_at:.0f}, "
+            f"refreshable={self.refresh_token is not None})"
+        )
+
+    __str__ = __repr__
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the session store (contains the secrets: stores only)."""
+        return {
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "token_type": self.token_type,
+            "expires_at": self.expires_at,
+            "obtained_at": self.obtained_at,
+            "scope": self.scope,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Token:
+        """The inverse of :meth:`to_dict`; raises ValueError/KeyError/TypeError on bad data."""
+        access = data["access_token"]
+        refresh = data.get("refresh_token")
+        if not isinstance(access, str) or not access:
+            raise ValueError("access_token must be a non-empty string")
+        if refresh is not None and not isinstance(refresh, str):
+            raise ValueError("refresh_token must be a string")
+        return cls(
+            access_token=access,
+            refresh_token=refresh,
+            token_type=str(data.get("token_type") or "Bearer"),
+            expires_at=float(data["expires_at"]),
+            obtained_at=float(data["obtained_at"]),
+            scope=data.get("scope"),
+        )
+
+
+def jwt_expiry(access_token: str) -> float | None:
+    """The ``exp`` claim of a JWT, read without verifying it (only to schedule a refresh)."""
+    try:
+        claims = jwt.decode(access_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
+        return float(exp)
+    return None
+
+
+def _malformed(problem: str) -> IdentityUnavailable:
+    return IdentityUnavailable(f"malformed token response: {problem}", reason="malformed_response")
+
+
+def parse_token_response(
+    body: Any, now: float, *, previous_refresh_token: str | None = None
+) -> Token:
+    """Build a Token from a decoded RFC 6749 section 5.1 response.
+
+    Expiry comes from ``expires_in``, else from the JWT's ``exp``, else :data:`DEFAULT_LIFETIME`.
+    When a refresh answer carries no new refresh token, the previous one stays in use (RFC 6749
+    section 6); a new one always replaces it (rotation).
+    """
+    if not isinstance(body, dict):
+        raise _malformed("not a JSON object")
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access.strip():
+        raise _malformed("access_token is missing or not a string")
+    if any(c in access for c in "\r\n\0 "):
+        raise _malformed("access_token contains characters not allowed in a header")
+    token_type = body.get("token_type", "Bearer")
+    if not isinstance(token_type, str):
+        raise _malformed("token_type is not a string")
+    if token_type.lower() != "bearer":
+        raise _malformed(f"token_type {token_type!r} is not supported (only Bearer)")
+    refresh = body.get("refresh_token", previous_refresh_token)
+    if refresh is not None and not isinstance(refresh, str):
+        raise _malformed("refresh_token is not a string")
+    expires_in = body.get("expires_in")
+    if expires_in is not None:
+        try:
+            lifetime = float(expires_in)
+        except (TypeError, ValueError):
+            raise _malformed("expires_in is not a number") from None
+        if not math.isfinite(lifetime) or lifetime <= 0:
+            raise _malformed("expires_in must be a positive number")
+        expires_at = now + lifetime
+    else:
+        exp = jwt_expiry(access)
+        expires_at = exp if exp is not None else now + DEFAULT_LIFETIME
+    if expires_at <= now:
+        raise _malformed("the token is already expired")
+    scope = body.get("scope")
+    return Token(
+        access_token=access,
+        refresh_token=refresh or None,
+        token_type="Bearer",
+        expires_at=expires_at,
+        obtained_at=now,
+        scope=scope if isinstance(scope, str) else None,
+    )
