@@ -14,7 +14,10 @@ import sys
 from typing import Any, TextIO
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
+
+#: where the proxy leaves the X-Request-ID it sent, for the access log line
+REQUEST_ID_KEY = RequestKey("request_id", str)
 
 # attributes every LogRecord has; anything else came from ``extra=``
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -84,7 +87,7 @@ class AccessLogger(AbstractAccessLogger):
                 "path": request.path,
                 "status": response.status,
                 "duration_ms": round(time * 1000, 3),
-                "request_id": request.get("request_id"),
+                "request_id": request.get(REQUEST_ID_KEY),
                 "bytes": response.body_length,
             },
         )

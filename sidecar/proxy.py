@@ -31,6 +31,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.headers import AUTHORIZATION, REQUEST_ID, HeaderRules, connection_listed, strip_hop_by_hop
+from sidecar.logs import REQUEST_ID_KEY
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials, SessionManager
 
@@ -150,8 +151,8 @@ class Proxy:
             status = exc.http_status
             if isinstance(exc, UpstreamError):
                 log.warning("proxy.upstream_failed", extra={"error": str(exc), "code": exc.code,
-                                                           "request_id": request.get("request_id")})
-            return error_response(exc.http_status, exc.code, str(exc), request.get("request_id"))
+                                                           "request_id": request.get(REQUEST_ID_KEY)})
+            return error_response(exc.http_status, exc.code, str(exc), request.get(REQUEST_ID_KEY))
         finally:
             metrics.in_flight.dec()
             metrics.count_request(request.method, status)
@@ -190,7 +191,9 @@ class Proxy:
 
     def _headers(self, request: web.BaseRequest, creds: Credentials) -> CIMultiDict[str]:
         headers = self._rules.apply(request.headers, creds)
-        request["request_id"] = headers.get(REQUEST_ID)
+        request_id = headers.get(REQUEST_ID)
+        if request_id is not None:
+            request[REQUEST_ID_KEY] = request_id
         return headers
 
     async def _send(
@@ -232,7 +235,7 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             upstream.close()
             log.warning("proxy.upstream_broke_mid_response",
-                        extra={"error": type(exc).__name__, "request_id": request.get("request_id")})
+                        extra={"error": type(exc).__name__, "request_id": request.get(REQUEST_ID_KEY)})
             _abort(request)
             return response
         except (ConnectionError, asyncio.CancelledError):

@@ -1,0 +1,137 @@
+"""Shared fixtures: servers on loopback port 0 that are closed after each test, a clean environment,
+and a factory that starts a real sidecar against our test identity provider and upstream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sidecar.app import Sidecar
+from sidecar.clock import Clock
+from sidecar.config import Config
+from tests.fakes.idp import FakeIdP
+from tests.fakes.upstream import FakeUpstream
+
+Serve = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """No SIDECAR_* variable of the developer's shell leaks into a test."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SIDECAR_")}
+    for key in saved:
+        del os.environ[key]
+    yield
+    for key in [k for k in os.environ if k.startswith("SIDECAR_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start an aiohttp app on 127.0.0.1 (port 0 unless given); returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def _serve(app: web.Application, port: int = 0) -> str:
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield _serve
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+def idp() -> FakeIdP:
+    return FakeIdP()
+
+
+@pytest.fixture
+def upstream(idp: FakeIdP) -> FakeUpstream:
+    return FakeUpstream(idp=idp)
+
+
+@pytest.fixture
+async def idp_url(serve: Serve, idp: FakeIdP) -> str:
+    return await serve(idp.app())
+
+
+@pytest.fixture
+async def upstream_url(serve: Serve, upstream: FakeUpstream) -> str:
+    return await serve(upstream.app())
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config(idp_url: str, upstream_url: str, idp: FakeIdP) -> dict[str, Any]:
+    """A sidecar config pointing at the test servers, listening on free ports."""
+    return {
+        "listen": {"port": 0},
+        "admin": {"port": 0},
+        "upstream": {"url": upstream_url, "timeout": {"connect": 2, "total": 5}},
+        "identity": {
+            "kind": "oauth2",
+            "token_url": f"{idp_url}/token",
+            "client_id": idp.client_id,
+            "client_secret": idp.client_secret,
+            "revocation_url": f"{idp_url}/revoke",
+            "timeout": 3,
+        },
+        "refresh": {"retry": {"initial": 0.05, "max": 0.5}},
+        "headers": {"tenant_id": "1234567"},
+        "session": {"store": "memory"},
+    }
+
+
+MakeSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def make_sidecar(idp_url: str, upstream_url: str, idp: FakeIdP) -> AsyncIterator[MakeSidecar]:
+    """Start real sidecars (proxy and admin on free loopback ports); stopped after the test."""
+    started: list[Sidecar] = []
+
+    async def _make(clock: Clock | None = None, **overrides: Any) -> Sidecar:
+        config = Config.model_validate(merge(base_config(idp_url, upstream_url, idp), overrides))
+        sidecar = Sidecar(config, drain_timeout=1.0) if clock is None else Sidecar(
+            config, clock=clock, drain_timeout=1.0)
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
+
+    yield _make
+    for sidecar in reversed(started):
+        await sidecar.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client, as a service calling the sidecar would be."""
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        yield client
+
+
+def proxy_url(sidecar: Sidecar, path: str = "/") -> str:
+    return f"http://127.0.0.1:{sidecar.proxy_port}{path}"
+
+
+def admin_url(sidecar: Sidecar, path: str = "/") -> str:
+    return f"http://127.0.0.1:{sidecar.admin_port}{path}"

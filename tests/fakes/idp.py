@@ -1,0 +1,153 @@
+"""A test identity provider: an OAuth2 token endpoint with knobs, call records and fault modes.
+
+Tokens are HS256 JWTs (so expiry can come from ``exp`` alone). Refresh tokens rotate: each one works
+once. Every call is recorded with its form and headers, so tests check what went over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from aiohttp import web
+
+from sidecar.clock import Clock, SystemClock
+
+SIGNING_KEY = "test-idp-signing-key-not-a-secret-of-anyone"
+
+
+@dataclass
+class Call:
+    """One request the token endpoint received."""
+
+    path: str
+    form: dict[str, str]
+    headers: dict[str, str]
+
+    @property
+    def grant_type(self) -> str:
+        return self.form.get("grant_type", "")
+
+
+@dataclass
+class FakeIdP:
+    """Knobs: lifetime, refresh tokens on/off, expires_in on/off, delay, scripted failures."""
+
+    clock: Clock = field(default_factory=SystemClock)
+    lifetime: float = 60.0
+    client_id: str = "svc-client"
+    client_secret: str = "client-secret-0123456789"
+    username: str = "svc-user"
+    password: str = "user-password-9876543210"
+    issue_refresh_tokens: bool = True
+    send_expires_in: bool = True
+    #: seconds (real time) to wait before answering a token request
+    delay: float = 0.0
+    #: modes consumed one per token call: "503", "429", "500", "hang", "malformed", "invalid_grant",
+    #: "invalid_client", "reset"
+    failures: list[str] = field(default_factory=list)
+    #: fail every token call with this mode while set
+    down: str | None = None
+    calls: list[Call] = field(default_factory=list)
+    issued: dict[str, float] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+    refresh_tokens: set[str] = field(default_factory=set)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        app.router.add_post("/revoke", self._revoke)
+        return app
+
+    @property
+    def token_calls(self) -> list[Call]:
+        return [c for c in self.calls if c.path == "/token"]
+
+    def grants(self) -> list[str]:
+        return [c.grant_type for c in self.token_calls]
+
+    def is_valid(self, access_token: str) -> bool:
+        expires = self.issued.get(access_token)
+        return expires is not None and access_token not in self.revoked and self.clock.time() < expires
+
+    def revoke_all(self) -> None:
+        """Invalidate every access token issued so far (refresh tokens stay valid)."""
+        self.revoked.update(self.issued)
+
+    def _client_ok(self, request: web.Request, form: dict[str, str]) -> bool:
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            client_id, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        return client_id == self.client_id and secrets.compare_digest(secret, self.client_secret)
+
+    async def _fail(self, mode: str, request: web.Request) -> web.StreamResponse:
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "malformed":
+            return web.Response(text='{"access_token": "abc', content_type="application/json")
+        if mode == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if mode in ("invalid_grant", "invalid_client"):
+            return web.json_response({"error": mode, "error_description": "scripted"}, status=400)
+        status = int(mode)
+        headers = {"Retry-After": "2"} if status == 429 else {}
+        return web.json_response({"error": "server_error"}, status=status, headers=headers)
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.calls.append(Call("/token", form, dict(request.headers)))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        mode = self.down or (self.failures.pop(0) if self.failures else None)
+        if mode is not None:
+            return await self._fail(mode, request)
+        if not self._client_ok(request, form):
+            return web.json_response({"error": "invalid_client"}, status=401)
+        grant = form.get("grant_type")
+        if grant == "password":
+            if form.get("username") != self.username or form.get("password") != self.password:
+                return web.json_response({"error": "invalid_grant"}, status=400)
+        elif grant == "refresh_token":
+            presented = form.get("refresh_token", "")
+            if presented not in self.refresh_tokens:
+                return web.json_response({"error": "invalid_grant"}, status=400)
+            self.refresh_tokens.discard(presented)  # rotation: each refresh token works once
+        elif grant != "client_credentials":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        return web.json_response(self._issue(form), headers={"Cache-Control": "no-store"})
+
+    def _issue(self, form: dict[str, str]) -> dict[str, Any]:
+        now = self.clock.time()
+        access = jwt.encode(
+            {"sub": self.client_id, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
+            SIGNING_KEY,
+            algorithm="HS256",
+        )
+        self.issued[access] = now + self.lifetime
+        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
+        if self.send_expires_in:
+            body["expires_in"] = self.lifetime
+        if self.issue_refresh_tokens:
+            refresh = "rt-" + secrets.token_urlsafe(24)
+            self.refresh_tokens.add(refresh)
+            body["refresh_token"] = refresh
+        if form.get("scope"):
+            body["scope"] = form["scope"]
+        return body
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.calls.append(Call("/revoke", form, dict(request.headers)))
+        token = form.get("token", "")
+        self.revoked.add(token)
+        self.refresh_tokens.discard(token)
+        return web.Response(status=200)
