@@ -6,6 +6,8 @@ able to log the sidecar out or force refreshes (browsers add Origin to cross-sit
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from sidecar.errors import NoSessionError
@@ -41,7 +43,9 @@ def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
             await session.force_refresh()
         except NoSessionError as exc:
             return web.json_response(
-                {"error": exc.code, "detail": str(exc)}, status=503, headers={"X-Sidecar-Error": "1"}
+                {"error": exc.code, "detail": str(exc)},
+                status=503,
+                headers={"X-Sidecar-Error": "1"},
             )
         return web.json_response(session.summary())
 
@@ -63,7 +67,9 @@ def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
 def _refuse_cross_site(request: web.Request) -> None:
     if "Origin" in request.headers:
         raise web.HTTPForbidden(
-            text='{"error": "cross_site_refused", "detail": "admin POSTs from web pages are refused"}',
+            text=json.dumps(
+                {"error": "cross_site_refused", "detail": "admin POSTs from web pages are refused"}
+            ),
             content_type="application/json",
             headers={"X-Sidecar-Error": "1"},
         )

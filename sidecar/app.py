@@ -72,32 +72,55 @@ class Sidecar:
         self._closers.append(("identity", identity.aclose))
         store = self._store()
         self._closers.append(("store", store.aclose))
-        self.session = SessionManager(identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng)
+        self.session = SessionManager(
+            identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng
+        )
         await self.session.start()
         self._closers.append(("session", self._stop_session))
 
-        proxy = Proxy(cfg.upstream, self.upstream_url, self.session, HeaderRules.compile(cfg.headers),
-                      self.metrics, self.clock)
+        proxy = Proxy(
+            cfg.upstream,
+            self.upstream_url,
+            self.session,
+            HeaderRules.compile(cfg.headers),
+            self.metrics,
+            self.clock,
+        )
         await proxy.start()
         self._closers.append(("upstream client", proxy.aclose))
-        access = {"access_log_class": AccessLogger, "access_log": access_logger()} if cfg.log.access_log \
+        access = (
+            {"access_log_class": AccessLogger, "access_log": access_logger()}
+            if cfg.log.access_log
             else {"access_log": None}
+        )
         proxy_runner = web.ServerRunner(
             proxy.server(**access), handle_signals=False, shutdown_timeout=self.drain_timeout
         )
-        self.proxy_port = await self._listen("proxy", proxy_runner, cfg.listen.host, cfg.listen.port)
+        self.proxy_port = await self._listen(
+            "proxy", proxy_runner, cfg.listen.host, cfg.listen.port
+        )
 
-        from sidecar.admin import admin_app  # noqa: PLC0415 - keeps the admin import off the proxy's path
+        from sidecar.admin import admin_app
 
-        admin_runner = web.AppRunner(admin_app(self.session, self.metrics), handle_signals=False,
-                                     access_log=None, shutdown_timeout=2.0)
+        admin_runner = web.AppRunner(
+            admin_app(self.session, self.metrics),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+        )
         self.admin_port = await self._listen("admin", admin_runner, cfg.admin.host, cfg.admin.port)
         for name, host in (("listen", cfg.listen.host), ("admin", cfg.admin.host)):
             if not is_loopback(host):
                 log.warning("sidecar.non_loopback", extra={"section": name, "host": host})
-        log.info("sidecar.started", extra={"proxy": f"{cfg.listen.host}:{self.proxy_port}",
-                                           "admin": f"{cfg.admin.host}:{self.admin_port}",
-                                           "upstream": self.upstream_url, "store": store.kind})
+        log.info(
+            "sidecar.started",
+            extra={
+                "proxy": f"{cfg.listen.host}:{self.proxy_port}",
+                "admin": f"{cfg.admin.host}:{self.admin_port}",
+                "upstream": self.upstream_url,
+                "store": store.kind,
+            },
+        )
 
     async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
@@ -115,7 +138,9 @@ class Sidecar:
         self.demo_idp = idp
         idp_port = await self._serve_app("demo identity provider", idp.app(), 0)
         if cfg.upstream.url is None:
-            echo_port = await self._serve_app("demo echo upstream", echo_app(idp), cfg.demo.echo_port)
+            echo_port = await self._serve_app(
+                "demo echo upstream", echo_app(idp), cfg.demo.echo_port
+            )
             self.upstream_url = f"http://127.0.0.1:{echo_port}"
         demo_identity = Identity(
             kind="oauth2",

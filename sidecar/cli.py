@@ -34,11 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)")
-    check = sub.add_parser("check-config", help="validate a config and print it with secrets redacted")
-    check.add_argument("-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)")
-    status = sub.add_parser("status", help="print a one-line summary of a running sidecar's session")
-    status.add_argument("--admin", default="http://127.0.0.1:8081", help="admin URL (default: %(default)s)")
+    run.add_argument(
+        "-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)"
+    )
+    check = sub.add_parser(
+        "check-config", help="validate a config and print it with secrets redacted"
+    )
+    check.add_argument(
+        "-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)"
+    )
+    status = sub.add_parser(
+        "status", help="print a one-line summary of a running sidecar's session"
+    )
+    status.add_argument(
+        "--admin", default="http://127.0.0.1:8081", help="admin URL (default: %(default)s)"
+    )
     return parser
 
 
@@ -63,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config) -> int:
-    from sidecar.app import serve  # noqa: PLC0415 - check-config and status need none of the server
-    from sidecar.logs import setup_logging  # noqa: PLC0415
+    from sidecar.app import serve
+    from sidecar.logs import setup_logging
 
     setup_logging(config.log.level)
     try:
@@ -108,8 +118,9 @@ def human_duration(seconds: float | None) -> str:
 
 
 def status_line(summary: dict[str, Any]) -> str:
-    """The one human line of DESIGN.md, e.g.
-    ``session: VALID | token expires in 24m10s | refreshed 5m ago | last call 2s ago | store: file``.
+    """The one human line of DESIGN.md, for example
+    ``session: VALID | token expires in 24m10s | refreshed 5m00s ago | last call 2s ago |
+    store: file``.
     """
     parts = [f"session: {summary.get('state', '?')}"]
     expires_in = summary.get("expires_in")
@@ -120,9 +131,13 @@ def status_line(summary: dict[str, Any]) -> str:
     else:
         parts.append(f"token expired {human_duration(-expires_in)} ago")
     refreshed = summary.get("last_refreshed_ago")
-    parts.append("never refreshed" if refreshed is None else f"refreshed {human_duration(refreshed)} ago")
+    parts.append(
+        "never refreshed" if refreshed is None else f"refreshed {human_duration(refreshed)} ago"
+    )
     last_call = summary.get("last_api_call_ago")
-    parts.append("no calls yet" if last_call is None else f"last call {human_duration(last_call)} ago")
+    parts.append(
+        "no calls yet" if last_call is None else f"last call {human_duration(last_call)} ago"
+    )
     if summary.get("last_error"):
         parts.append(f"last error: {summary['last_error']}")
     parts.append(f"store: {summary.get('store', '?')}")

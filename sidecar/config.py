@@ -119,7 +119,9 @@ class Upstream(_Model):
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
         if url.user or url.password:
-            raise ValueError("credentials in the URL are not allowed; the identity section holds them")
+            raise ValueError(
+                "credentials in the URL are not allowed; the identity section holds them"
+            )
         if url.query_string or url.fragment:
             raise ValueError("the URL may carry a path prefix but no query or fragment")
         return str(url.with_path(url.path.rstrip("/")))
@@ -162,8 +164,10 @@ class Identity(_Model):
             if not self.username:
                 problems.append("username: required for grant password")
             if (self.password is None) == (self.password_file is None):
-                problems.append("password: exactly one of password or password_file is required "
-                                "for grant password")
+                problems.append(
+                    "password: exactly one of password or password_file is required "
+                    "for grant password"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -265,7 +269,10 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
     if not isinstance(node, str):
@@ -416,7 +423,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if config is not None:
         problems.extend(_check_files(config))
     if problems:
-        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     assert config is not None
     return config
 

@@ -78,8 +78,12 @@ class DemoIdentityProvider:
         token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid})
         self.tokens_issued += 1
         return web.json_response(
-            {"access_token": token, "token_type": "Bearer", "expires_in": int(self.lifetime),
-             "scope": claims["scope"]},
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": int(self.lifetime),
+                "scope": claims["scope"],
+            },
             headers={"Cache-Control": "no-store"},
         )
 
@@ -114,15 +118,24 @@ def echo_app(idp: DemoIdentityProvider) -> web.Application:
         if token_info["present"]:
             try:
                 claims = idp.verify(auth[7:])
-                token_info.update(valid=True, sub=claims["sub"],
-                                  expires_in=round(claims["exp"] - idp.clock.time()))
+                token_info.update(
+                    valid=True,
+                    sub=claims["sub"],
+                    expires_in=round(claims["exp"] - idp.clock.time()),
+                )
                 headers["Authorization"] = "Bearer <verified token, not shown>"
             except jwt.PyJWTError as exc:
                 token_info.update(valid=False, error=str(exc))
         status = 200 if token_info.get("valid") else 401
         return web.json_response(
-            {"method": request.method, "path": request.path, "query": dict(request.query),
-             "headers": headers, "body_bytes": len(body), "token": token_info},
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": headers,
+                "body_bytes": len(body),
+                "token": token_info,
+            },
             status=status,
             dumps=lambda obj: json.dumps(obj, indent=2) + "\n",
         )

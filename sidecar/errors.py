@@ -54,7 +54,9 @@ class IdentityUnavailable(IdentityError):
 
     code = "identity_unavailable"
 
-    def __init__(self, message: str, *, reason: str = "unavailable", retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, reason: str = "unavailable", retry_after: float | None = None
+    ):
         super().__init__(message)
         self._reason = reason
         self.retry_after = retry_after

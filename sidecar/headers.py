@@ -23,8 +23,15 @@ from sidecar.session import Credentials
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
     )
 )
 
@@ -40,7 +47,9 @@ TENANT_ID = istr("X-Tenant-ID")
 EXPECT = istr("Expect")
 
 # W3C Trace Context level 1, section 3.2: version-traceid-parentid-flags, lower-case hex
-_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
 
 Getter = Callable[[CIMultiDictProxy[str], Credentials], str | None]
 
@@ -121,9 +130,7 @@ class HeaderRules:
             static=tuple(config.static.items()),
         )
 
-    def apply(
-        self, incoming: CIMultiDictProxy[str], creds: Credentials
-    ) -> CIMultiDict[str]:
+    def apply(self, incoming: CIMultiDictProxy[str], creds: Credentials) -> CIMultiDict[str]:
         """The headers to send upstream for one request."""
         dropped = self.dropped
         if "Connection" in incoming:

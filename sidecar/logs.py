@@ -20,7 +20,10 @@ from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 REQUEST_ID_KEY = RequestKey("request_id", str)
 
 # attributes every LogRecord has; anything else came from ``extra=``
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
 
 _SCRUBBERS = (
     # Authorization values: Bearer/Basic followed by a credential
@@ -79,7 +82,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
 class AccessLogger(AbstractAccessLogger):
     """One JSON line per proxied request: method, path, status, duration, request id."""
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:  # noqa: A002
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         self.logger.info(
             "http.access",
             extra={
@@ -100,4 +103,3 @@ class AccessLogger(AbstractAccessLogger):
 def access_logger() -> logging.Logger:
     """The logger access lines go to (propagating to the root handler)."""
     return logging.getLogger("sidecar.access")
-

@@ -30,7 +30,12 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sidecar.headers import AUTHORIZATION, REQUEST_ID, HeaderRules, connection_listed, strip_hop_by_hop
+from sidecar.headers import (
+    REQUEST_ID,
+    HeaderRules,
+    connection_listed,
+    strip_hop_by_hop,
+)
 from sidecar.logs import REQUEST_ID_KEY
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials, SessionManager
@@ -42,8 +47,11 @@ STREAM_CHUNK = 1 << 16
 
 #: handshake headers that belong to each WebSocket leg separately (RFC 6455 4.1)
 _WS_HANDSHAKE = {
-    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-accept", "sec-websocket-protocol",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
 }
 
 
@@ -52,14 +60,18 @@ def tls_context(tls: TLS) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     if tls.cert_file is not None:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
-def error_response(status: int, code: str, detail: str, request_id: str | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, detail: str, request_id: str | None = None
+) -> web.Response:
     """A proxy-made error: JSON body and ``X-Sidecar-Error: 1``."""
     headers = {"X-Sidecar-Error": "1"}
     if request_id:
@@ -121,8 +133,9 @@ class Proxy:
             connector=connector,
             # total bounds the wait for the response head (see _send); while a body streams, the
             # same figure bounds each silence, so a long download is not cut off while data flows
-            timeout=aiohttp.ClientTimeout(total=None, connect=cfg.timeout.connect,
-                                          sock_read=cfg.timeout.total),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=cfg.timeout.connect, sock_read=cfg.timeout.total
+            ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # the caller's cookies are the caller's business
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -150,8 +163,14 @@ class Proxy:
         except SidecarError as exc:
             status = exc.http_status
             if isinstance(exc, UpstreamError):
-                log.warning("proxy.upstream_failed", extra={"error": str(exc), "code": exc.code,
-                                                           "request_id": request.get(REQUEST_ID_KEY)})
+                log.warning(
+                    "proxy.upstream_failed",
+                    extra={
+                        "error": str(exc),
+                        "code": exc.code,
+                        "request_id": request.get(REQUEST_ID_KEY),
+                    },
+                )
             return error_response(exc.http_status, exc.code, str(exc), request.get(REQUEST_ID_KEY))
         finally:
             metrics.in_flight.dec()
@@ -160,8 +179,11 @@ class Proxy:
 
     async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "CONNECT":
-            raise RefusedRequest("CONNECT is not supported: sidecar is not a forward proxy",
-                                 status=405, code="connect_refused")
+            raise RefusedRequest(
+                "CONNECT is not supported: sidecar is not a forward proxy",
+                status=405,
+                code="connect_refused",
+            )
         raw_path = request.raw_path
         check_target(raw_path)
         creds = await self._session.credentials()
@@ -211,7 +233,9 @@ class Proxy:
                 f"upstream did not answer within {self._config.timeout.total:g}s"
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(f"upstream connection failed: {exc.os_error.strerror or exc}") from exc
+            raise UpstreamUnavailable(
+                f"upstream connection failed: {exc.os_error.strerror or exc}"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream failed: {type(exc).__name__}") from exc
 
@@ -234,8 +258,10 @@ class Proxy:
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             upstream.close()
-            log.warning("proxy.upstream_broke_mid_response",
-                        extra={"error": type(exc).__name__, "request_id": request.get(REQUEST_ID_KEY)})
+            log.warning(
+                "proxy.upstream_broke_mid_response",
+                extra={"error": type(exc).__name__, "request_id": request.get(REQUEST_ID_KEY)},
+            )
             _abort(request)
             return response
         except (ConnectionError, asyncio.CancelledError):
@@ -255,23 +281,33 @@ class Proxy:
             if name.lower() in _WS_HANDSHAKE:
                 del headers[name]
         protocols = [
-            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
         ]
         try:
             async with asyncio.timeout(self._config.timeout.total):
                 upstream = await self._client.ws_connect(
-                    url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    autoclose=False,
+                    autoping=True,
                     max_msg_size=0,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout("upstream did not accept the WebSocket in time") from exc
         except aiohttp.WSServerHandshakeError as exc:
-            raise UpstreamUnavailable(f"upstream refused the WebSocket (HTTP {exc.status})") from exc
+            raise UpstreamUnavailable(
+                f"upstream refused the WebSocket (HTTP {exc.status})"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream WebSocket failed: {type(exc).__name__}") from exc
         front = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
-            autoclose=False, autoping=True, max_msg_size=0,
+            autoclose=False,
+            autoping=True,
+            max_msg_size=0,
         )
         try:
             await front.prepare(request)
@@ -295,7 +331,9 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
-async def _pump_both(front: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+async def _pump_both(
+    front: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
     """Copy messages both ways until either side closes; close the other with the same code."""
 
     async def pump(
@@ -313,7 +351,10 @@ async def _pump_both(front: web.WebSocketResponse, upstream: aiohttp.ClientWebSo
         with contextlib.suppress(ConnectionError, RuntimeError):
             await sink.close(code=code)
 
-    tasks = [asyncio.ensure_future(pump(front, upstream)), asyncio.ensure_future(pump(upstream, front))]
+    tasks = [
+        asyncio.ensure_future(pump(front, upstream)),
+        asyncio.ensure_future(pump(upstream, front)),
+    ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -1,10 +1,10 @@
 """SessionManager: holds the one session, refreshes it ahead of expiry, owns single flight.
 
 The proxy reads :attr:`SessionManager.current` (a plain attribute holding an immutable
-:class:`Credentials` snapshot) and calls :meth:`SessionManager.credentials` only when that snapshot is
-missing or expired. Every login or refresh, whoever asks for it (the background loop, a request that
-found no token, an upstream 401, an operator), runs as one shared task: however many callers wait,
-the identity provider sees one call.
+:class:`Credentials` snapshot) and calls :meth:`SessionManager.credentials` only when that
+snapshot is missing or expired. Every login or refresh, whoever asks for it (the background
+loop, a request that found no token, an upstream 401, an operator), runs as one shared task:
+however many callers wait, the identity provider sees one call.
 
 Session continuity (what keeps X-Session-ID):
 * a refresh with the refresh token, or a re-issue with the credentials while the token is still
@@ -106,7 +106,9 @@ class SessionManager:
     async def start(self) -> None:
         """Restore a stored session when there is a usable one, then start the refresh loop."""
         await self._restore()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="session-refresh")
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._run(), name="session-refresh"
+        )
 
     async def stop(self) -> None:
         """Stop refreshing and persist the session (with its last-call time)."""
@@ -119,29 +121,41 @@ class SessionManager:
         if self._saves:
             await asyncio.gather(*self._saves)
         if self._record is not None:
-            await self._save(dataclasses.replace(self._record, last_api_call_at=self.last_api_call_at))
+            await self._save(
+                dataclasses.replace(self._record, last_api_call_at=self.last_api_call_at)
+            )
 
     async def _restore(self) -> None:
         try:
             record = await self.store.load()
         except StoreError as exc:
-            log.warning("session.store_unreadable", extra={"error": str(exc), "store": self.store.kind})
+            log.warning(
+                "session.store_unreadable", extra={"error": str(exc), "store": self.store.kind}
+            )
             return
         if record is None:
             return
         now = self.clock.time()
         if record.identity != self.identity.fingerprint:
-            log.info("session.store_ignored", extra={"why": "stored session belongs to another identity"})
+            log.info(
+                "session.store_ignored", extra={"why": "stored session belongs to another identity"}
+            )
             return
         if not record.token.is_valid(now) and record.token.refresh_token is None:
-            log.info("session.store_ignored", extra={"why": "stored token expired and cannot be refreshed"})
+            log.info(
+                "session.store_ignored",
+                extra={"why": "stored token expired and cannot be refreshed"},
+            )
             return
         self.last_api_call_at = record.last_api_call_at
         self._install(record)
         log.info(
             "session.restored",
-            extra={"session_id": record.session_id, "expires_in": round(record.token.expires_at - now, 1),
-                   "store": self.store.kind},
+            extra={
+                "session_id": record.session_id,
+                "expires_in": round(record.token.expires_at - now, 1),
+                "store": self.store.kind,
+            },
         )
 
     # ----------------------------------------------------------------- request path
@@ -165,7 +179,9 @@ class SessionManager:
         if creds is not None and now < creds.expires_at:
             return creds
         if self._logged_out:
-            raise NoSessionError("the session was logged out; POST /session/refresh to log in again")
+            raise NoSessionError(
+                "the session was logged out; POST /session/refresh to log in again"
+            )
         task = self._inflight
         if task is None:
             if now < self._next_attempt_at:
@@ -196,8 +212,10 @@ class SessionManager:
                 return None
             self._last_reactive_at = now
             self.metrics.reactive_refreshes.inc()
-            log.warning("session.token_rejected", extra={"session_id": used.session_id,
-                                                         "token": used.token.fingerprint})
+            log.warning(
+                "session.token_rejected",
+                extra={"session_id": used.session_id, "token": used.token.fingerprint},
+            )
             task = self._renew("reactive")
         try:
             return await asyncio.shield(task)
@@ -245,7 +263,9 @@ class SessionManager:
         """The one login/refresh task; started here only when none is in flight."""
         task = self._inflight
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._do_renew(trigger), name="session-renew")
+            task = asyncio.get_running_loop().create_task(
+                self._do_renew(trigger), name="session-renew"
+            )
             self._inflight = task
             task.add_done_callback(self._renew_done)
         return task
@@ -263,16 +283,19 @@ class SessionManager:
             refreshable = record.token.refresh_token is not None
             try:
                 # without a refresh token, a re-issue with the credentials continues the session
-                token = await (self.identity.refresh(record.token) if refreshable
-                               else self.identity.login())
+                token = await (
+                    self.identity.refresh(record.token) if refreshable else self.identity.login()
+                )
             except IdentityError as exc:
                 self._count_refresh_failure(exc)
                 fatal = isinstance(exc, OAuthError) and exc.error in OAuthError.FATAL_FOR_REFRESH
                 if not (refreshable and fatal):
                     self._failed(exc, "session.refresh_failed")
                     raise
-                log.warning("session.refresh_rejected",
-                            extra={"session_id": record.session_id, "reason": exc.reason})
+                log.warning(
+                    "session.refresh_rejected",
+                    extra={"session_id": record.session_id, "reason": exc.reason},
+                )
             else:
                 return self._refreshed(record, token, trigger)
         return await self._login(trigger)
@@ -297,9 +320,15 @@ class SessionManager:
         self.metrics.logins.labels(result="success").inc()
         self.metrics.session_started.set(now)
         creds = self._install(record)
-        log.info("session.created", extra={"session_id": record.session_id, "trigger": trigger,
-                                           "expires_in": round(token.lifetime, 1),
-                                           "token": token.fingerprint})
+        log.info(
+            "session.created",
+            extra={
+                "session_id": record.session_id,
+                "trigger": trigger,
+                "expires_in": round(token.lifetime, 1),
+                "token": token.fingerprint,
+            },
+        )
         await self._save(record)
         return creds
 
@@ -310,9 +339,15 @@ class SessionManager:
         )
         self.metrics.refreshes.labels(result="success", reason=trigger).inc()
         creds = self._install(record)
-        log.info("session.refreshed", extra={"session_id": record.session_id, "trigger": trigger,
-                                             "expires_in": round(token.lifetime, 1),
-                                             "token": token.fingerprint})
+        log.info(
+            "session.refreshed",
+            extra={
+                "session_id": record.session_id,
+                "trigger": trigger,
+                "expires_in": round(token.lifetime, 1),
+                "token": token.fingerprint,
+            },
+        )
         # persisted in the background: callers waiting for the token need not wait for the disk
         save = asyncio.get_running_loop().create_task(self._save(record))
         self._saves.add(save)
@@ -359,8 +394,15 @@ class SessionManager:
         self._failures += 1
         self._next_attempt_at = self.clock.time() + delay
         self._last_error = str(exc)
-        log.warning(event, extra={"error": str(exc), "reason": exc.reason,
-                                  "attempt": self._failures, "retry_in": round(delay, 2)})
+        log.warning(
+            event,
+            extra={
+                "error": str(exc),
+                "reason": exc.reason,
+                "attempt": self._failures,
+                "retry_in": round(delay, 2),
+            },
+        )
 
     async def _save(self, record: SessionRecord) -> None:
         try:
@@ -377,7 +419,7 @@ class SessionManager:
                 await self._step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the refresh loop must outlive any bug in one step
+            except Exception:
                 log.exception("session.loop_error")
                 await self.clock.sleep(self.rules.retry.initial)
 
@@ -387,15 +429,20 @@ class SessionManager:
         if record is not None and not record.token.is_valid(now) and not self._expired_noted:
             self._expired_noted = True
             self.update_gauges()
-            log.warning("session.expired", extra={"session_id": record.session_id,
-                                                  "last_error": self._last_error})
+            log.warning(
+                "session.expired",
+                extra={"session_id": record.session_id, "last_error": self._last_error},
+            )
         if self._logged_out:
             await self._wait(None)
         elif now < self._next_attempt_at:
             await self._wait(self._next_attempt_at - now)
         elif record is None or now >= self._refresh_at or not record.token.is_valid(now):
-            trigger = "proactive" if record is not None and record.token.is_valid(now) else (
-                "startup" if record is None else "expired")
+            trigger = (
+                "proactive"
+                if record is not None and record.token.is_valid(now)
+                else ("startup" if record is None else "expired")
+            )
             with contextlib.suppress(IdentityError):
                 await asyncio.shield(self._renew(trigger))
         else:
@@ -446,7 +493,9 @@ class SessionManager:
             "refresh_failures": self.refresh_failures,
             "consecutive_failures": self._failures,
             "last_error": self._last_error,
-            "next_attempt_in": round(max(0.0, self._next_attempt_at - now), 3) if self._failures else None,
+            "next_attempt_in": round(max(0.0, self._next_attempt_at - now), 3)
+            if self._failures
+            else None,
             "last_api_call_at": self.last_api_call_at,
             "last_api_call_ago": _ago(now, self.last_api_call_at),
         }

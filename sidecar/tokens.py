@@ -27,7 +27,7 @@ class Token:
     access_token: str = field(repr=False)
     expires_at: float
     obtained_at: float
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
 
@@ -141,7 +141,7 @@ def parse_token_response(
     return Token(
         access_token=access,
         refresh_token=refresh or None,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 - a token type name, not a secret
         expires_at=expires_at,
         obtained_at=now,
         scope=scope if isinstance(scope, str) else None,

@@ -47,8 +47,15 @@ class OAuth2Identity:
         self._token_url = token_url or config.token_url or ""
         self._http: aiohttp.ClientSession | None = None
         ident = "|".join(
-            [self._token_url, config.client_id or "", config.grant, config.username or "",
-             config.scope or "", config.audience or "", config.resource or ""]
+            [
+                self._token_url,
+                config.client_id or "",
+                config.grant,
+                config.username or "",
+                config.scope or "",
+                config.audience or "",
+                config.resource or "",
+            ]
         )
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
 
@@ -102,7 +109,9 @@ class OAuth2Identity:
             form["scope"] = self._config.scope
         return await self._token_request(form, previous_refresh_token=token.refresh_token)
 
-    async def _token_request(self, form: dict[str, str], previous_refresh_token: str | None) -> Token:
+    async def _token_request(
+        self, form: dict[str, str], previous_refresh_token: str | None
+    ) -> Token:
         headers = await self._client_auth(form)
         body = await self._post(self._token_url, form, headers)
         return parse_token_response(
@@ -123,7 +132,12 @@ class OAuth2Identity:
             await self._post(url, form, headers, expect_json=False)
 
     async def _post(
-        self, url: str, form: Mapping[str, str], headers: Mapping[str, str], *, expect_json: bool = True
+        self,
+        url: str,
+        form: Mapping[str, str],
+        headers: Mapping[str, str],
+        *,
+        expect_json: bool = True,
     ) -> Any:
         """POST a form; translate every failure into IdentityUnavailable or OAuthError."""
         all_headers = {"Accept": "application/json", "X-Request-ID": str(uuid.uuid4()), **headers}
@@ -146,7 +160,9 @@ class OAuth2Identity:
                 f"identity provider connection failed: {type(exc).__name__}", reason="connection"
             ) from exc
         if len(raw) > MAX_RESPONSE_BYTES:
-            raise IdentityUnavailable("identity provider response too large", reason="malformed_response")
+            raise IdentityUnavailable(
+                "identity provider response too large", reason="malformed_response"
+            )
         decoded = _decode_json(raw)
         if 200 <= status < 300:
             if not expect_json:
@@ -157,7 +173,11 @@ class OAuth2Identity:
                     reason="malformed_response",
                 )
             return decoded
-        if status in (400, 401, 403) and isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        if (
+            status in (400, 401, 403)
+            and isinstance(decoded, dict)
+            and isinstance(decoded.get("error"), str)
+        ):
             description = decoded.get("error_description")
             raise OAuthError(
                 decoded["error"],
@@ -165,7 +185,9 @@ class OAuth2Identity:
                 status=status,
             )
         raise IdentityUnavailable(
-            f"identity provider answered HTTP {status}", reason=f"http_{status}", retry_after=retry_after
+            f"identity provider answered HTTP {status}",
+            reason=f"http_{status}",
+            retry_after=retry_after,
         )
 
 

@@ -28,7 +28,7 @@ class FileStore:
         self.path = path
 
     def check_writable(self) -> None:
-        """Create the directory (0700) and prove it is writable: fail at start, not at first save."""
+        """Create the directory (0700) and prove it is writable: fail at start, not on save."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             probe = self.path.parent / f".{self.path.name}.probe-{os.getpid()}"
@@ -36,7 +36,9 @@ class FileStore:
             os.close(fd)
             probe.unlink()
         except OSError as exc:
-            raise StoreError(f"session directory {self.path.parent} is not writable: {exc.strerror}") from exc
+            raise StoreError(
+                f"session directory {self.path.parent} is not writable: {exc.strerror}"
+            ) from exc
 
     async def load(self) -> SessionRecord | None:
         return await asyncio.to_thread(self._load)
@@ -56,7 +58,9 @@ class FileStore:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError(f"session file {self.path} is not valid JSON (truncated or corrupt)") from exc
+            raise StoreError(
+                f"session file {self.path} is not valid JSON (truncated or corrupt)"
+            ) from exc
         return SessionRecord.from_dict(data)
 
     async def save(self, record: SessionRecord) -> None:

@@ -1,0 +1,126 @@
+"""Tokens, refresh tokens and secrets never appear in logs, /session, /metrics, errors or
+check-config output."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+import yaml
+
+from sidecar.cli import main
+from sidecar.logs import JsonFormatter, scrub, setup_logging
+from tests.conftest import MakeSidecar, admin_url, proxy_url
+from tests.fakes.idp import FakeIdP
+from tests.helpers import eventually
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Everything logged during the test, rendered exactly as production renders it."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("debug", stream)
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def secrets_of(idp: FakeIdP) -> list[str]:
+    return [*idp.issued, *idp.refresh_tokens, idp.client_secret, idp.password]
+
+
+async def test_a_full_session_lifecycle_leaks_nothing(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, idp: FakeIdP, log_output: io.StringIO
+) -> None:
+    """Login, refresh, reactive refresh, failures, 503s, logout: no secret in any output."""
+    idp.lifetime = 1.2
+    sidecar = await make_sidecar(refresh={"lead_time": 0.3}, identity={
+        "grant": "password", "username": idp.username, "password": idp.password})
+    await eventually(lambda: sidecar.session.usable() is not None)
+    outputs: list[str] = []
+    async with http.get(proxy_url(sidecar, "/x"), headers={"Authorization": "Bearer callers"}) as r:
+        assert r.status == 200  # its body is the test upstream's echo of the token: not ours
+    await eventually(lambda: len(idp.token_calls) >= 2, what="a refresh")
+    idp.revoke_all()
+    async with http.get(proxy_url(sidecar, "/x")) as r:
+        assert r.status == 200
+    idp.failures = ["invalid_grant", "malformed", "503"]
+    idp.down = "invalid_client"
+    await eventually(lambda: sidecar.session.usable() is None, timeout=5, what="expiry")
+    async with http.get(proxy_url(sidecar, "/x")) as r:
+        assert r.status == 503
+        outputs.append(await r.text())
+    for path in ("/session", "/metrics", "/readyz"):
+        async with http.get(admin_url(sidecar, path)) as r:
+            outputs.append(await r.text())
+    idp.down = None
+    async with http.post(admin_url(sidecar, "/session/refresh")) as r:
+        outputs.append(await r.text())
+    async with http.post(admin_url(sidecar, "/session/logout")) as r:
+        outputs.append(await r.text())
+    logged = log_output.getvalue()
+    assert "session.created" in logged
+    assert "session.refreshed" in logged
+    assert "session.refresh_failed" in logged or "session.login_failed" in logged
+    assert "session.expired" in logged
+    assert "session.terminated" in logged
+    assert "http.access" in logged
+    everything = logged + "\n".join(outputs)
+    for secret in secrets_of(idp):
+        assert secret not in everything
+    assert "callers" not in logged
+
+
+def test_check_config_redacts_secrets(
+    tmp_path: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check-config prints the effective config with secret values masked, including secrets
+    that came from the environment and secret-looking static headers."""
+    import pathlib
+
+    assert isinstance(tmp_path, pathlib.Path)
+    monkeypatch.setenv("MY_SECRET", "env-secret-value-123")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "upstream": {"url": "https://api.example.com"},
+        "identity": {"kind": "oauth2", "token_url": "https://idp.example.com/token",
+                     "client_id": "svc", "client_secret": "${MY_SECRET}", "grant": "password",
+                     "username": "u", "password": "literal-password-456"},
+        "headers": {"static": {"X-Api-Key": "static-key-789", "X-Plain": "visible"}},
+    }))
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("env-secret-value-123", "literal-password-456", "static-key-789"):
+        assert secret not in out
+    assert "visible" in out
+    assert "**********" in out
+
+
+def test_scrubber_catches_bearer_jwt_and_secret_pairs() -> None:
+    """The formatter's second line of defence masks credential-shaped text wherever it appears."""
+    jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    text = scrub(f"Authorization: Bearer abc.def-ghi and {jwt_like} client_secret=hunter2&x=1 "
+                 '{"refresh_token": "rt-123"}')
+    for secret in ("abc.def-ghi", jwt_like, "hunter2", "rt-123"):
+        assert secret not in text
+    record = logging.LogRecord("t", logging.INFO, "", 0, "event %s", (jwt_like,), None)
+    record.detail = "password=pw-000"
+    rendered = JsonFormatter().format(record)
+    assert jwt_like not in rendered
+    assert "pw-000" not in rendered
+
+
+def test_token_repr_is_redacted() -> None:
+    """A Token in a log message or traceback shows a fingerprint only."""
+    from sidecar.tokens import Token
+
+    token = Token(access_token="at-secret-1", refresh_token="rt-secret-2", expires_at=2.0,
+                  obtained_at=1.0)
+    for text in (repr(token), str(token), f"{token}", repr([token])):
+        assert "at-secret-1" not in text
+        assert "rt-secret-2" not in text

@@ -1,0 +1,130 @@
+"""Pure rules: refresh schedule, backoff, token-response parsing, header compilation."""
+
+from __future__ import annotations
+
+import random
+
+import jwt
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Headers, Refresh, Retry
+from sidecar.errors import IdentityUnavailable
+from sidecar.headers import HeaderRules, valid_traceparent
+from sidecar.refresh import backoff_delay, refresh_at, refresh_lead
+from sidecar.session import Credentials
+from sidecar.tokens import DEFAULT_LIFETIME, Token, parse_token_response
+
+NOW = 1_800_000_000.0
+
+
+def token(lifetime: float) -> Token:
+    return Token(access_token="a", expires_at=NOW + lifetime, obtained_at=NOW)
+
+
+def test_refresh_lead_is_the_larger_of_time_and_fraction() -> None:
+    """max(lead_time, lead_fraction * lifetime): 300 s for 1800 s at 10 %, 20 % of 3600 s = 720 s."""
+    assert refresh_lead(1800, Refresh(lead_time=300, lead_fraction=0.1)) == 300
+    assert refresh_lead(3600, Refresh(lead_time=300, lead_fraction=0.2)) == 720
+
+
+def test_refresh_lead_never_exceeds_half_a_short_lifetime() -> None:
+    """A 2 s token with a 300 s lead refreshes after 1 s, not in a loop."""
+    assert refresh_lead(2, Refresh(lead_time=300)) == 1.0
+
+
+def test_refresh_at_with_jitter_stays_in_bounds() -> None:
+    """Jitter only moves the refresh earlier, by at most jitter * lead."""
+    rules = Refresh(lead_time=300, lead_fraction=0.2, jitter=0.1)
+    rng = random.Random(7)
+    moments = [refresh_at(token(1800), rules, rng) - NOW for _ in range(1000)]
+    assert min(moments) >= 1800 - 360 * 1.1
+    assert max(moments) <= 1800 - 360
+    assert max(moments) - min(moments) > 20  # jitter really spreads replicas
+
+
+def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:
+    """Delays lie in [0, min(max, initial * 2^n)]; Retry-After is a floor, itself capped."""
+    retry = Retry(initial=1, max=60)
+    rng = random.Random(1)
+    for attempt in range(12):
+        ceiling = min(60, 2**attempt)
+        delays = [backoff_delay(attempt, retry, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+    assert backoff_delay(0, retry, rng, retry_after=30) >= 30
+    assert backoff_delay(0, retry, rng, retry_after=3600) == 60
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ([], "not a JSON object"),
+        ({}, "access_token is missing"),
+        ({"access_token": 5}, "access_token is missing"),
+        ({"access_token": "a\r\nX-Evil: 1"}, "not allowed in a header"),
+        ({"access_token": "a", "token_type": "mac"}, "not supported"),
+        ({"access_token": "a", "expires_in": "soon"}, "not a number"),
+        ({"access_token": "a", "expires_in": -5}, "positive"),
+        ({"access_token": "a", "expires_in": float("nan")}, "positive"),
+        ({"access_token": "a", "refresh_token": 7}, "refresh_token"),
+    ],
+)
+def test_malformed_token_responses_are_transient_errors_naming_the_problem(
+    body: object, problem: str
+) -> None:
+    """A malformed answer is an IdentityUnavailable(reason=malformed_response) saying what is wrong."""
+    with pytest.raises(IdentityUnavailable, match=problem) as info:
+        parse_token_response(body, NOW)
+    assert info.value.reason == "malformed_response"
+
+
+def test_expiry_sources_in_order() -> None:
+    """expires_in wins; else the JWT exp; else the default lifetime. Refresh tokens rotate."""
+    assert parse_token_response({"access_token": "a", "expires_in": 60}, NOW).expires_at == NOW + 60
+    signed = jwt.encode({"exp": NOW + 900}, "k" * 32, algorithm="HS256")
+    assert parse_token_response({"access_token": signed}, NOW).expires_at == NOW + 900
+    plain = parse_token_response({"access_token": "opaque"}, NOW)
+    assert plain.expires_at == NOW + DEFAULT_LIFETIME
+    kept = parse_token_response({"access_token": "a"}, NOW, previous_refresh_token="old")
+    assert kept.refresh_token == "old"
+    rotated = parse_token_response({"access_token": "a", "refresh_token": "new"}, NOW,
+                                   previous_refresh_token="old")
+    assert rotated.refresh_token == "new"
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
+        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", False),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", False),
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", False),
+        ("garbage", False),
+    ],
+)
+def test_traceparent_validation(value: str, ok: bool) -> None:
+    """W3C trace context: lower-case hex, non-zero ids, version ff invalid."""
+    assert valid_traceparent(value) is ok
+
+
+def test_compiled_rules_drop_connection_listed_and_managed_headers() -> None:
+    """Headers named in Connection are dropped along with the fixed hop-by-hop set; the caller's
+    copies of managed headers are replaced, never duplicated."""
+    rules = HeaderRules.compile(Headers(tenant_id="t1", static={"X-Static": "s"}))
+    creds = Credentials(token=token(60), authorization="Bearer zzz", session_id="sid",
+                        activity_id="aid", expires_at=NOW + 60)
+    incoming = CIMultiDictProxy(CIMultiDict([
+        ("Host", "localhost:8080"), ("Connection", "close, X-Hop"), ("X-Hop", "1"),
+        ("x-tenant-id", "spoof"), ("X-Static", "caller"), ("x-session-id", "spoof"),
+        ("Upgrade", "h2c"), ("Accept", "application/json"),
+    ]))
+    out = rules.apply(incoming, creds)
+    assert out.getall("X-Tenant-ID") == ["t1"]
+    assert out.getall("X-Static") == ["s"]
+    assert out.getall("X-Session-ID") == ["sid"]
+    assert out.getall("Authorization") == ["Bearer zzz"]
+    assert out["Accept"] == "application/json"
+    for gone in ("Host", "Connection", "X-Hop", "Upgrade"):
+        assert gone not in out
