@@ -111,8 +111,11 @@ async def make_sidecar(idp_url: str, upstream_url: str, idp: FakeIdP) -> AsyncIt
 
     async def _make(clock: Clock | None = None, **overrides: Any) -> Sidecar:
         config = Config.model_validate(merge(base_config(idp_url, upstream_url, idp), overrides))
-        sidecar = Sidecar(config, drain_timeout=1.0) if clock is None else Sidecar(
-            config, clock=clock, drain_timeout=1.0)
+        sidecar = (
+            Sidecar(config, drain_timeout=1.0)
+            if clock is None
+            else Sidecar(config, clock=clock, drain_timeout=1.0)
+        )
         await sidecar.start()
         started.append(sidecar)
         return sidecar

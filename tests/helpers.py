@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import Callable
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``predicate`` (real time) until it holds; fail with ``what`` after ``timeout``."""
+async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` (real time) until it holds; fail with ``what`` after ``within`` s."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for: {what or predicate}")

@@ -39,8 +39,10 @@ async def test_a_full_session_lifecycle_leaks_nothing(
 ) -> None:
     """Login, refresh, reactive refresh, failures, 503s, logout: no secret in any output."""
     idp.lifetime = 1.2
-    sidecar = await make_sidecar(refresh={"lead_time": 0.3}, identity={
-        "grant": "password", "username": idp.username, "password": idp.password})
+    sidecar = await make_sidecar(
+        refresh={"lead_time": 0.3},
+        identity={"grant": "password", "username": idp.username, "password": idp.password},
+    )
     await eventually(lambda: sidecar.session.usable() is not None)
     outputs: list[str] = []
     async with http.get(proxy_url(sidecar, "/x"), headers={"Authorization": "Bearer callers"}) as r:
@@ -51,7 +53,7 @@ async def test_a_full_session_lifecycle_leaks_nothing(
         assert r.status == 200
     idp.failures = ["invalid_grant", "malformed", "503"]
     idp.down = "invalid_client"
-    await eventually(lambda: sidecar.session.usable() is None, timeout=5, what="expiry")
+    await eventually(lambda: sidecar.session.usable() is None, within=5, what="expiry")
     async with http.get(proxy_url(sidecar, "/x")) as r:
         assert r.status == 503
         outputs.append(await r.text())
@@ -86,13 +88,23 @@ def test_check_config_redacts_secrets(
     assert isinstance(tmp_path, pathlib.Path)
     monkeypatch.setenv("MY_SECRET", "env-secret-value-123")
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "upstream": {"url": "https://api.example.com"},
-        "identity": {"kind": "oauth2", "token_url": "https://idp.example.com/token",
-                     "client_id": "svc", "client_secret": "${MY_SECRET}", "grant": "password",
-                     "username": "u", "password": "literal-password-456"},
-        "headers": {"static": {"X-Api-Key": "static-key-789", "X-Plain": "visible"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "upstream": {"url": "https://api.example.com"},
+                "identity": {
+                    "kind": "oauth2",
+                    "token_url": "https://idp.example.com/token",
+                    "client_id": "svc",
+                    "client_secret": "${MY_SECRET}",
+                    "grant": "password",
+                    "username": "u",
+                    "password": "literal-password-456",
+                },
+                "headers": {"static": {"X-Api-Key": "static-key-789", "X-Plain": "visible"}},
+            }
+        )
+    )
     assert main(["check-config", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     for secret in ("env-secret-value-123", "literal-password-456", "static-key-789"):
@@ -104,8 +116,10 @@ def test_check_config_redacts_secrets(
 def test_scrubber_catches_bearer_jwt_and_secret_pairs() -> None:
     """The formatter's second line of defence masks credential-shaped text wherever it appears."""
     jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
-    text = scrub(f"Authorization: Bearer abc.def-ghi and {jwt_like} client_secret=hunter2&x=1 "
-                 '{"refresh_token": "rt-123"}')
+    text = scrub(
+        f"Authorization: Bearer abc.def-ghi and {jwt_like} client_secret=hunter2&x=1 "
+        '{"refresh_token": "rt-123"}'
+    )
     for secret in ("abc.def-ghi", jwt_like, "hunter2", "rt-123"):
         assert secret not in text
     record = logging.LogRecord("t", logging.INFO, "", 0, "event %s", (jwt_like,), None)
@@ -119,8 +133,9 @@ def test_token_repr_is_redacted() -> None:
     """A Token in a log message or traceback shows a fingerprint only."""
     from sidecar.tokens import Token
 
-    token = Token(access_token="at-secret-1", refresh_token="rt-secret-2", expires_at=2.0,
-                  obtained_at=1.0)
+    token = Token(
+        access_token="at-secret-1", refresh_token="rt-secret-2", expires_at=2.0, obtained_at=1.0
+    )
     for text in (repr(token), str(token), f"{token}", repr([token])):
         assert "at-secret-1" not in text
         assert "rt-secret-2" not in text

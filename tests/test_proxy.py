@@ -64,10 +64,13 @@ async def test_callers_authorization_is_replaced_not_appended(
 async def test_request_ids_are_fresh_per_request_and_session_headers_stable(
     make_sidecar: MakeSidecar, http: aiohttp.ClientSession, upstream: FakeUpstream
 ) -> None:
-    """X-Request-ID is new each time (even if the caller sends one); session and activity ids stay."""
+    """X-Request-ID is new each time (even if the caller sends one); session and activity ids
+    stay the same."""
     sidecar = await make_sidecar()
     for _ in range(5):
-        async with http.get(proxy_url(sidecar, "/x"), headers={"X-Request-ID": "caller-chosen"}) as resp:
+        async with http.get(
+            proxy_url(sidecar, "/x"), headers={"X-Request-ID": "caller-chosen"}
+        ) as resp:
             assert resp.status == 200
     request_ids = {s.headers["X-Request-ID"] for s in upstream.seen}
     assert len(request_ids) == 5
@@ -79,11 +82,13 @@ async def test_request_ids_are_fresh_per_request_and_session_headers_stable(
 async def test_correlation_and_traceparent_are_propagated_when_valid(
     make_sidecar: MakeSidecar, http: aiohttp.ClientSession, upstream: FakeUpstream
 ) -> None:
-    """The caller's correlation id and a valid traceparent pass through; a broken one is replaced."""
+    """The caller's correlation id and a valid traceparent pass through; a broken traceparent is
+    replaced."""
     sidecar = await make_sidecar()
     good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    async with http.get(proxy_url(sidecar, "/x"),
-                        headers={"X-Correlation-ID": "corr-123", "traceparent": good}) as resp:
+    async with http.get(
+        proxy_url(sidecar, "/x"), headers={"X-Correlation-ID": "corr-123", "traceparent": good}
+    ) as resp:
         assert resp.status == 200
     assert upstream.seen[-1].headers["X-Correlation-ID"] == "corr-123"
     assert upstream.seen[-1].headers["traceparent"] == good
@@ -99,12 +104,19 @@ async def test_each_managed_header_can_be_switched_off_or_fixed(
     make_sidecar: MakeSidecar, http: aiohttp.ClientSession, upstream: FakeUpstream
 ) -> None:
     """null switches a header off; a literal value is sent as is; generate ignores the caller's."""
-    sidecar = await make_sidecar(headers={
-        "tenant_id": None, "activity_id": "activity-fixed", "correlation_id": "generate",
-        "request_id": None, "traceparent": None, "session_id": None,
-    })
-    async with http.get(proxy_url(sidecar, "/x"),
-                        headers={"X-Correlation-ID": "mine", "X-Tenant-ID": "spoofed"}) as resp:
+    sidecar = await make_sidecar(
+        headers={
+            "tenant_id": None,
+            "activity_id": "activity-fixed",
+            "correlation_id": "generate",
+            "request_id": None,
+            "traceparent": None,
+            "session_id": None,
+        }
+    )
+    async with http.get(
+        proxy_url(sidecar, "/x"), headers={"X-Correlation-ID": "mine", "X-Tenant-ID": "spoofed"}
+    ) as resp:
         assert resp.status == 200
     seen = upstream.seen[-1].headers
     assert "X-Request-ID" not in seen
@@ -200,9 +212,7 @@ async def test_absolute_form_and_connect_are_refused(
     assert upstream.seen == []
 
 
-async def test_dot_segments_are_refused(
-    make_sidecar: MakeSidecar, upstream: FakeUpstream
-) -> None:
+async def test_dot_segments_are_refused(make_sidecar: MakeSidecar, upstream: FakeUpstream) -> None:
     """/../ and its percent-encoded forms would climb out of the upstream's path prefix."""
     sidecar = await make_sidecar()
     for target in (b"/api/../admin", b"/api/%2e%2e/admin", b"/api/%252e%252e/admin", b"/a/..%2fb"):
@@ -216,7 +226,10 @@ async def test_dot_segments_are_refused(
 
 
 async def test_upstream_path_prefix_is_kept(
-    serve: Serve, make_sidecar: MakeSidecar, http: aiohttp.ClientSession, upstream: FakeUpstream,
+    serve: Serve,
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    upstream: FakeUpstream,
     upstream_url: str,
 ) -> None:
     """upstream.url may carry a path prefix; the incoming path is appended to it."""

@@ -1,4 +1,7 @@
-"""Proactive refresh under steady traffic across many token lifetimes (real clock, 2-second tokens)."""
+"""Proactive refresh under steady traffic across many token lifetimes.
+
+Real clock, 2-second tokens.
+"""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def token(lifetime: float) -> Token:
 
 
 def test_refresh_lead_is_the_larger_of_time_and_fraction() -> None:
-    """max(lead_time, lead_fraction * lifetime): 300 s for 1800 s at 10 %, 20 % of 3600 s = 720 s."""
+    """max(lead_time, lead_fraction * lifetime): 300 s for 1800 s at 10 %; 720 s for 3600 s at
+    20 %."""
     assert refresh_lead(1800, Refresh(lead_time=300, lead_fraction=0.1)) == 300
     assert refresh_lead(3600, Refresh(lead_time=300, lead_fraction=0.2)) == 720
 
@@ -72,7 +73,8 @@ def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:
 def test_malformed_token_responses_are_transient_errors_naming_the_problem(
     body: object, problem: str
 ) -> None:
-    """A malformed answer is an IdentityUnavailable(reason=malformed_response) saying what is wrong."""
+    """A malformed answer is IdentityUnavailable(reason=malformed_response), saying what is
+    wrong."""
     with pytest.raises(IdentityUnavailable, match=problem) as info:
         parse_token_response(body, NOW)
     assert info.value.reason == "malformed_response"
@@ -87,8 +89,9 @@ def test_expiry_sources_in_order() -> None:
     assert plain.expires_at == NOW + DEFAULT_LIFETIME
     kept = parse_token_response({"access_token": "a"}, NOW, previous_refresh_token="old")
     assert kept.refresh_token == "old"
-    rotated = parse_token_response({"access_token": "a", "refresh_token": "new"}, NOW,
-                                   previous_refresh_token="old")
+    rotated = parse_token_response(
+        {"access_token": "a", "refresh_token": "new"}, NOW, previous_refresh_token="old"
+    )
     assert rotated.refresh_token == "new"
 
 
@@ -113,13 +116,27 @@ def test_compiled_rules_drop_connection_listed_and_managed_headers() -> None:
     """Headers named in Connection are dropped along with the fixed hop-by-hop set; the caller's
     copies of managed headers are replaced, never duplicated."""
     rules = HeaderRules.compile(Headers(tenant_id="t1", static={"X-Static": "s"}))
-    creds = Credentials(token=token(60), authorization="Bearer zzz", session_id="sid",
-                        activity_id="aid", expires_at=NOW + 60)
-    incoming = CIMultiDictProxy(CIMultiDict([
-        ("Host", "localhost:8080"), ("Connection", "close, X-Hop"), ("X-Hop", "1"),
-        ("x-tenant-id", "spoof"), ("X-Static", "caller"), ("x-session-id", "spoof"),
-        ("Upgrade", "h2c"), ("Accept", "application/json"),
-    ]))
+    creds = Credentials(
+        token=token(60),
+        authorization="Bearer zzz",
+        session_id="sid",
+        activity_id="aid",
+        expires_at=NOW + 60,
+    )
+    incoming = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Host", "localhost:8080"),
+                ("Connection", "close, X-Hop"),
+                ("X-Hop", "1"),
+                ("x-tenant-id", "spoof"),
+                ("X-Static", "caller"),
+                ("x-session-id", "spoof"),
+                ("Upgrade", "h2c"),
+                ("Accept", "application/json"),
+            ]
+        )
+    )
     out = rules.apply(incoming, creds)
     assert out.getall("X-Tenant-ID") == ["t1"]
     assert out.getall("X-Static") == ["s"]

@@ -84,8 +84,9 @@ async def test_refresh_failure_keeps_serving_with_current_token_then_recovers(
     """The provider is down at refresh time: requests still succeed with the valid token, failures
     are counted, and the next retry after the provider returns succeeds."""
     idp.lifetime = 600
-    sidecar = await make_sidecar(clock=clock, refresh={"lead_time": 120, "jitter": 0,
-                                                       "retry": {"initial": 5, "max": 20}})
+    sidecar = await make_sidecar(
+        clock=clock, refresh={"lead_time": 120, "jitter": 0, "retry": {"initial": 5, "max": 20}}
+    )
     await eventually(lambda: sidecar.session.usable() is not None)
     idp.down = "503"
     await clock.advance(481)
@@ -99,13 +100,19 @@ async def test_refresh_failure_keeps_serving_with_current_token_then_recovers(
     await clock.advance(21)
     await eventually(lambda: sidecar.session.summary()["refresh_count"] == 1, what="recovery")
     metrics = sidecar.metrics.render().decode()
-    assert (sample(metrics, 'sidecar_token_refreshes_total{reason="http_503",result="failure"}')
-            or 0) >= 2
-    assert sample(metrics, 'sidecar_token_refreshes_total{reason="proactive",result="success"}') == 1
+    assert (
+        sample(metrics, 'sidecar_token_refreshes_total{reason="http_503",result="failure"}') or 0
+    ) >= 2
+    assert (
+        sample(metrics, 'sidecar_token_refreshes_total{reason="proactive",result="success"}') == 1
+    )
 
 
 async def test_rejected_refresh_token_falls_back_to_login(
-    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, idp: FakeIdP, clock: FakeClock,
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    clock: FakeClock,
     upstream: FakeUpstream,
 ) -> None:
     """invalid_grant on refresh: a full login with the credentials, and a new session id."""
@@ -122,15 +129,22 @@ async def test_rejected_refresh_token_falls_back_to_login(
         assert resp.status == 200
     assert upstream.seen[-1].headers["X-Session-ID"] == sidecar.session.summary()["session_id"]
     metrics = sidecar.metrics.render().decode()
-    assert sample(metrics, 'sidecar_token_refreshes_total{reason="invalid_grant",result="failure"}') == 1
+    assert (
+        sample(metrics, 'sidecar_token_refreshes_total{reason="invalid_grant",result="failure"}')
+        == 1
+    )
     assert sample(metrics, 'sidecar_logins_total{result="success"}') == 2
 
 
 async def test_expired_with_provider_down_gives_503_and_recovers_by_itself(
-    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, idp: FakeIdP, clock: FakeClock,
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    clock: FakeClock,
     upstream: FakeUpstream,
 ) -> None:
-    """Never forward an expired token: 503 while none can be had, ready again once the provider is."""
+    """Never forward an expired token: 503 while none can be had, ready again once the provider
+    is back."""
     idp.lifetime = 100
     sidecar = await make_sidecar(clock=clock, refresh={"retry": {"initial": 1, "max": 4}})
     await eventually(lambda: sidecar.session.usable() is not None)
@@ -161,13 +175,15 @@ async def test_start_with_provider_down_becomes_ready_without_restart(
     """The process starts and answers 503 / not ready; when the provider comes up, it is ready."""
     idp.down = "hang"
     idp_timeout = {"timeout": 0.3}
-    sidecar = await make_sidecar(identity=idp_timeout, refresh={"retry": {"initial": 0.1, "max": 0.2}})
+    sidecar = await make_sidecar(
+        identity=idp_timeout, refresh={"retry": {"initial": 0.1, "max": 0.2}}
+    )
     async with http.get(admin_url(sidecar, "/readyz")) as resp:
         assert resp.status == 503
     async with http.get(admin_url(sidecar, "/healthz")) as resp:
         assert resp.status == 200
     idp.down = None
-    await eventually(lambda: sidecar.session.usable() is not None, timeout=5, what="ready")
+    await eventually(lambda: sidecar.session.usable() is not None, within=5, what="ready")
     async with http.get(admin_url(sidecar, "/readyz")) as resp:
         assert resp.status == 200
 
@@ -242,8 +258,9 @@ async def test_admin_posts_from_web_pages_are_refused(
     """A browser page cannot log the sidecar out: POSTs with an Origin header get 403."""
     sidecar = await make_sidecar()
     await eventually(lambda: sidecar.session.usable() is not None)
-    async with http.post(admin_url(sidecar, "/session/logout"),
-                         headers={"Origin": "https://evil.example"}) as resp:
+    async with http.post(
+        admin_url(sidecar, "/session/logout"), headers={"Origin": "https://evil.example"}
+    ) as resp:
         assert resp.status == 403
     assert sidecar.session.state().value == "VALID"
 
@@ -264,10 +281,16 @@ async def test_password_grant_with_client_secret_post_on_the_wire(
 ) -> None:
     """The password grant sends username/password and, with client_secret_post, the client's
     credentials in the form instead of a Basic header; scope and audience are sent too."""
-    sidecar = await make_sidecar(identity={
-        "grant": "password", "username": idp.username, "password": idp.password,
-        "client_auth": "client_secret_post", "scope": "read write", "audience": "api://x",
-    })
+    sidecar = await make_sidecar(
+        identity={
+            "grant": "password",
+            "username": idp.username,
+            "password": idp.password,
+            "client_auth": "client_secret_post",
+            "scope": "read write",
+            "audience": "api://x",
+        }
+    )
     await eventually(lambda: sidecar.session.usable() is not None)
     call = idp.token_calls[0]
     assert call.form["grant_type"] == "password"
@@ -287,7 +310,9 @@ async def test_client_secret_basic_on_the_wire(make_sidecar: MakeSidecar, idp: F
     sidecar = await make_sidecar()
     await eventually(lambda: sidecar.session.usable() is not None)
     call = idp.token_calls[0]
-    assert call.headers["Authorization"] == "Basic " + base64.b64encode(
-        f"{idp.client_id}:{idp.client_secret}".encode()).decode()
+    assert (
+        call.headers["Authorization"]
+        == "Basic " + base64.b64encode(f"{idp.client_id}:{idp.client_secret}".encode()).decode()
+    )
     assert "client_secret" not in call.form
     assert call.form == {"grant_type": "client_credentials"}

@@ -73,7 +73,9 @@ class FakeIdP:
 
     def is_valid(self, access_token: str) -> bool:
         expires = self.issued.get(access_token)
-        return expires is not None and access_token not in self.revoked and self.clock.time() < expires
+        return (
+            expires is not None and access_token not in self.revoked and self.clock.time() < expires
+        )
 
     def revoke_all(self) -> None:
         """Invalidate every access token issued so far (refresh tokens stay valid)."""
@@ -128,7 +130,12 @@ class FakeIdP:
     def _issue(self, form: dict[str, str]) -> dict[str, Any]:
         now = self.clock.time()
         access = jwt.encode(
-            {"sub": self.client_id, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
+            {
+                "sub": self.client_id,
+                "exp": now + self.lifetime,
+                "iat": now,
+                "jti": uuid.uuid4().hex,
+            },
             SIGNING_KEY,
             algorithm="HS256",
         )

@@ -47,12 +47,21 @@ class FakeUpstream:
         return auth.startswith("Bearer ") and self.idp.is_valid(auth[7:])
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers),
-                              list(request.headers.items())))
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path_qs,
+                dict(request.headers),
+                list(request.headers.items()),
+            )
+        )
         if not self._token_ok(request):
             self.rejected += 1
-            return web.json_response({"error": "invalid_token"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return web.json_response(
+                {"error": "invalid_token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         parts = request.path.strip("/").split("/")
         handler = getattr(self, f"_route_{parts[0]}", None) if parts[0] else None
         if handler is None:
@@ -62,10 +71,15 @@ class FakeUpstream:
 
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
-        return web.json_response({
-            "method": request.method, "path": request.path, "query_string": request.query_string,
-            "headers": dict(request.headers), "body": body.decode("latin-1"),
-        })
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query_string": request.query_string,
+                "headers": dict(request.headers),
+                "body": body.decode("latin-1"),
+            }
+        )
 
     async def _route_stream(self, request: web.Request, args: list[str]) -> web.StreamResponse:
         total = int(args[0])
@@ -87,8 +101,13 @@ class FakeUpstream:
         async for chunk in request.content.iter_chunked(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        return web.json_response({"bytes": size, "sha256": digest.hexdigest(),
-                                  "chunked": request.headers.get("Transfer-Encoding") == "chunked"})
+        return web.json_response(
+            {
+                "bytes": size,
+                "sha256": digest.hexdigest(),
+                "chunked": request.headers.get("Transfer-Encoding") == "chunked",
+            }
+        )
 
     async def _route_redirect(self, _request: web.Request, _args: list[str]) -> web.Response:
         return web.Response(status=302, headers={"Location": "http://elsewhere.invalid/steal"})
@@ -118,13 +137,15 @@ class FakeUpstream:
         return response
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(Seen("GET", request.path_qs, dict(request.headers), list(request.headers.items())))
+        self.seen.append(
+            Seen("GET", request.path_qs, dict(request.headers), list(request.headers.items()))
+        )
         if not self._token_ok(request):
             self.rejected += 1
             return web.json_response({"error": "invalid_token"}, status=401)
         ws = web.WebSocketResponse(protocols=("chat.v1",))
         await ws.prepare(request)
-        await ws.send_json({"hello": {k: v for k, v in request.headers.items()}})
+        await ws.send_json({"hello": dict(request.headers.items())})
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if msg.data == "close":
