@@ -28,9 +28,12 @@ from sidecar.logs import AccessLogger, access_logger
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.session import SessionManager
+from sidecar.shared import SharedSession
 from sidecar.store import SessionStore
+from sidecar.store.crypto import Sealer
 from sidecar.store.file import FileStore
 from sidecar.store.memory import MemoryStore
+from sidecar.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,13 @@ class Sidecar:
         self.metrics = Metrics()
         identity = await self._identity()
         self._closers.append(("identity", identity.aclose))
-        store = self._store()
+        store = self._store(identity.fingerprint)
         self._closers.append(("store", store.aclose))
+        shared = None
+        if isinstance(store, RedisStore):
+            shared = SharedSession(store, cfg.session.lock_lease, cfg.session.poll_interval)
         self.session = SessionManager(
-            identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng
+            identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng, shared=shared
         )
         await self.session.start()
         self._closers.append(("session", self._stop_session))
@@ -154,12 +160,18 @@ class Sidecar:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         return await self._listen(name, runner, "127.0.0.1", port)
 
-    def _store(self) -> SessionStore:
+    def _store(self, namespace: str) -> SessionStore:
         cfg = self.config.session
+        sealer = None
+        if cfg.encryption_key_file is not None:
+            sealer = Sealer.from_file(cfg.encryption_key_file, context=namespace)
         if cfg.store == "file":
-            store = FileStore(cfg.path)
+            store = FileStore(cfg.path, sealer)
             store.check_writable()
             return store
+        if cfg.store == "redis":
+            assert cfg.redis_url is not None
+            return RedisStore(cfg.redis_url, namespace, sealer)
         return MemoryStore()
 
     async def _stop_session(self) -> None:

@@ -220,9 +220,27 @@ class Headers(_Model):
 class Session(_Model):
     """Where the session is kept between restarts."""
 
-    store: Literal["memory", "file"] = "file"
+    store: Literal["memory", "file", "redis"] = "file"
     path: Path = Path(".sidecar/session.json")
+    #: redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/to/socket
+    redis_url: str | None = None
+    #: a file holding 32 random bytes, base64 (``openssl rand -base64 32``): AES-256-GCM at rest
+    encryption_key_file: Path | None = None
+    #: seconds a replica may hold the shared renewal lock; a replica that dies mid-refresh delays
+    #: the others by at most this long
+    lock_lease: float = Field(15.0, gt=0)
+    #: seconds between checks of the shared record when change notifications are missed
+    poll_interval: float = Field(1.0, gt=0)
     logout_on_shutdown: bool = False
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> Session:
+        if self.store == "redis":
+            if not self.redis_url:
+                raise ValueError("redis_url: required for store redis")
+            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("redis_url: must start with redis://, rediss:// or unix://")
+        return self
 
 
 class Log(_Model):
@@ -377,6 +395,7 @@ def _check_files(config: Config) -> list[str]:
         "upstream.tls.ca_file": config.upstream.tls.ca_file,
         "upstream.tls.cert_file": config.upstream.tls.cert_file,
         "upstream.tls.key_file": config.upstream.tls.key_file,
+        "session.encryption_key_file": config.session.encryption_key_file,
     }
     for key, path in candidates.items():
         if path is None:
@@ -436,6 +455,9 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re
 def redacted(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with every secret value masked."""
     data = config.model_dump(mode="json")
+    redis_url = data["session"]["redis_url"]
+    if redis_url and URL(redis_url).password:
+        data["session"]["redis_url"] = str(URL(redis_url).with_password("**********"))
     static = data["headers"]["static"]
     for name in static:
         if _SECRET_HEADER.search(name):

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.clock import Clock
 from sidecar.config import Refresh
@@ -35,6 +35,9 @@ from sidecar.metrics import Metrics
 from sidecar.refresh import backoff_delay, refresh_at
 from sidecar.store import SessionRecord, SessionStore
 from sidecar.tokens import Token
+
+if TYPE_CHECKING:
+    from sidecar.shared import SharedSession
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class SessionManager:
         *,
         rng: random.Random | None = None,
         on_change: Callable[[Credentials | None], None] | None = None,
+        shared: SharedSession | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -98,6 +102,11 @@ class SessionManager:
         self._last_error: str | None = None
         self._last_reactive_at = -math.inf
         self._saves: set[asyncio.Task[None]] = set()
+        #: set when the store is shared: the coordination of renewals between processes
+        self._shared = shared
+        self._watch_task: asyncio.Task[None] | None = None
+        #: the fencing token of the shared lock while this process holds it
+        self.fence: int | None = None
         self.login_count = 0
         self.refresh_failures = 0
 
@@ -106,21 +115,22 @@ class SessionManager:
     async def start(self) -> None:
         """Restore a stored session when there is a usable one, then start the refresh loop."""
         await self._restore()
-        self._loop_task = asyncio.get_running_loop().create_task(
-            self._run(), name="session-refresh"
-        )
+        loop = asyncio.get_running_loop()
+        if self._shared is not None:
+            self._watch_task = loop.create_task(self._shared.watch(self), name="session-watch")
+        self._loop_task = loop.create_task(self._run(), name="session-refresh")
 
     async def stop(self) -> None:
         """Stop refreshing and persist the session (with its last-call time)."""
-        for task in (self._loop_task, self._inflight):
+        for task in (self._watch_task, self._loop_task, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, IdentityError):
                     await task
         self._loop_task = None
-        if self._saves:
-            await asyncio.gather(*self._saves)
-        if self._record is not None:
+        await self.flush_saves()
+        # a shared record may already hold a peer's newer token: only a private one is rewritten
+        if self._record is not None and not self.store.shared:
             await self._save(
                 dataclasses.replace(self._record, last_api_call_at=self.last_api_call_at)
             )
@@ -277,6 +287,13 @@ class SessionManager:
         self._wake.set()
 
     async def _do_renew(self, trigger: str) -> Credentials:
+        if self._shared is not None:
+            return await self._shared.renew(self, trigger)
+        return await self.renew_with_identity(trigger)
+
+    async def renew_with_identity(self, trigger: str) -> Credentials:
+        """Refresh (or re-issue, or log in) with the identity provider; the caller holds single
+        flight, and the shared lock when the store is shared."""
         record = self._record
         now = self.clock.time()
         if record is not None and (record.token.refresh_token or record.token.is_valid(now)):
@@ -404,8 +421,45 @@ class SessionManager:
             },
         )
 
+    async def flush_saves(self) -> None:
+        """Wait for background saves to finish."""
+        if self._saves:
+            await asyncio.gather(*self._saves)
+
+    def due(self) -> bool:
+        """True when the current token should be renewed now (or there is none)."""
+        record = self._record
+        now = self.clock.time()
+        return record is None or now >= self._refresh_at or not record.token.is_valid(now)
+
+    def adopt(self, record: SessionRecord | None) -> Credentials | None:
+        """Install a record another process wrote, when it is newer than ours and usable."""
+        if record is None or record.identity != self.identity.fingerprint:
+            return None
+        ours = self._record
+        if ours is not None and record.token.obtained_at <= ours.token.obtained_at:
+            return None
+        if not record.token.is_valid(self.clock.time()) and record.token.refresh_token is None:
+            return None
+        creds = self._install(record)
+        log.info(
+            "session.adopted",
+            extra={"session_id": record.session_id, "token": record.token.fingerprint},
+        )
+        return creds
+
+    @property
+    def record(self) -> SessionRecord | None:
+        """The current session record (holds secrets: for stores only)."""
+        return self._record
+
     async def _save(self, record: SessionRecord) -> None:
         try:
+            if self.fence is not None:
+                shared: Any = self.store
+                if not await shared.save_fenced(record, self.fence):
+                    log.warning("session.store_fenced_out", extra={"fence": self.fence})
+                return
             await self.store.save(record)
         except StoreError as exc:
             log.error("session.store_failed", extra={"error": str(exc)})

@@ -6,6 +6,7 @@ Every store speaks the same protocol and passes the same conformance tests. What
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +82,8 @@ class SessionStore(Protocol):
     """Load, save and clear one identity's session record."""
 
     kind: str
+    #: True when other processes share the record (see :class:`SharedStore`)
+    shared: bool
 
     async def load(self) -> SessionRecord | None:
         """The stored record, or None when there is none. Raises StoreError when unreadable."""
@@ -93,3 +96,26 @@ class SessionStore(Protocol):
 
     async def aclose(self) -> None:
         """Release resources."""
+
+
+class SharedStore(SessionStore, Protocol):
+    """A store several sidecar processes share: a leased lock with fencing, and change events.
+
+    Exactly one process renews at a time: it holds the lock (``try_lock`` returns a fencing token
+    that grows with every acquisition) and writes with ``save_fenced``, which refuses a write whose
+    token is older than the last one written, so a process that lost its lease while paused cannot
+    overwrite a newer session.
+    """
+
+    async def try_lock(self, owner: str, lease: float) -> int | None:
+        """Take the renewal lock for ``lease`` seconds; the fencing token, or None when held."""
+
+    async def unlock(self, owner: str) -> None:
+        """Release the lock if ``owner`` still holds it."""
+
+    async def save_fenced(self, record: SessionRecord, fence: int) -> bool:
+        """Write ``record`` unless a newer fencing token has written since; True when written."""
+
+    def changes(self, interval: float) -> AsyncIterator[None]:
+        """Yield when another process may have changed the record, and at least every
+        ``interval`` seconds (polling fallback)."""

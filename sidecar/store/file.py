@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sidecar.errors import StoreError
 from sidecar.store import SessionRecord
+from sidecar.store.crypto import Sealer
 
 #: a session file larger than this is not a session file
 MAX_FILE_BYTES = 1 << 20
@@ -23,9 +24,11 @@ class FileStore:
     """Persists the session record to ``path``."""
 
     kind = "file"
+    shared = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
+        self._sealer = sealer
 
     def check_writable(self) -> None:
         """Create the directory (0700) and prove it is writable: fail at start, not on save."""
@@ -55,6 +58,8 @@ class FileStore:
             raise StoreError(f"session file {self.path} is larger than {MAX_FILE_BYTES} bytes")
         if not raw.strip():
             raise StoreError(f"session file {self.path} is empty")
+        if self._sealer is not None:
+            raw = self._sealer.open(raw)
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -64,7 +69,10 @@ class FileStore:
         return SessionRecord.from_dict(data)
 
     async def save(self, record: SessionRecord) -> None:
-        await asyncio.to_thread(self._save, json.dumps(record.to_dict()).encode())
+        payload = json.dumps(record.to_dict()).encode()
+        if self._sealer is not None:
+            payload = self._sealer.seal(payload)
+        await asyncio.to_thread(self._save, payload)
 
     def _save(self, payload: bytes) -> None:
         directory = self.path.parent

@@ -9,6 +9,7 @@ class MemoryStore:
     """Keeps the last saved record in memory (the default for tests and the demo)."""
 
     kind = "memory"
+    shared = False
 
     def __init__(self) -> None:
         self._record: SessionRecord | None = None

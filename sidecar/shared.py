@@ -1,0 +1,112 @@
+"""Coordination of one session between processes that share a store (Redis).
+
+Exactly one process renews at a time: it takes the store's leased lock, re-reads the shared
+record (a peer may have just renewed), and only then calls the identity provider, writing the
+result with its fencing token before releasing the lock. The others wait for that result and
+adopt it; if the holder dies, its lease runs out and another takes over. Every process also
+watches the record (pub/sub, with polling as fallback) and adopts newer tokens as they appear.
+
+When the store is unreachable, each process renews on its own and keeps serving; once the store
+answers again, the newest record wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from sidecar.errors import StoreError
+from sidecar.session import Credentials, SessionManager
+from sidecar.store import SessionRecord, SharedStore
+
+log = logging.getLogger(__name__)
+
+#: seconds between looks at the shared record while a peer holds the lock
+PEER_POLL = 0.05
+
+
+class SharedSession:
+    """Leader election per renewal, and adoption of peers' tokens."""
+
+    def __init__(self, store: SharedStore, lease: float, poll_interval: float) -> None:
+        self.store = store
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._store_down = False
+
+    async def renew(self, manager: SessionManager, trigger: str) -> Credentials:
+        """Renew once for every process: lead the renewal, or wait for the peer who does."""
+        try:
+            fence = await self._lead_or_follow(manager)
+        except StoreError as exc:
+            self._note_down(exc)
+            return await manager.renew_with_identity(trigger)
+        if isinstance(fence, Credentials):
+            return fence
+        try:
+            try:
+                adopted = manager.adopt(await self.store.load())
+            except StoreError:
+                adopted = None
+            if adopted is not None and not manager.due():
+                return adopted  # a peer renewed between our decision and the lock
+            manager.fence = fence
+            try:
+                return await manager.renew_with_identity(trigger)
+            finally:
+                await manager.flush_saves()
+                manager.fence = None
+        finally:
+            try:
+                await self.store.unlock(self.owner)
+            except StoreError as exc:
+                self._note_down(exc)  # the lease expires on its own
+
+    async def _lead_or_follow(self, manager: SessionManager) -> int | Credentials:
+        """The fencing token when we lead; a peer's credentials when a peer renewed.
+
+        While a peer holds the lock we look for its result and retry the lock; a holder that
+        died frees it when its lease runs out, and one of the waiters takes over.
+        """
+        while True:
+            fence = await self.store.try_lock(self.owner, self.lease)
+            if fence is not None:
+                return fence
+            await manager.clock.sleep(PEER_POLL)
+            adopted = manager.adopt(await self.store.load())
+            if adopted is not None:
+                return adopted
+
+    async def watch(self, manager: SessionManager) -> None:
+        """Adopt peers' newer records; after an outage, publish ours if it is the newest."""
+        while True:
+            try:
+                async for _ in self.store.changes(self.poll_interval):
+                    stored = await self.store.load()
+                    self._note_up()
+                    if manager.adopt(stored) is None:
+                        await self._reconcile(manager, stored)
+            except StoreError as exc:
+                self._note_down(exc)
+                await manager.clock.sleep(self.poll_interval)
+
+    async def _reconcile(self, manager: SessionManager, stored: SessionRecord | None) -> None:
+        ours = manager.record
+        if ours is None:
+            return
+        if stored is None or stored.token.obtained_at < ours.token.obtained_at:
+            await self.store.save(ours)
+            log.info("session.store_reconciled", extra={"session_id": ours.session_id})
+
+    def _note_down(self, exc: StoreError) -> None:
+        if not self._store_down:
+            self._store_down = True
+            log.warning("session.store_unavailable", extra={"error": str(exc)})
+
+    def _note_up(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            log.info("session.store_available")

@@ -1,0 +1,156 @@
+"""The Redis store: one session shared by every sidecar process of the same identity.
+
+Keys, namespaced by the identity's fingerprint (``sidecar:<fp>:...``):
+
+* ``session``  the record (JSON, or an AES-GCM envelope when a key is configured)
+* ``lock``     the renewal lock: ``SET NX PX <lease>`` holding the owner's id
+* ``fence``    a counter; each lock acquisition takes the next value as its fencing token
+* ``written``  the fencing token of the last fenced write
+* ``events``   a pub/sub channel announcing every write
+
+Every Redis failure is translated into :class:`~sidecar.errors.StoreError` here, so the session
+manager can keep serving with its in-memory token while Redis is away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar.errors import StoreError
+from sidecar.store import SessionRecord
+from sidecar.store.crypto import Sealer
+
+# Write the record only if no newer fencing token has written (KEYS: session, written, events;
+# ARGV: payload, fence). Returns 1 when written.
+_SAVE_FENCED = """
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) < last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 1
+"""
+
+# Delete the lock only if we still own it (KEYS: lock; ARGV: owner).
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+class RedisStore:
+    """Shared session record with a leased, fenced renewal lock."""
+
+    kind = "redis"
+    shared = True
+
+    def __init__(
+        self, url: str, namespace: str, sealer: Sealer | None = None, *, timeout: float = 2.0
+    ) -> None:
+        self._redis: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=10,
+        )
+        prefix = f"sidecar:{namespace}:"
+        self._key = prefix + "session"
+        self._lock = prefix + "lock"
+        self._fence = prefix + "fence"
+        self._written = prefix + "written"
+        self._channel = prefix + "events"
+        self._sealer = sealer
+        self._save_fenced = self._redis.register_script(_SAVE_FENCED)
+        self._unlock = self._redis.register_script(_UNLOCK)
+
+    def _encode(self, record: SessionRecord) -> bytes:
+        payload = json.dumps(record.to_dict()).encode()
+        return self._sealer.seal(payload) if self._sealer is not None else payload
+
+    def _decode(self, raw: bytes) -> SessionRecord:
+        if self._sealer is not None:
+            raw = self._sealer.open(raw)
+        try:
+            data: Any = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError("session record in redis is not valid JSON") from exc
+        return SessionRecord.from_dict(data)
+
+    async def load(self) -> SessionRecord | None:
+        with _translated("read"):
+            raw = await self._redis.get(self._key)
+        return None if raw is None else self._decode(_as_bytes(raw))
+
+    async def save(self, record: SessionRecord) -> None:
+        """An unfenced write (used when Redis came back after a local renewal)."""
+        with _translated("write"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key, self._encode(record))
+                pipe.publish(self._channel, "0")
+                await pipe.execute()
+
+    async def save_fenced(self, record: SessionRecord, fence: int) -> bool:
+        with _translated("write"):
+            written = await self._save_fenced(
+                keys=[self._key, self._written, self._channel], args=[self._encode(record), fence]
+            )
+        return bool(written)
+
+    async def clear(self) -> None:
+        with _translated("delete"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key)
+                pipe.publish(self._channel, "cleared")
+                await pipe.execute()
+
+    async def try_lock(self, owner: str, lease: float) -> int | None:
+        with _translated("lock"):
+            taken = await self._redis.set(self._lock, owner, nx=True, px=max(1, int(lease * 1000)))
+            if not taken:
+                return None
+            return int(await self._redis.incr(self._fence))
+
+    async def unlock(self, owner: str) -> None:
+        with _translated("unlock"):
+            await self._unlock(keys=[self._lock], args=[owner])
+
+    async def lock_owner(self) -> str | None:
+        """Who holds the renewal lock now (for tests and diagnostics)."""
+        with _translated("read"):
+            owner = await self._redis.get(self._lock)
+        return None if owner is None else _as_bytes(owner).decode()
+
+    async def changes(self, interval: float) -> AsyncIterator[None]:
+        with _translated("subscribe"):
+            pubsub = self._redis.pubsub()
+            await pubsub.subscribe(self._channel)
+        try:
+            while True:
+                with _translated("subscribe"):
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=interval)
+                yield
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
