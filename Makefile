@@ -21,7 +21,19 @@ venv: $(STAMP) ## create the virtualenv and install sidecar with its dev tools
 run: $(STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
 	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
 
-test: $(STAMP) ## run the whole test suite
+# System packages the tests run for real (Debian names), installed only when missing.
+APT_NEEDS := redis-server:redis-server
+
+system-deps: ## install the system packages the tests need (apt-get, when missing)
+	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+test: $(STAMP) system-deps ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff format check, ruff, mypy
@@ -36,4 +48,4 @@ fmt: $(STAMP) ## format the code
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean
+.PHONY: help venv run test lint fmt clean system-deps

@@ -1,0 +1,193 @@
+"""Three sidecar processes share one identity's session through a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Serve
+from tests.fakes.idp import FakeIdP
+from tests.fakes.upstream import FakeUpstream
+from tests.helpers import eventually
+from tests.processes import SidecarProcess
+from tests.redis_server import RedisServer
+
+REPLICAS = 3
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cluster_config(
+    serve: Serve, idp: FakeIdP, upstream: FakeUpstream, redis_server: RedisServer
+) -> dict[str, Any]:
+    idp_url = await serve(idp.app())
+    upstream_url = await serve(upstream.app())
+    return {
+        "upstream": {"url": upstream_url},
+        "identity": {
+            "kind": "oauth2",
+            "token_url": f"{idp_url}/token",
+            "client_id": idp.client_id,
+            "client_secret": idp.client_secret,
+            "timeout": 10,
+        },
+        "refresh": {
+            "lead_time": 0.6,
+            "lead_fraction": 0.2,
+            "jitter": 0.2,
+            "retry": {"initial": 0.1, "max": 0.5},
+        },
+        "session": {
+            "store": "redis",
+            "redis_url": redis_server.url,
+            "lock_lease": 2,
+            "poll_interval": 0.5,
+        },
+        "log": {"access_log": False},
+    }
+
+
+@pytest.fixture
+async def replicas(
+    cluster_config: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession
+) -> AsyncIterator[list[SidecarProcess]]:
+    procs = [SidecarProcess(cluster_config, tmp_path, f"replica{i}") for i in range(REPLICAS)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            await proc.wait_ready(http)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+async def drive(
+    http: aiohttp.ClientSession, procs: list[SidecarProcess], seconds: float
+) -> collections.Counter[int]:
+    """Steady traffic round-robin over the replicas; returns status counts."""
+    statuses: collections.Counter[int] = collections.Counter()
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + seconds
+
+    async def caller(offset: int) -> None:
+        i = offset
+        while loop.time() < stop_at:
+            proc = procs[i % len(procs)]
+            i += 1
+            if proc.process is None or proc.process.poll() is not None:
+                continue
+            async with http.get(proc.url("/x")) as resp:
+                await resp.read()
+                statuses[resp.status] += 1
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(caller(i) for i in range(6)))
+    return statuses
+
+
+async def test_three_replicas_make_one_login_and_one_refresh_per_lifetime(
+    replicas: list[SidecarProcess],
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+) -> None:
+    """10 lifetimes of 3 s tokens under steady traffic: one login in total, about one refresh per
+    lifetime in total (not per replica), no refresh token used twice, zero failed requests."""
+    assert idp.grants() == ["client_credentials"]
+    idp.lifetime = 3.0
+    # start the 3 s regime from a fresh token issued under the new lifetime
+    async with http.post(replicas[0].admin("/session/refresh")) as resp:
+        assert resp.status == 200
+    calls_before = len(idp.token_calls)
+    statuses = await drive(http, replicas, 30.0)
+    total = sum(statuses.values())
+    assert statuses[200] == total, statuses
+    assert upstream.rejected == 0
+    grants = idp.grants()[calls_before:]
+    assert set(grants) == {"refresh_token"}, grants
+    # a single process refreshes every 2.4 s or a bit earlier (lead 0.6 s, jitter 20 %)
+    assert 30 / 2.4 - 1 <= len(grants) <= 30 / 2.25 + 2, len(grants)
+    presented = [
+        c.form["refresh_token"] for c in idp.token_calls if c.grant_type == "refresh_token"
+    ]
+    assert len(presented) == len(set(presented))
+    sessions = {(await p.summary(http))["session_id"] for p in replicas}
+    assert len(sessions) == 1
+
+
+async def test_killing_the_lock_holder_mid_refresh_delays_others_by_at_most_the_lease(
+    replicas: list[SidecarProcess], http: aiohttp.ClientSession, idp: FakeIdP
+) -> None:
+    """The lock holder dies while the provider is slow: another replica waits out the lease
+    (2 s), no longer, takes over and gets a fresh token, which the third replica adopts."""
+    idp.delay = 30  # the holder's refresh hangs until it is killed
+    async with aiohttp.ClientSession() as side:
+        refresh = asyncio.ensure_future(side.post(replicas[0].admin("/session/refresh")))
+        await eventually(lambda: len(idp.token_calls) == 2, what="holder's refresh call")
+        replicas[0].kill()
+        refresh.cancel()
+    idp.delay = 0
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    old = (await replicas[1].summary(http))["token_fingerprint"]
+    async with http.post(replicas[1].admin("/session/refresh")) as resp:
+        assert resp.status == 200
+        fresh = await resp.json()
+    waited = loop.time() - killed_at
+    assert fresh["token_fingerprint"] != old
+    assert 1.0 <= waited <= 2.0 + 0.5, waited  # it did wait for the dead holder's lease, no more
+
+    async def third_adopted() -> bool:
+        return (await replicas[2].summary(http))["token_fingerprint"] == fresh["token_fingerprint"]
+
+    deadline = loop.time() + 2
+    while not await third_adopted():
+        assert loop.time() < deadline, "third replica did not adopt the new token"
+        await asyncio.sleep(0.05)
+
+
+async def test_redis_restart_loses_no_requests_while_tokens_stay_valid(
+    replicas: list[SidecarProcess],
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    redis_server: RedisServer,
+) -> None:
+    """Redis goes away for 3 s, across a refresh, and comes back: every request succeeds
+    throughout (each replica renews on its own meanwhile), and afterwards the replicas converge
+    on one token again."""
+    idp.lifetime = 3.0
+    async with http.post(replicas[0].admin("/session/refresh")) as resp:
+        assert resp.status == 200
+    traffic = asyncio.ensure_future(drive(http, replicas, 9.0))
+    await asyncio.sleep(1)
+    redis_server.stop()
+    await asyncio.sleep(3)
+    redis_server.start()
+    statuses = await traffic
+    assert statuses[200] == sum(statuses.values()), statuses
+    logged = [e["event"] for p in replicas for e in p.events()]
+    assert "session.store_unavailable" in logged
+    assert "session.store_available" in logged
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        tokens = {(await p.summary(http))["token_fingerprint"] for p in replicas}
+        if len(tokens) == 1:
+            break
+        assert loop.time() < deadline, f"replicas did not converge: {tokens}"
+        await asyncio.sleep(0.05)

@@ -1,0 +1,134 @@
+"""The Redis store with a real redis-server: conformance, fencing, locks, encryption."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import StoreError
+from sidecar.store import SessionRecord
+from sidecar.store.crypto import Sealer
+from sidecar.store.redis import RedisStore
+from sidecar.tokens import Token
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(redis_server.url, "test-identity")
+    yield opened
+    await opened.aclose()
+
+
+def record(obtained_at: float = 1000.0, access: str = "at-secret-value") -> SessionRecord:
+    token = Token(
+        access_token=access,
+        refresh_token="rt-secret-value",
+        expires_at=obtained_at + 60,
+        obtained_at=obtained_at,
+    )
+    return SessionRecord(
+        identity="test-identity",
+        session_id="sid",
+        activity_id="aid",
+        token=token,
+        created_at=obtained_at,
+    )
+
+
+async def test_round_trip_and_clear(store: RedisStore) -> None:
+    """What is saved is loaded back equal; clear removes it."""
+    assert await store.load() is None
+    await store.save(record())
+    loaded = await store.load()
+    assert loaded is not None
+    assert loaded.to_dict() == record().to_dict()
+    await store.clear()
+    assert await store.load() is None
+
+
+async def test_fenced_write_refuses_an_older_fence(store: RedisStore) -> None:
+    """A process whose lease ran out (older fencing token) cannot overwrite a newer session."""
+    assert await store.save_fenced(record(2000.0, "newer"), fence=5)
+    assert not await store.save_fenced(record(1000.0, "stale"), fence=4)
+    loaded = await store.load()
+    assert loaded is not None
+    assert loaded.token.access_token == "newer"
+
+
+async def test_lock_is_exclusive_fenced_and_leased(store: RedisStore) -> None:
+    """One holder at a time; each acquisition has a larger fence; the lease frees a dead holder;
+    only the owner can unlock."""
+    first = await store.try_lock("a", lease=0.3)
+    assert first is not None
+    assert await store.try_lock("b", lease=0.3) is None
+    await store.unlock("b")  # not the owner: no effect
+    assert await store.lock_owner() == "a"
+    import asyncio
+
+    await asyncio.sleep(0.4)
+    second = await store.try_lock("b", lease=5)
+    assert second is not None
+    assert second > first
+    await store.unlock("b")
+    assert await store.lock_owner() is None
+
+
+async def test_unreachable_redis_is_a_store_error(tmp_path: Path) -> None:
+    """Connection failures surface as StoreError, which the session manager survives."""
+    server = RedisServer(tmp_path)  # never started: nothing listens on its port
+    dead = RedisStore(server.url, "x", timeout=0.5)
+    with pytest.raises(StoreError, match="redis read failed"):
+        await dead.load()
+    await dead.aclose()
+
+
+async def test_encrypted_record_hides_the_token_and_needs_the_right_key(
+    redis_server: RedisServer,
+) -> None:
+    """With a key the stored bytes contain no token; another key cannot read them."""
+    import redis.asyncio as aioredis
+
+    key = Sealer(os.urandom(32), "test-identity")
+    sealed = RedisStore(redis_server.url, "test-identity", key)
+    await sealed.save(record())
+    raw_client = aioredis.from_url(redis_server.url)
+    raw = await raw_client.get("sidecar:test-identity:session")
+    await raw_client.aclose()
+    assert raw is not None
+    assert b"at-secret-value" not in raw
+    assert b"rt-secret-value" not in raw
+    loaded = await sealed.load()
+    assert loaded is not None
+    assert loaded.token.access_token == "at-secret-value"
+    wrong = RedisStore(redis_server.url, "test-identity", Sealer(os.urandom(32), "test-identity"))
+    with pytest.raises(StoreError, match="wrong encryption key"):
+        await wrong.load()
+    await sealed.aclose()
+    await wrong.aclose()
+
+
+def test_key_file_must_be_32_bytes_of_base64(tmp_path: Path) -> None:
+    """A key file that is not base64 of 32 bytes is a config error naming the key."""
+    from sidecar.errors import ConfigError
+
+    bad = tmp_path / "k"
+    bad.write_text("not base64!!")
+    with pytest.raises(ConfigError, match="session.encryption_key_file"):
+        Sealer.from_file(bad, "x")
+    short = tmp_path / "short"
+    short.write_text(base64.b64encode(b"x" * 16).decode())
+    with pytest.raises(ConfigError, match="32 bytes"):
+        Sealer.from_file(short, "x")
