@@ -126,7 +126,7 @@ def test_key_file_must_be_32_bytes_of_base64(tmp_path: Path) -> None:
 
     bad = tmp_path / "k"
     bad.write_text("not base64!!")
-    with pytest.raises(ConfigError, match="session.encryption_key_file"):
+    with pytest.raises(ConfigError, match=r"session\.encryption_key_file"):
         Sealer.from_file(bad, "x")
     short = tmp_path / "short"
     short.write_text(base64.b64encode(b"x" * 16).decode())
