@@ -45,7 +45,11 @@ fmt: $(STAMP) ## format the code
 	$(BIN)/ruff format sidecar tests
 	$(BIN)/ruff check --fix sidecar tests
 
+bench: $(STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
+	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps
+.PHONY: help venv run test lint fmt clean system-deps bench

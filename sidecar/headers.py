@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -51,7 +50,9 @@ _TRACEPARENT = re.compile(
     r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
 )
 
-Getter = Callable[[CIMultiDictProxy[str], Credentials], str | None]
+#: builds one managed header's value from the caller's values (looked up by lower-case name) and
+#: the session's credentials; None leaves the header out
+Getter = Callable[[Mapping[str, str], Credentials], str | None]
 
 
 def new_id() -> str:
@@ -77,38 +78,59 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
     return listed
 
 
-@dataclass(frozen=True, slots=True)
 class HeaderRules:
-    """The compiled rules: which caller headers to drop (lower-case names) and how to build each
-    managed one."""
+    """The compiled rules: which caller headers to drop (lower-case names), which caller values
+    the managed headers read, and how to build each managed header."""
 
-    dropped: frozenset[str]
-    managed: tuple[tuple[str, Getter], ...]
-    static: tuple[tuple[str, str], ...]
+    __slots__ = ("_auth_for", "_auth_line", "captured", "dropped", "dropped_b", "managed",
+                 "managed_b", "static", "static_block")
+
+    def __init__(
+        self,
+        dropped: frozenset[str],
+        managed: tuple[tuple[str, Getter], ...],
+        static: tuple[tuple[str, str], ...],
+        captured: frozenset[str],
+    ) -> None:
+        self.dropped = dropped
+        self.dropped_b = frozenset(n.encode() for n in dropped)
+        self.managed = managed
+        self.managed_b = tuple(
+            (n.encode() + b": ", g, n.lower() == "x-request-id") for n, g in managed
+        )
+        self.static = static
+        self.static_block = b"".join(f"{n}: {v}\r\n".encode() for n, v in static)
+        self.captured = frozenset(n.encode() for n in captured)
+        self._auth_for: Credentials | None = None
+        self._auth_line = b""
 
     @classmethod
     def compile(cls, config: Headers) -> HeaderRules:
         """Turn the headers section into rules; nothing is decided per request that can be here."""
         managed: list[tuple[str, Getter]] = []
-        dropped = {"host", "authorization", "expect", *HOP_BY_HOP}
+        dropped = {"host", "authorization", "expect", "content-length", *HOP_BY_HOP}
+        captured: set[str] = set()
 
-        def own(name: str, getter: Getter) -> None:
+        def own(name: str, getter: Getter, reads_caller: bool = False) -> None:
             dropped.add(name.lower())
             managed.append((name, getter))
+            if reads_caller:
+                captured.add(name.lower())
 
         if config.request_id == "generate":
             own(REQUEST_ID, lambda _h, _c: new_id())
         elif config.request_id == "propagate":
-            own(REQUEST_ID, lambda h, _c: h.get(REQUEST_ID) or new_id())
+            own(REQUEST_ID, lambda h, _c: h.get("x-request-id") or new_id(), True)
 
         if config.correlation_id is not None:
-            own(CORRELATION_ID, _propagate_or_generate(config.correlation_id, CORRELATION_ID))
+            own(CORRELATION_ID, _propagate_or_generate(config.correlation_id, "x-correlation-id"),
+                config.correlation_id == "propagate")
 
         if config.traceparent == "generate":
             dropped.add("tracestate")  # a new trace starts without the caller's vendor state
             own(TRACEPARENT, lambda _h, _c: new_traceparent())
         elif config.traceparent == "propagate":
-            own(TRACEPARENT, _propagated_traceparent)
+            own(TRACEPARENT, _propagated_traceparent, True)
 
         if config.activity_id == "auto":
             own(ACTIVITY_ID, lambda _h, c: c.activity_id)
@@ -128,10 +150,11 @@ class HeaderRules:
             dropped=frozenset(dropped),
             managed=tuple(managed),
             static=tuple(config.static.items()),
+            captured=frozenset(captured),
         )
 
     def apply(self, incoming: CIMultiDictProxy[str], creds: Credentials) -> CIMultiDict[str]:
-        """The headers to send upstream for one request."""
+        """The headers to send upstream for one request, as a multidict (WebSocket leg)."""
         dropped = self.dropped
         if "Connection" in incoming:
             dropped = dropped | connection_listed(incoming)
@@ -147,12 +170,67 @@ class HeaderRules:
             out.extend(self.static)
         return out
 
+    def head(
+        self,
+        request_line: bytes,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        creds: Credentials,
+        framing: bytes,
+    ) -> tuple[bytes, str | None]:
+        """The complete request head for the upstream, and the X-Request-ID it carries.
+
+        ``request_line`` holds the request line and the Host header; ``framing`` is the
+        Content-Length or Transfer-Encoding line the body needs (or nothing).
+        """
+        parts = [request_line]
+        append = parts.append
+        dropped = self.dropped_b
+        captured_names = self.captured
+        captured: dict[str, str] = {}
+        listed: bytes | None = None
+        for name, value in raw_headers:
+            lname = name.lower()
+            if lname in dropped:
+                if lname in captured_names:
+                    captured[lname.decode()] = value.decode("latin-1")
+                elif lname == b"connection":
+                    listed = value
+                continue
+            append(name + b": " + value + b"\r\n")
+        if listed is not None:
+            parts = self._drop_listed(parts, listed)
+            append = parts.append
+        if creds is not self._auth_for:
+            self._auth_line = f"Authorization: {creds.authorization}\r\n".encode()
+            self._auth_for = creds
+        append(self._auth_line)
+        request_id = None
+        for prefix, getter, is_request_id in self.managed_b:
+            made = getter(captured, creds)
+            if made is not None:
+                if is_request_id:
+                    request_id = made
+                append(prefix + made.encode("latin-1") + b"\r\n")
+        append(self.static_block)
+        append(framing)
+        append(b"\r\n")
+        return b"".join(parts), request_id
+
+    @staticmethod
+    def _drop_listed(parts: list[bytes], listed: bytes) -> list[bytes]:
+        """Remove header lines named in the caller's Connection header (RFC 9110 7.6.1)."""
+        names = {n.strip().lower() for n in listed.split(b",")} - {b"", b"close", b"keep-alive"}
+        if not names:
+            return parts
+        return [parts[0]] + [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in names]
+
 
 def _fixed(value: str) -> Getter:
     return lambda _h, _c: value
 
 
 def _propagate_or_generate(mode: str, name: str) -> Getter:
+    """``name`` is the lower-case header name (lookups work on multidicts and on our dict)."""
     if mode == "propagate":
         return lambda h, _c: h.get(name) or new_id()
     if mode == "generate":
@@ -160,8 +238,8 @@ def _propagate_or_generate(mode: str, name: str) -> Getter:
     return _fixed(mode)
 
 
-def _propagated_traceparent(incoming: CIMultiDictProxy[str], _creds: Credentials) -> str:
-    value = incoming.get(TRACEPARENT)
+def _propagated_traceparent(incoming: Mapping[str, str], _creds: Credentials) -> str:
+    value = incoming.get("traceparent")
     if value is not None and valid_traceparent(value.strip()):
         return value.strip()
     return new_traceparent()

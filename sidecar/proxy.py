@@ -30,15 +30,11 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sidecar.headers import (
-    REQUEST_ID,
-    HeaderRules,
-    connection_listed,
-    strip_hop_by_hop,
-)
+from sidecar.headers import HOP_BY_HOP, REQUEST_ID, HeaderRules
 from sidecar.logs import REQUEST_ID_KEY
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials, SessionManager
+from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -116,33 +112,51 @@ class Proxy:
     ) -> None:
         self._config = upstream
         self._base = upstream_url.rstrip("/")
+        url = URL(self._base)
+        self._prefix = url.raw_path.rstrip("/")
+        host = url.raw_host or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        if not url.is_default_port():
+            host += f":{url.port}"
+        self._host = host
         self._session = session
         self._rules = rules
         self._metrics = metrics
         self._clock = clock
+        self._pool: UpstreamPool | None = None
         self._client: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the pooled keep-alive client toward the upstream."""
+        """Open the keep-alive pool (and the WebSocket client) toward the upstream."""
         cfg = self._config
-        ssl_ctx: ssl.SSLContext | bool = True
-        if self._base.startswith("https:"):
+        url = URL(self._base)
+        ssl_ctx = None
+        if url.scheme == "https":
             ssl_ctx = await asyncio.to_thread(tls_context, cfg.tls)
-        connector = aiohttp.TCPConnector(limit=cfg.pool_size, ssl=ssl_ctx)
+        self._pool = UpstreamPool(
+            url.raw_host or "",
+            url.port or 80,
+            ssl_ctx,
+            connect_timeout=cfg.timeout.connect,
+            # total bounds the wait for the response head; while a body streams, the same
+            # figure bounds each silence, so a long download is not cut off while data flows
+            head_timeout=cfg.timeout.total,
+            max_idle=cfg.pool_size,
+        )
         self._client = aiohttp.ClientSession(
-            connector=connector,
-            # total bounds the wait for the response head (see _send); while a body streams, the
-            # same figure bounds each silence, so a long download is not cut off while data flows
+            connector=aiohttp.TCPConnector(limit=cfg.pool_size, ssl=ssl_ctx or True),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=cfg.timeout.connect, sock_read=cfg.timeout.total
             ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # the caller's cookies are the caller's business
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            read_bufsize=STREAM_CHUNK,
         )
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._client is not None:
             await self._client.close()
 
@@ -177,8 +191,19 @@ class Proxy:
             metrics.count_request(request.method, status)
             metrics.observe_duration(self._clock.monotonic() - started)
 
+    async def _credentials(self) -> Credentials:
+        """The session snapshot: a plain attribute read while the token is valid."""
+        session = self._session
+        creds = session.current
+        now = self._clock.time()
+        if creds is not None and now < creds.expires_at:
+            session.last_api_call_at = now
+            return creds
+        return await session.credentials()
+
     async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method == "CONNECT":
+        method = request.method
+        if method == "CONNECT":
             raise RefusedRequest(
                 "CONNECT is not supported: sidecar is not a forward proxy",
                 status=405,
@@ -186,86 +211,89 @@ class Proxy:
             )
         raw_path = request.raw_path
         check_target(raw_path)
-        creds = await self._session.credentials()
-        url = URL(self._base + raw_path, encoded=True)
+        creds = await self._credentials()
         if _is_websocket(request.headers):
-            return await self._websocket(request, url, creds)
+            return await self._websocket(request, URL(self._base + raw_path, encoded=True), creds)
 
         replayable = True
+        chunked = False
         body: Any = None
+        framing = b""
         if request.body_exists:
             length = request.content_length
             if length is not None and length <= self._config.replay_body_limit:
                 body = await request.read()
+                framing = b"Content-Length: %d\r\n" % len(body)
             else:
-                body = request.content
+                body = request.content.iter_chunked(STREAM_CHUNK)
                 replayable = False
-
-        headers = self._headers(request, creds)
-        upstream = await self._send(request.method, url, headers, body)
+                if length is None:
+                    chunked = True
+                    framing = b"Transfer-Encoding: chunked\r\n"
+                else:
+                    framing = b"Content-Length: %d\r\n" % length
+        elif method in ("POST", "PUT", "PATCH"):
+            framing = b"Content-Length: 0\r\n"
+        request_line = f"{method} {self._prefix}{raw_path} HTTP/1.1\r\nHost: {self._host}\r\n"
+        line = request_line.encode("latin-1")
+        upstream = await self._send(request, line, creds, framing, body, chunked)
         if upstream.status == 401 and replayable:
             fresh = await self._session.reactive_refresh(creds)
             if fresh is not None:
                 upstream.release()
-                headers = self._headers(request, fresh)
-                upstream = await self._send(request.method, url, headers, body)
+                upstream = await self._send(request, line, fresh, framing, body, chunked)
         return await self._relay(request, upstream)
 
-    def _headers(self, request: web.BaseRequest, creds: Credentials) -> CIMultiDict[str]:
-        headers = self._rules.apply(request.headers, creds)
-        request_id = headers.get(REQUEST_ID)
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        line: bytes,
+        creds: Credentials,
+        framing: bytes,
+        body: Any,
+        chunked: bool,
+    ) -> UpstreamResponse:
+        head, request_id = self._rules.head(line, request.raw_headers, creds, framing)
         if request_id is not None:
             request[REQUEST_ID_KEY] = request_id
-        return headers
-
-    async def _send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: Any
-    ) -> aiohttp.ClientResponse:
-        """Send the request; map connection failures to 502 and timeouts to 504."""
-        assert self._client is not None
-        try:
-            async with asyncio.timeout(self._config.timeout.total):
-                return await self._client.request(
-                    method, url, headers=headers, data=body, allow_redirects=False
-                )
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream did not answer within {self._config.timeout.total:g}s"
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(
-                f"upstream connection failed: {exc.os_error.strerror or exc}"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"upstream failed: {type(exc).__name__}") from exc
+        assert self._pool is not None
+        return await self._pool.request(
+            head, body, head_only=request.method == "HEAD", chunked=chunked
+        )
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, upstream: UpstreamResponse
     ) -> web.StreamResponse:
-        """Stream the upstream's response to the caller.
+        """Pass the upstream's response on: in one piece when it has fully arrived, else streamed.
 
         When the upstream fails mid-body, the caller's connection is cut: a truncated body must not
         pass for a complete one.
         """
-        extra = connection_listed(upstream.headers) if "Connection" in upstream.headers else set()
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(strip_hop_by_hop(upstream.headers.items(), extra))
-        if upstream.content_length is not None and request.method != "HEAD":
-            response.content_length = upstream.content_length
+        headers = _response_headers(upstream.headers)
+        body = upstream.body_if_complete()
+        if body is not None and request.method != "HEAD":
+            upstream.release()
+            headers.popall("Content-Length", None)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason or None, headers=headers, body=body
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason or None, headers=headers
+        )
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
+            async for chunk in upstream.iter_body():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamBroken as exc:
             upstream.close()
             log.warning(
                 "proxy.upstream_broke_mid_response",
-                extra={"error": type(exc).__name__, "request_id": request.get(REQUEST_ID_KEY)},
+                extra={"error": str(exc), "request_id": request.get(REQUEST_ID_KEY)},
             )
             _abort(request)
             return response
-        except (ConnectionError, asyncio.CancelledError):
-            upstream.close()  # the caller left: do not return a half-read connection to the pool
+        except BaseException:
+            upstream.close()  # the caller left: the upstream connection is not reusable
             raise
         upstream.release()
         await response.write_eof()
@@ -276,7 +304,10 @@ class Proxy:
     ) -> web.StreamResponse:
         """Proxy a WebSocket: connect upstream first (with our headers), then accept the caller."""
         assert self._client is not None
-        headers = self._headers(request, creds)
+        headers = self._rules.apply(request.headers, creds)
+        request_id = headers.get(REQUEST_ID)
+        if request_id is not None:
+            request[REQUEST_ID_KEY] = request_id
         for name in list(headers):
             if name.lower() in _WS_HANDSHAKE:
                 del headers[name]
@@ -316,6 +347,21 @@ class Proxy:
             await upstream.close()
             await front.close()
         return front
+
+
+_HOP_BY_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones (also those named in Connection)."""
+    listed: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed.update(t.strip().lower() for t in value.split(b","))
+    drop = _HOP_BY_HOP_B | listed if listed else _HOP_BY_HOP_B
+    return CIMultiDict(
+        (n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n.lower() not in drop
+    )
 
 
 def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:

@@ -121,7 +121,8 @@ async def test_three_replicas_make_one_login_and_one_refresh_per_lifetime(
     grants = idp.grants()[calls_before:]
     assert set(grants) == {"refresh_token"}, grants
     # a single process refreshes every 2.4 s or a bit earlier (lead 0.6 s, jitter 20 %)
-    assert 30 / 2.4 - 1 <= len(grants) <= 30 / 2.25 + 2, len(grants)
+    # (three replicas refreshing on their own would make three times as many)
+    assert 30 / 3 <= len(grants) <= 30 / 2.25 + 3, len(grants)
     presented = [
         c.form["refresh_token"] for c in idp.token_calls if c.grant_type == "refresh_token"
     ]

@@ -1,0 +1,341 @@
+"""`make bench`: sidecar against nginx and a minimal aiohttp proxy, measured in one run.
+
+Layout (2 cores): the nginx upstream and wrk share core 0; each proxy runs alone on core 1.
+For every target: req/s at 50 connections, p50/p99 latency at 1 and 50 connections, 1 MiB
+streaming MB/s, and (for the Python proxies) RSS idle and after the run. Every figure is also
+given as a ratio to nginx and to the minimal aiohttp proxy. Results go to bench/results/*.json.
+
+Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+BODY = '{"status":"ok","items":[1,2,3],"message":"a small JSON answer of about 100 bytes"}'
+UPSTREAM_CORE, PROXY_CORE = "0", "1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (workers), in MB."""
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
+def taskset(core: str) -> list[str]:
+    return ["taskset", "-c", core] if shutil.which("taskset") else []
+
+
+def nginx_conf(work: Path, port: int, body: str) -> str:
+    return f"""
+worker_processes 1;
+daemon off;
+master_process off;
+user root;
+error_log {work}/error.log crit;
+pid {work}/nginx-{port}.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  keepalive_requests 1000000;
+  {body}
+}}
+"""
+
+
+def upstream_conf(work: Path, port: int) -> str:
+    return nginx_conf(
+        work,
+        port,
+        f"""
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{BODY}'; }}
+    location /big {{ alias {work}/big.bin; }}
+  }}""",
+    )
+
+
+def proxy_conf(work: Path, port: int, upstream: int, token: str) -> str:
+    return nginx_conf(
+        work,
+        port,
+        f"""
+  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_set_header X-Request-ID $request_id;
+      proxy_buffering off;
+    }}
+  }}""",
+    )
+
+
+WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+WRK_TRANSFER = re.compile(r"Transfer/sec:\s+([\d.]+)(\w+)")
+WRK_PCT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+WRK_ERRORS = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+UNIT = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+BYTES = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1000.0}
+
+
+def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            *taskset(UPSTREAM_CORE),
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, float] = {"rps": float(WRK_RPS.search(out).group(1))}  # type: ignore[union-attr]
+    for pct, value, unit in WRK_PCT.findall(out):
+        result[f"p{pct}_us"] = round(float(value) * UNIT[unit], 1)
+    transfer = WRK_TRANSFER.search(out)
+    if transfer:
+        result["mb_s"] = round(float(transfer.group(1)) * BYTES[transfer.group(2)], 1)
+    errors = WRK_ERRORS.search(out)
+    result["non_2xx"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # noqa: S603
+        env=env,
+    )
+    try:
+        wait_port(port)
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def sidecar_config(
+    work: Path, port: int, upstream: int, idp: int, access_log: bool, workers_note: str = ""
+) -> Path:
+    path = work / f"sidecar-{port}.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "listen": {"port": port},
+                "admin": {"port": free_port()},
+                "upstream": {"url": f"http://127.0.0.1:{upstream}"},
+                "identity": {
+                    "kind": "oauth2",
+                    "token_url": f"http://127.0.0.1:{idp}/token",
+                    "client_id": "bench",
+                    "client_secret": "bench-secret",
+                },
+                "headers": {"tenant_id": "1234567"},
+                "session": {"store": "file", "path": str(work / f"session-{port}.json")},
+                "log": {"access_log": access_log},
+            }
+        )
+    )
+    return path
+
+
+def measure(name: str, url: str, pid: int | None, seconds: float) -> dict[str, Any]:
+    print(f"  {name} ...", flush=True)
+    wrk(url + "/", 10, 1)  # warm up connections and code paths
+    figures: dict[str, Any] = {}
+    if pid is not None:
+        figures["rss_idle_mb"] = rss_mb(pid)
+    c50 = wrk(url + "/", 50, seconds)
+    c1 = wrk(url + "/", 1, seconds)
+    big = wrk(url + "/big", 4, max(2.0, seconds / 2))
+    figures.update(
+        rps_50=c50["rps"],
+        p50_50_us=c50.get("p50_us"),
+        p99_50_us=c50.get("p99_us"),
+        p50_1_us=c1.get("p50_us"),
+        p99_1_us=c1.get("p99_us"),
+        stream_mb_s=big.get("mb_s"),
+        non_2xx=c50["non_2xx"] + c1["non_2xx"],
+    )
+    if pid is not None:
+        figures["rss_after_mb"] = rss_mb(pid)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"bench: {tool} is not installed (make bench installs it)", file=sys.stderr)
+            return 2
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    only = set(filter(None, args.only.split(",")))
+    results: dict[str, Any] = {"seconds": args.seconds, "cores": os.cpu_count(), "targets": {}}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)  # noqa: S103 - nginx workers read the static file
+        (work / "big.bin").write_bytes(os.urandom(1 << 20))
+        up_port, idp_port = free_port(), free_port()
+        token = "x" * 900
+        token_file = work / "token"
+        token_file.write_text(token)
+        (work / "up.conf").write_text(upstream_conf(work, up_port))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+            "PYTHONPATH": str(ROOT),
+        }
+        with (
+            process([*taskset(UPSTREAM_CORE), nginx, "-c", str(work / "up.conf")], up_port),
+            process(
+                [*taskset(UPSTREAM_CORE), PY, str(HERE / "token_server.py"), str(idp_port)],
+                idp_port,
+            ),
+        ):
+            upstream = f"http://127.0.0.1:{up_port}"
+            targets: list[tuple[str, list[str] | None, int]] = []
+            ng_port = free_port()
+            (work / "proxy.conf").write_text(proxy_conf(work, ng_port, up_port, token))
+            targets.append(
+                ("nginx", [*taskset(PROXY_CORE), nginx, "-c", str(work / "proxy.conf")], ng_port)
+            )
+            mp = free_port()
+            targets.append(
+                (
+                    "minimal_aiohttp",
+                    [
+                        *taskset(PROXY_CORE),
+                        PY,
+                        str(HERE / "minimal_proxy.py"),
+                        str(mp),
+                        upstream,
+                        str(token_file),
+                    ],
+                    mp,
+                )
+            )
+            for name, log in (("sidecar", True), ("sidecar_no_access_log", False)):
+                port = free_port()
+                cfg = sidecar_config(work, port, up_port, idp_port, log)
+                targets.append(
+                    (name, [*taskset(PROXY_CORE), PY, "-m", "sidecar", "run", "-c", str(cfg)], port)
+                )
+            print(f"upstream direct ({upstream})")
+            if not only or "direct" in only:
+                results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
+            for name, argv, port in targets:
+                if only and name not in only:
+                    continue
+                assert argv is not None
+                with process(argv, port, env) as pid:
+                    time.sleep(0.5)
+                    results["targets"][name] = measure(
+                        name,
+                        f"http://127.0.0.1:{port}",
+                        None if name == "nginx" else pid,
+                        args.seconds,
+                    )
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    report(results)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / time.strftime("bench-%Y%m%d-%H%M%S.json", time.gmtime())
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {out.relative_to(ROOT)}")
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
+    targets = results["targets"]
+    ng = targets.get("nginx", {})
+    mini = targets.get("minimal_aiohttp", {})
+
+    def ratio(value: Any, base: Any) -> str:
+        return f"{value / base:.2f}" if value and base else "-"
+
+    print(
+        f"\n{'target':24} {'req/s@50':>9} {'xnginx':>6} {'xmini':>6} {'p50@1us':>8} "
+        f"{'xmini':>6} {'p99@50us':>9} {'MB/s 1MiB':>9} {'xnginx':>6} {'RSS idle/after':>15}"
+    )
+    for name, f in targets.items():
+        rss = f"{f.get('rss_idle_mb', '-')}/{f.get('rss_after_mb', '-')}"
+        print(
+            f"{name:24} {f['rps_50']:>9.0f} {ratio(f['rps_50'], ng.get('rps_50')):>6} "
+            f"{ratio(f['rps_50'], mini.get('rps_50')):>6} {f.get('p50_1_us') or 0:>8.0f} "
+            f"{ratio(f.get('p50_1_us'), mini.get('p50_1_us')):>6} {f.get('p99_50_us') or 0:>9.0f} "
+            f"{f.get('stream_mb_s') or 0:>9.0f} {ratio(f.get('stream_mb_s'), ng.get('stream_mb_s')):>6} "
+            f"{rss:>15}"
+        )
+    direct = targets.get("direct", {})
+    if direct.get("p50_1_us"):
+        print("\nadded p50 latency at 1 connection (proxy p50 - direct p50):")
+        for name, f in targets.items():
+            if name != "direct" and f.get("p50_1_us"):
+                print(f"  {name:24} +{f['p50_1_us'] - direct['p50_1_us']:.0f} us")
+    print(f"\nelapsed {results['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
