@@ -26,7 +26,7 @@ from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.logs import AccessLogger, access_logger
 from sidecar.metrics import Metrics
-from sidecar.proxy import Proxy
+from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
 from sidecar.shared import SharedSession
 from sidecar.store import SessionStore
@@ -51,8 +51,9 @@ class Sidecar:
     clock: Clock = field(default_factory=SystemClock)
     rng: random.Random | None = None
     drain_timeout: float = DRAIN_TIMEOUT
-
-    metrics: Metrics = field(init=False)
+    #: False in the supervisor of ``--workers N``: the workers serve the proxy, it serves admin
+    serve_proxy: bool = True
+    metrics: Metrics = field(default_factory=Metrics)
     session: SessionManager = field(init=False)
     proxy_port: int = field(init=False, default=0)
     admin_port: int = field(init=False, default=0)
@@ -70,7 +71,6 @@ class Sidecar:
 
     async def _start(self) -> None:
         cfg = self.config
-        self.metrics = Metrics()
         identity = await self._identity()
         self._closers.append(("identity", identity.aclose))
         store = self._store(identity.fingerprint)
@@ -84,27 +84,8 @@ class Sidecar:
         await self.session.start()
         self._closers.append(("session", self._stop_session))
 
-        proxy = Proxy(
-            cfg.upstream,
-            self.upstream_url,
-            self.session,
-            HeaderRules.compile(cfg.headers),
-            self.metrics,
-            self.clock,
-        )
-        await proxy.start()
-        self._closers.append(("upstream client", proxy.aclose))
-        access = (
-            {"access_log_class": AccessLogger, "access_log": access_logger()}
-            if cfg.log.access_log
-            else {"access_log": None}
-        )
-        proxy_runner = web.ServerRunner(
-            proxy.server(**access), handle_signals=False, shutdown_timeout=self.drain_timeout
-        )
-        self.proxy_port = await self._listen(
-            "proxy", proxy_runner, cfg.listen.host, cfg.listen.port
-        )
+        if self.serve_proxy:
+            self.proxy_port = await self.open_proxy(self.session)
 
         from sidecar.admin import admin_app
 
@@ -121,17 +102,44 @@ class Sidecar:
         log.info(
             "sidecar.started",
             extra={
-                "proxy": f"{cfg.listen.host}:{self.proxy_port}",
+                "proxy": f"{cfg.listen.host}:{self.proxy_port}" if self.serve_proxy else "workers",
                 "admin": f"{cfg.admin.host}:{self.admin_port}",
                 "upstream": self.upstream_url,
                 "store": store.kind,
             },
         )
 
-    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
+    async def open_proxy(self, session: CredentialSource, *, reuse_port: bool = False) -> int:
+        """Start the proxy listener (and its upstream pool) for ``session``; returns the port."""
+        cfg = self.config
+        proxy = Proxy(
+            cfg.upstream,
+            self.upstream_url,
+            session,
+            HeaderRules.compile(cfg.headers),
+            self.metrics,
+            self.clock,
+        )
+        await proxy.start()
+        self._closers.append(("upstream client", proxy.aclose))
+        access = (
+            {"access_log_class": AccessLogger, "access_log": access_logger()}
+            if cfg.log.access_log
+            else {"access_log": None}
+        )
+        proxy_runner = web.ServerRunner(
+            proxy.server(**access), handle_signals=False, shutdown_timeout=self.drain_timeout
+        )
+        return await self._listen(
+            "proxy", proxy_runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port
+        )
+
+    async def _listen(
+        self, name: str, runner: web.BaseRunner, host: str, port: int, *, reuse_port: bool = False
+    ) -> int:
         await runner.setup()
         self._closers.append((name, runner.cleanup))
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         await site.start()
         return int(runner.addresses[0][1])
 

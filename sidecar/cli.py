@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-c", "--config", help="YAML config file (default: $SIDECAR_CONFIG, else the demo)"
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="proxy processes sharing the port (SO_REUSEPORT) and one session (default: 1)",
+    )
     check = sub.add_parser(
         "check-config", help="validate a config and print it with secrets redacted"
     )
@@ -54,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sidecar`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_worker"] and len(argv) == 2:  # internal: a child of `run --workers N`
+        from sidecar.workers import worker_entry
+
+        return worker_entry(int(argv[1]))
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -69,15 +81,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
         return EXIT_OK
-    return _run(config)
+    if args.workers < 1:
+        print("sidecar: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers > 1 and config.listen.port == 0:
+        print(
+            "sidecar: --workers needs a fixed listen.port (0 would give each worker its own)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return _run(config, args.workers)
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, workers: int = 1) -> int:
     from sidecar.app import serve
     from sidecar.logs import setup_logging
 
     setup_logging(config.log.level)
     try:
+        if workers > 1:
+            from sidecar.workers import serve_workers
+
+            return asyncio.run(serve_workers(config, workers))
         return asyncio.run(serve(config))
     except SidecarError as exc:
         log.error("sidecar.failed", extra={"error": str(exc)})

@@ -6,8 +6,17 @@ Children used on the hot path are bound once here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 #: methods kept as label values; anything else is counted as OTHER (bounded cardinality)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
@@ -100,6 +109,87 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
 
+    def snapshot(self) -> dict[str, Any]:
+        """The per-request metrics as plain data, for a worker to report to its supervisor."""
+        requests = [
+            [s.labels["method"], s.labels["code"], s.value]
+            for s in next(iter(self.upstream_requests.collect())).samples
+            if s.name.endswith("_total")
+        ]
+        buckets: list[list[Any]] = []
+        total = 0.0
+        for s in next(iter(self.upstream_duration.collect())).samples:
+            if s.name.endswith("_bucket"):
+                buckets.append([s.labels["le"], s.value])
+            elif s.name.endswith("_sum"):
+                total = s.value
+        in_flight = next(iter(self.in_flight.collect())).samples[0].value
+        return {"requests": requests, "buckets": buckets, "sum": total, "in_flight": in_flight}
+
+    def take_requests_from_workers(self) -> WorkerTotals:
+        """Supervisor mode: the per-request metrics become the sum of the workers' reports."""
+        for own in (self.upstream_requests, self.upstream_duration, self.in_flight):
+            self.registry.unregister(own)
+        totals = WorkerTotals()
+        self.registry.register(totals)
+        return totals
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return bytes(generate_latest(self.registry))
+
+
+class WorkerTotals:
+    """A collector summing the per-request metrics that workers report (``Metrics.snapshot``).
+
+    A worker's last report is kept after it exits, so counters never go backwards when a worker
+    is replaced; the in-flight gauge counts live workers only.
+    """
+
+    def __init__(self) -> None:
+        self.reports: dict[int, dict[str, Any]] = {}
+        self.live: set[int] = set()
+
+    def update(self, worker: int, report: dict[str, Any]) -> None:
+        self.reports[worker] = report
+        self.live.add(worker)
+
+    def gone(self, worker: int) -> None:
+        self.live.discard(worker)
+
+    def collect(self) -> Iterator[Metric]:
+        requests: dict[tuple[str, str], float] = {}
+        buckets: dict[str, float] = {}
+        total = 0.0
+        in_flight = 0.0
+        for worker, report in self.reports.items():
+            for method, code, value in report["requests"]:
+                requests[(method, code)] = requests.get((method, code), 0.0) + value
+            for le, value in report["buckets"]:
+                buckets[le] = buckets.get(le, 0.0) + value
+            total += report["sum"]
+            if worker in self.live:
+                in_flight += report["in_flight"]
+        family = CounterMetricFamily(
+            "sidecar_upstream_requests",
+            "Requests answered to callers, by method and status code (proxy-made errors included)",
+            labels=["method", "code"],
+        )
+        for (method, code), value in sorted(requests.items()):
+            family.add_metric([method, code], value)
+        yield family
+        ordered = [f"{b:g}" for b in DURATION_BUCKETS] + ["+Inf"]
+        yield HistogramMetricFamily(
+            "sidecar_upstream_request_duration_seconds",
+            "Time from receiving a request to the end of its response",
+            buckets=[(le, buckets.get(_le_key(le), 0.0)) for le in ordered],
+            sum_value=total,
+        )
+        yield GaugeMetricFamily(
+            "sidecar_requests_in_flight", "Requests being proxied right now", value=in_flight
+        )
+
+
+def _le_key(le: str) -> str:
+    """prometheus_client renders bucket bounds as floats ("0.005", "1.0", "+Inf")."""
+    return le if le == "+Inf" else str(float(le))

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import ssl
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import aiohttp
@@ -33,7 +33,7 @@ from sidecar.errors import (
 from sidecar.headers import HOP_BY_HOP, REQUEST_ID, HeaderRules
 from sidecar.logs import REQUEST_ID_KEY
 from sidecar.metrics import Metrics
-from sidecar.session import Credentials, SessionManager
+from sidecar.session import Credentials
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,19 @@ def check_target(raw_path: str) -> None:
         )
 
 
+class CredentialSource(Protocol):
+    """What the proxy reads: the session manager, or a worker's view of its supervisor's."""
+
+    current: Credentials | None
+    last_api_call_at: float | None
+
+    async def credentials(self) -> Credentials:
+        """Valid credentials, waiting for a login/refresh if needed; NoSessionError if none."""
+
+    async def reactive_refresh(self, used: Credentials) -> Credentials | None:
+        """New credentials after the upstream rejected ``used``, or None."""
+
+
 class Proxy:
     """Forwards requests to one upstream origin with the session's credentials."""
 
@@ -105,7 +118,7 @@ class Proxy:
         self,
         upstream: Upstream,
         upstream_url: str,
-        session: SessionManager,
+        session: CredentialSource,
         rules: HeaderRules,
         metrics: Metrics,
         clock: Clock,

@@ -110,6 +110,10 @@ class SessionManager:
         self.login_count = 0
         self.refresh_failures = 0
 
+    def notify(self, callback: Callable[[Credentials | None], None]) -> None:
+        """Call ``callback`` with the new credentials (or None) whenever they change."""
+        self._on_change = callback
+
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:

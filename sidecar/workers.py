@@ -1,0 +1,329 @@
+"""``sidecar run --workers N``: N proxy processes on one port (SO_REUSEPORT), one session.
+
+The supervisor (the process started by the user) owns everything that must exist once: the
+session (login, refresh, store), the admin port and the metrics. Each worker is a child process
+that only proxies; it talks to the supervisor over a private socket pair, one JSON object a line:
+
+    supervisor → worker   {"config": {...}}              once, first
+                          {"creds": {...} | null}        whenever the session changes
+    worker → supervisor   {"need": "request"}            no valid token here: renew or resend
+                          {"need": "reactive", "token": fingerprint}   the upstream said 401
+                          {"metrics": {...}}             per-request metrics, every second
+
+So the identity provider sees one call per lifetime however many workers run, and /metrics on
+the one admin port sums what the workers counted. A worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from sidecar.app import Sidecar
+from sidecar.clock import Clock, SystemClock
+from sidecar.config import Config
+from sidecar.errors import NoSessionError, SidecarError
+from sidecar.metrics import Metrics, WorkerTotals
+from sidecar.session import Credentials
+from sidecar.tokens import Token
+
+log = logging.getLogger(__name__)
+
+#: seconds between a worker's metric reports
+REPORT_EVERY = 1.0
+#: seconds before a worker that died is started again
+RESTART_AFTER = 1.0
+
+
+def creds_to_dict(creds: Credentials | None) -> dict[str, Any] | None:
+    """The credentials a worker needs (never the refresh token)."""
+    if creds is None:
+        return None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(creds):
+        value = getattr(creds, f.name)
+        if isinstance(value, Token):
+            value = {**value.to_dict(), "refresh_token": None}
+        out[f.name] = value
+    return out
+
+
+def creds_from_dict(data: dict[str, Any]) -> Credentials:
+    values = dict(data)
+    values["token"] = Token.from_dict(values["token"])
+    return Credentials(**values)
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+class RemoteSession:
+    """A worker's view of the supervisor's session (implements proxy.CredentialSource)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, wait: float, clock: Clock) -> None:
+        self._clock = clock
+        self.current: Credentials | None = None
+        self.last_api_call_at: float | None = None
+        self._writer = writer
+        self._wait = wait
+        self._changed = asyncio.Event()
+        self._error = "no session yet"
+
+    def update(self, creds: Credentials | None, error: str | None) -> None:
+        self.current = creds
+        if error:
+            self._error = error
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _await_change(self, ask: dict[str, Any]) -> None:
+        changed = self._changed
+        self._writer.write(_line(ask))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._wait):
+                await changed.wait()
+
+    def _valid(self) -> Credentials | None:
+        creds = self.current
+        if creds is not None and creds.token.is_valid(self._clock.time()):
+            return creds
+        return None
+
+    async def credentials(self) -> Credentials:
+        creds = self._valid()
+        if creds is None:
+            await self._await_change({"need": "request"})
+            creds = self._valid()
+        if creds is None:
+            raise NoSessionError(f"no valid token: {self._error}")
+        return creds
+
+    async def reactive_refresh(self, used: Credentials) -> Credentials | None:
+        creds = self.current
+        if creds is not None and creds.token.fingerprint == used.token.fingerprint:
+            await self._await_change({"need": "reactive", "token": used.token.fingerprint})
+        creds = self._valid()
+        if creds is None or creds.token.fingerprint == used.token.fingerprint:
+            return None
+        return creds
+
+
+async def _worker_main(fd: int) -> int:
+    from sidecar.logs import setup_logging
+
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    first = json.loads(await reader.readline())
+    config = Config.model_validate(first["config"])
+    setup_logging(config.log.level)
+    session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=SystemClock())
+    sidecar = Sidecar(config, serve_proxy=False)
+    sidecar.upstream_url = first["upstream_url"]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def listen() -> None:
+        while line := await reader.readline():
+            message = json.loads(line)
+            if "creds" in message:
+                creds = message["creds"]
+                session.update(
+                    None if creds is None else creds_from_dict(creds), message.get("error")
+                )
+        stop.set()  # the supervisor is gone
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            writer.write(
+                _line(
+                    {
+                        "metrics": sidecar.metrics.snapshot(),
+                        "last_api_call_at": session.last_api_call_at,
+                    }
+                )
+            )
+
+    listener = loop.create_task(listen())
+    await sidecar.open_proxy(session, reuse_port=True)
+    reporter = loop.create_task(report())
+    writer.write(_line({"ready": True}))
+    try:
+        await stop.wait()
+    finally:
+        reporter.cancel()
+        await sidecar.stop()  # drains in-flight requests
+        with contextlib.suppress(OSError):
+            writer.write(_line({"metrics": sidecar.metrics.snapshot()}))
+            await writer.drain()
+        listener.cancel()
+        writer.close()
+    return 0
+
+
+def worker_entry(fd: int) -> int:
+    """Entry point of a worker process (``python -m sidecar _worker FD``)."""
+    try:
+        return asyncio.run(_worker_main(fd))
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------------------ supervisor side
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    writer: asyncio.StreamWriter | None = None
+    task: asyncio.Task[None] | None = None
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class Supervisor:
+    """Owns the session and admin port; starts, feeds and restarts the workers."""
+
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.metrics = Metrics()
+        self.totals: WorkerTotals = self.metrics.take_requests_from_workers()
+        self.sidecar = Sidecar(config, serve_proxy=False, metrics=self.metrics)
+        self.workers: list[_Worker] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self.sidecar.start()
+        self.sidecar.session.notify(self._broadcast)
+        for index in range(self.count):
+            worker = _Worker(index)
+            self.workers.append(worker)
+            await self._spawn(worker)
+        async with asyncio.timeout(30):
+            for worker in self.workers:
+                await worker.ready.wait()
+        log.info(
+            "sidecar.workers_started",
+            extra={"workers": self.count, "port": self.config.listen.port},
+        )
+
+    async def _spawn(self, worker: _Worker) -> None:
+        parent, child = socket.socketpair()
+        worker.ready = asyncio.Event()
+        worker.process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own module; Popen returns at once
+            [sys.executable, "-m", "sidecar", "_worker", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+        )
+        child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        worker.writer = writer
+        config = self.config.model_dump(mode="json")
+        writer.write(_line({"config": config, "upstream_url": self.sidecar.upstream_url}))
+        writer.write(_line({"creds": creds_to_dict(self.sidecar.session.usable())}))
+        worker.task = asyncio.get_running_loop().create_task(self._serve(worker, reader))
+
+    def _broadcast(self, creds: Credentials | None) -> None:
+        message = _line({"creds": creds_to_dict(creds)})
+        for worker in self.workers:
+            if worker.writer is not None and not worker.writer.is_closing():
+                worker.writer.write(message)
+
+    async def _serve(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        pid = worker.process.pid if worker.process else -1
+        try:
+            while line := await reader.readline():
+                message = json.loads(line)
+                if "metrics" in message:
+                    self.totals.update(pid, message["metrics"])
+                    last_call = message.get("last_api_call_at")
+                    session = self.sidecar.session
+                    if last_call is not None and last_call > (session.last_api_call_at or 0):
+                        session.last_api_call_at = last_call
+                elif message.get("ready"):
+                    worker.ready.set()
+                elif "need" in message:
+                    asyncio.get_running_loop().create_task(self._answer(worker, message))
+        finally:
+            self.totals.gone(pid)
+            if not self._stopping:
+                asyncio.get_running_loop().create_task(self._restart(worker))
+
+    async def _answer(self, worker: _Worker, message: dict[str, Any]) -> None:
+        """A worker lacks a valid token: renew (single flight) or resend the current one."""
+        session = self.sidecar.session
+        error = None
+        try:
+            current = session.current
+            if (
+                message["need"] == "reactive"
+                and current is not None
+                and current.token.fingerprint == message.get("token")
+            ):
+                await session.reactive_refresh(current)
+            else:
+                await session.credentials()
+        except SidecarError as exc:
+            error = str(exc)
+        if worker.writer is not None and not worker.writer.is_closing():
+            worker.writer.write(_line({"creds": creds_to_dict(session.usable()), "error": error}))
+
+    async def _restart(self, worker: _Worker) -> None:
+        code = worker.process.wait() if worker.process else None
+        log.error("sidecar.worker_exited", extra={"worker": worker.index, "code": code})
+        await asyncio.sleep(RESTART_AFTER)
+        if not self._stopping:
+            await self._spawn(worker)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            if worker.process is not None:
+                await asyncio.to_thread(
+                    _wait_or_kill, worker.process, self.sidecar.drain_timeout + 5
+                )
+            if worker.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await asyncio.wait_for(worker.task, 2)
+        await self.sidecar.stop()
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes], within: float) -> None:
+    try:
+        process.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def serve_workers(config: Config, count: int) -> int:
+    """Run a supervisor with ``count`` workers until SIGTERM/SIGINT; returns the exit code."""
+    supervisor = Supervisor(config, count)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start()
+        await stop.wait()
+        log.info("sidecar.stopping", extra={"workers": count})
+    finally:
+        await supervisor.stop()
+    return 0

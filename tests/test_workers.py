@@ -1,0 +1,122 @@
+"""`sidecar run --workers 2`: two proxy processes on one port sharing one session."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.conftest import Serve
+from tests.fakes.idp import FakeIdP
+from tests.fakes.upstream import FakeUpstream
+from tests.helpers import sample
+from tests.redis_server import free_port
+
+
+async def test_two_workers_share_one_session_and_sum_their_metrics(
+    serve: Serve,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Under steady traffic with 2 s tokens, the provider sees the calls of one session (not one
+    per worker), every request succeeds, /metrics on the one admin port counts every request,
+    and a killed worker is replaced."""
+    idp.lifetime = 2.0
+    idp_url = await serve(idp.app())
+    upstream_url = await serve(upstream.app())
+    port, admin = free_port(), free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"port": port},
+                "admin": {"port": admin},
+                "upstream": {"url": upstream_url},
+                "identity": {
+                    "kind": "oauth2",
+                    "token_url": f"{idp_url}/token",
+                    "client_id": idp.client_id,
+                    "client_secret": idp.client_secret,
+                },
+                "refresh": {"lead_time": 0.4, "lead_fraction": 0.2, "jitter": 0.1},
+                "session": {"store": "memory"},
+                "log": {"access_log": False},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    log = (tmp_path / "log").open("wb")
+    proc = subprocess.Popen(  # noqa: S603, ASYNC220 - our own module
+        [sys.executable, "-m", "sidecar", "run", "-c", str(config), "--workers", "2"],
+        stdout=log,
+        stderr=log,
+        env=env,
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/x") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert loop.time() < deadline, (tmp_path / "log").read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        calls_before = len(idp.token_calls)
+        statuses: collections.Counter[int] = collections.Counter()
+        stop_at = loop.time() + 8
+
+        async def caller() -> None:
+            # a fresh connection per request spreads the load over both workers
+            while loop.time() < stop_at:
+                async with (
+                    aiohttp.ClientSession() as one,
+                    one.get(f"http://127.0.0.1:{port}/x") as resp,
+                ):
+                    statuses[resp.status] += 1
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(caller() for _ in range(4)))
+        total = sum(statuses.values())
+        assert statuses[200] == total, statuses
+        calls = len(idp.token_calls) - calls_before
+        assert 8 / 2 <= calls <= 8 / 1.5 + 2, calls  # one session's refreshes, not two
+        assert set(idp.grants()[calls_before:]) == {"refresh_token"}
+        await asyncio.sleep(1.5)  # workers report every second
+        async with http.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+            text = await resp.text()
+        counted = sample(text, 'sidecar_upstream_requests_total{code="200",method="GET"}')
+        assert counted is not None
+        assert counted >= total
+        workers = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+            ).stdout.split()
+        ]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        await asyncio.sleep(2.5)
+        after = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        assert len(after) == 2
+        assert str(workers[0]) not in after
+        async with http.get(f"http://127.0.0.1:{port}/x") as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        log.close()
+    assert code == 0
