@@ -20,6 +20,12 @@ from tests.helpers import sample
 from tests.redis_server import free_port
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (its workers)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
 async def test_two_workers_share_one_session_and_sum_their_metrics(
     serve: Serve,
     idp: FakeIdP,
@@ -99,20 +105,13 @@ async def test_two_workers_share_one_session_and_sum_their_metrics(
         counted = sample(text, 'sidecar_upstream_requests_total{code="200",method="GET"}')
         assert counted is not None
         assert counted >= total
-        workers = [
-            int(p)
-            for p in subprocess.run(
-                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
-            ).stdout.split()
-        ]
+        workers = children(proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         await asyncio.sleep(2.5)
-        after = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
+        after = children(proc.pid)
         assert len(after) == 2
-        assert str(workers[0]) not in after
+        assert workers[0] not in after
         async with http.get(f"http://127.0.0.1:{port}/x") as resp:
             assert resp.status == 200
     finally:
