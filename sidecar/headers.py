@@ -82,8 +82,17 @@ class HeaderRules:
     """The compiled rules: which caller headers to drop (lower-case names), which caller values
     the managed headers read, and how to build each managed header."""
 
-    __slots__ = ("_auth_for", "_auth_line", "captured", "dropped", "dropped_b", "managed",
-                 "managed_b", "static", "static_block")
+    __slots__ = (
+        "_auth_for",
+        "_auth_line",
+        "captured",
+        "dropped",
+        "dropped_b",
+        "managed",
+        "managed_b",
+        "static",
+        "static_block",
+    )
 
     def __init__(
         self,
@@ -123,8 +132,11 @@ class HeaderRules:
             own(REQUEST_ID, lambda h, _c: h.get("x-request-id") or new_id(), True)
 
         if config.correlation_id is not None:
-            own(CORRELATION_ID, _propagate_or_generate(config.correlation_id, "x-correlation-id"),
-                config.correlation_id == "propagate")
+            own(
+                CORRELATION_ID,
+                _propagate_or_generate(config.correlation_id, "x-correlation-id"),
+                config.correlation_id == "propagate",
+            )
 
         if config.traceparent == "generate":
             dropped.add("tracestate")  # a new trace starts without the caller's vendor state

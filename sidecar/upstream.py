@@ -225,7 +225,10 @@ class UpstreamResponse:
     __slots__ = ("_conn", "_pool", "_read_timeout", "_writer", "headers", "reason", "status")
 
     def __init__(
-        self, pool: UpstreamPool, conn: _Connection, writer: asyncio.Task[None] | None,
+        self,
+        pool: UpstreamPool,
+        conn: _Connection,
+        writer: asyncio.Task[None] | None,
         read_timeout: float,
     ) -> None:
         self._pool = pool
@@ -291,8 +294,14 @@ class UpstreamPool:
     """Keep-alive connections to one origin."""
 
     def __init__(
-        self, host: str, port: int, ssl_context: ssl.SSLContext | None, *,
-        connect_timeout: float, head_timeout: float, max_idle: int,
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        connect_timeout: float,
+        head_timeout: float,
+        max_idle: int,
     ) -> None:
         self.host = host
         self.port = port
@@ -315,7 +324,10 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self._ssl,
+                    lambda: _Connection(loop),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                 )
         except TimeoutError as exc:
@@ -338,7 +350,11 @@ class UpstreamPool:
         return None
 
     async def request(
-        self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *, head_only: bool = False,
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        head_only: bool = False,
         chunked: bool = False,
     ) -> UpstreamResponse:
         """Send one request and wait for the response head.
