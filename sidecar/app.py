@@ -13,13 +13,13 @@ import random
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
-from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
 from sidecar.errors import StoreError
 from sidecar.headers import HeaderRules
 from sidecar.identity import IdentityProvider
@@ -28,12 +28,12 @@ from sidecar.logs import AccessLogger, access_logger
 from sidecar.metrics import Metrics
 from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
-from sidecar.shared import SharedSession
 from sidecar.store import SessionStore
-from sidecar.store.crypto import Sealer
 from sidecar.store.file import FileStore
 from sidecar.store.memory import MemoryStore
-from sidecar.store.redis import RedisStore
+
+if TYPE_CHECKING:
+    from sidecar.demo import DemoIdentityProvider
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,14 @@ class Sidecar:
         store = self._store(identity.fingerprint)
         self._closers.append(("store", store.aclose))
         shared = None
-        if isinstance(store, RedisStore):
-            shared = SharedSession(store, cfg.session.lock_lease, cfg.session.poll_interval)
+        if store.shared:
+            from sidecar.shared import SharedSession
+
+            shared = SharedSession(
+                store,  # type: ignore[arg-type]
+                cfg.session.lock_lease,
+                cfg.session.poll_interval,
+            )
         self.session = SessionManager(
             identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng, shared=shared
         )
@@ -148,6 +154,9 @@ class Sidecar:
         self.upstream_url = cfg.upstream.url or ""
         if not cfg.demo.enabled:
             return OAuth2Identity(cfg.identity, self.clock)
+        # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs
+        from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
+
         idp = DemoIdentityProvider(self.clock, cfg.demo.token_lifetime)
         self.demo_idp = idp
         idp_port = await self._serve_app("demo identity provider", idp.app(), 0)
@@ -172,6 +181,8 @@ class Sidecar:
         cfg = self.config.session
         sealer = None
         if cfg.encryption_key_file is not None:
+            from sidecar.store.crypto import Sealer
+
             sealer = Sealer.from_file(cfg.encryption_key_file, context=namespace)
         if cfg.store == "file":
             store = FileStore(cfg.path, sealer)
@@ -179,6 +190,8 @@ class Sidecar:
             return store
         if cfg.store == "redis":
             assert cfg.redis_url is not None
+            from sidecar.store.redis import RedisStore
+
             return RedisStore(cfg.redis_url, namespace, sealer)
         return MemoryStore()
 

@@ -6,12 +6,13 @@ that slips into a log line or an exception message leaks nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
-
-import jwt
 
 from sidecar.errors import IdentityUnavailable
 
@@ -84,12 +85,20 @@ class Token:
 
 
 def jwt_expiry(access_token: str) -> float | None:
-    """The ``exp`` claim of a JWT, read without verifying it (only to schedule a refresh)."""
-    try:
-        claims = jwt.decode(access_token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    """The ``exp`` claim of a JWT, read without verifying it (only to schedule a refresh).
+
+    Decoded by hand (base64url JSON, RFC 7519 section 3) so that the proxy process need not load
+    a JWT library and its cryptography backend just to read one number.
+    """
+    parts = access_token.split(".")
+    if len(parts) != 3:
         return None
-    exp = claims.get("exp")
+    segment = parts[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
     if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
         return float(exp)
     return None

@@ -11,10 +11,13 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.errors import StoreError
 from sidecar.store import SessionRecord
-from sidecar.store.crypto import Sealer
+
+if TYPE_CHECKING:
+    from sidecar.store.crypto import Sealer
 
 #: a session file larger than this is not a session file
 MAX_FILE_BYTES = 1 << 20
