@@ -49,7 +49,11 @@ bench: $(STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (in
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streaming, 2 s tokens under load
+	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench
+.PHONY: help venv run test lint fmt clean system-deps bench bench-soak
