@@ -285,8 +285,13 @@ def main() -> int:
             port = free_port()
             cfg = sidecar_config(work, port, up_port, idp_port, True)
             # two workers: one per core, not pinned (wrk and nginx share core 0 with one of them)
-            targets.append(("sidecar_workers2", [PY, "-m", "sidecar", "run", "-c", str(cfg),
-                                                 "--workers", "2"], port))
+            targets.append(
+                (
+                    "sidecar_workers2",
+                    [PY, "-m", "sidecar", "run", "-c", str(cfg), "--workers", "2"],
+                    port,
+                )
+            )
             print(f"upstream direct ({upstream})")
             if not only or "direct" in only:
                 results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
