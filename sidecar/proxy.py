@@ -91,6 +91,8 @@ def check_target(raw_path: str) -> None:
             code="target_refused",
         )
     path = raw_path.split("?", 1)[0]
+    if "." not in path and "%" not in path:
+        return  # no dot segment can hide in it (the common case, checked without decoding)
     decoded = unquote(unquote(path))  # twice: %252e%252e decodes to .. at a lenient upstream
     if any(seg in (".", "..") for seg in decoded.replace("\\", "/").split("/")):
         raise RefusedRequest(
