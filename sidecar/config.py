@@ -62,7 +62,7 @@ class Listen(_Model):
     def _loopback_only(self) -> Listen:
         if not self.allow_non_loopback and not is_loopback(self.host):
             raise ValueError(
-                f"host {self.host!r} is not a loopback address; anything that can reach it gets "
+                f"host: {self.host!r} is not a loopback address; anything that can reach it gets "
                 "requests signed with the session's token. Set allow_non_loopback: true to mean it"
             )
         return self
@@ -169,7 +169,7 @@ class Identity(_Model):
                     "for grant password"
                 )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -328,6 +328,10 @@ def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | No
     return None
 
 
+#: variables Kubernetes injects for Services whose names start with "sidecar"
+_SERVICE_LINK = re.compile(r"_SERVICE_HOST$|_SERVICE_PORT(_[A-Z0-9_]+)?$|_PORT_\d+_(TCP|UDP|SCTP)")
+
+
 def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
     """Apply ``SIDECAR_<SECTION>_<KEY>=value``.
 
@@ -336,8 +340,10 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems:
     unknown key is an error, as in the file.
     """
     for var, raw in sorted(env.items()):
-        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG or _SERVICE_LINK.search(var):
             continue
+        if raw.startswith(("tcp://", "udp://", "sctp://")):
+            continue  # a service link: SIDECAR_ADMIN_PORT for a Service named "sidecar-admin"
         parts = var[len(ENV_PREFIX) :].lower().split("_")
         if parts[0] not in Config.model_fields:
             continue
@@ -367,7 +373,7 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems:
 def _format_validation_error(exc: ValidationError) -> list[str]:
     """One line per problem, each starting with its dotted key.
 
-    Cross-field validators name their keys as ``"sub.key: message"``, joined by ``"; "``; those are
+    Cross-field validators name their keys as ``"sub.key: message"``, one per line; those are
     split and appended to the location so every line names the exact key.
     """
     lines = []
@@ -376,7 +382,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             lines.append(f"{'.'.join(base)}: unknown key")
             continue
-        for part in err["msg"].removeprefix("Value error, ").split("; "):
+        for part in err["msg"].removeprefix("Value error, ").split("\n"):
             sub, sep, message = part.partition(": ")
             if sep and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", sub):
                 key = ".".join([*base, sub]) if base else sub

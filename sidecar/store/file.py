@@ -1,7 +1,8 @@
 """The file store: one JSON file, written atomically with mode 0600 in a 0700 directory.
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the old file,
-so a crash leaves either the old record or the new one, never half of either.
+so a crash leaves either the old record or the new one, never half of either. Saves from one
+process run one at a time, in the order they were asked for (they share the temporary file).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class FileStore:
     def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
         self._sealer = sealer
+        #: saves run one at a time, in call order: concurrent ones (a background save after a
+        #: refresh, then another) would share the temporary file and could leave it corrupt, or
+        #: land an older record after a newer one
+        self._save_lock = asyncio.Lock()
 
     def check_writable(self) -> None:
         """Create the directory (0700) and prove it is writable: fail at start, not on save."""
@@ -75,7 +80,8 @@ class FileStore:
         payload = json.dumps(record.to_dict()).encode()
         if self._sealer is not None:
             payload = self._sealer.seal(payload)
-        await asyncio.to_thread(self._save, payload)
+        async with self._save_lock:
+            await asyncio.to_thread(self._save, payload)
 
     def _save(self, payload: bytes) -> None:
         directory = self.path.parent

@@ -1,0 +1,297 @@
+"""The command line: the ``status`` line and its durations, ``sidecar status`` against a running
+sidecar, and ``sidecar run`` as a real process (demo config, SIGTERM, exit codes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.cli import human_duration, main, status_line
+from sidecar.session import State
+from tests.conftest import MakeSidecar, admin_url, proxy_url
+from tests.helpers import eventually
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (bound to port 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ----------------------------------------------------------------- formatting
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (0, "0s"),
+        (0.4, "0s"),
+        (5.9, "5s"),
+        (59, "59s"),
+        (60, "1m00s"),
+        (300, "5m00s"),
+        (1450, "24m10s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (7380, "2h03m"),
+        (90061, "25h01m"),
+        (-5, "-5s"),
+        (-1450, "-24m10s"),
+    ],
+)
+def test_human_duration(seconds: float | None, text: str) -> None:
+    """Durations read as ``5s``, ``24m10s`` or ``2h03m`` (seconds truncated), ``-`` for none."""
+    assert human_duration(seconds) == text
+
+
+def test_status_line_has_the_design_shape() -> None:
+    """A valid session prints exactly the DESIGN.md example line, fields in that order."""
+    summary = {
+        "state": "VALID",
+        "expires_in": 1450.7,
+        "last_refreshed_ago": 300.2,
+        "last_api_call_ago": 2.5,
+        "store": "file",
+        "last_error": None,
+    }
+    assert status_line(summary) == (
+        "session: VALID | token expires in 24m10s | refreshed 5m00s ago | last call 2s ago "
+        "| store: file"
+    )
+
+
+def test_status_line_without_token_refresh_or_calls() -> None:
+    """A sidecar that has no token yet says so instead of printing numbers it does not have."""
+    summary: dict[str, Any] = {
+        "state": "NONE",
+        "store": "memory",
+        "last_api_call_ago": None,
+        "last_error": None,
+    }
+    assert status_line(summary) == (
+        "session: NONE | no token | never refreshed | no calls yet | store: memory"
+    )
+
+
+def test_status_line_expired_with_error() -> None:
+    """An expired token reads as ``expired ... ago``; the last error comes before the store."""
+    summary = {
+        "state": "EXPIRED",
+        "expires_in": -90,
+        "last_refreshed_ago": 7380,
+        "last_api_call_ago": 0,
+        "last_error": "identity provider answered error='invalid_client'",
+        "store": "redis",
+    }
+    assert status_line(summary) == (
+        "session: EXPIRED | token expired 1m30s ago | refreshed 2h03m ago | last call 0s ago "
+        "| last error: identity provider answered error='invalid_client' | store: redis"
+    )
+
+
+def test_status_line_tolerates_an_empty_summary() -> None:
+    """A summary from another version missing every field still gives a line, not a KeyError."""
+    assert status_line({}) == "session: ? | no token | never refreshed | no calls yet | store: ?"
+
+
+# ----------------------------------------------------------------- sidecar status
+
+
+async def test_status_against_a_running_sidecar(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``sidecar status --admin URL`` reads /session of a running sidecar and prints one line that
+    starts with ``session: VALID`` and reflects the token, the last call and the store."""
+    sidecar = await make_sidecar()
+    await eventually(lambda: sidecar.session.state() is State.VALID, what="first login")
+    async with http.get(proxy_url(sidecar, "/anything")) as resp:
+        assert resp.status == 200
+    # the CLI blocks on urllib: run it off the loop that serves the admin port
+    code = await asyncio.to_thread(main, ["status", "--admin", admin_url(sidecar)])
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 1, captured.out
+    line = lines[0]
+    assert line.startswith("session: VALID | token expires in "), line
+    assert "| last call 0s ago |" in line or "| last call 1s ago |" in line, line
+    assert line.endswith("| store: memory"), line
+    assert captured.err == ""
+
+
+async def test_status_admin_url_with_trailing_slash(
+    make_sidecar: MakeSidecar, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trailing slash on ``--admin`` does not break the /session URL."""
+    sidecar = await make_sidecar()
+    await eventually(lambda: sidecar.session.state() is State.VALID, what="first login")
+    url = admin_url(sidecar, "/")
+    assert url.endswith("/")
+    assert await asyncio.to_thread(main, ["status", "--admin", url]) == 0
+    assert capsys.readouterr().out.startswith("session: VALID |")
+
+
+def test_status_against_a_closed_port_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """With nothing listening on the admin port, status exits 1 with a message naming the URL."""
+    port = free_port()
+    assert main(["status", "--admin", f"http://127.0.0.1:{port}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"http://127.0.0.1:{port}/session" in captured.err
+
+
+def test_status_refuses_a_non_http_admin_url(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--admin`` must be an http(s) URL (urllib would also open file:// URLs): usage error 2."""
+    assert main(["status", "--admin", "file:///etc/passwd"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--admin" in captured.err
+
+
+# ----------------------------------------------------------------- sidecar run
+
+
+def test_run_with_missing_config_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sidecar run -c FILE`` with a file that does not exist exits 2 naming the file, before
+    anything is started."""
+    missing = tmp_path / "missing.yaml"
+    assert main(["run", "-c", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err
+    assert "cannot read config file" in err
+
+
+def test_run_with_bad_config_exits_2_naming_key_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sidecar run`` with an invalid config exits 2 with a message naming the key and file."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: {port: 8080, hots: 127.0.0.1}\nupstream: {url: ftp://x}\n")
+    assert main(["run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert "listen.hots: unknown key" in err
+    assert "upstream.url:" in err
+
+
+def test_run_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command or a bad ``--workers`` value is a usage error (2), not a crash."""
+    assert main(["frobnicate"]) == 2
+    assert main(["run", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+@pytest.fixture
+def child_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def spawn(
+    argv: list[str], env: dict[str, str], log: Path, started: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """``python -m sidecar ARGV`` with its output in ``log``."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and argv
+            [sys.executable, "-m", "sidecar", *argv], stdout=out, stderr=out, env=env
+        )
+    started.append(proc)
+    return proc
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any SIDECAR_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
+async def test_run_demo_process_serves_and_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    child_processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """``python -m sidecar run`` with the embedded demo (ports moved by environment overrides)
+    forwards ``/echo/anything`` with a valid token and the tracing headers, and on SIGTERM exits 0
+    within 10 s."""
+    proxy_port, admin_port = free_port(), free_port()
+    log = tmp_path / "sidecar.log"
+    proc = spawn(
+        ["run"],
+        child_env(SIDECAR_LISTEN_PORT=str(proxy_port), SIDECAR_ADMIN_PORT=str(admin_port)),
+        log,
+        child_processes,
+    )
+    answer: dict[str, Any] = {}
+
+    async def echo_ok() -> bool:
+        assert proc.poll() is None, f"sidecar exited early:\n{log.read_text()[-3000:]}"
+        try:
+            async with http.get(
+                f"http://127.0.0.1:{proxy_port}/echo/anything?x=1",
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as resp:
+                if resp.status != 200:
+                    return False
+                answer.update(await resp.json())
+                return True
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not await echo_ok():
+        assert loop.time() < deadline, f"demo never answered:\n{log.read_text()[-3000:]}"
+        await asyncio.sleep(0.05)
+
+    assert answer["token"]["valid"] is True
+    assert answer["path"] == "/echo/anything"
+    assert answer["query"] == {"x": "1"}
+    headers = {k.lower(): v for k, v in answer["headers"].items()}
+    assert "x-request-id" in headers
+    assert headers["x-tenant-id"] == "1234567"
+    assert "x-session-id" in headers
+    assert headers["authorization"] == "Bearer <verified token, not shown>"
+
+    # the admin port moved too
+    async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
+        assert resp.status == 200
+
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 10)
+    assert code == 0, log.read_text()[-3000:]
+    logged = log.read_text()
+    assert "sidecar.stopped" in logged
+    assert "Traceback" not in logged
+
+
+async def test_run_process_with_missing_config_exits_2(
+    tmp_path: Path, child_processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """The real process (``python -m sidecar run -c missing.yaml``) exits with status 2."""
+    log = tmp_path / "sidecar.log"
+    missing = tmp_path / "missing.yaml"
+    proc = spawn(["run", "-c", str(missing)], child_env(), log, child_processes)
+    assert await asyncio.to_thread(proc.wait, 10) == 2
+    assert str(missing) in log.read_text()
