@@ -12,6 +12,7 @@ answers again, the newest record wins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -38,21 +39,25 @@ class SharedSession:
         self._store_down = False
 
     async def renew(self, manager: SessionManager, trigger: str) -> Credentials:
-        """Renew once for every process: lead the renewal, or wait for the peer who does."""
+        """Renew once for every process: lead the renewal, or wait for the peer who does.
+
+        "A peer renewed" means the session record became newer than the one we had when this
+        renewal was asked for, whichever way it arrived (this wait, or the watcher).
+        """
+        before = manager.record
         try:
-            fence = await self._lead_or_follow(manager)
+            fence = await self._lead_or_follow(manager, before)
         except StoreError as exc:
             self._note_down(exc)
             return await manager.renew_with_identity(trigger)
         if isinstance(fence, Credentials):
             return fence
         try:
-            try:
-                adopted = manager.adopt(await self.store.load())
-            except StoreError:
-                adopted = None
-            if adopted is not None and not manager.due():
-                return adopted  # a peer renewed between our decision and the lock
+            with contextlib.suppress(StoreError):
+                manager.adopt(await self.store.load())
+            renewed = _renewed_since(manager, before)
+            if renewed is not None:
+                return renewed  # a peer renewed between our decision and the lock
             manager.fence = fence
             try:
                 return await manager.renew_with_identity(trigger)
@@ -65,7 +70,9 @@ class SharedSession:
             except StoreError as exc:
                 self._note_down(exc)  # the lease expires on its own
 
-    async def _lead_or_follow(self, manager: SessionManager) -> int | Credentials:
+    async def _lead_or_follow(
+        self, manager: SessionManager, before: SessionRecord | None
+    ) -> int | Credentials:
         """The fencing token when we lead; a peer's credentials when a peer renewed.
 
         While a peer holds the lock we look for its result and retry the lock; a holder that
@@ -76,9 +83,10 @@ class SharedSession:
             if fence is not None:
                 return fence
             await manager.clock.sleep(PEER_POLL)
-            adopted = manager.adopt(await self.store.load())
-            if adopted is not None:
-                return adopted
+            manager.adopt(await self.store.load())
+            renewed = _renewed_since(manager, before)
+            if renewed is not None:
+                return renewed
 
     async def watch(self, manager: SessionManager) -> None:
         """Adopt peers' newer records; after an outage, publish ours if it is the newest."""
@@ -110,3 +118,13 @@ class SharedSession:
         if self._store_down:
             self._store_down = False
             log.info("session.store_available")
+
+
+def _renewed_since(manager: SessionManager, before: SessionRecord | None) -> Credentials | None:
+    """The current credentials when the session record is newer than ``before``."""
+    record = manager.record
+    if record is None or manager.current is None:
+        return None
+    if before is not None and record.token.obtained_at <= before.token.obtained_at:
+        return None
+    return manager.current
