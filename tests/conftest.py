@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from sidecar.clock import Clock
 from sidecar.config import Config
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
+from tests.redis_server import RedisServer
 
 Serve = Callable[..., Awaitable[str]]
 
@@ -48,6 +50,15 @@ async def serve() -> AsyncIterator[Serve]:
     yield _serve
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
