@@ -53,7 +53,10 @@ bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streamin
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
+bench-shared: $(STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
+	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench bench-soak
+.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared
