@@ -235,6 +235,9 @@ class Proxy:
         body: Any = None
         framing = b""
         if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # the low-level server does not answer Expect itself (RFC 9110 10.1.1)
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             length = request.content_length
             if length is not None and length <= self._config.replay_body_limit:
                 body = await request.read()

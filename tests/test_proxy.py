@@ -274,3 +274,42 @@ async def test_request_id_is_unique_under_concurrency(
     statuses = await asyncio.gather(*(one() for _ in range(200)))
     assert set(statuses) == {200}
     assert len({s.headers["X-Request-ID"] for s in upstream.seen}) == 200
+
+
+async def test_head_keeps_the_upstreams_content_length_without_a_body(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream
+) -> None:
+    """HEAD answers carry the upstream's Content-Length and no body, and the connection to the
+    caller stays usable for the next request."""
+    sidecar = await make_sidecar()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
+    writer.write(b"HEAD /stream/12345 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    writer.write(b"GET /status/200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: 12345" in head
+    second = await reader.readuntil(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200"), second
+    writer.close()
+    assert [s.method for s in upstream.seen] == ["HEAD", "GET"]
+
+
+async def test_expect_100_continue_is_answered(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream
+) -> None:
+    """A caller that waits for 100 Continue before its body gets it, and the body arrives."""
+    sidecar = await make_sidecar()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    await writer.drain()
+    final = await reader.readuntil(b"\r\n\r\n")
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert "Expect" not in upstream.seen[-1].headers
