@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
-from sidecar.errors import StoreError
+from sidecar.errors import ConfigError, StoreError
 from sidecar.headers import HeaderRules
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
@@ -192,7 +192,10 @@ class Sidecar:
             assert cfg.redis_url is not None
             from sidecar.store.redis import RedisStore
 
-            return RedisStore(cfg.redis_url, namespace, sealer)
+            try:
+                return RedisStore(cfg.redis_url, namespace, sealer)
+            except ValueError as exc:
+                raise ConfigError(f"session.redis_url: {exc}") from exc
         return MemoryStore()
 
     async def _stop_session(self) -> None:

@@ -238,8 +238,11 @@ class Session(_Model):
         if self.store == "redis":
             if not self.redis_url:
                 raise ValueError("redis_url: required for store redis")
-            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError("redis_url: must start with redis://, rediss:// or unix://")
+            schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+            if not self.redis_url.startswith(schemes):
+                raise ValueError(
+                    "redis_url: must start with redis://, rediss://, unix:// or redis+sentinel://"
+                )
         return self
 
 
@@ -462,8 +465,11 @@ def redacted(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with every secret value masked."""
     data = config.model_dump(mode="json")
     redis_url = data["session"]["redis_url"]
-    if redis_url and URL(redis_url).password:
-        data["session"]["redis_url"] = str(URL(redis_url).with_password("**********"))
+    if redis_url and "@" in redis_url:
+        scheme, _, rest = redis_url.partition("://")
+        userinfo, _, hosts = rest.rpartition("@")
+        user = userinfo.partition(":")[0]
+        data["session"]["redis_url"] = f"{scheme}://{user}:**********@{hosts}"
     static = data["headers"]["static"]
     for name in static:
         if _SECRET_HEADER.search(name):

@@ -65,3 +65,42 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+class SentinelServer:
+    """A real Redis Sentinel (``redis-server --sentinel``) monitoring one master as "mymaster"."""
+
+    def __init__(self, workdir: Path, master: RedisServer) -> None:
+        self.port = free_port()
+        self.config = workdir / f"sentinel-{self.port}.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 5000\n"
+        )
+        self.binary = master.binary
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(  # noqa: S603 - our own argv
+            [self.binary, str(self.config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"SENTINEL get-master-addr-by-name mymaster\r\n")
+                    if b"127.0.0.1" in conn.recv(256):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis sentinel did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None

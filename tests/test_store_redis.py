@@ -124,3 +124,57 @@ def test_key_file_must_be_32_bytes_of_base64(tmp_path: Path) -> None:
     short.write_text(base64.b64encode(b"x" * 16).decode())
     with pytest.raises(ConfigError, match="32 bytes"):
         Sealer.from_file(short, "x")
+
+
+async def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path: Path) -> None:
+    """redis+sentinel://host:port/mymaster/0 asks a real Sentinel for the master and stores the
+    session there."""
+    import redis.asyncio as aioredis
+
+    from tests.redis_server import SentinelServer
+
+    sentinel = SentinelServer(tmp_path, redis_server)
+    sentinel.start()
+    try:
+        store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/0", "via-sentinel")
+        await store.save(record())
+        loaded = await store.load()
+        assert loaded is not None
+        assert loaded.session_id == "sid"
+        direct = aioredis.from_url(redis_server.url)
+        assert await direct.exists("sidecar:via-sentinel:session") == 1
+        await direct.aclose()
+        await store.aclose()
+    finally:
+        sentinel.stop()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+sentinel://127.0.0.1:26379", "redis+sentinel:///mymaster", "redis+sentinel://h:x/m"],
+)
+def test_malformed_sentinel_urls_are_refused(url: str) -> None:
+    """A Sentinel URL without hosts or service name (or with a bad port) is a clear error."""
+    with pytest.raises(ValueError, match=r"Sentinel URL|invalid literal"):
+        RedisStore(url, "x")
+
+
+def test_redis_password_is_redacted_in_check_config() -> None:
+    """check-config masks the password inside redis_url (plain and Sentinel forms)."""
+    from sidecar.config import Config, redacted
+
+    for url in (
+        "redis://:hunter2@127.0.0.1:6379/0",
+        "redis+sentinel://:hunter2@10.0.0.1:26379,10.0.0.2:26379/mymaster/0",
+    ):
+        config = Config.model_validate(
+            {
+                "upstream": {"url": "https://api.example.com"},
+                "identity": {"kind": "demo"},
+                "demo": {"enabled": True},
+                "session": {"store": "redis", "redis_url": url},
+            }
+        )
+        shown = redacted(config)["session"]["redis_url"]
+        assert "hunter2" not in shown
+        assert shown.endswith(url.rpartition("@")[2])

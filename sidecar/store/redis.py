@@ -18,8 +18,10 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreError
@@ -44,6 +46,43 @@ return 0
 """
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def connect(url: str, timeout: float) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or a Sentinel-managed master:
+    ``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]``.
+
+    Also returns the Sentinel clients, which must be closed with the master's client.
+    """
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if not url.startswith(SENTINEL_SCHEME):
+        return aioredis.from_url(url, health_check_interval=10, **options), []
+    hosts, service, db, password = parse_sentinel_url(url)
+    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
+    master: aioredis.Redis = sentinel.master_for(service, password=password, db=db)
+    return master, list(sentinel.sentinels)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """Split a ``redis+sentinel://`` URL; raises ValueError naming what is wrong."""
+    rest = url[len(SENTINEL_SCHEME) :]
+    userinfo, _, rest = rest.rpartition("@")
+    netloc, _, path = rest.partition("/")
+    service, _, db = path.strip("/").partition("/")
+    if not netloc or not service:
+        raise ValueError(
+            "a Sentinel URL needs hosts and a service name: "
+            "redis+sentinel://host:26379[,host:26379]/mymaster[/0]"
+        )
+    hosts = []
+    for item in netloc.split(","):
+        host, sep, port = item.rpartition(":")
+        hosts.append((host, int(port)) if sep else (item, 26379))
+    password = unquote(userinfo.partition(":")[2]) if userinfo else None
+    return hosts, service, int(db or 0), password or None
+
+
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
     try:
@@ -61,12 +100,7 @@ class RedisStore:
     def __init__(
         self, url: str, namespace: str, sealer: Sealer | None = None, *, timeout: float = 2.0
     ) -> None:
-        self._redis: aioredis.Redis = aioredis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=10,
-        )
+        self._redis, self._sentinels = connect(url, timeout)
         prefix = f"sidecar:{namespace}:"
         self._key = prefix + "session"
         self._lock = prefix + "lock"
@@ -148,8 +182,9 @@ class RedisStore:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        for client in (self._redis, *self._sentinels):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
 
 def _as_bytes(value: bytes | str) -> bytes:
