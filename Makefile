@@ -37,13 +37,13 @@ test: $(STAMP) system-deps ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff format check, ruff, mypy
-	$(BIN)/ruff format --check sidecar tests
-	$(BIN)/ruff check sidecar tests
+	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/mypy
 
 fmt: $(STAMP) ## format the code
-	$(BIN)/ruff format sidecar tests
-	$(BIN)/ruff check --fix sidecar tests
+	$(BIN)/ruff format sidecar tests bench
+	$(BIN)/ruff check --fix sidecar tests bench
 
 bench: $(STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,7 +158,7 @@ def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> It
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # noqa: S603
+        stderr=subprocess.DEVNULL,
         env=env,
     )
     try:
@@ -276,6 +275,25 @@ def main() -> int:
                     mp,
                 )
             )
+            port = free_port()
+            cfg = sidecar_config(work, port, up_port, idp_port, True)
+            targets.append(
+                (
+                    "sidecar_uvloop",
+                    [
+                        *taskset(PROXY_CORE),
+                        PY,
+                        "-m",
+                        "sidecar",
+                        "run",
+                        "-c",
+                        str(cfg),
+                        "--loop",
+                        "uvloop",
+                    ],
+                    port,
+                )
+            )
             for name, log in (("sidecar", True), ("sidecar_no_access_log", False)):
                 port = free_port()
                 cfg = sidecar_config(work, port, up_port, idp_port, log)
@@ -335,7 +353,8 @@ def report(results: dict[str, Any]) -> None:
             f"{name:24} {f['rps_50']:>9.0f} {ratio(f['rps_50'], ng.get('rps_50')):>6} "
             f"{ratio(f['rps_50'], mini.get('rps_50')):>6} {f.get('p50_1_us') or 0:>8.0f} "
             f"{ratio(f.get('p50_1_us'), mini.get('p50_1_us')):>6} {f.get('p99_50_us') or 0:>9.0f} "
-            f"{f.get('stream_mb_s') or 0:>9.0f} {ratio(f.get('stream_mb_s'), ng.get('stream_mb_s')):>6} "
+            f"{f.get('stream_mb_s') or 0:>9.0f} "
+            f"{ratio(f.get('stream_mb_s'), ng.get('stream_mb_s')):>6} "
             f"{rss:>15}"
         )
     direct = targets.get("direct", {})

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ from run import HERE, PY, ROOT, free_port, process
 
 
 def get(url: str, method: str = "GET") -> dict[str, object]:
-    request = urllib.request.Request(url, method=method)  # noqa: S310 - loopback URLs we built
-    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=10) as resp:
         data: dict[str, object] = json.load(resp)
         return data
 

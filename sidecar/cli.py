@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="proxy processes sharing the port (SO_REUSEPORT) and one session (default: 1)",
     )
+    run.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop implementation (uvloop must be installed; default: %(default)s)",
+    )
     check = sub.add_parser(
         "check-config", help="validate a config and print it with secrets redacted"
     )
@@ -90,20 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    return _run(config, args.workers)
+    return _run(config, args.workers, args.loop)
 
 
-def _run(config: Config, workers: int = 1) -> int:
+def _run(config: Config, workers: int = 1, loop: str = "asyncio") -> int:
     from sidecar.app import serve
     from sidecar.logs import setup_logging
 
     setup_logging(config.log.level)
     try:
+        run = asyncio.run
+        if loop == "uvloop":
+            import uvloop  # optional: only when asked for
+
+            run = uvloop.run
         if workers > 1:
             from sidecar.workers import serve_workers
 
-            return asyncio.run(serve_workers(config, workers))
-        return asyncio.run(serve(config))
+            return run(serve_workers(config, workers))
+        return run(serve(config))
     except SidecarError as exc:
         log.error("sidecar.failed", extra={"error": str(exc)})
         return exc.exit_code
