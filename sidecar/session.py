@@ -271,6 +271,17 @@ class SessionManager:
             log.info("session.terminated", extra={"session_id": record.session_id})
         self._wake.set()
 
+    def drop(self, why: str) -> None:
+        """End this process's copy of the session without calling the provider (a peer logged
+        out); POST /session/refresh, or a peer's next login, starts a new one."""
+        record = self._record
+        self._logged_out = True
+        self._record = None
+        self._set_current(None)
+        if record is not None:
+            log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
+        self._wake.set()
+
     # ----------------------------------------------------------------- single flight
 
     def _renew(self, trigger: str) -> asyncio.Task[Credentials]:

@@ -89,14 +89,23 @@ class SharedSession:
                 return renewed
 
     async def watch(self, manager: SessionManager) -> None:
-        """Adopt peers' newer records; after an outage, publish ours if it is the newest."""
+        """Adopt peers' newer records; after an outage, publish ours if it is the newest.
+
+        A record that disappears while the store stayed reachable was logged out by a peer: this
+        process ends its copy too (without revoking again). After an outage, a missing or older
+        record is replaced by ours instead (Redis may have restarted empty).
+        """
         while True:
             try:
                 async for _ in self.store.changes(self.poll_interval):
                     stored = await self.store.load()
-                    self._note_up()
-                    if manager.adopt(stored) is None:
+                    recovered = self._note_up()
+                    if manager.adopt(stored) is not None:
+                        continue
+                    if recovered:
                         await self._reconcile(manager, stored)
+                    elif stored is None and manager.record is not None:
+                        manager.drop("a peer logged the session out")
             except StoreError as exc:
                 self._note_down(exc)
                 await manager.clock.sleep(self.poll_interval)
@@ -114,10 +123,13 @@ class SharedSession:
             self._store_down = True
             log.warning("session.store_unavailable", extra={"error": str(exc)})
 
-    def _note_up(self) -> None:
+    def _note_up(self) -> bool:
+        """Record that the store answers; True when it had been unavailable."""
         if self._store_down:
             self._store_down = False
             log.info("session.store_available")
+            return True
+        return False
 
 
 def _renewed_since(manager: SessionManager, before: SessionRecord | None) -> Credentials | None:

@@ -32,6 +32,7 @@ async def cluster_config(
         "identity": {
             "kind": "oauth2",
             "token_url": f"{idp_url}/token",
+            "revocation_url": f"{idp_url}/revoke",
             "client_id": idp.client_id,
             "client_secret": idp.client_secret,
             "timeout": 10,
@@ -197,3 +198,35 @@ async def test_redis_restart_loses_no_requests_while_tokens_stay_valid(
             break
         assert loop.time() < deadline, f"replicas did not converge: {tokens}"
         await asyncio.sleep(0.05)
+
+
+async def test_logout_on_one_replica_ends_the_session_on_all(
+    replicas: list[SidecarProcess], http: aiohttp.ClientSession, idp: FakeIdP
+) -> None:
+    """POST /session/logout on one replica revokes once and every replica stops forwarding;
+    POST /session/refresh on another starts one new session that all of them adopt."""
+    async with http.post(replicas[0].admin("/session/logout")) as resp:
+        assert resp.status == 200
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while {(await p.summary(http))["state"] for p in replicas} != {"LOGGED_OUT"}:
+        assert loop.time() < deadline, "not every replica logged out"
+        await asyncio.sleep(0.05)
+    for proc in replicas:
+        async with http.get(proc.url("/x")) as resp:
+            assert resp.status == 503
+    # one replica revoked the refresh and the access token; the others did not revoke again
+    revoked = [c.form["token_type_hint"] for c in idp.calls if c.path == "/revoke"]
+    assert revoked == ["refresh_token", "access_token"]
+    logins = idp.grants().count("client_credentials")
+    async with http.post(replicas[1].admin("/session/refresh")) as resp:
+        assert resp.status == 200
+        session_id = (await resp.json())["session_id"]
+    deadline = loop.time() + 3
+    while {(await p.summary(http)).get("session_id") for p in replicas} != {session_id}:
+        assert loop.time() < deadline, "replicas did not adopt the new session"
+        await asyncio.sleep(0.05)
+    assert idp.grants().count("client_credentials") == logins + 1
+    for proc in replicas:
+        async with http.get(proc.url("/x")) as resp:
+            assert resp.status == 200
