@@ -109,6 +109,9 @@ class Upstream(_Model):
     replay_body_limit: int = Field(65536, ge=0)
     #: keep-alive connections kept open toward the upstream
     pool_size: int = Field(100, ge=1)
+    #: request bodies larger than this many bytes are refused with 413 (null: no limit, so
+    #: uploads of any size stream through)
+    max_request_body: int | None = Field(None, ge=0)
 
     @field_validator("url")
     @classmethod

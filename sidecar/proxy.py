@@ -13,11 +13,14 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -177,7 +180,7 @@ class Proxy:
 
     def server(self, **kwargs: Any) -> web.Server:
         """The low-level aiohttp server running this proxy (no router: every path is ours)."""
-        return web.Server(self.handle, **kwargs)
+        return _ProxyServer(self.handle, **kwargs)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request: measure, count, and turn our errors into responses."""
@@ -235,6 +238,11 @@ class Proxy:
         body: Any = None
         framing = b""
         if request.body_exists:
+            limit = self._config.max_request_body
+            if limit is not None and (request.content_length or 0) > limit:
+                raise RefusedRequest(
+                    f"request body larger than {limit} bytes", status=413, code="body_too_large"
+                )
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # the low-level server does not answer Expect itself (RFC 9110 10.1.1)
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -244,6 +252,8 @@ class Proxy:
                 framing = b"Content-Length: %d\r\n" % len(body)
             else:
                 body = request.content.iter_chunked(STREAM_CHUNK)
+                if limit is not None and length is None:
+                    body = _limited(body, limit)
                 replayable = False
                 if length is None:
                     chunked = True
@@ -380,6 +390,61 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return CIMultiDict(
         (n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n.lower() not in drop
     )
+
+
+async def _limited(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """Pass a chunked body through until it grows past ``limit`` bytes, then refuse it (the
+    upstream connection is aborted, so the upstream never takes it for complete)."""
+    seen = 0
+    async for chunk in body:
+        seen += len(chunk)
+        if seen > limit:
+            raise RefusedRequest(
+                f"request body larger than {limit} bytes", status=413, code="body_too_large"
+            )
+        yield chunk
+
+
+class _ProxyRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with our answer to requests its parser refuses.
+
+    Oversized header sections get 431 and oversized request lines 414 (RFC 6585, RFC 9110)
+    instead of a bare 400; every refusal is a JSON error with X-Sidecar-Error and one warning log
+    line, not a traceback per hostile request.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, BadHttpMessage):
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        code = "bad_request"
+        if isinstance(exc, LineTooLong):
+            # the parser reports an over-long request target as a bytearray, a header as bytes
+            url = isinstance(exc.args[0], bytearray)
+            status, code = (414, "uri_too_long") if url else (431, "headers_too_large")
+        elif "Too many headers" in str(exc):
+            status, code = 431, "headers_too_large"
+        detail = str(exc).split(":", 1)[0] if code == "bad_request" else code.replace("_", " ")
+        log.warning(
+            "proxy.refused_request", extra={"status": status, "code": code, "detail": detail[:200]}
+        )
+        response = error_response(status, code, detail[:200])
+        response.force_close()
+        return response
+
+
+class _ProxyServer(web.Server):
+    """web.Server building our request handler."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import httptools
 
-from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
 
 #: pause reading from the upstream while this many body bytes wait for the caller
 HIGH_WATER = 1 << 18
@@ -452,5 +452,7 @@ async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: boo
     except asyncio.CancelledError:
         transport.abort()
         raise
+    except RefusedRequest as exc:  # the caller's body broke a rule (too large)
+        conn._fail(exc)
     except Exception as exc:  # noqa: BLE001 - any failure of either side ends this exchange
         conn._fail(UpstreamUnavailable(f"request body could not be sent: {type(exc).__name__}"))
