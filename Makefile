@@ -22,7 +22,7 @@ run: $(STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
 	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
 
 # System packages the tests run for real (Debian names), installed only when missing.
-APT_NEEDS := redis-server:redis-server
+APT_NEEDS := redis-server:redis-server promtool:prometheus
 
 system-deps: ## install the system packages the tests need (apt-get, when missing)
 	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -56,7 +56,11 @@ bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streamin
 bench-shared: $(STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
 	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
 
+image: ## build the container image (needs a Docker or Podman engine)
+	@engine=$$(command -v docker || command -v podman) || { echo "no docker or podman here"; exit 1; }; \
+	$$engine build -f deploy/Dockerfile -t sidecar:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) .
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared
+.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared image

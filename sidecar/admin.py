@@ -1,7 +1,8 @@
 """The admin app on :8081: /metrics, /healthz, /readyz, /session and the session POSTs.
 
 POSTs that carry an ``Origin`` header are refused: a web page in the developer's browser must not be
-able to log the sidecar out or force refreshes (browsers add Origin to cross-site POSTs).
+able to log the sidecar out or force refreshes (browsers add Origin to cross-site POSTs). POSTs from
+non-loopback addresses are refused too, for when the admin port listens on a pod's network.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 
 from aiohttp import web
 
+from sidecar.config import is_loopback
 from sidecar.errors import NoSessionError
 from sidecar.metrics import Metrics
 from sidecar.session import SessionManager, State
@@ -65,6 +67,16 @@ def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
 
 
 def _refuse_cross_site(request: web.Request) -> None:
+    # the admin port may listen on the pod network for probes and scrapes; the actions that
+    # change the session are for processes on this host (or pod) only
+    if request.remote is not None and not is_loopback(request.remote):
+        raise web.HTTPForbidden(
+            text=json.dumps(
+                {"error": "not_loopback", "detail": "admin POSTs are accepted from loopback only"}
+            ),
+            content_type="application/json",
+            headers={"X-Sidecar-Error": "1"},
+        )
     if "Origin" in request.headers:
         raise web.HTTPForbidden(
             text=json.dumps(

@@ -316,3 +316,31 @@ async def test_client_secret_basic_on_the_wire(make_sidecar: MakeSidecar, idp: F
     )
     assert "client_secret" not in call.form
     assert call.form == {"grant_type": "client_credentials"}
+
+
+async def test_admin_posts_from_other_hosts_are_refused(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession
+) -> None:
+    """With the admin port on the pod network, only loopback callers may change the session;
+    probes and scrapes (GETs) still work from anywhere."""
+    import subprocess
+
+    # this machine's own interface address: traffic to it never leaves the machine
+    listing = subprocess.run(  # noqa: ASYNC221
+        ["/usr/sbin/ip", "-4", "-o", "addr", "show", "scope", "global"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if "inet" not in listing:
+        pytest.skip("this machine has no non-loopback address to call the admin port from")
+    own_address = listing[listing.index("inet") + 1].split("/")[0]
+    sidecar = await make_sidecar(admin={"host": own_address, "allow_non_loopback": True})
+    await eventually(lambda: sidecar.session.usable() is not None)
+    base = f"http://{own_address}:{sidecar.admin_port}"
+    async with http.post(base + "/session/logout") as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "not_loopback"
+    async with http.get(base + "/readyz") as resp:
+        assert resp.status == 200
+    assert sidecar.session.state().value == "VALID"

@@ -1,0 +1,224 @@
+"""The deploy/ files stay true: Dockerfile lint, Kubernetes schemas, alert rules and their unit
+tests, the dashboard's metric names, and a real Prometheus scraping a running sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from sidecar.config import Config
+from sidecar.metrics import Metrics
+from tests.conftest import MakeSidecar, admin_url
+from tests.helpers import eventually
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+PROM = DEPLOY / "prometheus"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A tool's path; outside CI a missing tool skips (saying why), in CI it fails."""
+    found = shutil.which(name) or shutil.which(name, path=str(BIN))
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI: `make test` installs it")
+        pytest.skip(f"{name} is not installed here (make test installs it)")
+    return found
+
+
+def run(*argv: str, cwd: Path | None = None) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)  # noqa: S603
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """The image definition lints clean, runs as a fixed non-root UID and checks /healthz."""
+    run(tool("hadolint"), str(DEPLOY / "Dockerfile"))
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "USER 10001:10001" in text
+    assert "HEALTHCHECK" in text
+    assert 'ENTRYPOINT ["sidecar", "run"]' in text
+
+
+def test_full_manifests_match_the_kubernetes_schemas() -> None:
+    """Every complete Kubernetes resource validates strictly against the bundled schemas
+    (patches are partial by design, and operator CRDs have no bundled schema)."""
+    files = [
+        K8S / "base" / "configmap.yaml",
+        K8S / "base" / "deployment.yaml",
+        K8S / "overlays" / "example" / "secret.yaml",
+    ]
+    out = run(tool("kubernetes-validate"), "--strict", *map(str, files))
+    assert out.count("passed") == len(files), out
+
+
+def test_kustomizations_reference_files_that_exist() -> None:
+    """Every resource and patch a kustomization names is there (no kustomize binary installs
+    here, so the composition is checked by reading it)."""
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        names = list(spec.get("resources", [])) + [p["path"] for p in spec.get("patches", [])]
+        assert names, kustomization
+        for name in names:
+            target = kustomization.parent / name
+            assert target.exists(), f"{kustomization}: {name}"
+
+
+def test_the_pod_is_a_native_sidecar_with_a_restrictive_security_context() -> None:
+    """sidecar runs as an init container with restartPolicy Always, probes on /healthz and
+    /readyz, a read-only root, no capabilities and RuntimeDefault seccomp."""
+    deployment = documents(K8S / "base" / "deployment.yaml")[0]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+    context = sidecar["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["runAsNonRoot"] is True
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert "limits" in sidecar["resources"]
+
+
+@pytest.mark.parametrize(
+    "path", [K8S / "base" / "configmap.yaml", K8S / "overlays" / "redis" / "config.yaml"]
+)
+def test_shipped_sidecar_configs_are_valid(path: Path) -> None:
+    """The sidecar configs inside the ConfigMaps pass sidecar's own validation."""
+    config_text = documents(path)[0]["data"]["config.yaml"]
+    Config.model_validate(yaml.safe_load(config_text))
+
+
+def test_operator_resources_have_their_required_fields() -> None:
+    """PodMonitor and PrometheusRule (CRDs, no bundled schema) carry what the operator needs, and
+    the PrometheusRule holds exactly the rule file's groups."""
+    monitor = documents(K8S / "base" / "podmonitor.yaml")[0]
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
+    rule = documents(PROM / "prometheusrule.yaml")[0]
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == documents(PROM / "sidecar-rules.yaml")[0]["groups"]
+
+
+def test_alert_rules_check_and_pass_their_unit_tests() -> None:
+    """promtool check rules and promtool test rules on the shipped alerts."""
+    promtool = tool("promtool")
+    run(promtool, "check", "rules", "sidecar-rules.yaml", cwd=PROM)
+    out = run(promtool, "test", "rules", "sidecar-rules.test.yaml", cwd=PROM)
+    assert "SUCCESS" in out
+
+
+def test_dashboard_and_alerts_use_only_real_metrics() -> None:
+    """Every sidecar_* name in the dashboard and the alerts is one sidecar exports, and every
+    contract metric appears on the dashboard."""
+    import re
+
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported.add(family.name)
+        exported.update(s.name for s in family.samples)
+        if family.type == "counter":
+            exported.add(family.name + "_total")  # labelled counters have no samples yet
+    dashboard = (PROM / "grafana-dashboard.json").read_text()
+    json.loads(dashboard)
+    used = set(
+        re.findall(r"sidecar_[a-z_]+", dashboard + (PROM / "sidecar-rules.yaml").read_text())
+    )
+    assert used <= exported, used - exported
+    for family in Metrics().registry.collect():
+        assert family.name in dashboard, family.name
+
+
+async def test_live_metrics_pass_promtool_check_metrics(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession
+) -> None:
+    """What /metrics serves from a running sidecar is valid Prometheus exposition."""
+    promtool = tool("promtool")
+    sidecar = await make_sidecar()
+    await eventually(lambda: sidecar.session.usable() is not None)
+    async with http.get(admin_url(sidecar, "/metrics")) as resp:
+        text = await resp.text()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_a_real_prometheus_scrapes_sidecar_session_valid(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A Prometheus server on loopback scrapes a running sidecar; the PromQL query
+    sidecar_session_valid answers 1."""
+    prometheus = tool("prometheus")
+    sidecar = await make_sidecar()
+    await eventually(lambda: sidecar.session.usable() is not None)
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "sidecar",
+                        "static_configs": [{"targets": [f"127.0.0.1:{sidecar.admin_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        prometheus,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.urlencode({"query": "sidecar_session_valid"})
+        url = f"http://127.0.0.1:{port}/api/v1/query?{query}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        value = None
+        while value is None:
+            assert loop.time() < deadline, "Prometheus never returned sidecar_session_valid"
+            await asyncio.sleep(0.5)
+            try:
+                async with aiohttp.ClientSession() as plain, plain.get(url) as resp:
+                    result = (await resp.json())["data"]["result"]
+            except (aiohttp.ClientError, KeyError, ValueError):
+                continue
+            if result:
+                value = result[0]["value"][1]
+        assert value == "1"
+    finally:
+        process.terminate()
+        await process.wait()
