@@ -222,3 +222,15 @@ async def test_a_real_prometheus_scrapes_sidecar_session_valid(
     finally:
         process.terminate()
         await process.wait()
+
+
+def test_documented_config_reference_equals_the_model() -> None:
+    """docs/config-reference.md is exactly what the config model generates, and every key in it
+    has a meaning."""
+    from sidecar.reference import generate
+
+    committed = (ROOT / "docs" / "config-reference.md").read_text()
+    assert committed == generate(), "run: python -m sidecar.reference > docs/config-reference.md"
+    for line in committed.splitlines():
+        if line.startswith("| `") and "| section |" not in line:
+            assert not line.rstrip().endswith("|  |"), line
