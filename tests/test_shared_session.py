@@ -140,7 +140,7 @@ async def test_killing_the_lock_holder_mid_refresh_delays_others_by_at_most_the_
     idp.delay = 30  # the holder's refresh hangs until it is killed
     async with aiohttp.ClientSession() as side:
         refresh = asyncio.ensure_future(side.post(replicas[0].admin("/session/refresh")))
-        await eventually(lambda: len(idp.token_calls) == 2, what="holder's refresh call")
+        await eventually(lambda: len(idp.token_calls) >= 2, within=10, what="holder's refresh call")
         replicas[0].kill()
         refresh.cancel()
     idp.delay = 0
