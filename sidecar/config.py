@@ -82,7 +82,7 @@ class Timeout(_Model):
 
 
 class TLS(_Model):
-    """TLS toward the upstream: verification is on unless switched off on purpose."""
+    """Client TLS (upstream or identity provider): verification is on unless switched off."""
 
     verify: bool = True
     ca_file: Path | None = None
@@ -149,6 +149,8 @@ class Identity(_Model):
     revocation_url: str | None = None
     #: seconds allowed for one call to the identity provider
     timeout: float = Field(10.0, gt=0)
+    #: TLS toward the identity provider, the same model as upstream.tls
+    tls: TLS = TLS()
 
     @model_validator(mode="after")
     def _complete(self) -> Identity:
@@ -407,6 +409,9 @@ def _check_files(config: Config) -> list[str]:
         "upstream.tls.ca_file": config.upstream.tls.ca_file,
         "upstream.tls.cert_file": config.upstream.tls.cert_file,
         "upstream.tls.key_file": config.upstream.tls.key_file,
+        "identity.tls.ca_file": config.identity.tls.ca_file,
+        "identity.tls.cert_file": config.identity.tls.cert_file,
+        "identity.tls.key_file": config.identity.tls.key_file,
         "session.encryption_key_file": config.session.encryption_key_file,
     }
     for key, path in candidates.items():

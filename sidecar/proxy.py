@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -25,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.config import TLS, Upstream
+from sidecar.config import Upstream
 from sidecar.errors import (
     RefusedRequest,
     SidecarError,
@@ -37,6 +36,7 @@ from sidecar.headers import HOP_BY_HOP, REQUEST_ID, HeaderRules
 from sidecar.logs import REQUEST_ID_KEY
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
+from sidecar.tls import tls_context
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -52,20 +52,6 @@ _WS_HANDSHAKE = {
     "sec-websocket-accept",
     "sec-websocket-protocol",
 }
-
-
-def tls_context(tls: TLS) -> ssl.SSLContext:
-    """The client TLS context for the upstream: verification on unless switched off."""
-    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    if tls.cert_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def error_response(

@@ -1,0 +1,286 @@
+"""The one HTTP client toward the identity provider, shared by every identity kind.
+
+:class:`IdentityHTTP` owns one ``aiohttp.ClientSession`` built from ``identity.tls`` and
+``identity.timeout``, and is the single boundary where aiohttp errors become the sidecar's own
+(:mod:`sidecar.errors`). Its contract:
+
+* :meth:`IdentityHTTP.request` tries ``urls`` in order. It moves on to the next URL only when the
+  current one is unreachable, resets, fails TLS, times out or answers 5xx: the provider did not
+  answer. A 4xx is an answer (``invalid_client`` from a backup would be the same), so it is final.
+  After a backup answered, the URL that answered is tried first on later calls with the same list.
+* A 2xx answer is returned as an :class:`IdentityResponse`. A 400/401/403 carrying an RFC 6749
+  section 5.2 ``error`` raises :class:`~sidecar.errors.OAuthError`; every other failure raises
+  :class:`~sidecar.errors.IdentityUnavailable` with a low-cardinality ``reason``: ``timeout``,
+  ``unreachable``, ``tls``, ``connection``, ``http_<status>`` (with ``retry_after``) or
+  ``malformed_response`` (larger than :data:`MAX_RESPONSE_BYTES`, or not JSON when JSON was
+  expected).
+* Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
+  is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json as jsonlib
+import logging
+import ssl
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from sidecar.clock import Clock
+from sidecar.config import TLS
+from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.tls import tls_context
+
+log = logging.getLogger(__name__)
+
+#: an answer larger than this is refused rather than read into memory
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityResponse:
+    """One 2xx answer from the identity provider."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    #: the decoded JSON body, or None when the body is empty or not JSON
+    json: Any
+    #: the raw ``Set-Cookie`` header values, in the order received
+    set_cookies: tuple[str, ...]
+    #: the URL that answered (a backup, when the primary failed)
+    url: str
+
+    def __repr__(self) -> str:
+        # the body holds tokens: never shown
+        return f"IdentityResponse(status={self.status}, url={self.url!r})"
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
+
+    Both forms are understood: delta-seconds, and an HTTP-date (taken relative to ``now``, Unix
+    seconds). Anything else, or a negative delay, gives None.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None  # RFC 9110 5.6.7: an HTTP-date is always GMT; a zoneless one is malformed
+        seconds = when.timestamp() - now
+        return max(0.0, seconds)
+    return seconds if seconds >= 0 else None
+
+
+class IdentityHTTP:
+    """The identity provider's HTTP client: TLS, timeouts, backups and error translation."""
+
+    def __init__(self, clock: Clock, *, timeout: float, tls: TLS | None = None) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._tls = tls or TLS()
+        self._http: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
+        #: for each list of URLs, the one that answered last (tried first next time)
+        self._preferred: dict[tuple[str, ...], str] = {}
+
+    async def aclose(self) -> None:
+        """Close the connection pool (idempotent)."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            if self._ssl is None:
+                try:
+                    # reads the CA bundle and client certificate: off the event loop
+                    self._ssl = await asyncio.to_thread(tls_context, self._tls)
+                except (OSError, ssl.SSLError) as exc:
+                    raise IdentityUnavailable(
+                        f"identity.tls: cannot build the TLS context: {exc}", reason="tls"
+                    ) from exc
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._http
+
+    def _ordered(self, urls: Sequence[str]) -> list[str]:
+        preferred = self._preferred.get(tuple(urls))
+        if preferred is None or preferred == urls[0]:
+            return list(urls)
+        return [preferred, *(u for u in urls if u != preferred)]
+
+    async def request(
+        self,
+        method: str,
+        urls: str | Sequence[str],
+        *,
+        form: Mapping[str, str] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        expect_json: bool = True,
+    ) -> IdentityResponse:
+        """Send one request, to the first of ``urls`` that answers; see the module docstring.
+
+        ``form`` is sent as ``application/x-www-form-urlencoded``, ``json`` as JSON (give one at
+        most). With ``expect_json`` a 2xx whose body is not JSON is a ``malformed_response``.
+        """
+        candidates = [urls] if isinstance(urls, str) else list(urls)
+        if not candidates:
+            raise ValueError("no URL to call")
+        ordered = self._ordered(candidates)
+        last: IdentityUnavailable | None = None
+        for index, url in enumerate(ordered):
+            try:
+                response = await self._attempt(method, url, form, json, headers, expect_json)
+            except IdentityUnavailable as exc:
+                if not _worth_another_url(exc):
+                    raise
+                last = exc
+                if index + 1 < len(ordered):
+                    log.warning(
+                        "identity.endpoint_failed",
+                        extra={"url": url, "reason": exc.reason, "next_url": ordered[index + 1]},
+                    )
+                continue
+            if len(candidates) > 1 and self._preferred.get(tuple(candidates), candidates[0]) != url:
+                log.warning(
+                    "identity.endpoint_switched", extra={"url": url, "configured": candidates[0]}
+                )
+                self._preferred[tuple(candidates)] = url
+            return response
+        assert last is not None
+        raise last
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        form: Mapping[str, str] | None,
+        json: Any,
+        headers: Mapping[str, str] | None,
+        expect_json: bool,
+    ) -> IdentityResponse:
+        """One call to one URL: every aiohttp error is translated here, and only here."""
+        # the caller's headers first; X-Request-ID is always a fresh uuid4 (DESIGN: every
+        # identity call carries one)
+        sent = {"Accept": "application/json", **(headers or {}), "X-Request-ID": str(uuid.uuid4())}
+        client = await self._session()
+        try:
+            async with client.request(
+                method,
+                url,
+                data=dict(form) if form is not None else None,
+                json=json,
+                headers=sent,
+                allow_redirects=False,
+            ) as resp:
+                raw = await _read_capped(resp)
+                status = resp.status
+                resp_headers = resp.headers
+        except TimeoutError as exc:
+            raise IdentityUnavailable("identity provider timed out", reason="timeout") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise IdentityUnavailable(
+                f"identity provider's TLS certificate was not accepted: {exc.certificate_error}",
+                reason="tls",
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise IdentityUnavailable(
+                f"identity provider unreachable: {exc.os_error.strerror or exc.os_error}",
+                reason="unreachable",
+            ) from exc
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise IdentityUnavailable(
+                f"TLS with the identity provider failed: {type(exc).__name__}", reason="tls"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise IdentityUnavailable(
+                f"identity provider connection failed: {type(exc).__name__}", reason="connection"
+            ) from exc
+        decoded = _decode_json(raw)
+        if 200 <= status < 300:
+            if expect_json and decoded is None:
+                kind = "an HTML page" if _looks_like_html(raw, resp_headers) else "a body"
+                raise IdentityUnavailable(
+                    f"identity provider answered {status} with {kind} that is not JSON",
+                    reason="malformed_response",
+                )
+            return IdentityResponse(
+                status=status,
+                headers=resp_headers,
+                json=decoded,
+                set_cookies=tuple(resp_headers.getall("Set-Cookie", ())),
+                url=url,
+            )
+        if (
+            status in (400, 401, 403)
+            and isinstance(decoded, dict)
+            and isinstance(decoded.get("error"), str)
+        ):
+            description = decoded.get("error_description")
+            raise OAuthError(
+                decoded["error"],
+                description if isinstance(description, str) else None,
+                status=status,
+            )
+        page = " (an HTML error page)" if _looks_like_html(raw, resp_headers) else ""
+        raise IdentityUnavailable(
+            f"identity provider answered HTTP {status}{page}",
+            reason=f"http_{status}",
+            retry_after=parse_retry_after(resp_headers.get("Retry-After"), self._clock.time()),
+        )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body; IdentityUnavailable as soon as it is known to exceed the cap."""
+    too_large = IdentityUnavailable(
+        f"identity provider answer is larger than {MAX_RESPONSE_BYTES} bytes",
+        reason="malformed_response",
+    )
+    if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
+        raise too_large  # refused on the header alone, the body is never read
+    body = bytearray()
+    while chunk := await resp.content.read(MAX_RESPONSE_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def _worth_another_url(exc: IdentityUnavailable) -> bool:
+    """The provider did not answer (down, unreachable, slow, 5xx): a backup may."""
+    if exc.reason in ("timeout", "unreachable", "tls", "connection"):
+        return True
+    return exc.reason.startswith("http_5")
+
+
+def _decode_json(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return jsonlib.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _looks_like_html(raw: bytes, headers: Mapping[str, str]) -> bool:
+    if "html" in headers.get("Content-Type", "").lower():
+        return True
+    return raw.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
