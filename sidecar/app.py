@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import ConfigError, StoreError
+from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
@@ -122,7 +123,12 @@ class Sidecar:
             cfg.upstream,
             self.upstream_url,
             session,
-            HeaderRules.compile(cfg.headers),
+            HeaderRules.compile(
+                cfg.headers,
+                cookies=SessionCookies(self.upstream_url, self.clock)
+                if cfg.upstream.send_cookies
+                else None,
+            ),
             self.metrics,
             self.clock,
         )
@@ -152,6 +158,10 @@ class Sidecar:
     async def _identity(self) -> IdentityProvider:
         cfg = self.config
         self.upstream_url = cfg.upstream.url or ""
+        if cfg.identity.kind == "json_login":
+            from sidecar.identity.json_login import JsonLoginIdentity
+
+            return JsonLoginIdentity(cfg.identity, self.clock)
         if not cfg.demo.enabled:
             return OAuth2Identity(cfg.identity, self.clock)
         # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs

@@ -30,7 +30,16 @@ from pydantic import (
 )
 from yarl import URL
 
+from sidecar.config_json_login import (
+    JsonCall,
+    JsonRefreshCall,
+    JsonResponse,
+    credential_files,
+    json_login_problems,
+    session_names,
+)
 from sidecar.errors import ConfigError
+from sidecar.templates import compile_text, unknown
 
 ENV_PREFIX = "SIDECAR_"
 ENV_CONFIG = "SIDECAR_CONFIG"
@@ -133,7 +142,7 @@ class Upstream(_Model):
 class Identity(_Model):
     """How the session is obtained from the identity provider."""
 
-    kind: Literal["oauth2", "demo"] = "demo"
+    kind: Literal["oauth2", "json_login", "demo"] = "demo"
     token_url: str | None = None
     grant: Literal["client_credentials", "password"] = "client_credentials"
     client_id: str | None = None
@@ -151,10 +160,22 @@ class Identity(_Model):
     timeout: float = Field(10.0, gt=0)
     #: TLS toward the identity provider, the same model as upstream.tls
     tls: TLS = TLS()
+    # kind json_login (sidecar/config_json_login.py): each credential may be <name>_file instead
+    credentials: dict[str, SecretStr] = Field(default_factory=dict)
+    login: JsonCall | None = None
+    refresh: JsonRefreshCall | None = None
+    logout: JsonCall | None = None
+    response: JsonResponse = JsonResponse()
 
     @model_validator(mode="after")
     def _complete(self) -> Identity:
         if self.kind == "demo":
+            return self
+        if self.kind == "json_login":
+            calls = {"login": self.login, "refresh": self.refresh, "logout": self.logout}
+            problems = json_login_problems(self.credentials, calls, self.response)
+            if problems:
+                raise ValueError("\n".join(problems))
             return self
         problems = []
         if not self.token_url:
@@ -282,11 +303,47 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _coherent(self) -> Config:
+        problems = header_placeholder_problems(self.headers, self.identity)
         if self.identity.kind == "demo" and not self.demo.enabled:
-            raise ValueError("identity.kind: kind demo needs demo.enabled: true")
+            problems.append("identity.kind: kind demo needs demo.enabled: true")
         if self.upstream.url is None and not self.demo.enabled:
-            raise ValueError("upstream.url: required")
+            problems.append("upstream.url: required")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def header_templates(headers: Headers) -> dict[str, str]:
+    """The header values that may hold ``{{ session.* }}`` placeholders, by dotted key."""
+    fixed = {
+        "tenant_id": headers.tenant_id,
+        "activity_id": headers.activity_id,
+        "correlation_id": headers.correlation_id,
+        "session_id": headers.session_id,
+    }
+    out = {f"headers.{k}": v for k, v in fixed.items() if v is not None}
+    out.update({f"headers.static.{k}": v for k, v in headers.static.items()})
+    return out
+
+
+def header_placeholder_problems(headers: Headers, identity: Identity) -> list[str]:
+    """Header values may use ``{{ session.<field> }}`` and ``{{ session.access_token }}``; never a
+    credential or the refresh token, which stay between the sidecar and the identity provider."""
+    allowed = ["session.access_token"]
+    if identity.kind == "json_login":
+        allowed += [n for n in session_names(identity.response) if n != "session.refresh_token"]
+    problems = []
+    for key, value in header_templates(headers).items():
+        try:
+            names = compile_text(value).names
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        for name in unknown(names, allowed):
+            problems.append(
+                f"{key}: unknown placeholder {{{{ {name} }}}} (known here: {', '.join(allowed)})"
+            )
+    return problems
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -316,19 +373,32 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[st
     return _VAR.sub(substitute, node)
 
 
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field annotated ``Section`` or ``Section | None``, else None."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def yaml_keys(model: type[BaseModel]) -> dict[str, str]:
+    """``{key as written in YAML: field name}`` (they differ where a field has an alias)."""
+    return {field.alias or name: name for name, field in model.model_fields.items()}
+
+
 def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | None:
-    """Map ``["upstream", "timeout", "total"]``-like parts onto nested field names, or None."""
+    """Map ``["upstream", "timeout", "total"]``-like parts onto nested YAML keys, or None."""
+    keys = yaml_keys(model)
     for cut in range(len(parts), 0, -1):
         name = "_".join(parts[:cut])
-        field = model.model_fields.get(name)
-        if field is None:
+        if name not in keys:
             continue
         rest = parts[cut:]
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        section = submodel(model.model_fields[keys[name]].annotation)
+        if section is not None:
             if not rest:
                 return None
-            tail = _resolve_env_key(annotation, rest)
+            tail = _resolve_env_key(section, rest)
             if tail is not None:
                 return [name, *tail]
         elif not rest:
@@ -392,7 +462,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
             continue
         for part in err["msg"].removeprefix("Value error, ").split("\n"):
             sub, sep, message = part.partition(": ")
-            if sep and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", sub):
+            if sep and re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", sub):
                 key = ".".join([*base, sub]) if base else sub
             else:
                 key, message = ".".join(base) or "(top level)", part
@@ -414,6 +484,8 @@ def _check_files(config: Config) -> list[str]:
         "identity.tls.key_file": config.identity.tls.key_file,
         "session.encryption_key_file": config.session.encryption_key_file,
     }
+    for name, file in credential_files(config.identity.credentials).items():
+        candidates[f"identity.credentials.{name}_file"] = file
     for key, path in candidates.items():
         if path is None:
             continue
@@ -478,11 +550,20 @@ def redacted(config: Config) -> dict[str, Any]:
         userinfo, _, hosts = rest.rpartition("@")
         user = userinfo.partition(":")[0]
         data["session"]["redis_url"] = f"{scheme}://{user}:**********@{hosts}"
-    static = data["headers"]["static"]
-    for name in static:
-        if _SECRET_HEADER.search(name):
-            static[name] = "**********"
+    _mask_secret_headers(data["headers"]["static"])
+    for call in ("login", "refresh", "logout"):
+        if data["identity"][call] is not None:
+            _mask_secret_headers(data["identity"][call]["headers"])
+    # credential values stay masked; the paths of <name>_file credentials are shown
+    for name, file in credential_files(config.identity.credentials).items():
+        data["identity"]["credentials"][f"{name}_file"] = str(file)
     return data
+
+
+def _mask_secret_headers(headers: dict[str, str]) -> None:
+    for name in headers:
+        if _SECRET_HEADER.search(name):
+            headers[name] = "**********"
 
 
 def read_secret(value: SecretStr | None, file: Path | None) -> str:

@@ -3,7 +3,9 @@
 Outgoing headers = the caller's headers, minus hop-by-hop headers (RFC 9110 7.6.1), minus
 Host and Authorization and every header the sidecar manages, plus the managed headers:
 Authorization, X-Request-ID, X-Correlation-ID, traceparent, X-Activity-ID, X-Session-ID,
-X-Tenant-ID and the static extras.
+X-Tenant-ID and the static extras. Values may use ``{{ session.<field> }}``: those are rendered once
+per credentials snapshot (see :mod:`sidecar.header_values`), as is the session's Cookie header when
+``upstream.send_cookies`` is on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from sidecar.config import Headers
+from sidecar.config import Headers, header_templates
+from sidecar.header_values import SessionCookies, SessionValues, templated
 from sidecar.session import Credentials
 
 #: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
@@ -44,6 +47,7 @@ ACTIVITY_ID = istr("X-Activity-ID")
 SESSION_ID = istr("X-Session-ID")
 TENANT_ID = istr("X-Tenant-ID")
 EXPECT = istr("Expect")
+COOKIE = istr("Cookie")
 
 # W3C Trace Context level 1, section 3.2: version-traceid-parentid-flags, lower-case hex
 _TRACEPARENT = re.compile(
@@ -85,6 +89,8 @@ class HeaderRules:
     __slots__ = (
         "_auth_for",
         "_auth_line",
+        "_cookies",
+        "_values",
         "captured",
         "dropped",
         "dropped_b",
@@ -92,6 +98,7 @@ class HeaderRules:
         "managed_b",
         "static",
         "static_block",
+        "static_session",
     )
 
     def __init__(
@@ -100,6 +107,10 @@ class HeaderRules:
         managed: tuple[tuple[str, Getter], ...],
         static: tuple[tuple[str, str], ...],
         captured: frozenset[str],
+        *,
+        values: SessionValues | None = None,
+        static_session: tuple[tuple[str, str], ...] = (),
+        cookies: SessionCookies | None = None,
     ) -> None:
         self.dropped = dropped
         self.dropped_b = frozenset(n.encode() for n in dropped)
@@ -110,15 +121,28 @@ class HeaderRules:
         self.static = static
         self.static_block = b"".join(f"{n}: {v}\r\n".encode() for n, v in static)
         self.captured = frozenset(n.encode() for n in captured)
+        #: static headers whose values come from the session: (name, template key)
+        self.static_session = static_session
+        self._values = values or SessionValues({})
+        self._cookies = cookies
         self._auth_for: Credentials | None = None
         self._auth_line = b""
 
     @classmethod
-    def compile(cls, config: Headers) -> HeaderRules:
-        """Turn the headers section into rules; nothing is decided per request that can be here."""
+    def compile(cls, config: Headers, *, cookies: SessionCookies | None = None) -> HeaderRules:
+        """Turn the headers section into rules; nothing is decided per request that can be here.
+
+        ``cookies`` (when ``upstream.send_cookies`` is on) adds the session's cookies to the
+        caller's Cookie header."""
         managed: list[tuple[str, Getter]] = []
         dropped = {"host", "authorization", "expect", "content-length", *HOP_BY_HOP}
         captured: set[str] = set()
+        values = SessionValues(templated(header_templates(config)))
+
+        def fixed(key: str, value: str) -> Getter:
+            if values.has(key):
+                return lambda _h, c: values.get(key, c)
+            return _fixed(value)
 
         def own(name: str, getter: Getter, reads_caller: bool = False) -> None:
             dropped.add(name.lower())
@@ -134,7 +158,11 @@ class HeaderRules:
         if config.correlation_id is not None:
             own(
                 CORRELATION_ID,
-                _propagate_or_generate(config.correlation_id, "x-correlation-id"),
+                _propagate_or_generate(
+                    config.correlation_id,
+                    "x-correlation-id",
+                    fixed("headers.correlation_id", config.correlation_id),
+                ),
                 config.correlation_id == "propagate",
             )
 
@@ -147,26 +175,45 @@ class HeaderRules:
         if config.activity_id == "auto":
             own(ACTIVITY_ID, lambda _h, c: c.activity_id)
         elif config.activity_id is not None:
-            own(ACTIVITY_ID, _fixed(config.activity_id))
+            own(ACTIVITY_ID, fixed("headers.activity_id", config.activity_id))
 
         if config.session_id == "auto":
             own(SESSION_ID, lambda _h, c: c.session_id)
         elif config.session_id is not None:
-            own(SESSION_ID, _fixed(config.session_id))
+            own(SESSION_ID, fixed("headers.session_id", config.session_id))
 
         if config.tenant_id is not None:
-            own(TENANT_ID, _fixed(config.tenant_id))
+            own(TENANT_ID, fixed("headers.tenant_id", config.tenant_id))
+
+        if cookies is not None:
+            dropped.add("cookie")  # re-added, merged with the session's cookies
+            captured.add("cookie")
 
         dropped.update(name.lower() for name in config.static)
+        static = {n: f"headers.static.{n}" for n in config.static}
         return cls(
             dropped=frozenset(dropped),
             managed=tuple(managed),
-            static=tuple(config.static.items()),
+            static=tuple((n, v) for n, v in config.static.items() if not values.has(static[n])),
             captured=frozenset(captured),
+            values=values,
+            static_session=tuple((n, k) for n, k in static.items() if values.has(k)),
+            cookies=cookies,
         )
 
-    def apply(self, incoming: CIMultiDictProxy[str], creds: Credentials) -> CIMultiDict[str]:
-        """The headers to send upstream for one request, as a multidict (WebSocket leg)."""
+    def _session_static(self, creds: Credentials) -> list[tuple[str, str]]:
+        out = []
+        for name, key in self.static_session:
+            value = self._values.get(key, creds)
+            if value is not None:
+                out.append((name, value))
+        return out
+
+    def apply(
+        self, incoming: CIMultiDictProxy[str], creds: Credentials, path: str = "/"
+    ) -> CIMultiDict[str]:
+        """The headers to send upstream for one request to ``path``, as a multidict (WebSocket
+        leg)."""
         dropped = self.dropped
         if "Connection" in incoming:
             dropped = dropped | connection_listed(incoming)
@@ -180,6 +227,13 @@ class HeaderRules:
                 out[name] = value
         if self.static:
             out.extend(self.static)
+        if self.static_session:
+            out.extend(self._session_static(creds))
+        if self._cookies is not None:
+            caller = "; ".join(incoming.getall(COOKIE, ())) or None
+            cookie = self._cookies.header(caller, creds, path)
+            if cookie is not None:
+                out[COOKIE] = cookie
         return out
 
     def head(
@@ -204,7 +258,10 @@ class HeaderRules:
             lname = name.lower()
             if lname in dropped:
                 if lname in captured_names:
-                    captured[lname.decode()] = value.decode("latin-1")
+                    key, text = lname.decode(), value.decode("latin-1")
+                    if lname == b"cookie" and key in captured:
+                        text = f"{captured[key]}; {text}"  # several Cookie lines are one list
+                    captured[key] = text
                 elif lname == b"connection":
                     listed = value
                 continue
@@ -224,6 +281,14 @@ class HeaderRules:
                     request_id = made
                 append(prefix + made.encode("latin-1") + b"\r\n")
         append(self.static_block)
+        if self.static_session:
+            for header, text in self._session_static(creds):
+                append(f"{header}: {text}\r\n".encode("latin-1"))
+        if self._cookies is not None:
+            path = request_line.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
+            cookie = self._cookies.header(captured.get("cookie"), creds, path)
+            if cookie is not None:
+                append(b"Cookie: " + cookie.encode("latin-1") + b"\r\n")
         append(framing)
         append(b"\r\n")
         return b"".join(parts), request_id
@@ -241,13 +306,14 @@ def _fixed(value: str) -> Getter:
     return lambda _h, _c: value
 
 
-def _propagate_or_generate(mode: str, name: str) -> Getter:
-    """``name`` is the lower-case header name (lookups work on multidicts and on our dict)."""
+def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
+    """``name`` is the lower-case header name (lookups work on multidicts and on our dict);
+    ``otherwise`` builds a value that is neither mode."""
     if mode == "propagate":
         return lambda h, _c: h.get(name) or new_id()
     if mode == "generate":
         return lambda _h, _c: new_id()
-    return _fixed(mode)
+    return otherwise
 
 
 def _propagated_traceparent(incoming: Mapping[str, str], _creds: Credentials) -> str:

@@ -75,6 +75,12 @@ class Metrics:
         self.logins = Counter(
             "sidecar_logins_total", "Logins with the configured credentials", ["result"], registry=r
         )
+        self.login_failures = Counter(
+            "sidecar_login_failures_total",
+            "Failed logins by reason (the error code, e.g. missing_access_token, http_503)",
+            ["reason"],
+            registry=r,
+        )
         self.upstream_requests = Counter(
             "sidecar_upstream_requests_total",
             "Requests answered to callers, by method and status code (proxy-made errors included)",

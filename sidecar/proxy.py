@@ -318,7 +318,7 @@ class Proxy:
     ) -> web.StreamResponse:
         """Proxy a WebSocket: connect upstream first (with our headers), then accept the caller."""
         assert self._client is not None
-        headers = self._rules.apply(request.headers, creds)
+        headers = self._rules.apply(request.headers, creds, url.path)
         request_id = headers.get(REQUEST_ID)
         if request_id is not None:
             request[REQUEST_ID_KEY] = request_id

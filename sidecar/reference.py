@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from sidecar.config import Config
+from sidecar.config import Config, submodel
 
 HEADER = """# Configuration reference
 
@@ -39,6 +39,8 @@ def _default(field: FieldInfo) -> str:
         value = field.default
     if isinstance(value, BaseModel):
         return "(section)"
+    if field.is_required():
+        return "(required)"
     if value is None:
         return "null"
     return json.dumps(value if not hasattr(value, "__fspath__") else str(value))
@@ -47,11 +49,12 @@ def _default(field: FieldInfo) -> str:
 def _rows(model: type[BaseModel], prefix: str, docs: dict[str, str]) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.append(f"| `{key}` | section | | {_first_line(annotation.__doc__)} |")
-            rows.extend(_rows(annotation, key + ".", docs))
+        key = f"{prefix}{field.alias or name}"
+        section = submodel(field.annotation)
+        if section is not None:
+            optional = "" if section is field.annotation else " (optional)"
+            rows.append(f"| `{key}` | section{optional} | | {_first_line(section.__doc__)} |")
+            rows.extend(_rows(section, key + ".", docs))
             continue
         meaning = field.description or docs.get(key, "")
         rows.append(f"| `{key}` | {_type_name(field)} | `{_default(field)}` | {meaning} |")
@@ -77,11 +80,11 @@ MEANINGS = {
     "upstream.tls.cert_file": "client certificate for mTLS",
     "upstream.tls.key_file": "client key for mTLS",
     "upstream.tls.min_version": "lowest TLS version accepted",
-    "upstream.send_cookies": "send cookies kept with the session to the upstream",
+    "upstream.send_cookies": "send the session's cookies matching the upstream URL (RFC 6265)",
     "upstream.replay_body_limit": "bodies up to this many bytes are buffered for a 401 replay",
     "upstream.pool_size": "idle keep-alive connections kept to the upstream",
     "upstream.max_request_body": "request bodies over this many bytes get 413 (null: no limit)",
-    "identity.kind": "oauth2, or demo (the embedded demo provider)",
+    "identity.kind": "oauth2, json_login (vendor JSON session APIs), or demo",
     "identity.token_url": "the OAuth2 token endpoint",
     "identity.grant": "client_credentials or password",
     "identity.client_id": "the client's id",
@@ -101,13 +104,35 @@ MEANINGS = {
     "identity.tls.cert_file": "client certificate for mTLS toward the identity provider",
     "identity.tls.key_file": "client key for mTLS toward the identity provider",
     "identity.tls.min_version": "lowest TLS version accepted from the identity provider",
+    "identity.credentials": "json_login: {name: value} or {name_file: path}, as credentials.name",
+    "identity.login.url": "json_login: the login endpoint",
+    "identity.login.method": "HTTP method of the call",
+    "identity.login.headers": "request headers; values may use {{ credentials.* }}",
+    "identity.login.json": "the JSON body; string values may use {{ credentials.* }}",
+    "identity.login.backup_urls": "tried in order when the one before fails (unreachable, 5xx)",
+    "identity.refresh.url": "json_login: the refresh endpoint (null: refresh = a new login)",
+    "identity.refresh.method": "HTTP method of the call",
+    "identity.refresh.headers": "request headers; may use {{ credentials.* }} and {{ session.* }}",
+    "identity.refresh.json": "the JSON body; may use {{ credentials.* }} and {{ session.* }}",
+    "identity.refresh.backup_urls": "tried in order when the one before fails (unreachable, 5xx)",
+    "identity.refresh.rejected_status": "statuses meaning 'refresh token rejected': log in again",
+    "identity.logout.url": "json_login: the logout endpoint (POST /session/logout, shutdown)",
+    "identity.logout.method": "HTTP method of the call",
+    "identity.logout.headers": "request headers; may use {{ credentials.* }} and {{ session.* }}",
+    "identity.logout.json": "the JSON body (null: none)",
+    "identity.logout.backup_urls": "tried in order when the one before fails (unreachable, 5xx)",
+    "identity.response.access_token": "dotted path of the access token in the answer",
+    "identity.response.refresh_token": "dotted path of the refresh token (rotated when present)",
+    "identity.response.expires_in": "dotted path of the lifetime in seconds",
+    "identity.response.expires_at": "dotted path of the expiry in epoch seconds",
+    "identity.response.fields": "{name: path}: session fields, as {{ session.name }}",
     "refresh.lead_time": "refresh this many seconds before expiry ...",
     "refresh.lead_fraction": "... or this fraction of the lifetime, whichever is larger",
     "refresh.jitter": "refresh earlier by up to this fraction of the lead, at random",
     "refresh.retry.initial": "first backoff ceiling in seconds (full jitter)",
     "refresh.retry.max": "largest backoff in seconds",
     "refresh.reactive_min_interval": "seconds between refreshes caused by upstream 401s",
-    "headers.tenant_id": "X-Tenant-ID value (null: not sent)",
+    "headers.tenant_id": "X-Tenant-ID value, may use {{ session.<field> }} (null: not sent)",
     "headers.activity_id": "X-Activity-ID: auto (one uuid4 per session), a value, or null",
     "headers.correlation_id": "X-Correlation-ID: propagate, generate, a value, or null",
     "headers.request_id": "X-Request-ID: generate (uuid4 per request), propagate, or null",

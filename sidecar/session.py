@@ -337,6 +337,7 @@ class SessionManager:
             token = await self.identity.login()
         except IdentityError as exc:
             self.metrics.logins.labels(result="failure").inc()
+            self.metrics.login_failures.labels(reason=exc.reason).inc()
             self._failed(exc, "session.login_failed")
             raise
         now = self.clock.time()
@@ -583,6 +584,9 @@ class SessionManager:
                 last_refreshed_at=record.last_refreshed_at,
                 last_refreshed_ago=_ago(now, record.last_refreshed_at),
                 refresh_count=record.refresh_count,
+                # names and counts only: field values and cookies stay out of /session
+                session_fields=sorted(token.fields),
+                cookies=len(token.cookies),
             )
         return out
 

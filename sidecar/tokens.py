@@ -11,9 +11,11 @@ import binascii
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.cookies import Cookie
 from sidecar.errors import IdentityUnavailable
 
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
@@ -23,7 +25,11 @@ DEFAULT_LIFETIME = 300.0
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One access token (and its refresh token, when issued), with wall-clock issue and expiry."""
+    """One access token (and its refresh token, when issued), with wall-clock issue and expiry.
+
+    A json_login provider also returns the session ``fields`` named in its config (tenant id,
+    customer id: not secrets, but kept out of ``repr`` anyway) and the ``cookies`` its answers set.
+    """
 
     access_token: str = field(repr=False)
     expires_at: float
@@ -31,6 +37,8 @@ class Token:
     token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict, repr=False)
+    cookies: tuple[Cookie, ...] = field(default=(), repr=False)
 
     @property
     def lifetime(self) -> float:
@@ -56,7 +64,7 @@ class Token:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the session store (contains the secrets: stores only)."""
-        return {
+        out: dict[str, Any] = {
             "access_token": self.access_token,
             "refresh_token": self.refresh_token,
             "token_type": self.token_type,
@@ -64,6 +72,12 @@ class Token:
             "obtained_at": self.obtained_at,
             "scope": self.scope,
         }
+        # added keys are written only when used: older records and older readers stay compatible
+        if self.fields:
+            out["fields"] = dict(self.fields)
+        if self.cookies:
+            out["cookies"] = [c.to_dict() for c in self.cookies]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Token:
@@ -74,6 +88,9 @@ class Token:
             raise ValueError("access_token must be a non-empty string")
         if refresh is not None and not isinstance(refresh, str):
             raise ValueError("refresh_token must be a string")
+        fields = data.get("fields") or {}
+        if not isinstance(fields, dict):
+            raise ValueError("fields must be an object")
         return cls(
             access_token=access,
             refresh_token=refresh,
@@ -81,6 +98,8 @@ class Token:
             expires_at=float(data["expires_at"]),
             obtained_at=float(data["obtained_at"]),
             scope=data.get("scope"),
+            fields={str(k): str(v) for k, v in fields.items()},
+            cookies=tuple(Cookie.from_dict(c) for c in data.get("cookies") or ()),
         )
 
 
@@ -108,6 +127,34 @@ def _malformed(problem: str) -> IdentityUnavailable:
     return IdentityUnavailable(f"malformed token response: {problem}", reason="malformed_response")
 
 
+def _positive_number(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _malformed(f"{name} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise _malformed(f"{name} must be a positive number")
+    return number
+
+
+def token_expiry(
+    access: str, now: float, *, expires_in: Any = None, expires_at: Any = None
+) -> float:
+    """When a token issued at ``now`` expires: from ``expires_in`` (seconds), else ``expires_at``
+    (epoch seconds), else the JWT's ``exp``, else :data:`DEFAULT_LIFETIME` from now.
+    Raises IdentityUnavailable (malformed_response) for a bad number or a token already expired."""
+    if expires_in is not None:
+        expiry = now + _positive_number(expires_in, "expires_in")
+    elif expires_at is not None:
+        expiry = _positive_number(expires_at, "expires_at")
+    else:
+        exp = jwt_expiry(access)
+        expiry = exp if exp is not None else now + DEFAULT_LIFETIME
+    if expiry <= now:
+        raise _malformed("the token is already expired")
+    return expiry
+
+
 def parse_token_response(
     body: Any, now: float, *, previous_refresh_token: str | None = None
 ) -> Token:
@@ -132,20 +179,7 @@ def parse_token_response(
     refresh = body.get("refresh_token", previous_refresh_token)
     if refresh is not None and not isinstance(refresh, str):
         raise _malformed("refresh_token is not a string")
-    expires_in = body.get("expires_in")
-    if expires_in is not None:
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            raise _malformed("expires_in is not a number") from None
-        if not math.isfinite(lifetime) or lifetime <= 0:
-            raise _malformed("expires_in must be a positive number")
-        expires_at = now + lifetime
-    else:
-        exp = jwt_expiry(access)
-        expires_at = exp if exp is not None else now + DEFAULT_LIFETIME
-    if expires_at <= now:
-        raise _malformed("the token is already expired")
+    expires_at = token_expiry(access, now, expires_in=body.get("expires_in"))
     scope = body.get("scope")
     return Token(
         access_token=access,

@@ -1,0 +1,192 @@
+"""Configuration of ``identity.kind: json_login``: vendor JSON session APIs (the FinHub seed).
+
+These models are the ``login``, ``refresh``, ``logout`` and ``response`` sub-sections of
+``identity``; :func:`json_login_problems` checks a whole identity section of that kind and returns
+one ``"dotted.key: message"`` line per problem (the loader prefixes ``identity.``).
+
+Placeholders (see :mod:`sidecar.templates`) allowed in each call:
+
+* ``login``: ``{{ credentials.<name> }}`` (there is no session yet);
+* ``refresh`` and ``logout``: the same, plus ``{{ session.access_token }}``,
+  ``{{ session.refresh_token }}`` and ``{{ session.<field> }}`` for each ``response.fields`` name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from yarl import URL
+
+from sidecar.templates import compile_text, names_by_key, unknown
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: session values every json_login session has, besides the configured fields
+SESSION_TOKENS = ("access_token", "refresh_token")
+#: answers to a refresh call that mean "this refresh token is dead: log in again"
+DEFAULT_REJECTED_STATUS = (400, 401, 403)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", serialize_by_alias=True, validate_by_name=False
+    )
+
+
+def _http_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+class JsonCall(_Section):
+    """One identity call: a JSON request to ``url`` (backup URLs tried in order on failure)."""
+
+    url: str
+    method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"
+    #: request headers; values may use placeholders. X-Request-ID (uuid4) is always added
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: the JSON body template (parsed data; placeholders only in string values)
+    body: Any = Field(None, alias="json")
+    #: tried in order when the one before is unreachable, times out or answers 5xx
+    backup_urls: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("backup_urls")
+    @classmethod
+    def _backups(cls, value: list[str]) -> list[str]:
+        return [_http_url(v) for v in value]
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} contains a control character")
+        return value
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The primary URL, then the backups."""
+        return (self.url, *self.backup_urls)
+
+    def placeholders(self) -> dict[str, frozenset[str]]:
+        """Placeholder names per dotted sub-key (``headers.X``, ``json.a.b``); raises ValueError
+        for a malformed placeholder."""
+        found = {}
+        for name, value in self.headers.items():
+            try:
+                found[f"headers.{name}"] = compile_text(value).names
+            except ValueError as exc:
+                raise ValueError(f"headers.{name}: {exc}") from None
+        found.update(names_by_key(self.body, "json"))
+        return found
+
+
+class JsonRefreshCall(JsonCall):
+    """The refresh call: as any call, plus which answers mean the refresh token was rejected."""
+
+    #: HTTP statuses of a refresh answer meaning "refresh token rejected": the session falls back
+    #: to a full login (as for OAuth2 ``invalid_grant``). Other 4xx are retried with backoff
+    rejected_status: list[int] = Field(default_factory=lambda: list(DEFAULT_REJECTED_STATUS))
+
+    @field_validator("rejected_status")
+    @classmethod
+    def _client_errors(cls, value: list[int]) -> list[int]:
+        if any(not 400 <= s < 500 or s in (408, 429) for s in value):
+            raise ValueError("only 4xx statuses other than 408 and 429 can mean 'rejected'")
+        return value
+
+
+class JsonResponse(_Section):
+    """Where the login/refresh answer keeps things, as dotted paths into its JSON."""
+
+    access_token: str = "access_token"  # noqa: S105 - a path in the answer, not a secret
+    #: the newest refresh token always replaces the old one (rotation); absent: the old one stays
+    refresh_token: str | None = "refresh_token"  # noqa: S105 - a path, not a secret
+    #: seconds of validity; or give expires_at (epoch seconds); with neither, the JWT's exp
+    expires_in: str | None = None
+    expires_at: str | None = None
+    #: extra session fields: {name: path}; usable as {{ session.<name> }} in calls and headers
+    fields: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("fields")
+    @classmethod
+    def _field_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: field names are lower-case identifiers")
+            if name in SESSION_TOKENS:
+                raise ValueError(f"{name!r} is reserved for the token itself")
+        return value
+
+
+def credential_names(credentials: Mapping[str, SecretStr]) -> list[str]:
+    """The credential names, with ``<name>_file`` entries under ``<name>``."""
+    return sorted({k.removesuffix("_file") for k in credentials})
+
+
+def credential_files(credentials: Mapping[str, SecretStr]) -> dict[str, Path]:
+    """``{name: path}`` for the credentials given as files."""
+    return {
+        k.removesuffix("_file"): Path(v.get_secret_value())
+        for k, v in credentials.items()
+        if k.endswith("_file")
+    }
+
+
+def session_names(response: JsonResponse) -> list[str]:
+    """Every ``session.*`` name a json_login session has."""
+    return [f"session.{n}" for n in (*SESSION_TOKENS, *response.fields)]
+
+
+def json_login_problems(
+    credentials: Mapping[str, SecretStr],
+    calls: Mapping[str, JsonCall | None],
+    response: JsonResponse,
+) -> list[str]:
+    """Every problem of a json_login identity section, one ``key: message`` line each."""
+    problems = []
+    for key in credentials:
+        name = key.removesuffix("_file")
+        if not _NAME.fullmatch(name):
+            problems.append(f"credentials.{key}: names are lower-case identifiers")
+        elif key.endswith("_file") and name in credentials:
+            problems.append(f"credentials.{name}: give {name} or {key}, not both")
+    if calls.get("login") is None:
+        problems.append("login: required for kind json_login")
+    if response.expires_in is not None and response.expires_at is not None:
+        problems.append("response.expires_in: give expires_in or expires_at, not both")
+    creds = [f"credentials.{n}" for n in credential_names(credentials)]
+    for call_name, call in calls.items():
+        if call is None:
+            continue
+        allowed = creds if call_name == "login" else [*creds, *session_names(response)]
+        problems.extend(_placeholder_problems(call_name, call, allowed))
+    return problems
+
+
+def _placeholder_problems(call_name: str, call: JsonCall, allowed: Iterable[str]) -> list[str]:
+    try:
+        found = call.placeholders()
+    except ValueError as exc:
+        return [f"{call_name}.{exc}"]
+    problems = []
+    for where, names in found.items():
+        for name in unknown(names, allowed):
+            problems.append(
+                f"{call_name}.{where}: unknown placeholder {{{{ {name} }}}} "
+                f"(known here: {', '.join(sorted(allowed)) or 'none'})"
+            )
+    return problems

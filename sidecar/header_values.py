@@ -1,0 +1,109 @@
+"""Header parts that come from the session: ``{{ session.* }}`` values and the session's cookies.
+
+Both are worked out once per credentials snapshot (a new token, fields or cookie jar is a new
+:class:`~sidecar.session.Credentials` object), never per request: the per-request work is one
+identity comparison, plus a path-match over the few cookies kept for the upstream's host.
+
+* :class:`SessionValues` renders the header templates (``tenant_id: "{{ session.tenant_id }}"``)
+  with ``session.access_token`` and the session's fields. A value that cannot be rendered (a field
+  the session lacks) or cannot go into a header (not Latin-1) leaves that header out, logged once
+  per snapshot as ``headers.value_unavailable`` (the key is named, the value never).
+* :class:`SessionCookies` builds the ``Cookie`` header for ``upstream.send_cookies: true``: the
+  session's cookies that match the upstream URL (RFC 6265 5.4), merged with the caller's own
+  ``Cookie`` header (the session's cookie wins on a name clash; see
+  :func:`~sidecar.cookies.merge_cookie_headers`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from yarl import URL
+
+from sidecar.clock import Clock
+from sidecar.cookies import Cookie, cookie_header, merge_cookie_headers
+from sidecar.templates import MissingValue, Text, compile_text
+
+if TYPE_CHECKING:
+    from sidecar.session import Credentials
+
+log = logging.getLogger(__name__)
+
+
+def templated(values: Mapping[str, str]) -> dict[str, Text]:
+    """The entries of ``values`` (key → header value) that hold placeholders, compiled."""
+    compiled = {key: compile_text(value) for key, value in values.items()}
+    return {key: text for key, text in compiled.items() if not text.is_constant}
+
+
+class SessionValues:
+    """Header values rendered from the session, once per credentials snapshot."""
+
+    __slots__ = ("_for", "_templates", "_values")
+
+    def __init__(self, templates: Mapping[str, Text]) -> None:
+        self._templates = dict(templates)
+        self._for: Credentials | None = None
+        self._values: dict[str, str | None] = {}
+
+    def has(self, key: str) -> bool:
+        """True when the header value at ``key`` holds placeholders."""
+        return key in self._templates
+
+    def get(self, key: str, creds: Credentials) -> str | None:
+        """The rendered value of ``key`` for ``creds`` (None: leave the header out)."""
+        if creds is not self._for:
+            self._render(creds)
+        return self._values[key]
+
+    def _render(self, creds: Credentials) -> None:
+        token = creds.token
+        values = {"session": {**token.fields, "access_token": token.access_token}}
+        rendered: dict[str, str | None] = {}
+        for key, text in self._templates.items():
+            try:
+                value = text.render(values)
+                value.encode("latin-1")
+                if any(c in value for c in "\r\n\0"):
+                    raise ValueError("control character")
+            except (MissingValue, UnicodeEncodeError, ValueError) as exc:
+                log.warning(
+                    "headers.value_unavailable",
+                    extra={"key": key, "why": type(exc).__name__, "session_id": creds.session_id},
+                )
+                rendered[key] = None
+            else:
+                rendered[key] = value
+        self._values = rendered
+        self._for = creds
+
+
+class SessionCookies:
+    """The ``Cookie`` header toward the upstream, from the session's cookie jar."""
+
+    __slots__ = ("_clock", "_for", "_host", "_kept", "_scheme")
+
+    def __init__(self, upstream_url: str, clock: Clock) -> None:
+        url = URL(upstream_url)
+        self._scheme = url.scheme
+        self._host = (url.host or "").lower()
+        self._clock = clock
+        self._for: Credentials | None = None
+        self._kept: tuple[Cookie, ...] = ()
+
+    def header(self, caller: str | None, creds: Credentials, path: str) -> str | None:
+        """The merged Cookie header for a request to ``path`` (None: send none)."""
+        if creds is not self._for:
+            # only the host and scheme are fixed: pre-select on them once per snapshot
+            self._kept = tuple(
+                c
+                for c in creds.token.cookies
+                if cookie_header((c,), self._scheme, self._host, c.path, -1.0) is not None
+            )
+            self._for = creds
+        ours = None
+        if self._kept:
+            ours = cookie_header(self._kept, self._scheme, self._host, path, self._clock.time())
+        return merge_cookie_headers(caller, ours)

@@ -1,0 +1,315 @@
+"""``identity.kind: json_login``: vendor JSON session APIs (login, refresh, logout).
+
+Each call is rendered from its compiled templates at call time: ``{{ credentials.* }}`` (secret
+files re-read at every call), ``{{ session.access_token }}``, ``{{ session.refresh_token }}`` and
+``{{ session.<field> }}``. Bodies are rendered on parsed data, then serialised, so a value cannot
+change the JSON structure. Every call carries a fresh ``X-Request-ID`` (uuid4); refresh and logout
+also carry the session's cookies that match their URL (RFC 6265, as a browser would).
+
+Answers (see :mod:`sidecar.identity.json_mapping`): the access token, the refresh token (rotated:
+the newest replaces the old), the expiry, the session fields and the ``Set-Cookie`` headers.
+A refresh answered with a status in ``refresh.rejected_status`` raises
+``OAuthError("invalid_grant")``: the session manager then logs in again with the credentials.
+Without a ``refresh`` call, a refresh is a new login whose answer replaces the session's tokens,
+fields and cookies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from sidecar.clock import Clock
+from sidecar.config import Identity
+from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
+from sidecar.cookies import Cookie, cookie_header, store_cookies
+from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.identity.json_mapping import parse_session
+from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
+from sidecar.tokens import Token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One call's templates, compiled once."""
+
+    name: str
+    config: JsonCall
+    headers: tuple[tuple[str, Text], ...]
+    body: Tree
+
+    @classmethod
+    def of(cls, name: str, call: JsonCall) -> _Compiled:
+        headers = tuple((k, compile_text(v)) for k, v in call.headers.items())
+        return cls(name, call, headers, compile_tree(call.body))
+
+
+class JsonLoginIdentity:
+    """Talks to one vendor session API for one set of credentials."""
+
+    def __init__(self, config: Identity, clock: Clock) -> None:
+        assert config.login is not None  # the config validator requires it for this kind
+        self._config = config
+        self._clock = clock
+        self._response: JsonResponse = config.response
+        self._login = _Compiled.of("login", config.login)
+        self._refresh = _Compiled.of("refresh", config.refresh) if config.refresh else None
+        self._logout = _Compiled.of("logout", config.logout) if config.logout else None
+        self._files = credential_files(config.credentials)
+        self._literal = {
+            k: v.get_secret_value()
+            for k, v in config.credentials.items()
+            if not k.endswith("_file")
+        }
+        self._http = IdentityHttp(timeout=config.timeout)
+        # the identity is the login endpoint and the non-secret shape of the credentials: a
+        # stored session is reused only by the same one (values of credentials are not hashed
+        # in, so that a rotated password keeps the session)
+        ident = "|".join([config.login.url, *sorted(config.credentials)])
+        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ----------------------------------------------------------------- the protocol
+
+    async def login(self) -> Token:
+        answer = await self._call(self._login, None)
+        return self._session_from(answer, "login", previous=None, jar=())
+
+    async def refresh(self, token: Token) -> Token:
+        call = self._refresh
+        if call is None:
+            return await self.login()  # a new login replaces the session's tokens and cookies
+        answer = await self._call(call, token)
+        return self._session_from(answer, "refresh", previous=token, jar=token.cookies)
+
+    async def logout(self, token: Token) -> None:
+        """Call the logout endpoint when one is configured; any answer but 2xx raises."""
+        if self._logout is not None:
+            await self._call(self._logout, token, expect_json=False)
+
+    # ----------------------------------------------------------------- calls
+
+    async def _values(self, token: Token | None) -> dict[str, dict[str, str]]:
+        creds = dict(self._literal)
+        if self._files:
+            creds.update(await asyncio.to_thread(_read_files, self._files))
+        values = {"credentials": creds, "session": {}}
+        if token is not None:
+            session = dict(token.fields)
+            session["access_token"] = token.access_token
+            if token.refresh_token is not None:
+                session["refresh_token"] = token.refresh_token
+            values["session"] = session
+        return values
+
+    async def _call(
+        self, call: _Compiled, token: Token | None, *, expect_json: bool = True
+    ) -> IdentityResponse:
+        values = await self._values(token)
+        try:
+            headers = {name: text.render(values) for name, text in call.headers}
+            body = call.body.render(values)
+        except MissingValue as exc:
+            # e.g. {{ session.refresh_token }} for a session that never got one
+            raise IdentityUnavailable(
+                f"identity.{call.name}: {{{{ {exc.name} }}}} has no value in this session",
+                reason="missing_value",
+            ) from None
+        headers.setdefault("Accept", "application/json")
+        headers["X-Request-ID"] = str(uuid.uuid4())
+        if token is not None and token.cookies and not _has(headers, "cookie"):
+            url = URL(call.config.url)
+            line = cookie_header(
+                token.cookies, url.scheme, url.host or "", url.path, self._clock.time()
+            )
+            if line:
+                headers["Cookie"] = line
+        answer = await self._http.request(
+            call.config.method,
+            call.config.urls,
+            json=body,
+            headers=headers,
+            expect_json=expect_json,
+        )
+        if 200 <= answer.status < 300:
+            return answer
+        raise _refusal(call, answer)
+
+    def _session_from(
+        self,
+        answer: IdentityResponse,
+        call: str,
+        *,
+        previous: Token | None,
+        jar: tuple[Cookie, ...],
+    ) -> Token:
+        now = self._clock.time()
+        url = URL(answer.url)
+        cookies = store_cookies(jar, answer.set_cookies, url.host or "", url.path, now)
+        return parse_session(
+            answer.json, self._response, now, previous=previous, cookies=cookies, call=call
+        )
+
+
+def _refusal(call: _Compiled, answer: IdentityResponse) -> Exception:
+    """The error for a non-2xx answer: a rejected refresh token is ``invalid_grant`` (the session
+    manager's fallback to login); other client errors are ``OAuthError``s with the vendor's code
+    when it sends one; the rest is transient."""
+    status = answer.status
+    config = call.config
+    if isinstance(config, JsonRefreshCall) and status in config.rejected_status:
+        return OAuthError("invalid_grant", _vendor_code(answer.json), status=status)
+    if 400 <= status < 500 and status not in (408, 429):
+        code = "invalid_grant" if call.name == "login" else "invalid_request"
+        return OAuthError(code, _vendor_code(answer.json), status=status)
+    return IdentityUnavailable(
+        f"identity {call.name} answered HTTP {status}",
+        reason=f"http_{status}",
+        retry_after=answer.retry_after,
+    )
+
+
+def _vendor_code(body: Any) -> str | None:
+    """A short description from common vendor error shapes (``error``/``code``/``message``)."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("error", "code", "message", "errorCode"):
+        value = body.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return f"{key}={json.dumps(value)[:100]}"
+    return None
+
+
+def _has(headers: Mapping[str, str], name: str) -> bool:
+    return any(k.lower() == name for k in headers)
+
+
+def _read_files(files: Mapping[str, Any]) -> dict[str, str]:
+    from sidecar.config import read_secret
+
+    return {name: read_secret(None, path) for name, path in files.items()}
+
+
+# ---------------------------------------------------------------------- HTTP (stand-in)
+# Stand-in for the shared identity HTTP client (sidecar/identity/http.py, being moved out of
+# oauth2.py): the one place where aiohttp errors become IdentityUnavailable.
+
+#: an identity answer larger than this is refused rather than read into memory
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityResponse:
+    """One answer: status, headers, decoded JSON (None if not JSON), Set-Cookie values, and the
+    URL that answered (a backup one, maybe)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    json: Any
+    set_cookies: tuple[str, ...]
+    url: str
+    retry_after: float | None
+
+
+class IdentityHttp:
+    """One aiohttp session for identity calls; failover over backup URLs."""
+
+    def __init__(self, *, timeout: float) -> None:
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self,
+        method: str,
+        urls: tuple[str, ...],
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        expect_json: bool = True,
+    ) -> IdentityResponse:
+        """Try each URL in order while the previous one is unreachable, times out or answers
+        5xx; the last failure is raised as IdentityUnavailable."""
+        failure: IdentityUnavailable | None = None
+        for url in urls:
+            try:
+                answer = await self._one(method, url, json, headers or {}, expect_json)
+            except IdentityUnavailable as exc:
+                failure = exc
+                log.warning("identity.endpoint_failed", extra={"url": url, "reason": exc.reason})
+                continue
+            if answer.status < 500:
+                return answer
+            failure = IdentityUnavailable(
+                f"identity provider answered HTTP {answer.status}",
+                reason=f"http_{answer.status}",
+                retry_after=answer.retry_after,
+            )
+            log.warning("identity.endpoint_failed", extra={"url": url, "reason": failure.reason})
+        assert failure is not None
+        raise failure
+
+    async def _one(
+        self, method: str, url: str, body: Any, headers: Mapping[str, str], expect_json: bool
+    ) -> IdentityResponse:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        try:
+            async with self._session.request(
+                method, url, json=body, headers=dict(headers), allow_redirects=False
+            ) as resp:
+                raw = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                status, resp_headers = resp.status, resp.headers
+        except TimeoutError as exc:
+            raise IdentityUnavailable("identity provider timed out", reason="timeout") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise IdentityUnavailable(
+                f"identity provider unreachable: {exc.os_error.strerror or exc.os_error}",
+                reason="unreachable",
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise IdentityUnavailable(
+                f"identity provider connection failed: {type(exc).__name__}", reason="connection"
+            ) from exc
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise IdentityUnavailable(
+                "identity provider response too large", reason="malformed_response"
+            )
+        try:
+            decoded = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            decoded = None
+        if expect_json and 200 <= status < 300 and decoded is None:
+            raise IdentityUnavailable(
+                f"identity provider answered {status} with a body that is not JSON",
+                reason="malformed_response",
+            )
+        retry = resp_headers.get("Retry-After")
+        return IdentityResponse(
+            status=status,
+            headers=resp_headers,
+            json=decoded,
+            set_cookies=tuple(resp_headers.getall("Set-Cookie", ())),
+            url=url,
+            retry_after=float(retry) if retry and retry.strip().isdigit() else None,
+        )
