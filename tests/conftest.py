@@ -16,6 +16,8 @@ from aiohttp import web
 from sidecar.app import Sidecar
 from sidecar.clock import Clock
 from sidecar.config import Config
+from tests.fakes.clock import FakeClock
+from tests.fakes.finhub import FinHub
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
 from tests.redis_server import RedisServer
@@ -149,3 +151,14 @@ def proxy_url(sidecar: Sidecar, path: str = "/") -> str:
 
 def admin_url(sidecar: Sidecar, path: str = "/") -> str:
     return f"http://127.0.0.1:{sidecar.admin_port}{path}"
+
+
+@pytest.fixture
+def finhub() -> FinHub:
+    """The FinHub-shaped fake on its own fake clock (``finhub.clock``), production lifetime."""
+    return FinHub(clock=FakeClock())
+
+
+@pytest.fixture
+async def finhub_url(serve: Serve, finhub: FinHub) -> str:
+    return await serve(finhub.app())

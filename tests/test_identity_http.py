@@ -151,3 +151,21 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("Fri, 15 Jan 2027 07:00:00 GMT", now) == 0
     for junk in (None, "", "-5", "soon"):
         assert parse_retry_after(junk, now) is None
+
+
+async def test_client_errors_are_answers_for_vendor_json_apis(
+    serve: Serve, client: IdentityHTTP
+) -> None:
+    """With client_errors (json_login), a 4xx comes back as a response for the caller to read,
+    even with an OAuth-looking or non-JSON body; 429 and 5xx still raise as transient."""
+    endpoint = Endpoint(status=401, body='{"error": "invalid_client", "code": "X"}')
+    url = await serve(endpoint.app())
+    answer = await client.request("POST", url, json={}, client_errors=True)
+    assert answer.status == 401
+    assert answer.json == {"error": "invalid_client", "code": "X"}
+    endpoint.body = "not json"
+    assert (await client.request("POST", url, json={}, client_errors=True)).json is None
+    endpoint.status = 429
+    with pytest.raises(IdentityUnavailable) as caught:
+        await client.request("POST", url, json={}, client_errors=True)
+    assert caught.value.reason == "http_429"

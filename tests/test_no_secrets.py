@@ -6,16 +6,21 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
+from sidecar.app import Sidecar
 from sidecar.cli import main
+from sidecar.config import Config
 from sidecar.logs import JsonFormatter, scrub, setup_logging
-from tests.conftest import MakeSidecar, admin_url, proxy_url
+from tests.conftest import MakeSidecar, Serve, admin_url, merge, proxy_url
+from tests.fakes.finhub import PREFIX, FinHub
 from tests.fakes.idp import FakeIdP
 from tests.helpers import eventually
+from tests.test_json_login import finhub_config
 
 
 @pytest.fixture
@@ -139,3 +144,62 @@ def test_token_repr_is_redacted() -> None:
     for text in (repr(token), str(token), f"{token}", repr([token])):
         assert "at-secret-1" not in text
         assert "rt-secret-2" not in text
+
+
+async def test_a_json_login_session_leaks_nothing(
+    serve: Serve, http: aiohttp.ClientSession, log_output: io.StringIO, tmp_path: Path
+) -> None:
+    """json_login: login, refresh, a rejected refresh, a failing call, logout, with cookies and
+    session fields: no credential, token, refresh token or cookie value in any output."""
+    finhub = FinHub(lifetime=1.5, set_cookies=["sid=cookie-secret-4242; Path=/"])
+    url = await serve(finhub.app())
+    data = merge(
+        finhub_config(url, finhub, tmp_path),
+        {"refresh": {"lead_time": 0.5}, "upstream": {"send_cookies": True}},
+    )
+    sidecar = Sidecar(Config.model_validate(data), drain_timeout=1.0)
+    await sidecar.start()
+    try:
+        await eventually(lambda: sidecar.session.usable() is not None)
+        outputs: list[str] = []
+        async with http.get(proxy_url(sidecar, f"{PREFIX}/x")) as r:
+            assert r.status == 200
+        await eventually(lambda: len(finhub.auth_calls("token/refresh")) >= 1, what="refresh")
+        finhub.refresh_tokens.clear()
+        await eventually(lambda: len(finhub.auth_calls("login")) >= 2, what="fallback login")
+        finhub.down = "503"
+        await eventually(lambda: sidecar.session.usable() is None, within=5, what="expiry")
+        for path in ("/session", "/metrics"):
+            async with http.get(admin_url(sidecar, path)) as r:
+                outputs.append(await r.text())
+        finhub.down = None
+        async with http.post(admin_url(sidecar, "/session/refresh")) as r:
+            outputs.append(await r.text())
+        async with http.post(admin_url(sidecar, "/session/logout")) as r:
+            outputs.append(await r.text())
+    finally:
+        await sidecar.stop()
+    logged = log_output.getvalue()
+    assert "session.refresh_rejected" in logged
+    everything = logged + "\n".join(outputs)
+    secrets = [finhub.password, finhub.customer_secret, "cookie-secret-4242"]
+    secrets += [*finhub.issued, *finhub.refresh_tokens, *finhub.used_refresh_tokens]
+    for secret in secrets:
+        assert secret not in everything
+
+
+def test_check_config_redacts_json_login_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config masks every credential value (paths of _file ones are shown) and
+    secret-looking headers of the identity calls."""
+    finhub = FinHub()
+    data = finhub_config("https://api.finhub.example", finhub, tmp_path)
+    data["identity"]["login"]["headers"]["X-Api-Key"] = "login-api-key-555"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in (finhub.customer_secret, finhub.username, "login-api-key-555"):
+        assert secret not in out
+    assert str(tmp_path / "password") in out

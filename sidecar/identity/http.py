@@ -14,6 +14,8 @@
   ``unreachable``, ``tls``, ``connection``, ``http_<status>`` (with ``retry_after``) or
   ``malformed_response`` (larger than :data:`MAX_RESPONSE_BYTES`, or not JSON when JSON was
   expected).
+* With ``client_errors=True`` (vendor JSON APIs, whose 4xx bodies follow no standard) a 4xx other
+  than 408/429 is returned as an :class:`IdentityResponse` too, for the caller to interpret.
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
 """
@@ -46,7 +48,8 @@ MAX_RESPONSE_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class IdentityResponse:
-    """One 2xx answer from the identity provider."""
+    """One 2xx answer from the identity provider (or a 4xx, when asked for with
+    ``client_errors``)."""
 
     status: int
     headers: CIMultiDictProxy[str]
@@ -135,6 +138,7 @@ class IdentityHTTP:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         expect_json: bool = True,
+        client_errors: bool = False,
     ) -> IdentityResponse:
         """Send one request, to the first of ``urls`` that answers; see the module docstring.
 
@@ -148,7 +152,9 @@ class IdentityHTTP:
         last: IdentityUnavailable | None = None
         for index, url in enumerate(ordered):
             try:
-                response = await self._attempt(method, url, form, json, headers, expect_json)
+                response = await self._attempt(
+                    method, url, form, json, headers, expect_json, client_errors
+                )
             except IdentityUnavailable as exc:
                 if not _worth_another_url(exc):
                     raise
@@ -176,6 +182,7 @@ class IdentityHTTP:
         json: Any,
         headers: Mapping[str, str] | None,
         expect_json: bool,
+        client_errors: bool = False,
     ) -> IdentityResponse:
         """One call to one URL: every aiohttp error is translated here, and only here."""
         # the caller's headers first; X-Request-ID is always a fresh uuid4 (DESIGN: every
@@ -215,8 +222,9 @@ class IdentityHTTP:
                 f"identity provider connection failed: {type(exc).__name__}", reason="connection"
             ) from exc
         decoded = _decode_json(raw)
-        if 200 <= status < 300:
-            if expect_json and decoded is None:
+        answered = client_errors and 400 <= status < 500 and status not in (408, 429)
+        if answered or 200 <= status < 300:
+            if expect_json and decoded is None and not answered:
                 kind = "an HTML page" if _looks_like_html(raw, resp_headers) else "a body"
                 raise IdentityUnavailable(
                     f"identity provider answered {status} with {kind} that is not JSON",

@@ -20,13 +20,10 @@ import asyncio
 import hashlib
 import json
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from sidecar.clock import Clock
@@ -34,6 +31,7 @@ from sidecar.config import Identity
 from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
@@ -73,7 +71,7 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
-        self._http = IdentityHttp(timeout=config.timeout)
+        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
         # the identity is the login endpoint and the non-secret shape of the credentials: a
         # stored session is reused only by the same one (values of credentials are not hashed
         # in, so that a rotated password keeps the session)
@@ -129,8 +127,6 @@ class JsonLoginIdentity:
                 f"identity.{call.name}: {{{{ {exc.name} }}}} has no value in this session",
                 reason="missing_value",
             ) from None
-        headers.setdefault("Accept", "application/json")
-        headers["X-Request-ID"] = str(uuid.uuid4())
         if token is not None and token.cookies and not _has(headers, "cookie"):
             url = URL(call.config.url)
             line = cookie_header(
@@ -144,6 +140,7 @@ class JsonLoginIdentity:
             json=body,
             headers=headers,
             expect_json=expect_json,
+            client_errors=True,
         )
         if 200 <= answer.status < 300:
             return answer
@@ -166,21 +163,17 @@ class JsonLoginIdentity:
 
 
 def _refusal(call: _Compiled, answer: IdentityResponse) -> Exception:
-    """The error for a non-2xx answer: a rejected refresh token is ``invalid_grant`` (the session
-    manager's fallback to login); other client errors are ``OAuthError``s with the vendor's code
-    when it sends one; the rest is transient."""
+    """The error for a 4xx answer (transient failures were raised by the HTTP client).
+
+    A refresh answered with one of ``refresh.rejected_status`` is ``invalid_grant``: the session
+    manager's fallback to a full login. A refused login is ``invalid_grant`` too (what an OAuth2
+    password grant answers to wrong credentials); it is retried with backoff. Anything else is
+    ``invalid_request``. The vendor's own error code, when it sends one, is the description."""
     status = answer.status
     config = call.config
-    if isinstance(config, JsonRefreshCall) and status in config.rejected_status:
-        return OAuthError("invalid_grant", _vendor_code(answer.json), status=status)
-    if 400 <= status < 500 and status not in (408, 429):
-        code = "invalid_grant" if call.name == "login" else "invalid_request"
-        return OAuthError(code, _vendor_code(answer.json), status=status)
-    return IdentityUnavailable(
-        f"identity {call.name} answered HTTP {status}",
-        reason=f"http_{status}",
-        retry_after=answer.retry_after,
-    )
+    rejected = isinstance(config, JsonRefreshCall) and status in config.rejected_status
+    code = "invalid_grant" if rejected or call.name == "login" else "invalid_request"
+    return OAuthError(code, _vendor_code(answer.json), status=status)
 
 
 def _vendor_code(body: Any) -> str | None:
@@ -202,114 +195,3 @@ def _read_files(files: Mapping[str, Any]) -> dict[str, str]:
     from sidecar.config import read_secret
 
     return {name: read_secret(None, path) for name, path in files.items()}
-
-
-# ---------------------------------------------------------------------- HTTP (stand-in)
-# Stand-in for the shared identity HTTP client (sidecar/identity/http.py, being moved out of
-# oauth2.py): the one place where aiohttp errors become IdentityUnavailable.
-
-#: an identity answer larger than this is refused rather than read into memory
-MAX_RESPONSE_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityResponse:
-    """One answer: status, headers, decoded JSON (None if not JSON), Set-Cookie values, and the
-    URL that answered (a backup one, maybe)."""
-
-    status: int
-    headers: CIMultiDictProxy[str]
-    json: Any
-    set_cookies: tuple[str, ...]
-    url: str
-    retry_after: float | None
-
-
-class IdentityHttp:
-    """One aiohttp session for identity calls; failover over backup URLs."""
-
-    def __init__(self, *, timeout: float) -> None:
-        self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def request(
-        self,
-        method: str,
-        urls: tuple[str, ...],
-        *,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-        expect_json: bool = True,
-    ) -> IdentityResponse:
-        """Try each URL in order while the previous one is unreachable, times out or answers
-        5xx; the last failure is raised as IdentityUnavailable."""
-        failure: IdentityUnavailable | None = None
-        for url in urls:
-            try:
-                answer = await self._one(method, url, json, headers or {}, expect_json)
-            except IdentityUnavailable as exc:
-                failure = exc
-                log.warning("identity.endpoint_failed", extra={"url": url, "reason": exc.reason})
-                continue
-            if answer.status < 500:
-                return answer
-            failure = IdentityUnavailable(
-                f"identity provider answered HTTP {answer.status}",
-                reason=f"http_{answer.status}",
-                retry_after=answer.retry_after,
-            )
-            log.warning("identity.endpoint_failed", extra={"url": url, "reason": failure.reason})
-        assert failure is not None
-        raise failure
-
-    async def _one(
-        self, method: str, url: str, body: Any, headers: Mapping[str, str], expect_json: bool
-    ) -> IdentityResponse:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        try:
-            async with self._session.request(
-                method, url, json=body, headers=dict(headers), allow_redirects=False
-            ) as resp:
-                raw = await resp.content.read(MAX_RESPONSE_BYTES + 1)
-                status, resp_headers = resp.status, resp.headers
-        except TimeoutError as exc:
-            raise IdentityUnavailable("identity provider timed out", reason="timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise IdentityUnavailable(
-                f"identity provider unreachable: {exc.os_error.strerror or exc.os_error}",
-                reason="unreachable",
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise IdentityUnavailable(
-                f"identity provider connection failed: {type(exc).__name__}", reason="connection"
-            ) from exc
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise IdentityUnavailable(
-                "identity provider response too large", reason="malformed_response"
-            )
-        try:
-            decoded = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
-            decoded = None
-        if expect_json and 200 <= status < 300 and decoded is None:
-            raise IdentityUnavailable(
-                f"identity provider answered {status} with a body that is not JSON",
-                reason="malformed_response",
-            )
-        retry = resp_headers.get("Retry-After")
-        return IdentityResponse(
-            status=status,
-            headers=resp_headers,
-            json=decoded,
-            set_cookies=tuple(resp_headers.getall("Set-Cookie", ())),
-            url=url,
-            retry_after=float(retry) if retry and retry.strip().isdigit() else None,
-        )

@@ -92,7 +92,9 @@ class FinHub:
 
     # ----------------------------------------------------------------- auth endpoints
 
-    async def _record(self, request: web.Request) -> tuple[Any, web.StreamResponse | None]:
+    async def _record(
+        self, request: web.Request, *, needs_body: bool = True
+    ) -> tuple[Any, web.StreamResponse | None]:
         try:
             body = await request.json()
         except ValueError:
@@ -110,7 +112,7 @@ class FinHub:
         problem = self._auth_headers_problem(request)
         if problem is not None:
             return body, problem
-        if not isinstance(body, dict):
+        if needs_body and not isinstance(body, dict):
             return body, _error(400, "BAD_REQUEST", "the body must be a JSON object")
         return body, None
 
@@ -152,7 +154,7 @@ class FinHub:
         return self._session_answer()
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
-        _body, refusal = await self._record(request)
+        _body, refusal = await self._record(request, needs_body=False)
         if refusal is not None:
             return refusal
         auth = request.headers.get("Authorization", "")

@@ -1,0 +1,126 @@
+"""Reading vendor answers: dotted paths, expiry sources, rotation, missing values."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from sidecar.config_json_login import JsonResponse
+from sidecar.errors import IdentityUnavailable
+from sidecar.identity.json_mapping import lookup, parse_session
+from sidecar.store import SessionRecord
+from sidecar.tokens import DEFAULT_LIFETIME, Token
+
+NOW = 1_800_000_000.0
+
+
+def jwt_with_exp(exp: float) -> str:
+    def part(data: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'none'})}.{part({'exp': exp})}.sig"
+
+
+def parse(body: object, previous: Token | None = None, **response: object) -> Token:
+    return parse_session(
+        body,
+        JsonResponse.model_validate(response),
+        NOW,
+        previous=previous,
+        cookies=(),
+        call="login" if previous is None else "refresh",
+    )
+
+
+def test_nested_paths_and_list_indexes() -> None:
+    """Dotted paths walk objects; numeric segments index lists; a missing step is missing."""
+    body = {"data": {"sessions": [{"token": "t0"}, {"token": "t1"}]}}
+    assert lookup(body, "data.sessions.1.token") == "t1"
+    token = parse(
+        {"data": {"s": {"tok": "at-1", "rt": "rt-1", "ttl": 90}, "tenant": {"id": 42}}},
+        access_token="data.s.tok",
+        refresh_token="data.s.rt",
+        expires_in="data.s.ttl",
+        fields={"tenant_id": "data.tenant.id"},
+    )
+    assert (token.access_token, token.refresh_token) == ("at-1", "rt-1")
+    assert token.expires_at == NOW + 90
+    assert token.fields == {"tenant_id": "42"}
+
+
+def test_expiry_sources_expires_in_expires_at_jwt_exp_default() -> None:
+    """expires_in (seconds) or expires_at (epoch seconds) when configured and present, else the
+    JWT's exp, else the short default lifetime."""
+    assert parse({"a": "t", "in": "120"}, access_token="a", expires_in="in").expires_at == NOW + 120
+    at = parse({"a": "t", "at": NOW + 500}, access_token="a", expires_at="at")
+    assert at.expires_at == NOW + 500
+    jwt = jwt_with_exp(NOW + 700)
+    assert parse({"a": jwt}, access_token="a", expires_in="in").expires_at == NOW + 700
+    assert parse({"a": "opaque"}, access_token="a").expires_at == NOW + DEFAULT_LIFETIME
+    with pytest.raises(IdentityUnavailable, match="already expired"):
+        parse({"a": "t", "at": NOW - 1}, access_token="a", expires_at="at")
+    with pytest.raises(IdentityUnavailable, match="expires_in is not a number"):
+        parse({"a": "t", "in": "soon"}, access_token="a", expires_in="in")
+
+
+def test_missing_access_token_or_field_names_key_and_reason() -> None:
+    """The error names the configured key and path (never a value) and carries a metric reason."""
+    with pytest.raises(IdentityUnavailable) as caught:
+        parse({"token": "x"}, access_token="userSessionToken")
+    assert caught.value.reason == "missing_access_token"
+    assert "response.access_token" in str(caught.value)
+    with pytest.raises(IdentityUnavailable) as caught:
+        parse({"a": "t"}, access_token="a", fields={"tenant_id": "tenantId"})
+    assert caught.value.reason == "missing_field"
+    assert "response.fields.tenant_id" in str(caught.value)
+    with pytest.raises(IdentityUnavailable) as caught:
+        parse({"a": "two words"}, access_token="a")
+    assert caught.value.reason == "malformed_response"
+
+
+def test_refresh_rotates_and_keeps_what_the_answer_lacks() -> None:
+    """A new refresh token replaces the old; an answer without one keeps it; fields missing from
+    a refresh answer keep their values, present ones are updated."""
+    login = parse(
+        {"a": "t1", "r": "rt1", "t": "7", "g": "eu"},
+        access_token="a",
+        refresh_token="r",
+        fields={"tenant_id": "t", "region": "g"},
+    )
+    rotated = parse(
+        {"a": "t2", "r": "rt2", "g": "us"},
+        login,
+        access_token="a",
+        refresh_token="r",
+        fields={"tenant_id": "t", "region": "g"},
+    )
+    assert rotated.refresh_token == "rt2"
+    assert rotated.fields == {"tenant_id": "7", "region": "us"}
+    kept = parse({"a": "t3"}, rotated, access_token="a", refresh_token="r")
+    assert kept.refresh_token == "rt2"
+
+
+def test_old_records_without_fields_or_cookies_still_load() -> None:
+    """Records written before json_login (no token.fields, no token.cookies) read back; a token
+    without them is written exactly as before, so older builds read ours."""
+    old = {
+        "version": 1,
+        "identity": "abc",
+        "session_id": "s",
+        "activity_id": "a",
+        "token": {"access_token": "at", "expires_at": NOW + 5, "obtained_at": NOW},
+        "created_at": NOW,
+    }
+    record = SessionRecord.from_dict(old)
+    assert record.token.fields == {}
+    assert record.token.cookies == ()
+    assert set(record.token.to_dict()) == {
+        "access_token",
+        "refresh_token",
+        "token_type",
+        "expires_at",
+        "obtained_at",
+        "scope",
+    }
