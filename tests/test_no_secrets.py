@@ -35,6 +35,18 @@ def log_output() -> Iterator[io.StringIO]:
     root.setLevel(saved[1])
 
 
+async def admin_texts(
+    http: aiohttp.ClientSession, sidecar: Sidecar, *get: str, post: tuple[str, ...] = ()
+) -> list[str]:
+    """The bodies of GETs then POSTs to admin paths, for scanning."""
+    texts = []
+    for method, paths in (("GET", get), ("POST", post)):
+        for path in paths:
+            async with http.request(method, admin_url(sidecar, path)) as r:
+                texts.append(await r.text())
+    return texts
+
+
 def secrets_of(idp: FakeIdP) -> list[str]:
     return [*idp.issued, *idp.refresh_tokens, idp.client_secret, idp.password]
 
@@ -62,14 +74,9 @@ async def test_a_full_session_lifecycle_leaks_nothing(
     async with http.get(proxy_url(sidecar, "/x")) as r:
         assert r.status == 503
         outputs.append(await r.text())
-    for path in ("/session", "/metrics", "/readyz"):
-        async with http.get(admin_url(sidecar, path)) as r:
-            outputs.append(await r.text())
+    outputs += await admin_texts(http, sidecar, "/session", "/metrics", "/readyz")
     idp.down = None
-    async with http.post(admin_url(sidecar, "/session/refresh")) as r:
-        outputs.append(await r.text())
-    async with http.post(admin_url(sidecar, "/session/logout")) as r:
-        outputs.append(await r.text())
+    outputs += await admin_texts(http, sidecar, post=("/session/refresh", "/session/logout"))
     logged = log_output.getvalue()
     assert "session.created" in logged
     assert "session.refreshed" in logged
@@ -169,14 +176,9 @@ async def test_a_json_login_session_leaks_nothing(
         await eventually(lambda: len(finhub.auth_calls("login")) >= 2, what="fallback login")
         finhub.down = "503"
         await eventually(lambda: sidecar.session.usable() is None, within=5, what="expiry")
-        for path in ("/session", "/metrics"):
-            async with http.get(admin_url(sidecar, path)) as r:
-                outputs.append(await r.text())
+        outputs += await admin_texts(http, sidecar, "/session", "/metrics")
         finhub.down = None
-        async with http.post(admin_url(sidecar, "/session/refresh")) as r:
-            outputs.append(await r.text())
-        async with http.post(admin_url(sidecar, "/session/logout")) as r:
-            outputs.append(await r.text())
+        outputs += await admin_texts(http, sidecar, post=("/session/refresh", "/session/logout"))
     finally:
         await sidecar.stop()
     logged = log_output.getvalue()
