@@ -174,6 +174,8 @@ def status_line(summary: dict[str, Any]) -> str:
     parts.append(
         "no calls yet" if last_call is None else f"last call {human_duration(last_call)} ago"
     )
+    if summary.get("cookies"):
+        parts.append(f"cookies: {summary['cookies']}")  # the axiomtrade seed's "Cookies: PRESENT"
     if summary.get("last_error"):
         parts.append(f"last error: {summary['last_error']}")
     parts.append(f"store: {summary.get('store', '?')}")

@@ -199,6 +199,14 @@ def store_cookies(
     return tuple(kept[-MAX_COOKIES:])
 
 
+def for_origin(cookie: Cookie, scheme: str, host: str) -> bool:
+    """RFC 6265 5.4 steps 1.1 and 1.3: the cookie may go to ``scheme://host`` (``host`` in lower
+    case): host-only ones to the identical host, others by domain-match; Secure ones over https."""
+    if cookie.secure and scheme != "https":
+        return False
+    return host == cookie.domain if cookie.host_only else domain_match(host, cookie.domain)
+
+
 def cookie_header(
     jar: tuple[Cookie, ...], scheme: str, host: str, path: str, now: float
 ) -> str | None:
@@ -207,10 +215,7 @@ def cookie_header(
     chosen = [
         c
         for c in jar
-        if (host == c.domain if c.host_only else domain_match(host, c.domain))
-        and path_match(path or "/", c.path)
-        and (scheme == "https" or not c.secure)
-        and not c.expired(now)
+        if for_origin(c, scheme, host) and path_match(path or "/", c.path) and not c.expired(now)
     ]
     if not chosen:
         return None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.cookies import Cookie, cookie_header, merge_cookie_headers
+from sidecar.cookies import Cookie, cookie_header, for_origin, merge_cookie_headers
 from sidecar.templates import MissingValue, Text, compile_text
 
 if TYPE_CHECKING:
@@ -98,9 +98,7 @@ class SessionCookies:
         if creds is not self._for:
             # only the host and scheme are fixed: pre-select on them once per snapshot
             self._kept = tuple(
-                c
-                for c in creds.token.cookies
-                if cookie_header((c,), self._scheme, self._host, c.path, -1.0) is not None
+                c for c in creds.token.cookies if for_origin(c, self._scheme, self._host)
             )
             self._for = creds
         ours = None

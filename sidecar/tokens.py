@@ -37,7 +37,7 @@ class Token:
     token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
-    fields: Mapping[str, str] = field(default_factory=dict, repr=False)
+    fields: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
     cookies: tuple[Cookie, ...] = field(default=(), repr=False)
 
     @property

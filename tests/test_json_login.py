@@ -397,3 +397,32 @@ async def test_fields_and_cookies_survive_a_restart(
     stored = (tmp_path / "s.json").read_text()
     assert '"fields"' in stored
     assert '"cookies"' in stored
+
+
+async def test_a_refresh_error_outside_rejected_status_is_retried_not_a_new_login(
+    make: MakeSidecar, finhub: FinHub, clock: FakeClock
+) -> None:
+    """With rejected_status [401], a 400 on refresh does not throw the session away: it is
+    counted (reason invalid_request) and the refresh is retried with backoff, same token."""
+    sidecar = await make(identity={"refresh": {"rejected_status": [401]}})
+    finhub.failures = ["400"]
+    await clock.advance(560)
+    await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 1, what="failed refresh")
+    for _ in range(20):
+        await clock.advance(0.5)
+        if len(finhub.auth_calls("token/refresh")) == 2:
+            break
+    await eventually(lambda: sidecar.session.summary().get("refresh_count") == 1, what="retry")
+    calls = finhub.auth_calls("token/refresh")
+    assert calls[0].json["refreshToken"] == calls[1].json["refreshToken"]
+    assert len(finhub.auth_calls("login")) == 1
+    failed = 'sidecar_token_refreshes_total{reason="invalid_request",result="failure"}'
+    assert sample(sidecar.metrics.render().decode(), failed) == 1.0
+
+
+def test_status_line_counts_cookies() -> None:
+    """`sidecar status` mentions the session's cookies by count only."""
+    from sidecar.cli import status_line
+
+    line = status_line({"state": "VALID", "expires_in": 60, "cookies": 2, "store": "file"})
+    assert "cookies: 2" in line
