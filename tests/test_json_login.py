@@ -426,3 +426,21 @@ def test_status_line_counts_cookies() -> None:
 
     line = status_line({"state": "VALID", "expires_in": 60, "cookies": 2, "store": "file"})
     assert "cookies: 2" in line
+
+
+async def test_a_credential_with_a_line_break_is_refused_in_a_header(
+    make: MakeSidecar, finhub: FinHub, tmp_path: Path
+) -> None:
+    """A secret file rendered into a header must not inject a header line: the login fails with
+    a clear reason and the API never sees the call."""
+    (tmp_path / "key").write_text("line-one\nX-Evil: 1")
+    sidecar = await make(
+        wait=False,
+        identity={
+            "credentials": {"api_key_file": str(tmp_path / "key")},
+            "login": {"headers": {"X-Api-Key": "{{ credentials.api_key }}"}},
+        },
+    )
+    failures = 'sidecar_login_failures_total{reason="bad_header_value"}'
+    await eventually(lambda: (sample(sidecar.metrics.render().decode(), failures) or 0) >= 1)
+    assert finhub.auth_calls("login") == []

@@ -124,3 +124,27 @@ def test_old_records_without_fields_or_cookies_still_load() -> None:
         "obtained_at",
         "scope",
     }
+
+
+def test_workers_receive_fields_and_cookies_but_not_the_refresh_token() -> None:
+    """--workers N: the credentials sent to a worker carry the session fields and cookies (for
+    headers and send_cookies), never the refresh token."""
+    from sidecar.cookies import Cookie
+    from sidecar.session import Credentials
+    from sidecar.workers import creds_from_dict, creds_to_dict
+
+    token = Token(
+        access_token="at",
+        refresh_token="rt",
+        expires_at=NOW + 60,
+        obtained_at=NOW,
+        fields={"tenant_id": "7"},
+        cookies=(Cookie("sid", "v", "h.example", "/"),),
+    )
+    creds = Credentials(token, "Bearer at", "s", "a", NOW + 60)
+    data = creds_to_dict(creds)
+    assert data is not None
+    back = creds_from_dict(json.loads(json.dumps(data)))
+    assert back.token.fields == {"tenant_id": "7"}
+    assert back.token.cookies == token.cookies
+    assert back.token.refresh_token is None

@@ -127,6 +127,13 @@ class JsonLoginIdentity:
                 f"identity.{call.name}: {{{{ {exc.name} }}}} has no value in this session",
                 reason="missing_value",
             ) from None
+        for name, value in headers.items():
+            if any(c in value for c in "\r\n\0"):
+                # a secret file with a line break in it: refused here, never sent (or logged)
+                raise IdentityUnavailable(
+                    f"identity.{call.name}.headers.{name}: the rendered value has a line break",
+                    reason="bad_header_value",
+                )
         if token is not None and token.cookies and not _has(headers, "cookie"):
             url = URL(call.config.url)
             line = cookie_header(
