@@ -17,8 +17,9 @@ identity comparison, plus a path-match over the few cookies kept for the upstrea
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -81,9 +82,14 @@ class SessionValues:
 
 
 class SessionCookies:
-    """The ``Cookie`` header toward the upstream, from the session's cookie jar."""
+    """The ``Cookie`` header toward the upstream, from the session's cookie jar.
 
-    __slots__ = ("_clock", "_for", "_host", "_kept", "_scheme")
+    Per snapshot the jar is cut down to the cookies for the upstream's scheme and host; the
+    header for each request path is then remembered (up to :data:`PATH_CACHE` paths) until the
+    first of those cookies expires, so a steady stream of requests costs a dict lookup.
+    """
+
+    __slots__ = ("_by_path", "_clock", "_for", "_host", "_kept", "_scheme", "_until")
 
     def __init__(self, upstream_url: str, clock: Clock) -> None:
         url = URL(upstream_url)
@@ -92,16 +98,36 @@ class SessionCookies:
         self._clock = clock
         self._for: Credentials | None = None
         self._kept: tuple[Cookie, ...] = ()
+        self._by_path: dict[str, str | None] = {}
+        self._until = 0.0
 
     def header(self, caller: str | None, creds: Credentials, path: str) -> str | None:
         """The merged Cookie header for a request to ``path`` (None: send none)."""
-        if creds is not self._for:
-            # only the host and scheme are fixed: pre-select on them once per snapshot
-            self._kept = tuple(
-                c for c in creds.token.cookies if for_origin(c, self._scheme, self._host)
-            )
-            self._for = creds
-        ours = None
-        if self._kept:
-            ours = cookie_header(self._kept, self._scheme, self._host, path, self._clock.time())
+        now = self._clock.time()
+        if creds is not self._for or now >= self._until:
+            self._select(creds, now)
+        if not self._kept:
+            return caller
+        ours = self._by_path.get(path, _UNSET)
+        if ours is _UNSET:
+            ours = cookie_header(self._kept, self._scheme, self._host, path, now)
+            if len(self._by_path) >= PATH_CACHE:
+                self._by_path.clear()
+            self._by_path[path] = ours
         return merge_cookie_headers(caller, ours)
+
+    def _select(self, creds: Credentials, now: float) -> None:
+        self._kept = tuple(
+            c
+            for c in creds.token.cookies
+            if for_origin(c, self._scheme, self._host) and not c.expired(now)
+        )
+        expiries = [c.expires_at for c in self._kept if c.expires_at is not None]
+        self._until = min(expiries, default=math.inf)
+        self._by_path = {}
+        self._for = creds
+
+
+#: request paths whose Cookie header is remembered per snapshot
+PATH_CACHE = 256
+_UNSET: Any = object()

@@ -22,12 +22,13 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.config import Identity
+from sidecar.config import Identity, read_secret
 from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
@@ -198,7 +199,5 @@ def _has(headers: Mapping[str, str], name: str) -> bool:
     return any(k.lower() == name for k in headers)
 
 
-def _read_files(files: Mapping[str, Any]) -> dict[str, str]:
-    from sidecar.config import read_secret
-
+def _read_files(files: Mapping[str, Path]) -> dict[str, str]:
     return {name: read_secret(None, path) for name, path in files.items()}
