@@ -134,3 +134,24 @@ def test_merge_with_the_callers_cookie_header() -> None:
     assert merge_cookie_headers(None, "sid=ours") == "sid=ours"
     assert merge_cookie_headers("a=1", None) == "a=1"
     assert merge_cookie_headers(None, None) is None
+
+
+async def test_upstream_cookie_header_follows_expiry_and_new_snapshots() -> None:
+    """SessionCookies remembers the header per path, yet a cookie stops being sent the moment it
+    expires on the injected clock, and a new credentials snapshot brings its own jar."""
+    from sidecar.header_values import SessionCookies
+    from sidecar.session import Credentials
+    from sidecar.tokens import Token
+    from tests.fakes.clock import FakeClock
+
+    clock = FakeClock(NOW)
+    jar = store_cookies((), ["a=1; Max-Age=100", "b=2"], "api.example.com", "/", NOW)
+    creds = Credentials(Token("t", NOW + 500, NOW, cookies=jar), "Bearer t", "s", "a", NOW + 500)
+    cookies = SessionCookies("https://api.example.com/base", clock)
+    assert cookies.header(None, creds, "/base/x") == "a=1; b=2"
+    assert cookies.header("c=3", creds, "/base/x") == "c=3; a=1; b=2"
+    await clock.advance(100)
+    assert cookies.header(None, creds, "/base/x") == "b=2"
+    other = Credentials(Token("u", NOW + 500, NOW), "Bearer u", "s", "a", NOW + 500)
+    assert cookies.header("c=3", other, "/base/x") == "c=3"
+    assert cookies.header(None, other, "/base/x") is None
