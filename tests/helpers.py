@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from tests.fakes.clock import FakeClock
+
 
 async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
     """Poll ``predicate`` (real time) until it holds; fail with ``what`` after ``within`` s."""
@@ -22,3 +24,10 @@ def sample(metric_text: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return None
+
+
+async def advance(clock: FakeClock, seconds: float) -> None:
+    """Move the fake clock once the session's refresh loop is asleep on it: a jump made while
+    the loop is between sleeps would leave it waiting on a deadline nobody moves past."""
+    await eventually(lambda: clock.sleepers > 0, what="the refresh loop asleep on the clock")
+    await clock.advance(seconds)

@@ -14,7 +14,7 @@ from sidecar.config import Config, load_config
 from tests.conftest import proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import PREFIX, FinHub
-from tests.helpers import eventually
+from tests.helpers import advance, eventually
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "finhub.yaml"
 
@@ -111,7 +111,7 @@ async def test_finhub_traffic_across_refreshes_has_zero_rejections(
     await eventually(lambda: sidecar.session.usable() is not None, what="login at start")
     statuses = []
     for _ in range(4 * 60):
-        await clock.advance(30)
+        await advance(clock, 30)
         for _ in range(2):
             async with http.get(proxy_url(sidecar, f"{PREFIX}/accounts?x=1")) as resp:
                 statuses.append(resp.status)

@@ -17,7 +17,7 @@ from sidecar.config import Config
 from tests.conftest import Serve, admin_url, merge, proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import PREFIX, FinHub
-from tests.helpers import eventually, sample
+from tests.helpers import advance, eventually, sample
 
 MakeSidecar = Callable[..., Awaitable[Sidecar]]
 
@@ -183,7 +183,7 @@ async def test_header_values_are_rendered_once_per_session_not_per_request(
     for _ in range(50):
         await get(http, sidecar)
     assert len(renders) == 1
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: sidecar.session.summary().get("refresh_count") == 1, what="refresh")
     for _ in range(5):
         await get(http, sidecar)
@@ -197,15 +197,15 @@ async def test_rotation_and_rejected_refresh_token_falls_back_to_login(
     manager logs in again with the credentials (a new session) and traffic goes on."""
     sidecar = await make()
     first_session = sidecar.session.summary()["session_id"]
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 1, what="refresh")
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 2, what="2nd refresh")
     assert [c.json["refreshToken"] for c in finhub.auth_calls("token/refresh")] == (
         finhub.used_refresh_tokens
     )
     finhub.refresh_tokens.clear()  # the API forgets them: the next refresh is rejected
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("login")) == 2, what="fallback login")
     await eventually(lambda: sidecar.session.summary()["session_id"] != first_session)
     await get(http, sidecar)
@@ -236,7 +236,7 @@ async def test_backup_urls_serve_login_and_refresh_when_the_primary_fails(
     )
     assert len(broken.auth_calls("login")) == 1
     assert len(finhub.auth_calls("login")) == 1
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 1, what="refresh")
     assert len(broken.auth_calls("token/refresh")) == 1
 
@@ -306,7 +306,7 @@ async def test_without_refresh_a_new_login_replaces_the_session_content(
     sidecar = await make(identity={"refresh": None}, upstream={"send_cookies": True})
     assert (await get(http, sidecar))["cookie"] == "first=1"
     finhub.set_cookies = ["second=2; Path=/"]
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("login")) == 2, what="second login")
     await eventually(lambda: sidecar.session.summary().get("refresh_count") == 1)
     assert finhub.auth_calls("token/refresh") == []
@@ -344,7 +344,7 @@ async def test_cookies_from_login_and_refresh_go_to_the_upstream_only_when_asked
     assert body["cookie"] == "mine=1; api=only-api; sid=login-1"
     assert sidecar.session.summary()["cookies"] == 3
     finhub.set_cookies = ["sid=refreshed; Path=/", "api=; Max-Age=0; Path=/api"]
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 1, what="refresh")
     refresh_cookie = finhub.auth_calls("token/refresh")[0].headers.get("Cookie")
     assert refresh_cookie == "api=only-api; sid=login-1"
@@ -406,10 +406,10 @@ async def test_a_refresh_error_outside_rejected_status_is_retried_not_a_new_logi
     counted (reason invalid_request) and the refresh is retried with backoff, same token."""
     sidecar = await make(identity={"refresh": {"rejected_status": [401]}})
     finhub.failures = ["400"]
-    await clock.advance(560)
+    await advance(clock, 560)
     await eventually(lambda: len(finhub.auth_calls("token/refresh")) == 1, what="failed refresh")
     for _ in range(20):
-        await clock.advance(0.5)
+        await advance(clock, 0.5)
         if len(finhub.auth_calls("token/refresh")) == 2:
             break
     await eventually(lambda: sidecar.session.summary().get("refresh_count") == 1, what="retry")
