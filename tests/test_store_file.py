@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.cookies import Cookie
 from sidecar.errors import StoreError
 from sidecar.session import State
 from sidecar.store import RECORD_VERSION, SessionRecord
@@ -42,6 +43,8 @@ def record(
         expires_at=obtained_at + 60,
         obtained_at=obtained_at,
         scope="read write",
+        fields={"tenant_id": "1234567"},
+        cookies=(Cookie("sid", "cookie-secret", "api.example.com", "/", False, True, 2000.0),),
     )
     fields: dict[str, object] = {
         "identity": "test-identity",

@@ -13,8 +13,8 @@ from sidecar.errors import StoreError
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 from sidecar.store.redis import RedisStore
-from sidecar.tokens import Token
 from tests.redis_server import RedisServer
+from tests.test_store_file import record as file_record
 
 
 @pytest.fixture
@@ -25,19 +25,8 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 
 def record(obtained_at: float = 1000.0, access: str = "at-secret-value") -> SessionRecord:
-    token = Token(
-        access_token=access,
-        refresh_token="rt-secret-value",
-        expires_at=obtained_at + 60,
-        obtained_at=obtained_at,
-    )
-    return SessionRecord(
-        identity="test-identity",
-        session_id="sid",
-        activity_id="aid",
-        token=token,
-        created_at=obtained_at,
-    )
+    """The file store's complete record (fields and cookies included), under the id "sid"."""
+    return file_record(obtained_at, access, session_id="sid", identity="test-identity")
 
 
 async def test_round_trip_and_clear(store: RedisStore) -> None:
