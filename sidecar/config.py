@@ -304,6 +304,10 @@ class Config(_Model):
     @model_validator(mode="after")
     def _coherent(self) -> Config:
         problems = header_placeholder_problems(self.headers, self.identity)
+        if self.identity.kind != "json_login":
+            for key in ("credentials", "login", "refresh", "logout"):
+                if getattr(self.identity, key):
+                    problems.append(f"identity.{key}: only used by kind json_login")
         if self.identity.kind == "demo" and not self.demo.enabled:
             problems.append("identity.kind: kind demo needs demo.enabled: true")
         if self.upstream.url is None and not self.demo.enabled:

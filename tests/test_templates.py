@@ -129,3 +129,12 @@ def test_json_login_needs_a_login_call() -> None:
     del cfg["identity"]["login"]
     with pytest.raises(ValueError, match="login: required for kind json_login"):
         Config.model_validate(cfg)
+
+
+def test_json_login_keys_with_another_kind_are_errors() -> None:
+    """identity.login (and credentials, refresh, logout) with kind oauth2 would be silently
+    ignored: it is an error naming the key instead."""
+    cfg = json_login(kind="oauth2", token_url="https://idp.example.com/t", client_id="c")
+    cfg["identity"]["client_secret"] = "s"
+    with pytest.raises(ValueError, match="identity.login: only used by kind json_login"):
+        Config.model_validate(cfg)
