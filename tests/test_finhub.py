@@ -71,6 +71,7 @@ async def test_finhub_yaml_loads_with_the_documented_environment(
     assert config.headers.request_id == "generate"
     assert config.identity.response.access_token == "userSessionToken"
     assert config.session.logout_on_shutdown is True
+    assert config.identity.tls.min_version == "1.3"
 
 
 def test_finhub_yaml_takes_env_overrides_for_lead_time_and_backups(
