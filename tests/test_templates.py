@@ -136,5 +136,5 @@ def test_json_login_keys_with_another_kind_are_errors() -> None:
     ignored: it is an error naming the key instead."""
     cfg = json_login(kind="oauth2", token_url="https://idp.example.com/t", client_id="c")
     cfg["identity"]["client_secret"] = "s"
-    with pytest.raises(ValueError, match="identity.login: only used by kind json_login"):
+    with pytest.raises(ValueError, match=r"identity\.login: only used by kind json_login"):
         Config.model_validate(cfg)
