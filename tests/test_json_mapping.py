@@ -148,3 +148,31 @@ def test_workers_receive_fields_and_cookies_but_not_the_refresh_token() -> None:
     assert back.token.fields == {"tenant_id": "7"}
     assert back.token.cookies == token.cookies
     assert back.token.refresh_token is None
+
+
+def test_a_header_whose_session_field_is_missing_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """{{ session.tenant_id }} for a session without that field: X-Tenant-ID is not sent (rather
+    than every request failing), and one warning names the key, not a value."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from sidecar.config import Headers
+    from sidecar.headers import HeaderRules
+    from sidecar.session import Credentials
+
+    rules = HeaderRules.compile(
+        Headers(tenant_id="{{ session.tenant_id }}", static={"X-C": "c-{{ session.customer }}"})
+    )
+    with_fields = Token("at", NOW + 60, NOW, fields={"tenant_id": "7", "customer": "9"})
+    without = Token("at2", NOW + 60, NOW)
+    incoming = CIMultiDictProxy(CIMultiDict())
+    full = rules.apply(incoming, Credentials(with_fields, "Bearer at", "s", "a", NOW + 60))
+    assert (full["X-Tenant-ID"], full["X-C"]) == ("7", "c-9")
+    bare = Credentials(without, "Bearer at2", "s", "a", NOW + 60)
+    for _ in range(3):
+        head, _rid = rules.head(b"GET / HTTP/1.1\r\nHost: h\r\n", [], bare, b"")
+        assert b"X-Tenant-ID" not in head
+        assert b"X-C:" not in head
+    warnings = [r for r in caplog.records if r.getMessage() == "headers.value_unavailable"]
+    assert len(warnings) == 2  # one per templated key, once for this snapshot
