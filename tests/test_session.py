@@ -12,7 +12,7 @@ from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually, sample
+from tests.helpers import advance, eventually, sample
 
 
 @pytest.fixture
@@ -32,10 +32,10 @@ async def test_login_at_start_then_proactive_refresh_on_schedule(
     sidecar = await make_sidecar(clock=clock, refresh={"lead_time": 300, "lead_fraction": 0.2})
     await eventually(lambda: sidecar.session.usable() is not None, what="login at start")
     assert idp.grants() == ["client_credentials"]
-    await clock.advance(1403)
+    await advance(clock, 1403)
     await asyncio.sleep(0.05)
     assert idp.grants() == ["client_credentials"]
-    await clock.advance(38)
+    await advance(clock, 38)
     await eventually(lambda: len(idp.token_calls) == 2, what="proactive refresh")
     assert idp.grants() == ["client_credentials", "refresh_token"]
     await eventually(lambda: sidecar.session.summary()["refresh_count"] == 1)
@@ -49,7 +49,7 @@ async def test_two_hundred_requests_on_an_expired_token_make_one_token_call(
     sidecar = await make_sidecar(clock=clock)
     await eventually(lambda: sidecar.session.usable() is not None)
     idp.delay = 0.3
-    await clock.advance(61)  # expired: the loop starts one refresh, which takes 0.3 s of real time
+    await advance(clock, 61)  # expired: the loop starts one refresh, which takes 0.3 s of real time
 
     async def one() -> int:
         async with http.get(proxy_url(sidecar, "/x")) as resp:
@@ -68,7 +68,7 @@ async def test_requests_never_wait_for_a_proactive_refresh(
     sidecar = await make_sidecar(clock=clock, refresh={"lead_time": 100, "jitter": 0})
     await eventually(lambda: sidecar.session.usable() is not None)
     idp.delay = 2.0
-    await clock.advance(550)
+    await advance(clock, 550)
     await eventually(lambda: len(idp.token_calls) == 2, what="refresh started")
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -89,15 +89,15 @@ async def test_refresh_failure_keeps_serving_with_current_token_then_recovers(
     )
     await eventually(lambda: sidecar.session.usable() is not None)
     idp.down = "503"
-    await clock.advance(481)
+    await advance(clock, 481)
     await eventually(lambda: sidecar.session.refresh_failures >= 1, what="failed refresh")
     async with http.get(proxy_url(sidecar, "/x")) as resp:
         assert resp.status == 200
     failures_before = len(idp.token_calls)
-    await clock.advance(21)  # at least one backoff step (capped at 20 s)
+    await advance(clock, 21)  # at least one backoff step (capped at 20 s)
     await eventually(lambda: len(idp.token_calls) > failures_before, what="retry")
     idp.down = None
-    await clock.advance(21)
+    await advance(clock, 21)
     await eventually(lambda: sidecar.session.summary()["refresh_count"] == 1, what="recovery")
     metrics = sidecar.metrics.render().decode()
     assert (
@@ -121,7 +121,7 @@ async def test_rejected_refresh_token_falls_back_to_login(
     await eventually(lambda: sidecar.session.usable() is not None)
     first_session = sidecar.session.summary()["session_id"]
     idp.failures = ["invalid_grant"]
-    await clock.advance(500)
+    await advance(clock, 500)
     await eventually(lambda: len(idp.token_calls) == 3, what="refresh then login")
     assert idp.grants() == ["client_credentials", "refresh_token", "client_credentials"]
     await eventually(lambda: sidecar.session.summary().get("session_id") != first_session)
@@ -149,7 +149,7 @@ async def test_expired_with_provider_down_gives_503_and_recovers_by_itself(
     sidecar = await make_sidecar(clock=clock, refresh={"retry": {"initial": 1, "max": 4}})
     await eventually(lambda: sidecar.session.usable() is not None)
     idp.down = "500"
-    await clock.advance(101)
+    await advance(clock, 101)
     await eventually(lambda: sidecar.session.state().value == "EXPIRED")
     async with http.get(proxy_url(sidecar, "/x")) as resp:
         assert resp.status == 503
@@ -158,7 +158,7 @@ async def test_expired_with_provider_down_gives_503_and_recovers_by_itself(
     assert all(idp.is_valid(s.headers["Authorization"][7:]) for s in upstream.seen)
     idp.down = None
     for _ in range(10):
-        await clock.advance(4)
+        await advance(clock, 4)
         await asyncio.sleep(0.05)
         if sidecar.session.usable() is not None:
             break
