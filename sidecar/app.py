@@ -86,7 +86,14 @@ class Sidecar:
                 cfg.session.poll_interval,
             )
         self.session = SessionManager(
-            identity, store, self.clock, self.metrics, cfg.refresh, rng=self.rng, shared=shared
+            identity,
+            store,
+            self.clock,
+            self.metrics,
+            cfg.refresh,
+            rng=self.rng,
+            shared=shared,
+            logout_timeout=cfg.session.logout_timeout,
         )
         await self.session.start()
         self._closers.append(("session", self._stop_session))
@@ -163,7 +170,7 @@ class Sidecar:
 
             return JsonLoginIdentity(cfg.identity, self.clock)
         if not cfg.demo.enabled:
-            return OAuth2Identity(cfg.identity, self.clock)
+            return OAuth2Identity(cfg.identity, self.clock, metrics=self.metrics)
         # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs
         from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
 

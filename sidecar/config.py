@@ -139,23 +139,93 @@ class Upstream(_Model):
         return str(url.with_path(url.path.rstrip("/")))
 
 
+#: asymmetric JWS algorithms (RFC 7518, RFC 8037) sidecar signs or accepts; never ``none`` or HS*
+JWSAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+
+
+def _check_http_url(value: str | None) -> str | None:
+    """An http(s) URL with a host and no credentials, or None."""
+    if value is None:
+        return None
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if url.user or url.password:
+        raise ValueError("credentials in the URL are not allowed; the identity section holds them")
+    return value
+
+
+class Validate(_Model):
+    """Verify each new JWT access token before use: signature (JWKS), iss, aud, exp, nbf."""
+
+    enabled: bool = False
+    #: the expected ``iss``; default identity.issuer
+    issuer: str | None = None
+    #: the expected ``aud`` (one of the token's audiences); default identity.audience
+    audience: str | None = None
+    algorithms: tuple[JWSAlgorithm, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    #: seconds of clock skew allowed on exp and nbf
+    leeway: float = Field(30.0, ge=0, le=300)
+    #: a token signed with an unknown ``kid`` re-fetches the JWKS at most once per this many seconds
+    jwks_min_refetch_interval: float = Field(60.0, ge=0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _some(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        return value
+
+
+#: RFC 8693 section 3: the token type of a JWT such as a Kubernetes service-account token
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
+
+
 class Identity(_Model):
     """How the session is obtained from the identity provider."""
 
+    # "validate" would shadow BaseModel.validate: the field is validate_token, named validate in
+    # the YAML and in every dump (check-config, the config handed to workers)
+    model_config = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True)
+
     kind: Literal["oauth2", "json_login", "demo"] = "demo"
+    #: OIDC discovery: endpoints come from <issuer>/.well-known/openid-configuration
+    issuer: str | None = None
     token_url: str | None = None
-    grant: Literal["client_credentials", "password"] = "client_credentials"
+    #: tried in order when the token endpoint is unreachable, times out or answers 5xx
+    backup_token_urls: tuple[str, ...] = ()
+    grant: Literal["client_credentials", "password", "jwt_bearer", "token_exchange"] = (
+        "client_credentials"
+    )
     client_id: str | None = None
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
-    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    client_auth: Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] = (
+        "client_secret_basic"
+    )
+    #: PEM private key (RSA, EC or Ed25519), re-read at every login
+    private_key_file: Path | None = None
+    key_id: str | None = None
+    signing_alg: JWSAlgorithm | None = None
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
+    #: jwt_bearer: a file holding the assertion (JWT), re-read at every login
+    assertion_file: Path | None = None
+    #: token_exchange: the subject token (e.g. a projected service-account token), re-read
+    subject_token_file: Path | None = None
+    subject_token_type: str = TOKEN_TYPE_JWT
+    actor_token_file: Path | None = None
+    actor_token_type: str | None = None
+    requested_token_type: str | None = None
     scope: str | None = None
     audience: str | None = None
     resource: str | None = None
     revocation_url: str | None = None
+    introspection_url: str | None = None
+    jwks_url: str | None = None
     #: seconds allowed for one call to the identity provider
     timeout: float = Field(10.0, gt=0)
     #: TLS toward the identity provider, the same model as upstream.tls
@@ -166,6 +236,19 @@ class Identity(_Model):
     refresh: JsonRefreshCall | None = None
     logout: JsonCall | None = None
     response: JsonResponse = JsonResponse()
+    validate_token: Validate = Field(Validate(), alias="validate")
+
+    @field_validator("issuer", "token_url", "revocation_url", "introspection_url", "jwks_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return _check_http_url(value)
+
+    @field_validator("backup_token_urls")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            _check_http_url(url)
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> Identity:
@@ -177,15 +260,47 @@ class Identity(_Model):
             if problems:
                 raise ValueError("\n".join(problems))
             return self
+        problems = [*self._endpoint_problems(), *self._client_problems(), *self._grant_problems()]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _endpoint_problems(self) -> list[str]:
         problems = []
-        if not self.token_url:
-            problems.append("token_url: required for kind oauth2")
+        if not self.token_url and not self.issuer:
+            problems.append("token_url: required for kind oauth2 (or issuer, for discovery)")
+        check = self.validate_token
+        if check.enabled:
+            if not (check.issuer or self.issuer):
+                problems.append("validate.issuer: required when validate is enabled (or issuer)")
+            if not (check.audience or self.audience):
+                problems.append(
+                    "validate.audience: required when validate is enabled (or audience)"
+                )
+            if not (self.jwks_url or self.issuer):
+                problems.append("jwks_url: required when validate is enabled (or issuer)")
+        return problems
+
+    def _client_problems(self) -> list[str]:
+        problems = []
         if not self.client_id:
             problems.append("client_id: required for kind oauth2")
+        has_secret = self.client_secret is not None or self.client_secret_file is not None
         if self.client_secret is not None and self.client_secret_file is not None:
             problems.append("client_secret: give client_secret or client_secret_file, not both")
-        if self.client_secret is None and self.client_secret_file is None:
-            problems.append("client_secret: client_secret or client_secret_file is required")
+        if self.client_auth in ("client_secret_basic", "client_secret_post") and not has_secret:
+            problems.append(
+                "client_secret: client_secret or client_secret_file is required "
+                f"for client_auth {self.client_auth}"
+            )
+        elif self.client_auth not in ("client_secret_basic", "client_secret_post") and has_secret:
+            problems.append(f"client_secret: not used with client_auth {self.client_auth}")
+        if self.client_auth == "private_key_jwt" and self.private_key_file is None:
+            problems.append("private_key_file: required for client_auth private_key_jwt")
+        return problems
+
+    def _grant_problems(self) -> list[str]:
+        problems = []
         if self.grant == "password":
             if not self.username:
                 problems.append("username: required for grant password")
@@ -194,9 +309,22 @@ class Identity(_Model):
                     "password: exactly one of password or password_file is required "
                     "for grant password"
                 )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        if (
+            self.grant == "jwt_bearer"
+            and self.assertion_file is None
+            and self.private_key_file is None
+        ):
+            problems.append(
+                "assertion_file: required for grant jwt_bearer (or private_key_file to sign one)"
+            )
+        if self.grant == "token_exchange" and self.subject_token_file is None:
+            problems.append("subject_token_file: required for grant token_exchange")
+        # RFC 8693 section 2.1: actor_token_type is required with, and only with, actor_token
+        if self.actor_token_file is not None and not self.actor_token_type:
+            problems.append("actor_token_type: required with actor_token_file")
+        if self.actor_token_type and self.actor_token_file is None:
+            problems.append("actor_token_file: required with actor_token_type")
+        return problems
 
 
 class Retry(_Model):
@@ -258,6 +386,8 @@ class Session(_Model):
     #: seconds between checks of the shared record when change notifications are missed
     poll_interval: float = Field(1.0, gt=0)
     logout_on_shutdown: bool = False
+    #: seconds a logout may spend revoking before the session is cleared anyway
+    logout_timeout: float = Field(5.0, gt=0, le=60)
 
     @model_validator(mode="after")
     def _redis_url(self) -> Session:
@@ -480,6 +610,10 @@ def _check_files(config: Config) -> list[str]:
     candidates: dict[str, Path | None] = {
         "identity.client_secret_file": config.identity.client_secret_file,
         "identity.password_file": config.identity.password_file,
+        "identity.private_key_file": config.identity.private_key_file,
+        "identity.assertion_file": config.identity.assertion_file,
+        "identity.subject_token_file": config.identity.subject_token_file,
+        "identity.actor_token_file": config.identity.actor_token_file,
         "upstream.tls.ca_file": config.upstream.tls.ca_file,
         "upstream.tls.cert_file": config.upstream.tls.cert_file,
         "upstream.tls.key_file": config.upstream.tls.key_file,
@@ -498,7 +632,25 @@ def _check_files(config: Config) -> list[str]:
                 pass
         except OSError as exc:
             problems.append(f"{key}: cannot read {path}: {exc.strerror}")
+            candidates[key] = None
+    key_file = candidates["identity.private_key_file"]
+    if key_file is not None:
+        problems.extend(_check_private_key(key_file, config.identity.signing_alg))
     return problems
+
+
+def _check_private_key(path: Path, signing_alg: str | None) -> list[str]:
+    """The key must be usable for signing, with ``signing_alg`` when set (caught at load, not at
+    the first login; the file is read again at every login, so a rotated key is used)."""
+    # PyJWT and cryptography are loaded only for a configured private key (idle memory)
+    from sidecar.identity.assertions import load_signing_key
+
+    try:
+        load_signing_key(path.read_bytes(), signing_alg)
+    except ValueError as exc:
+        key = "identity.signing_alg" if "signing_alg" in str(exc) else "identity.private_key_file"
+        return [f"{key}: {exc}"]
+    return []
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -547,7 +699,7 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re
 
 def redacted(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with every secret value masked."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", by_alias=True)
     redis_url = data["session"]["redis_url"]
     if redis_url and "@" in redis_url:
         scheme, _, rest = redis_url.partition("://")

@@ -6,7 +6,8 @@
     ├── ConfigError                 bad configuration (exit code 2); names the key and the file
     ├── IdentityError               the identity provider did not give us a token
     │   ├── IdentityUnavailable     transient: refused, reset, timeout, 5xx, 429, malformed answer
-    │   └── OAuthError              the provider said no, with an RFC 6749 ``error`` code
+    │   ├── OAuthError              the provider said no, with an RFC 6749 ``error`` code
+    │   └── InvalidToken            the provider's token failed validation (signature, aud, exp…)
     ├── NoSessionError              no valid token can be had right now (HTTP 503)
     ├── UpstreamError               the upstream leg failed
     │   ├── UpstreamUnavailable     refused or reset (HTTP 502)
@@ -89,6 +90,24 @@ class OAuthError(IdentityError):
     @property
     def reason(self) -> str:
         return self.error
+
+
+class InvalidToken(IdentityError):
+    """A token the provider issued failed validation; it is never used.
+
+    ``reason`` names the check that failed (``invalid_token_signature``, ``invalid_token_audience``,
+    ``invalid_token_expired``, …). Treated like a transient failure: retried with backoff.
+    """
+
+    code = "invalid_token"
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self._reason = reason
+
+    @property
+    def reason(self) -> str:
+        return self._reason
 
 
 class NoSessionError(SidecarError):

@@ -101,6 +101,12 @@ class Metrics:
             "Refreshes caused by an upstream 401 on a token believed valid",
             registry=r,
         )
+        self.token_validation_failures = Counter(
+            "sidecar_token_validation_failures_total",
+            "New access tokens refused by identity.validate, by the check that failed",
+            ["reason"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):

@@ -79,6 +79,7 @@ class SessionManager:
         rng: random.Random | None = None,
         on_change: Callable[[Credentials | None], None] | None = None,
         shared: SharedSession | None = None,
+        logout_timeout: float = 5.0,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -87,6 +88,9 @@ class SessionManager:
         self.rules = rules
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._on_change = on_change
+        #: real seconds the provider gets to revoke at logout, so a hanging revocation endpoint
+        #: cannot hold up a shutdown (a bound on I/O, not a schedule: hence not the Clock)
+        self.logout_timeout = logout_timeout
         #: the snapshot requests use; replaced whole, never mutated
         self.current: Credentials | None = None
         self.last_api_call_at: float | None = None
@@ -249,7 +253,11 @@ class SessionManager:
             raise NoSessionError(f"refresh failed: {exc}") from exc
 
     async def logout(self) -> None:
-        """End the session: revoke at the provider (failures logged), clear memory and store."""
+        """End the session: revoke at the provider, clear memory and store.
+
+        A failing revocation, or one that takes longer than ``logout_timeout`` real seconds, is
+        logged and given up: the session is cleared locally either way.
+        """
         self._logged_out = True
         task = self._inflight
         if task is not None:
@@ -260,9 +268,20 @@ class SessionManager:
         self._set_current(None)
         if record is not None:
             try:
-                await self.identity.logout(record.token)
+                async with asyncio.timeout(self.logout_timeout):
+                    await self.identity.logout(record.token)
             except IdentityError as exc:
-                log.warning("session.logout_failed", extra={"error": str(exc)})
+                log.warning(
+                    "session.logout_failed", extra={"error": str(exc), "reason": exc.reason}
+                )
+            except TimeoutError:
+                log.warning(
+                    "session.logout_failed",
+                    extra={
+                        "error": f"revocation did not finish within {self.logout_timeout}s",
+                        "reason": "timeout",
+                    },
+                )
         try:
             await self.store.clear()
         except StoreError as exc:

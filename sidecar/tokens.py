@@ -21,6 +21,8 @@ from sidecar.errors import IdentityUnavailable
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
 #: short on purpose, so an unknown lifetime errs toward refreshing too often rather than too late
 DEFAULT_LIFETIME = 300.0
+#: an ``expires_in`` beyond this (seconds) is taken for a provider bug, not a real lifetime
+MAX_LIFETIME = 366 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ def _malformed(problem: str) -> IdentityUnavailable:
 
 def _positive_number(value: Any, name: str) -> float:
     try:
+        if isinstance(value, bool):
+            raise TypeError  # JSON true is not a number of seconds
         number = float(value)
     except (TypeError, ValueError):
         raise _malformed(f"{name} is not a number") from None
@@ -152,6 +156,8 @@ def token_expiry(
         expiry = exp if exp is not None else now + DEFAULT_LIFETIME
     if expiry <= now:
         raise _malformed("the token is already expired")
+    if expiry - now > MAX_LIFETIME:
+        raise _malformed(f"the lifetime of {expiry - now:.0f} s is absurd (more than a year)")
     return expiry
 
 

@@ -205,3 +205,93 @@ def test_check_config_redacts_json_login_credentials(
     for secret in (finhub.customer_secret, finhub.username, "login-api-key-555"):
         assert secret not in out
     assert str(tmp_path / "password") in out
+
+
+async def test_oauth2_credential_files_and_assertions_leak_nowhere(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    serve: Serve,
+    tmp_path: Path,
+    log_output: io.StringIO,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Private key, signed client assertions, jwt_bearer assertions and subject tokens: in none
+    of the logs, /session, /metrics, error bodies or check-config, also when the provider
+    refuses them and when validation refuses the token."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.fakes.oidc import OIDCProvider
+
+    oidc = OIDCProvider()
+    oidc.issuer = await serve(oidc.app())
+    key = ec.generate_private_key(ec.SECP256R1())
+    oidc.client_public_key = key.public_key()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    (tmp_path / "key.pem").write_text(pem)
+    (tmp_path / "subject").write_text("subject-token-secret-4711")
+    (tmp_path / "assertion").write_text("assertion-secret-0815")
+    oidc.subject_tokens = {"subject-token-secret-4711"}
+    exchange = {
+        "issuer": oidc.issuer,
+        "token_url": None,
+        "revocation_url": None,
+        "client_secret": None,
+        "grant": "token_exchange",
+        "subject_token_file": str(tmp_path / "subject"),
+        "client_auth": "private_key_jwt",
+        "private_key_file": str(tmp_path / "key.pem"),
+        "audience": "api://orders",
+        "validate": {"enabled": True},
+    }
+    first = await make_sidecar(identity=exchange)
+    await eventually(lambda: first.session.usable() is not None)
+    oidc.claim_overrides = {"aud": "api://elsewhere"}  # validation refuses the next token
+    outputs = []
+    async with http.post(admin_url(first, "/session/refresh")) as r:
+        outputs.append(await r.text())
+    oidc.claim_overrides = {}
+    oidc.subject_tokens = set()  # the provider refuses the subject token: invalid_grant
+    async with http.post(admin_url(first, "/session/refresh")) as r:
+        outputs.append(await r.text())
+    bearer = {
+        **exchange,
+        "grant": "jwt_bearer",
+        "assertion_file": str(tmp_path / "assertion"),
+        "validate": {"enabled": False},
+    }
+    second = await make_sidecar(identity=bearer)  # the provider rejects this assertion
+    await eventually(lambda: second.session.summary()["consecutive_failures"] >= 1)
+    for sidecar in (first, second):
+        for path in ("/session", "/metrics"):
+            async with http.get(admin_url(sidecar, path)) as r:
+                outputs.append(await r.text())
+        async with http.get(proxy_url(sidecar, "/x")) as r:
+            outputs.append(await r.text())
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "upstream": {"url": "https://api.example.com"},
+                "identity": {"kind": "oauth2", "client_id": "svc", **bearer},
+            }
+        )
+    )
+    assert main(["check-config", "-c", str(config)]) == 0
+    outputs.append(capsys.readouterr().out)
+    everything = log_output.getvalue() + "\n".join(outputs)
+    assert "identity.token_invalid" in everything
+    sent = [c.form.get("client_assertion", "") for c in oidc.token_calls]
+    key_lines = [line for line in pem.splitlines() if "-----" not in line]
+    for secret in [
+        *key_lines,
+        *filter(None, sent),
+        "subject-token-secret-4711",
+        "assertion-secret-0815",
+        *oidc.issued,
+    ]:
+        assert secret not in everything

@@ -208,14 +208,17 @@ class IdentityHTTP:
                 f"identity provider's TLS certificate was not accepted: {exc.certificate_error}",
                 reason="tls",
             ) from exc
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            cause = exc.os_error if isinstance(exc, aiohttp.ClientSSLError) else exc
+            detail = getattr(cause, "reason", None) or type(cause).__name__
+            raise IdentityUnavailable(
+                f"TLS with the identity provider failed: {detail}", reason="tls"
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise IdentityUnavailable(
-                f"identity provider unreachable: {exc.os_error.strerror or exc.os_error}",
+                "identity provider unreachable: "
+                f"{exc.os_error.strerror or type(exc.os_error).__name__}",
                 reason="unreachable",
-            ) from exc
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise IdentityUnavailable(
-                f"TLS with the identity provider failed: {type(exc).__name__}", reason="tls"
             ) from exc
         except aiohttp.ClientError as exc:
             raise IdentityUnavailable(

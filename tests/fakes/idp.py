@@ -114,30 +114,39 @@ class FakeIdP:
             return await self._fail(mode, request)
         if not self._client_ok(request, form):
             return web.json_response({"error": "invalid_client"}, status=401)
+        refused = self._grant_error(form)
+        if refused is not None:
+            return web.json_response({"error": refused}, status=400)
+        return web.json_response(self._issue(form), headers={"Cache-Control": "no-store"})
+
+    def _grant_error(self, form: dict[str, str]) -> str | None:
+        """The RFC 6749 error code for a grant we refuse, or None to issue a token."""
         grant = form.get("grant_type")
         if grant == "password":
             if form.get("username") != self.username or form.get("password") != self.password:
-                return web.json_response({"error": "invalid_grant"}, status=400)
+                return "invalid_grant"
         elif grant == "refresh_token":
             presented = form.get("refresh_token", "")
             if presented not in self.refresh_tokens:
-                return web.json_response({"error": "invalid_grant"}, status=400)
+                return "invalid_grant"
             self.refresh_tokens.discard(presented)  # rotation: each refresh token works once
         elif grant != "client_credentials":
-            return web.json_response({"error": "unsupported_grant_type"}, status=400)
-        return web.json_response(self._issue(form), headers={"Cache-Control": "no-store"})
+            return "unsupported_grant_type"
+        return None
+
+    def _access_token(self, claims: dict[str, Any]) -> str:
+        """Sign the access token's claims (HS256 here: expiry readable without keys)."""
+        return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
 
     def _issue(self, form: dict[str, str]) -> dict[str, Any]:
         now = self.clock.time()
-        access = jwt.encode(
+        access = self._access_token(
             {
                 "sub": self.client_id,
                 "exp": now + self.lifetime,
                 "iat": now,
                 "jti": uuid.uuid4().hex,
-            },
-            SIGNING_KEY,
-            algorithm="HS256",
+            }
         )
         self.issued[access] = now + self.lifetime
         body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}

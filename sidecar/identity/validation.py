@@ -1,0 +1,197 @@
+"""Validation of newly obtained JWT access tokens before use (``identity.validate``).
+
+The Transmit seed's rule: a token is used only after its signature (against the provider's JWKS,
+RFC 7517), ``iss``, ``aud``, ``exp`` and ``nbf`` (RFC 7519 section 4.1) are checked. The ``alg`` of
+the token must be on the configured allow-list, which only holds asymmetric algorithms: ``none``
+and HS* can never pass (RFC 8725 section 3.1). Times are read from the injected Clock, not by PyJWT.
+
+Keys are cached; a token signed with an unknown ``kid`` re-fetches the JWKS once, at most once per
+``jwks_min_refetch_interval`` (a provider rotating keys is followed, a flood of forged kids is not).
+
+Imported only when validation is enabled: it loads PyJWT and cryptography.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from sidecar.clock import Clock
+from sidecar.config import Validate
+from sidecar.errors import IdentityUnavailable, InvalidToken
+from sidecar.identity.http import IdentityHTTP
+
+log = logging.getLogger(__name__)
+
+#: PyJWT's errors, most specific first, and the reason label each becomes
+_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.InvalidSignatureError, "invalid_token_signature"),
+    (jwt.InvalidAudienceError, "invalid_token_audience"),
+    (jwt.InvalidIssuerError, "invalid_token_issuer"),
+    (jwt.MissingRequiredClaimError, "invalid_token_claims"),
+    (jwt.InvalidAlgorithmError, "invalid_token_algorithm"),
+    (jwt.DecodeError, "invalid_token_malformed"),
+)
+
+
+class TokenValidator:
+    """Checks access tokens against one issuer, one audience and the issuer's JWKS."""
+
+    def __init__(
+        self,
+        rules: Validate,
+        http: IdentityHTTP,
+        clock: Clock,
+        *,
+        issuer: str,
+        audience: str,
+        jwks_url: Callable[[], Awaitable[str | None]],
+    ) -> None:
+        self._rules = rules
+        self._http = http
+        self._clock = clock
+        self._issuer = issuer
+        self._audience = audience
+        self._jwks_url = jwks_url
+        self._keys: list[_Key] | None = None
+        self._fetched_at = -math.inf
+
+    async def check(self, access_token: str) -> None:
+        """Return when ``access_token`` passes every check; else raise InvalidToken.
+
+        Raises IdentityUnavailable when the JWKS cannot be fetched (retried like any outage).
+        """
+        try:
+            header = jwt.get_unverified_header(access_token)
+        except jwt.PyJWTError:
+            raise _invalid("not a JWT", "invalid_token_malformed") from None
+        alg = header.get("alg")
+        if alg not in self._rules.algorithms:
+            raise _invalid(
+                f"alg {str(alg)[:20]!r} is not in validate.algorithms", "invalid_token_algorithm"
+            )
+        kid = header.get("kid")
+        candidates = await self._candidates(kid, alg)
+        if not candidates:
+            raise _invalid(f"no key in the JWKS matches kid {str(kid)[:64]!r}", "invalid_token_key")
+        claims = self._verify(access_token, alg, candidates)
+        self._check_times(claims)
+
+    async def _candidates(self, kid: Any, alg: str) -> list[_Key]:
+        keys = await self._load(force=False)
+        found = _matching(keys, kid, alg)
+        if not found and kid is not None:
+            now = self._clock.monotonic()
+            if now - self._fetched_at >= self._rules.jwks_min_refetch_interval:
+                log.info("identity.jwks_refetch", extra={"kid": str(kid)[:64]})
+                found = _matching(await self._load(force=True), kid, alg)
+        return found
+
+    def _verify(self, token: str, alg: str, keys: list[_Key]) -> dict[str, Any]:
+        for key in keys:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key.jwk.key,
+                    algorithms=[alg],
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    # exp/nbf/iat are checked below with the injected clock
+                    options={
+                        "require": ["exp", "iss", "aud"],
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                    },
+                )
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
+                continue  # another key with the same kid (or none) may still verify it
+            except jwt.PyJWTError as exc:
+                raise _invalid(str(exc), _reason(exc)) from None
+            return claims
+        raise _invalid("signature does not verify", "invalid_token_signature")
+
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self._clock.time()
+        leeway = self._rules.leeway
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if not isinstance(exp, int | float) or not _is_number(exp):
+            raise _invalid("exp is not a number", "invalid_token_claims")
+        if nbf is not None and not (isinstance(nbf, int | float) and _is_number(nbf)):
+            raise _invalid("nbf is not a number", "invalid_token_claims")
+        if now >= exp + leeway:
+            raise _invalid("the token has expired", "invalid_token_expired")
+        if nbf is not None and now + leeway < nbf:
+            raise _invalid("the token is not valid yet (nbf)", "invalid_token_not_yet_valid")
+
+    async def _load(self, *, force: bool) -> list[_Key]:
+        if self._keys is not None and not force:
+            return self._keys
+        url = await self._jwks_url()
+        if url is None:
+            raise IdentityUnavailable(
+                "no JWKS endpoint: set identity.jwks_url or an issuer whose discovery names one",
+                reason="jwks_invalid",
+            )
+        self._fetched_at = self._clock.monotonic()
+        answer = await self._http.request("GET", url)
+        keys = _parse_jwks(answer.json)
+        if not keys:
+            raise IdentityUnavailable(
+                f"the JWKS at {url} holds no usable signing key", reason="jwks_invalid"
+            )
+        self._keys = keys
+        return keys
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    jwk: jwt.PyJWK
+    kid: str | None
+    #: the key's own ``alg`` (RFC 7517 section 4.4), when it pins one
+    alg: str | None
+
+
+def _parse_jwks(doc: Any) -> list[_Key]:
+    """The usable signing keys of a JWK Set (RFC 7517 section 5); others are skipped."""
+    entries = doc.get("keys") if isinstance(doc, dict) else None
+    keys = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+            continue
+        try:
+            jwk = jwt.PyJWK(entry)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            log.info("identity.jwks_key_skipped", extra={"kid": str(entry.get("kid"))[:64]})
+            continue
+        alg, kid = entry.get("alg"), entry.get("kid")
+        keys.append(
+            _Key(jwk, kid if isinstance(kid, str) else None, alg if isinstance(alg, str) else None)
+        )
+    return keys
+
+
+def _matching(keys: list[_Key], kid: Any, alg: str) -> list[_Key]:
+    """Keys with this kid (any key when the token names none) whose own ``alg``, if set, agrees."""
+    return [k for k in keys if (kid is None or k.kid == kid) and k.alg in (None, alg)]
+
+
+def _reason(exc: Exception) -> str:
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "invalid_token"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _invalid(problem: str, reason: str) -> InvalidToken:
+    # the problem text comes from PyJWT or from us: it names a claim or a check, never the token
+    return InvalidToken(f"the access token failed validation: {problem}", reason=reason)

@@ -1,0 +1,216 @@
+"""A standards OAuth2/OIDC provider for tests: FakeIdP plus discovery, JWKS, asymmetric access
+tokens, private_key_jwt client authentication, the jwt_bearer and token_exchange grants, and bad
+answers on demand. Like FakeIdP it records every call, so tests check what went over the wire.
+
+It verifies what a real provider would, with the client's PUBLIC key only: an assertion's
+signature, ``iss``/``sub``/``aud``, ``exp`` (on the shared fake clock) and that no ``jti`` is ever
+presented twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from tests.fakes.idp import SIGNING_KEY, Call, FakeIdP
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+#: bad token-endpoint answers, by mode name: (status, content type, body)
+BAD_ANSWERS: dict[str, tuple[int, str, str]] = {
+    "html_200": (200, "text/html", "<!DOCTYPE html><html><body>Sign in</body></html>"),
+    "html_502": (502, "text/html", "<html><body>Bad Gateway</body></html>"),
+    "not_json": (200, "application/json", "access_token=abc&expires_in=60"),
+    "404": (404, "application/json", '{"detail": "no such tenant"}'),
+    "no_token": (200, "application/json", '{"token_type": "Bearer", "expires_in": 60}'),
+    "expires_negative": (200, "", '{"access_token": "a.b.c", "expires_in": -5}'),
+    "expires_zero": (200, "", '{"access_token": "a.b.c", "expires_in": 0}'),
+    "expires_absurd": (200, "", '{"access_token": "a.b.c", "expires_in": 99999999999}'),
+    "expires_text": (200, "", '{"access_token": "a.b.c", "expires_in": "soon"}'),
+    "token_type_mac": (200, "", '{"access_token": "a.b.c", "token_type": "MAC"}'),
+    "json_array": (200, "application/json", "[1, 2, 3]"),
+}
+
+
+@dataclass
+class OIDCProvider(FakeIdP):
+    """Knobs beyond FakeIdP's: the issuer (set from the served URL), the client's public key,
+    trusted assertion keys, accepted subject tokens, claim overrides for issued tokens."""
+
+    issuer: str = ""
+    audience: str = "api://orders"
+    #: the issuer the discovery document claims (None: the real one)
+    discovery_issuer: str | None = None
+    #: access tokens are ES256 JWTs signed with this key, published in the JWKS as "idp-1"
+    signing_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    key_id: str = "idp-1"
+    #: merged into every issued access token's claims (to issue a wrong aud, iss, exp, …)
+    claim_overrides: dict[str, Any] = field(default_factory=dict)
+    #: sign issued tokens with this key instead (one the JWKS does not publish)
+    rogue_key: ec.EllipticCurvePrivateKey | None = None
+    #: "ES256" (signed with signing_key), or "HS256" / "none" to issue forbidden kinds of token
+    token_alg: str = "ES256"
+    #: the key the JWS header names (None: ``key_id``)
+    header_kid: str | None = None
+    #: private_key_jwt: the client's public key (None: client secrets are checked instead)
+    client_public_key: Any = None
+    #: jwt_bearer: public keys whose assertions are trusted (besides the client's own)
+    assertion_keys: list[Any] = field(default_factory=list)
+    #: token_exchange: subject tokens accepted
+    subject_tokens: set[str] = field(default_factory=set)
+    #: token_exchange: the actor token accepted, if one is expected
+    actor_token: str | None = None
+    #: the revocation endpoint never answers while set
+    revocation_hangs: bool = False
+    seen_jti: set[str] = field(default_factory=set)
+    assertion_failures: list[str] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_get("/.well-known/openid-configuration", self._discovery)
+        app.router.add_get("/jwks", self._jwks)
+        return app
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/token"
+
+    def paths(self) -> list[str]:
+        return [c.path for c in self.calls]
+
+    # ----------------------------------------------------------------- metadata
+
+    async def _discovery(self, request: web.Request) -> web.StreamResponse:
+        self.calls.append(Call(request.path, {}, dict(request.headers)))
+        mode = self.down or (self.failures.pop(0) if self.failures else None)
+        if mode is not None:
+            return await self._fail(mode, request)
+        return web.json_response(
+            {
+                "issuer": self.discovery_issuer or self.issuer,
+                "token_endpoint": self.token_endpoint,
+                "revocation_endpoint": f"{self.issuer}/revoke",
+                "jwks_uri": f"{self.issuer}/jwks",
+                "grant_types_supported": ["client_credentials", JWT_BEARER, TOKEN_EXCHANGE],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
+            }
+        )
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.calls.append(Call(request.path, {}, dict(request.headers)))
+        public = json.loads(ECAlgorithm.to_jwk(self.signing_key.public_key()))
+        public.update(kid=self.key_id, use="sig", alg="ES256")
+        return web.json_response({"keys": [public]})
+
+    def _access_token(self, claims: dict[str, Any]) -> str:
+        claims = {**claims, "iss": self.issuer, "aud": self.audience, **self.claim_overrides}
+        claims = {k: v for k, v in claims.items() if v is not None}
+        if self.token_alg == "HS256":
+            return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
+        if self.token_alg == "none":
+            return jwt.encode(claims, None, algorithm="none")
+        return jwt.encode(
+            claims,
+            self.rogue_key or self.signing_key,
+            algorithm="ES256",
+            headers={"kid": self.header_kid or self.key_id},
+        )
+
+    # ----------------------------------------------------------------- client and grants
+
+    def _client_ok(self, request: web.Request, form: dict[str, str]) -> bool:
+        if form.get("client_assertion_type") == ASSERTION_TYPE:
+            if self.client_public_key is None:
+                return False
+            return self._assertion_ok(
+                form.get("client_assertion", ""), [self.client_public_key], client=True
+            )
+        public = "Authorization" not in request.headers and "client_secret" not in form
+        if form.get("grant_type") in (JWT_BEARER, TOKEN_EXCHANGE) and public:
+            # a public client (client_auth none): the grant's own token authenticates it
+            return form.get("client_id") == self.client_id
+        return super()._client_ok(request, form)
+
+    def _assertion_ok(self, assertion: str, keys: list[Any], *, client: bool) -> bool:
+        """RFC 7523 section 3: signature, iss/sub, aud = our token endpoint, exp, unused jti."""
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    assertion,
+                    key,
+                    algorithms=["RS256", "ES256", "PS256", "EdDSA"],
+                    audience=self.token_endpoint,
+                    # times are checked below on the fake clock, not by PyJWT
+                    options={
+                        "verify_exp": False,
+                        "verify_iat": False,
+                        "verify_nbf": False,
+                        "require": ["exp", "jti", "iss", "sub"],
+                    },
+                )
+            except jwt.PyJWTError as exc:
+                self.assertion_failures.append(type(exc).__name__)
+                continue
+            if claims["exp"] <= self.clock.time():
+                self.assertion_failures.append("expired")
+                return False
+            if claims["jti"] in self.seen_jti:
+                self.assertion_failures.append("jti_reused")
+                return False
+            if client and not claims["iss"] == claims["sub"] == self.client_id:
+                self.assertion_failures.append("wrong_issuer")
+                return False
+            self.seen_jti.add(claims["jti"])
+            return True
+        return False
+
+    def _grant_error(self, form: dict[str, str]) -> str | None:
+        grant = form.get("grant_type")
+        if grant == JWT_BEARER:
+            keys = [*self.assertion_keys]
+            if self.client_public_key is not None:
+                keys.append(self.client_public_key)
+            ok = self._assertion_ok(form.get("assertion", ""), keys, client=False)
+            return None if ok else "invalid_grant"
+        if grant == TOKEN_EXCHANGE:
+            if form.get("subject_token_type") != JWT_TYPE:
+                return "invalid_request"
+            if form.get("subject_token") not in self.subject_tokens:
+                return "invalid_grant"
+            if self.actor_token is not None and form.get("actor_token") != self.actor_token:
+                return "invalid_grant"
+            return None
+        return super()._grant_error(form)
+
+    def _issue(self, form: dict[str, str]) -> dict[str, Any]:
+        body = super()._issue(form)
+        if form.get("grant_type") == TOKEN_EXCHANGE:
+            body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+            body.pop("refresh_token", None)  # RFC 8693 2.2.1: usually none for an exchange
+        return body
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        if self.revocation_hangs:
+            self.calls.append(Call(request.path, {}, dict(request.headers)))
+            await asyncio.sleep(3600)
+        return await super()._revoke(request)
+
+    async def _fail(self, mode: str, request: web.Request) -> web.StreamResponse:
+        if mode in BAD_ANSWERS:
+            status, content_type, body = BAD_ANSWERS[mode]
+            return web.Response(
+                status=status, text=body, content_type=content_type or "application/json"
+            )
+        return await super()._fail(mode, request)
