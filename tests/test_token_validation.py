@@ -12,7 +12,7 @@ from sidecar.app import Sidecar
 from tests.conftest import MakeSidecar, Serve
 from tests.fakes.clock import FakeClock
 from tests.fakes.oidc import OIDCProvider
-from tests.helpers import eventually, sample
+from tests.helpers import advance, eventually, sample
 
 NOW = 1_800_000_000.0
 
@@ -138,7 +138,7 @@ async def test_a_refresh_whose_token_fails_counts_a_refresh_failure_and_keeps_th
     await eventually(lambda: sidecar.session.usable() is not None)
     good = sidecar.session.current
     idp.claim_overrides = {"aud": "api://someone-else"}
-    await clock.advance(500)
+    await advance(clock, 500)
     label = 'sidecar_token_refreshes_total{reason="invalid_token_audience",result="failure"}'
     await eventually(lambda: sample(metrics_of(sidecar), label) == 1, what="refresh failure")
     assert sidecar.session.current is good
