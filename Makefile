@@ -56,6 +56,9 @@ bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streamin
 bench-shared: $(STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
 	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
 
+chaos: $(STAMP) ## 60 s of traffic while the identity provider fails and recovers (loopback)
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+
 image: ## build the container image (needs a Docker or Podman engine)
 	@engine=$$(command -v docker || command -v podman) || { echo "no docker or podman here"; exit 1; }; \
 	$$engine build -f deploy/Dockerfile -t sidecar:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) .
@@ -63,4 +66,4 @@ image: ## build the container image (needs a Docker or Podman engine)
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared image
+.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared chaos image

@@ -13,14 +13,14 @@ import random
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
-from sidecar.errors import ConfigError, StoreError
+from sidecar.errors import ConfigError, IdentityError, StoreError
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
 from sidecar.identity import IdentityProvider
@@ -38,10 +38,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: seconds in-flight requests get to finish after SIGTERM before they are cut
-DRAIN_TIMEOUT = 15.0
-
 Closer = Callable[[], Awaitable[None]]
+
+#: sections whose change a running process cannot apply: SIGHUP logs them as needing a restart
+RESTART_SECTIONS = ("listen", "admin", "session", "demo")
+
+
+class Front(Protocol):
+    """What the lifecycle needs from a listener such as the :8080 proxy front."""
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket: new connections are refused from now on."""
+
+    async def drain(self, within: float) -> None:
+        """Let requests in flight finish for up to ``within`` seconds, then cut the rest."""
+
+    async def close(self) -> None:
+        """Release everything (after a drain, or at once)."""
+
+
+class AiohttpFront:
+    """A :class:`Front` over an aiohttp runner and its one TCP site."""
+
+    def __init__(self, runner: web.BaseRunner) -> None:
+        self._runner = runner
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Start listening; returns the port (useful when ``port`` is 0)."""
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, host, port, reuse_address=True, reuse_port=reuse_port or None
+        )
+        await site.start()
+        return int(self._runner.addresses[0][1])
+
+    async def stop_accepting(self) -> None:
+        for site in list(self._runner.sites):
+            await site.stop()
+
+    async def drain(self, within: float) -> None:
+        server = self._runner.server
+        if server is None:
+            return
+        await asyncio.sleep(0)  # requests accepted just before the stop start being handled
+        server.pre_shutdown()  # idle keep-alive connections close now
+        await server.shutdown(within)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
 
 
 @dataclass
@@ -51,7 +95,6 @@ class Sidecar:
     config: Config
     clock: Clock = field(default_factory=SystemClock)
     rng: random.Random | None = None
-    drain_timeout: float = DRAIN_TIMEOUT
     #: False in the supervisor of ``--workers N``: the workers serve the proxy, it serves admin
     serve_proxy: bool = True
     metrics: Metrics = field(default_factory=Metrics)
@@ -60,7 +103,22 @@ class Sidecar:
     admin_port: int = field(init=False, default=0)
     upstream_url: str = field(init=False, default="")
     demo_idp: DemoIdentityProvider | None = field(init=False, default=None)
+    proxy: Proxy | None = field(init=False, default=None)
+    #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
+    drain_timeout: float | None = None
+    _drain: float = field(init=False)
+    _fronts: list[Front] = field(init=False, default_factory=list)
     _closers: list[tuple[str, Closer]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._drain = (
+            self.config.listen.drain_timeout if self.drain_timeout is None else self.drain_timeout
+        )
+
+    @property
+    def drain_seconds(self) -> float:
+        """Seconds in-flight requests get to finish at shutdown."""
+        return self._drain
 
     async def start(self) -> None:
         """Build and start everything; on failure, close what was already started."""
@@ -73,9 +131,11 @@ class Sidecar:
     async def _start(self) -> None:
         cfg = self.config
         identity = await self._identity()
-        self._closers.append(("identity", identity.aclose))
-        store = self._store(identity.fingerprint)
-        self._closers.append(("store", store.aclose))
+        try:
+            store = self._store(identity.fingerprint)
+        except BaseException:
+            await identity.aclose()
+            raise
         shared = None
         if store.shared:
             from sidecar.shared import SharedSession
@@ -95,6 +155,9 @@ class Sidecar:
             shared=shared,
             logout_timeout=cfg.session.logout_timeout,
         )
+        # a reload may replace both: the closers close whichever the session holds by then
+        self._closers.append(("identity", lambda: self.session.identity.aclose()))
+        self._closers.append(("store", lambda: self.session.store.aclose()))
         await self.session.start()
         self._closers.append(("session", self._stop_session))
 
@@ -130,16 +193,12 @@ class Sidecar:
             cfg.upstream,
             self.upstream_url,
             session,
-            HeaderRules.compile(
-                cfg.headers,
-                cookies=SessionCookies(self.upstream_url, self.clock)
-                if cfg.upstream.send_cookies
-                else None,
-            ),
+            self._rules(cfg, self.upstream_url),
             self.metrics,
             self.clock,
         )
         await proxy.start()
+        self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
         access = (
             {"access_log_class": AccessLogger, "access_log": access_logger()}
@@ -147,30 +206,24 @@ class Sidecar:
             else {"access_log": None}
         )
         proxy_runner = web.ServerRunner(
-            proxy.server(**access), handle_signals=False, shutdown_timeout=self.drain_timeout
+            proxy.server(**access), handle_signals=False, shutdown_timeout=self.drain_seconds
         )
-        return await self._listen(
-            "proxy", proxy_runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port
-        )
+        front = AiohttpFront(proxy_runner)
+        self._closers.append(("proxy", front.close))
+        port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
+        self._fronts.append(front)
+        return port
 
-    async def _listen(
-        self, name: str, runner: web.BaseRunner, host: str, port: int, *, reuse_port: bool = False
-    ) -> int:
-        await runner.setup()
-        self._closers.append((name, runner.cleanup))
-        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
-        await site.start()
-        return int(runner.addresses[0][1])
+    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
+        front = AiohttpFront(runner)
+        self._closers.append((name, front.close))
+        return await front.listen(host, port)
 
     async def _identity(self) -> IdentityProvider:
         cfg = self.config
         self.upstream_url = cfg.upstream.url or ""
-        if cfg.identity.kind == "json_login":
-            from sidecar.identity.json_login import JsonLoginIdentity
-
-            return JsonLoginIdentity(cfg.identity, self.clock)
-        if not cfg.demo.enabled:
-            return OAuth2Identity(cfg.identity, self.clock, metrics=self.metrics)
+        if not _demo_identity(cfg):
+            return self._provider(cfg.identity)
         # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs
         from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
 
@@ -189,6 +242,18 @@ class Sidecar:
             client_secret=SecretStr(idp.client_secret),
         )
         return OAuth2Identity(demo_identity, self.clock)
+
+    def _provider(self, identity: Identity) -> IdentityProvider:
+        """The provider for an identity section (not the embedded demo's)."""
+        if identity.kind == "json_login":
+            from sidecar.identity.json_login import JsonLoginIdentity
+
+            return JsonLoginIdentity(identity, self.clock)
+        return OAuth2Identity(identity, self.clock, metrics=self.metrics)
+
+    def _rules(self, config: Config, upstream_url: str) -> HeaderRules:
+        cookies = SessionCookies(upstream_url, self.clock) if config.upstream.send_cookies else None
+        return HeaderRules.compile(config.headers, cookies=cookies)
 
     async def _serve_app(self, name: str, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
@@ -220,33 +285,150 @@ class Sidecar:
         if self.config.session.logout_on_shutdown:
             await self.session.logout()
 
+    async def drain(self) -> None:
+        """Graceful shutdown, first half: refuse new connections, give the requests in flight up
+        to ``drain_timeout`` seconds, cut the rest. :meth:`stop` then persists and closes."""
+        timeout = self.drain_seconds
+        for front in self._fronts:
+            await front.stop_accepting()
+        log.info(
+            "sidecar.draining",
+            extra={"in_flight": self.metrics.in_flight_now(), "drain_timeout": timeout},
+        )
+        started = self.clock.monotonic()
+        await asyncio.gather(*(front.drain(timeout) for front in self._fronts))
+        log.info(
+            "sidecar.drained",
+            extra={"seconds": round(self.clock.monotonic() - started, 3)},
+        )
+
+    async def reload(self, config: Config) -> None:
+        """Apply a new configuration to the running process (SIGHUP).
+
+        Live: the upstream section (a new pool and TLS context: certificate files are read
+        again), header rules, refresh rules, the log level, and the identity. The session is kept
+        when the identity's fingerprint is unchanged; another identity starts a new session. Keys
+        of sections a running process cannot change are logged as needing a restart.
+        """
+        old = self.config
+        pending = [
+            f"{section}.{key}"
+            for section in RESTART_SECTIONS
+            for key, value in getattr(config, section)
+            if getattr(getattr(old, section), key) != value and key != "drain_timeout"
+        ]
+        if config.log.access_log != old.log.access_log:
+            pending.append("log.access_log")
+        current = self.session.identity
+        identity: IdentityProvider = current
+        if not _demo_identity(old):
+            identity = self._provider(config.identity)
+            if self.session.store.shared and identity.fingerprint != current.fingerprint:
+                # replicas find their shared session by identity: all must restart together
+                identity = current
+                pending.append("identity (with a shared store)")
+        changed = identity.fingerprint != current.fingerprint
+        # a new identity gets its own store namespace (and encryption context)
+        store = self._store(identity.fingerprint) if changed else None
+        if self.proxy is not None:
+            upstream_url = config.upstream.url or self.upstream_url
+            try:
+                await self.proxy.reconfigure(
+                    config.upstream, upstream_url, self._rules(config, upstream_url)
+                )
+            except BaseException:
+                if store is not None:
+                    await self._close_quietly("store", store.aclose)
+                raise
+            self.upstream_url = upstream_url
+        logging.getLogger().setLevel(config.log.level.upper())
+        self._drain = config.listen.drain_timeout
+        replaced_store = self.session.store
+        previous = await self.session.reconfigure(identity, config.refresh, store)
+        if previous is not identity:
+            await self._close_quietly("identity", previous.aclose)
+        if store is not None:
+            await self._close_quietly("store", replaced_store.aclose)
+        self.config = config
+        log.info(
+            "sidecar.reloaded", extra={"identity_changed": changed, "upstream": self.upstream_url}
+        )
+        if pending:
+            log.warning("sidecar.reload_needs_restart", extra={"keys": pending})
+
+    async def _close_quietly(self, name: str, close: Closer) -> None:
+        try:
+            await close()
+        except (OSError, StoreError, RuntimeError, IdentityError) as exc:
+            log.error("sidecar.close_failed", extra={"part": name, "error": str(exc)})
+
     async def stop(self) -> None:
         """Close everything in reverse order of creation; log (not raise) failing closes."""
         while self._closers:
             name, close = self._closers.pop()
-            try:
-                await close()
-            except (OSError, StoreError, RuntimeError) as exc:
-                log.error("sidecar.close_failed", extra={"part": name, "error": str(exc)})
+            await self._close_quietly(name, close)
         log.info("sidecar.stopped")
 
 
-async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain and stop. Returns the process exit code."""
+def _demo_identity(config: Config) -> bool:
+    """True when the session comes from the embedded demo's provider."""
+    return config.demo.enabled and config.identity.kind != "json_login"
+
+
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[Sidecar], None] | None = None,
+    load: Callable[[], Config] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain and stop. Returns the process exit code.
+
+    SIGHUP calls ``load`` (which reads the config file again) and applies the result; an invalid
+    file is logged, naming the key and the file, and the running configuration stays in force.
+    """
     sidecar = Sidecar(config)
     await sidecar.start()
     if ready is not None:
         ready(sidecar)
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+    one_at_a_time = asyncio.Lock()  # a second SIGHUP waits for the first to be applied
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if load is None:
+            log.warning("sidecar.reload_unavailable", extra={"why": "no config to read again"})
+            return
+        task = loop.create_task(_reload(sidecar, load, one_at_a_time))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_hup}
+    for sig, handler in signals.items():
+        loop.add_signal_handler(sig, handler)
     try:
         await stop.wait()
-        log.info("sidecar.stopping", extra={"drain_timeout": sidecar.drain_timeout})
+        log.info("sidecar.stopping", extra={"drain_timeout": sidecar.drain_seconds})
+        for task in list(reloads):
+            await task
+        await sidecar.drain()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await sidecar.stop()
     return 0
+
+
+async def _reload(sidecar: Sidecar, load: Callable[[], Config], lock: asyncio.Lock) -> None:
+    async with lock:
+        log.info("sidecar.reloading")
+        try:
+            config = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            log.error("sidecar.reload_failed", extra={"error": str(exc), "kept": "running config"})
+            return
+        try:
+            await sidecar.reload(config)
+        except (ConfigError, StoreError, OSError) as exc:
+            log.error("sidecar.reload_failed", extra={"error": str(exc), "kept": "running config"})

@@ -13,7 +13,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -96,10 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    return _run(config, args.workers, args.loop)
+    return _run(config, args.workers, args.loop, load=lambda: load_config(args.config))
 
 
-def _run(config: Config, workers: int = 1, loop: str = "asyncio") -> int:
+def _run(
+    config: Config,
+    workers: int = 1,
+    loop: str = "asyncio",
+    load: Callable[[], Config] | None = None,
+) -> int:
     from sidecar.app import serve
     from sidecar.logs import setup_logging
 
@@ -114,7 +119,7 @@ def _run(config: Config, workers: int = 1, loop: str = "asyncio") -> int:
             from sidecar.workers import serve_workers
 
             return run(serve_workers(config, workers))
-        return run(serve(config))
+        return run(serve(config, load=load))
     except SidecarError as exc:
         log.error("sidecar.failed", extra={"error": str(exc)})
         return exc.exit_code

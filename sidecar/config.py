@@ -60,15 +60,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Listen(_Model):
-    """Where the proxy listens. Loopback only unless ``allow_non_loopback`` says otherwise."""
+class _Address(_Model):
+    """A listening address: loopback only unless ``allow_non_loopback`` says otherwise."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     allow_non_loopback: bool = False
 
     @model_validator(mode="after")
-    def _loopback_only(self) -> Listen:
+    def _loopback_only(self) -> _Address:
         if not self.allow_non_loopback and not is_loopback(self.host):
             raise ValueError(
                 f"host: {self.host!r} is not a loopback address; anything that can reach it gets "
@@ -77,7 +77,14 @@ class Listen(_Model):
         return self
 
 
-class Admin(Listen):
+class Listen(_Address):
+    """Where the proxy listens. Loopback only unless ``allow_non_loopback`` says otherwise."""
+
+    #: seconds in-flight requests get to finish after SIGTERM before they are cut
+    drain_timeout: float = Field(10.0, ge=0)
+
+
+class Admin(_Address):
     """Where the admin endpoints listen (/metrics, /healthz, /readyz, /session)."""
 
     port: int = Field(8081, ge=0, le=65535)
@@ -344,6 +351,9 @@ class Refresh(_Model):
     #: an upstream 401 triggers a reactive refresh at most once per this many seconds, so an
     #: upstream that rejects every token cannot turn each request into a token call
     reactive_min_interval: float = Field(5.0, ge=0)
+    #: a token is not forwarded in its last this-many seconds (at most a tenth of its lifetime),
+    #: so that it cannot expire on its way to the upstream or on a clock slightly ahead
+    expiry_margin: float = Field(2.0, ge=0)
 
 
 class Headers(_Model):

@@ -121,6 +121,10 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
 
+    def in_flight_now(self) -> float:
+        """Requests being proxied right now (the gauge's value)."""
+        return float(next(iter(self.in_flight.collect())).samples[0].value)
+
     def snapshot(self) -> dict[str, Any]:
         """The per-request metrics as plain data, for a worker to report to its supervisor."""
         requests = [
@@ -135,8 +139,12 @@ class Metrics:
                 buckets.append([s.labels["le"], s.value])
             elif s.name.endswith("_sum"):
                 total = s.value
-        in_flight = next(iter(self.in_flight.collect())).samples[0].value
-        return {"requests": requests, "buckets": buckets, "sum": total, "in_flight": in_flight}
+        return {
+            "requests": requests,
+            "buckets": buckets,
+            "sum": total,
+            "in_flight": self.in_flight_now(),
+        }
 
     def take_requests_from_workers(self) -> WorkerTotals:
         """Supervisor mode: the per-request metrics become the sum of the workers' reports."""

@@ -114,6 +114,17 @@ class Proxy:
         metrics: Metrics,
         clock: Clock,
     ) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._clock = clock
+        self._pool: UpstreamPool | None = None
+        self._client: aiohttp.ClientSession | None = None
+        #: WebSocket clients of earlier configurations, closed with the proxy (their sockets
+        #: may still carry live WebSockets)
+        self._old_clients: list[aiohttp.ClientSession] = []
+        self._target(upstream, upstream_url, rules)
+
+    def _target(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
         self._config = upstream
         self._base = upstream_url.rstrip("/")
         url = URL(self._base)
@@ -124,12 +135,26 @@ class Proxy:
         if not url.is_default_port():
             host += f":{url.port}"
         self._host = host
-        self._session = session
         self._rules = rules
-        self._metrics = metrics
-        self._clock = clock
-        self._pool: UpstreamPool | None = None
-        self._client: aiohttp.ClientSession | None = None
+
+    async def reconfigure(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
+        """Forward with a new upstream section and header rules from the next request on.
+
+        A new pool (and TLS context, so certificate and key files are read again) replaces the
+        old one; requests in flight finish on their old connections, which are then closed.
+        """
+        old_pool, old_client = self._pool, self._client
+        before = (self._config, self._base, self._rules)
+        self._target(upstream, upstream_url, rules)
+        try:
+            await self.start()
+        except BaseException:
+            self._target(*before)  # e.g. an unreadable certificate: keep forwarding as before
+            raise
+        if old_pool is not None:
+            old_pool.close()
+        if old_client is not None:
+            self._old_clients.append(old_client)
 
     async def start(self) -> None:
         """Open the keep-alive pool (and the WebSocket client) toward the upstream."""
@@ -161,8 +186,9 @@ class Proxy:
     async def aclose(self) -> None:
         if self._pool is not None:
             self._pool.close()
-        if self._client is not None:
-            await self._client.close()
+        for client in [*self._old_clients, self._client]:
+            if client is not None:
+                await client.close()
 
     def server(self, **kwargs: Any) -> web.Server:
         """The low-level aiohttp server running this proxy (no router: every path is ours)."""

@@ -59,6 +59,7 @@ class Credentials:
     authorization: str
     session_id: str
     activity_id: str
+    #: when requests stop using it: the token's expiry less the expiry margin
     expires_at: float
 
     def __repr__(self) -> str:
@@ -100,6 +101,8 @@ class SessionManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._logged_out = False
+        #: set when a reloaded config named another identity: the next renewal is a login
+        self._stale_identity = False
         self._expired_noted = False
         self._failures = 0
         self._next_attempt_at = 0.0
@@ -301,6 +304,42 @@ class SessionManager:
             log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
         self._wake.set()
 
+    async def reconfigure(
+        self, identity: IdentityProvider, rules: Refresh, store: SessionStore | None = None
+    ) -> IdentityProvider:
+        """Use a reloaded configuration's identity provider and refresh rules; returns the old
+        provider (for the caller to close).
+
+        Same identity (fingerprint): the session goes on, and the new provider is used from the
+        next refresh or login. Another identity: a new session is started at once with a login;
+        until it succeeds, requests keep the old token while it is valid, and it is never
+        refreshed with the new identity. ``store`` replaces the store (keyed by identity).
+        """
+        task = self._inflight
+        if task is not None:  # a call with the old provider finishes first
+            with contextlib.suppress(IdentityError):
+                await asyncio.shield(task)
+        old = self.identity
+        changed = identity.fingerprint != old.fingerprint
+        self.identity = identity
+        self.rules = rules
+        if store is not None:
+            self.store = store
+        if changed:
+            self._stale_identity = True
+            self._failures = 0
+            self._next_attempt_at = 0.0
+            log.info(
+                "session.identity_changed",
+                extra={"session_id": self._record.session_id if self._record else None},
+            )
+            if not self._logged_out:
+                self._renew("reload")
+        elif self._record is not None:
+            self._refresh_at = refresh_at(self._record.token, rules, self._rng)
+        self._wake.set()
+        return old
+
     # ----------------------------------------------------------------- single flight
 
     def _renew(self, trigger: str) -> asyncio.Task[Credentials]:
@@ -330,6 +369,8 @@ class SessionManager:
         flight, and the shared lock when the store is shared."""
         record = self._record
         now = self.clock.time()
+        if self._stale_identity:
+            record = None  # the session belongs to the identity the config replaced
         if record is not None and (record.token.refresh_token or record.token.is_valid(now)):
             refreshable = record.token.refresh_token is not None
             try:
@@ -410,6 +451,7 @@ class SessionManager:
         """Make ``record`` the session: snapshot for requests, schedule, gauges."""
         self._record = record
         self._logged_out = False
+        self._stale_identity = False
         self._failures = 0
         self._next_attempt_at = 0.0
         self._last_error = None
@@ -421,13 +463,16 @@ class SessionManager:
             authorization=f"Bearer {token.access_token}",
             session_id=record.session_id,
             activity_id=record.activity_id,
-            expires_at=token.expires_at,
+            expires_at=token.expires_at - self._margin(token),
         )
         self._set_current(creds)
         self.metrics.session_started.set(record.created_at)
         self.metrics.last_refresh_success.set(record.last_refreshed_at or record.created_at)
         self._wake.set()
         return creds
+
+    def _margin(self, token: Token) -> float:
+        return min(self.rules.expiry_margin, 0.1 * token.lifetime)
 
     def _set_current(self, creds: Credentials | None) -> None:
         self.current = creds
@@ -465,7 +510,12 @@ class SessionManager:
         """True when the current token should be renewed now (or there is none)."""
         record = self._record
         now = self.clock.time()
-        return record is None or now >= self._refresh_at or not record.token.is_valid(now)
+        return (
+            record is None
+            or self._stale_identity
+            or now >= self._refresh_at
+            or not record.token.is_valid(now)
+        )
 
     def adopt(self, record: SessionRecord | None) -> Credentials | None:
         """Install a record another process wrote, when it is newer than ours and usable."""
@@ -515,7 +565,11 @@ class SessionManager:
     async def _step(self) -> None:
         now = self.clock.time()
         record = self._record
-        if record is not None and not record.token.is_valid(now) and not self._expired_noted:
+        creds = self.current
+        # requests stop using the token at its expiry less the margin: that is when it expires
+        usable_until = creds.expires_at if creds is not None else math.inf
+        expiry_wake = usable_until if usable_until > now else math.inf
+        if record is not None and now >= usable_until and not self._expired_noted:
             self._expired_noted = True
             self.update_gauges()
             log.warning(
@@ -525,17 +579,18 @@ class SessionManager:
         if self._logged_out:
             await self._wait(None)
         elif now < self._next_attempt_at:
-            await self._wait(self._next_attempt_at - now)
-        elif record is None or now >= self._refresh_at or not record.token.is_valid(now):
-            trigger = (
-                "proactive"
-                if record is not None and record.token.is_valid(now)
-                else ("startup" if record is None else "expired")
-            )
+            await self._wait(min(self._next_attempt_at, expiry_wake) - now)
+        elif record is not None and not self.due():
+            await self._wait(min(self._refresh_at, expiry_wake, record.token.expires_at) - now)
+        else:
+            if record is None:
+                trigger = "startup"
+            elif self._stale_identity:
+                trigger = "reload"
+            else:
+                trigger = "proactive" if record.token.is_valid(now) else "expired"
             with contextlib.suppress(IdentityError):
                 await asyncio.shield(self._renew(trigger))
-        else:
-            await self._wait(min(self._refresh_at, record.token.expires_at) - now)
 
     async def _wait(self, delay: float | None) -> None:
         """Sleep ``delay`` seconds of the injected clock, or until something changes the session."""
@@ -561,14 +616,16 @@ class SessionManager:
         record = self._record
         if record is None:
             return State.NONE
-        return State.VALID if record.token.is_valid(self.clock.time()) else State.EXPIRED
+        # valid while requests may use it (the expiry margin included), as /readyz must say
+        return State.VALID if self.usable() is not None else State.EXPIRED
 
     def update_gauges(self) -> None:
         """Bring the session gauges up to date (validity changes with time, not only on events)."""
         creds = self.current
         valid = creds is not None and self.clock.time() < creds.expires_at
         self.metrics.session_valid.set(1 if valid else 0)
-        self.metrics.token_expiry.set(creds.expires_at if creds is not None else 0)
+        record = self._record
+        self.metrics.token_expiry.set(record.token.expires_at if record is not None else 0)
 
     def summary(self) -> dict[str, Any]:
         """A redacted summary for /session: state, expiry, ages, counts. Never a token."""

@@ -42,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
+        self.tls = False
         self._parser: httptools.HttpResponseParser | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
@@ -65,6 +66,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check here
         self.transport = cast(asyncio.Transport, transport)
+        self.tls = transport.get_extra_info("ssl_object") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # every request head goes out in one write: never let Nagle hold it back (not all
@@ -89,7 +91,11 @@ class _Connection(asyncio.Protocol):
         if self._parser is not None and self.head_done and not self.complete and self._until_close:
             self._message_complete()  # a body delimited by the end of the connection
         elif self._parser is not None and not self.complete:
-            self._fail(UpstreamUnavailable("upstream closed the connection"), close=False)
+            why = "upstream closed the connection"
+            if self.tls and not self.got_bytes:
+                # how a TLS 1.3 server refuses a missing client certificate: after the handshake
+                why += " without answering over TLS (does it require upstream.tls.cert_file?)"
+            self._fail(UpstreamUnavailable(why), close=False)
         self._wake_drain()
 
     def pause_writing(self) -> None:
@@ -320,9 +326,10 @@ class UpstreamPool:
         self._head_timeout = head_timeout
         self._max_idle = max_idle
         self._idle: collections.deque[_Connection] = collections.deque()
+        self._closed = False
 
     def put(self, conn: _Connection) -> None:
-        if len(self._idle) < self._max_idle:
+        if len(self._idle) < self._max_idle and not self._closed:
             conn.reused = True
             conn._parser = None
             self._idle.append(conn)
@@ -343,6 +350,11 @@ class UpstreamPool:
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"connecting to the upstream took longer than {self._connect_timeout:g}s"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamUnavailable(
+                f"TLS with the upstream failed: certificate verify failed: {exc.verify_message} "
+                "(check upstream.tls.ca_file and the host name in upstream.url)"
             ) from exc
         except ssl.SSLError as exc:
             raise UpstreamUnavailable(f"TLS with the upstream failed: {exc.reason}") from exc
@@ -416,6 +428,8 @@ class UpstreamPool:
         return UpstreamResponse(self, conn, writer, self._head_timeout)
 
     def close(self) -> None:
+        """Close the idle connections; those in use are closed when given back."""
+        self._closed = True
         while self._idle:
             conn = self._idle.pop()
             if conn.transport is not None:

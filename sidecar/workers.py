@@ -297,7 +297,7 @@ class Supervisor:
         for worker in self.workers:
             if worker.process is not None:
                 await asyncio.to_thread(
-                    _wait_or_kill, worker.process, self.sidecar.drain_timeout + 5
+                    _wait_or_kill, worker.process, self.sidecar.drain_seconds + 5
                 )
             if worker.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, OSError):
@@ -320,6 +320,10 @@ async def serve_workers(config: Config, count: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: log.warning("sidecar.reload_unsupported", extra={"why": "--workers: restart"}),
+    )
     try:
         await supervisor.start()
         await stop.wait()

@@ -4,7 +4,10 @@ and a factory that starts a real sidecar against our test identity provider and 
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from aiohttp import web
 from sidecar.app import Sidecar
 from sidecar.clock import Clock
 from sidecar.config import Config
+from sidecar.logs import setup_logging
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import FinHub
 from tests.fakes.idp import FakeIdP
@@ -39,19 +43,35 @@ def clean_environ() -> Iterator[None]:
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    """Start an aiohttp app on 127.0.0.1 (port 0 unless given); returns its base URL."""
+    """Start an aiohttp app on 127.0.0.1 (port 0 unless given, TLS with ``ssl_context``);
+    returns its base URL."""
     runners: list[web.AppRunner] = []
 
-    async def _serve(app: web.Application, port: int = 0) -> str:
+    async def _serve(
+        app: web.Application, port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+        scheme = "https" if ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{runner.addresses[0][1]}"
 
     yield _serve
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Everything logged during the test, rendered exactly as production renders it."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("debug", stream)
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
 
 
 @pytest.fixture
@@ -97,7 +117,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def base_config(idp_url: str, upstream_url: str, idp: FakeIdP) -> dict[str, Any]:
     """A sidecar config pointing at the test servers, listening on free ports."""
     return {
-        "listen": {"port": 0},
+        "listen": {"port": 0, "drain_timeout": 1},
         "admin": {"port": 0},
         "upstream": {"url": upstream_url, "timeout": {"connect": 2, "total": 5}},
         "identity": {
@@ -124,11 +144,7 @@ async def make_sidecar(idp_url: str, upstream_url: str, idp: FakeIdP) -> AsyncIt
 
     async def _make(clock: Clock | None = None, **overrides: Any) -> Sidecar:
         config = Config.model_validate(merge(base_config(idp_url, upstream_url, idp), overrides))
-        sidecar = (
-            Sidecar(config, drain_timeout=1.0)
-            if clock is None
-            else Sidecar(config, clock=clock, drain_timeout=1.0)
-        )
+        sidecar = Sidecar(config) if clock is None else Sidecar(config, clock=clock)
         await sidecar.start()
         started.append(sidecar)
         return sidecar

@@ -23,9 +23,8 @@ class SidecarProcess:
     def __init__(self, config: dict[str, Any], workdir: Path, name: str) -> None:
         self.proxy_port = free_port()
         self.admin_port = free_port()
-        config = {**config, "listen": {"port": self.proxy_port}, "admin": {"port": self.admin_port}}
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.write_config(config)
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +69,19 @@ class SidecarProcess:
         async with http.get(self.admin("/session")) as resp:
             result: dict[str, Any] = await resp.json()
             return result
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace the config file (on the same ports), e.g. before a SIGHUP."""
+        config = {
+            **config,
+            "listen": {**config.get("listen", {}), "port": self.proxy_port},
+            "admin": {**config.get("admin", {}), "port": self.admin_port},
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -15,24 +14,12 @@ import yaml
 from sidecar.app import Sidecar
 from sidecar.cli import main
 from sidecar.config import Config
-from sidecar.logs import JsonFormatter, scrub, setup_logging
+from sidecar.logs import JsonFormatter, scrub
 from tests.conftest import MakeSidecar, Serve, admin_url, merge, proxy_url
 from tests.fakes.finhub import PREFIX, FinHub
 from tests.fakes.idp import FakeIdP
 from tests.helpers import eventually
 from tests.test_json_login import finhub_config
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """Everything logged during the test, rendered exactly as production renders it."""
-    stream = io.StringIO()
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    setup_logging("debug", stream)
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
 
 
 async def admin_texts(

@@ -23,8 +23,11 @@ class FakeClock:
         return self.now - self._origin
 
     async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:  # the deadline has passed already (time may have moved meanwhile)
+            await asyncio.sleep(0)
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._ids), future))
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._ids), future))
         await future
 
     @property

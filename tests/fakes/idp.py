@@ -28,6 +28,8 @@ class Call:
     path: str
     form: dict[str, str]
     headers: dict[str, str]
+    #: when it arrived (the provider's clock)
+    at: float = 0.0
 
     @property
     def grant_type(self) -> str:
@@ -48,8 +50,9 @@ class FakeIdP:
     send_expires_in: bool = True
     #: seconds (real time) to wait before answering a token request
     delay: float = 0.0
-    #: modes consumed one per token call: "503", "429", "500", "hang", "malformed", "invalid_grant",
-    #: "invalid_client", "reset"
+    #: modes consumed one per token call: "500", "502", "503", "429" (with Retry-After: 2), "hang",
+    #: "malformed" (truncated JSON), "not_a_token" (JSON of the wrong shape), "truncated" (the
+    #: body breaks off), "reset", "invalid_grant", "invalid_client"
     failures: list[str] = field(default_factory=list)
     #: fail every token call with this mode while set
     down: str | None = None
@@ -94,6 +97,16 @@ class FakeIdP:
             await asyncio.sleep(3600)
         if mode == "malformed":
             return web.Response(text='{"access_token": "abc', content_type="application/json")
+        if mode == "not_a_token":
+            return web.json_response({"token": 5, "expires_in": "soon"})
+        if mode == "truncated":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 200
+            await response.prepare(request)
+            await response.write(b'{"access_token": "')
+            assert request.transport is not None
+            request.transport.abort()
+            return response
         if mode == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -106,7 +119,7 @@ class FakeIdP:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        self.calls.append(Call("/token", form, dict(request.headers)))
+        self.calls.append(Call("/token", form, dict(request.headers), self.clock.time()))
         if self.delay:
             await asyncio.sleep(self.delay)
         mode = self.down or (self.failures.pop(0) if self.failures else None)
@@ -162,7 +175,7 @@ class FakeIdP:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        self.calls.append(Call("/revoke", form, dict(request.headers)))
+        self.calls.append(Call("/revoke", form, dict(request.headers), self.clock.time()))
         token = form.get("token", "")
         self.revoked.add(token)
         self.refresh_tokens.discard(token)

@@ -24,6 +24,8 @@ class Seen:
     path_qs: str
     headers: dict[str, str]
     header_list: list[tuple[str, str]]
+    #: whether its Bearer token was one the provider issued and still valid when it arrived
+    token_valid: bool = False
 
 
 @dataclass
@@ -33,6 +35,8 @@ class FakeUpstream:
     idp: FakeIdP | None = None
     seen: list[Seen] = field(default_factory=list)
     rejected: int = 0
+    #: False: the echo leaves Authorization out, so any token in a response is the proxy's leak
+    echo_authorization: bool = True
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -47,15 +51,17 @@ class FakeUpstream:
         return auth.startswith("Bearer ") and self.idp.is_valid(auth[7:])
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        valid = self._token_ok(request)
         self.seen.append(
             Seen(
                 request.method,
                 request.path_qs,
                 dict(request.headers),
                 list(request.headers.items()),
+                valid,
             )
         )
-        if not self._token_ok(request):
+        if not valid:
             self.rejected += 1
             return web.json_response(
                 {"error": "invalid_token"},
@@ -76,7 +82,11 @@ class FakeUpstream:
                 "method": request.method,
                 "path": request.path,
                 "query_string": request.query_string,
-                "headers": dict(request.headers),
+                "headers": {
+                    k: v
+                    for k, v in request.headers.items()
+                    if self.echo_authorization or k.lower() != "authorization"
+                },
                 "body": body.decode("latin-1"),
             }
         )
@@ -129,6 +139,12 @@ class FakeUpstream:
         assert request.transport is not None
         request.transport.abort()
         return response
+
+    async def _route_drop(self, request: web.Request, _args: list[str]) -> web.StreamResponse:
+        """Close the connection without answering."""
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
 
     async def _route_cookies(self, _request: web.Request, _args: list[str]) -> web.Response:
         response = web.json_response({"ok": True})
