@@ -38,6 +38,14 @@ from sidecar.config_json_login import (
     json_login_problems,
     session_names,
 )
+from sidecar.config_oauth2 import (
+    TOKEN_TYPE_JWT,
+    JWSAlgorithm,
+    Validate,
+    check_private_key,
+    identity_url,
+    oauth2_problems,
+)
 from sidecar.errors import ConfigError
 from sidecar.templates import compile_text, unknown
 
@@ -146,50 +154,6 @@ class Upstream(_Model):
         return str(url.with_path(url.path.rstrip("/")))
 
 
-#: asymmetric JWS algorithms (RFC 7518, RFC 8037) sidecar signs or accepts; never ``none`` or HS*
-JWSAlgorithm = Literal[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
-]
-
-
-def _check_http_url(value: str | None) -> str | None:
-    """An http(s) URL with a host and no credentials, or None."""
-    if value is None:
-        return None
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
-    if url.user or url.password:
-        raise ValueError("credentials in the URL are not allowed; the identity section holds them")
-    return value
-
-
-class Validate(_Model):
-    """Verify each new JWT access token before use: signature (JWKS), iss, aud, exp, nbf."""
-
-    enabled: bool = False
-    #: the expected ``iss``; default identity.issuer
-    issuer: str | None = None
-    #: the expected ``aud`` (one of the token's audiences); default identity.audience
-    audience: str | None = None
-    algorithms: tuple[JWSAlgorithm, ...] = ("RS256", "ES256", "PS256", "EdDSA")
-    #: seconds of clock skew allowed on exp and nbf
-    leeway: float = Field(30.0, ge=0, le=300)
-    #: a token signed with an unknown ``kid`` re-fetches the JWKS at most once per this many seconds
-    jwks_min_refetch_interval: float = Field(60.0, ge=0)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _some(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one algorithm is required")
-        return value
-
-
-#: RFC 8693 section 3: the token type of a JWT such as a Kubernetes service-account token
-TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
-
-
 class Identity(_Model):
     """How the session is obtained from the identity provider."""
 
@@ -248,14 +212,12 @@ class Identity(_Model):
     @field_validator("issuer", "token_url", "revocation_url", "introspection_url", "jwks_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        return _check_http_url(value)
+        return None if value is None else identity_url(value)
 
     @field_validator("backup_token_urls")
     @classmethod
     def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for url in value:
-            _check_http_url(url)
-        return value
+        return tuple(identity_url(url) for url in value)
 
     @model_validator(mode="after")
     def _complete(self) -> Identity:
@@ -267,71 +229,10 @@ class Identity(_Model):
             if problems:
                 raise ValueError("\n".join(problems))
             return self
-        problems = [*self._endpoint_problems(), *self._client_problems(), *self._grant_problems()]
+        problems = oauth2_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _endpoint_problems(self) -> list[str]:
-        problems = []
-        if not self.token_url and not self.issuer:
-            problems.append("token_url: required for kind oauth2 (or issuer, for discovery)")
-        check = self.validate_token
-        if check.enabled:
-            if not (check.issuer or self.issuer):
-                problems.append("validate.issuer: required when validate is enabled (or issuer)")
-            if not (check.audience or self.audience):
-                problems.append(
-                    "validate.audience: required when validate is enabled (or audience)"
-                )
-            if not (self.jwks_url or self.issuer):
-                problems.append("jwks_url: required when validate is enabled (or issuer)")
-        return problems
-
-    def _client_problems(self) -> list[str]:
-        problems = []
-        if not self.client_id:
-            problems.append("client_id: required for kind oauth2")
-        has_secret = self.client_secret is not None or self.client_secret_file is not None
-        if self.client_secret is not None and self.client_secret_file is not None:
-            problems.append("client_secret: give client_secret or client_secret_file, not both")
-        if self.client_auth in ("client_secret_basic", "client_secret_post") and not has_secret:
-            problems.append(
-                "client_secret: client_secret or client_secret_file is required "
-                f"for client_auth {self.client_auth}"
-            )
-        elif self.client_auth not in ("client_secret_basic", "client_secret_post") and has_secret:
-            problems.append(f"client_secret: not used with client_auth {self.client_auth}")
-        if self.client_auth == "private_key_jwt" and self.private_key_file is None:
-            problems.append("private_key_file: required for client_auth private_key_jwt")
-        return problems
-
-    def _grant_problems(self) -> list[str]:
-        problems = []
-        if self.grant == "password":
-            if not self.username:
-                problems.append("username: required for grant password")
-            if (self.password is None) == (self.password_file is None):
-                problems.append(
-                    "password: exactly one of password or password_file is required "
-                    "for grant password"
-                )
-        if (
-            self.grant == "jwt_bearer"
-            and self.assertion_file is None
-            and self.private_key_file is None
-        ):
-            problems.append(
-                "assertion_file: required for grant jwt_bearer (or private_key_file to sign one)"
-            )
-        if self.grant == "token_exchange" and self.subject_token_file is None:
-            problems.append("subject_token_file: required for grant token_exchange")
-        # RFC 8693 section 2.1: actor_token_type is required with, and only with, actor_token
-        if self.actor_token_file is not None and not self.actor_token_type:
-            problems.append("actor_token_type: required with actor_token_file")
-        if self.actor_token_type and self.actor_token_file is None:
-            problems.append("actor_token_file: required with actor_token_type")
-        return problems
 
 
 class Retry(_Model):
@@ -645,22 +546,8 @@ def _check_files(config: Config) -> list[str]:
             candidates[key] = None
     key_file = candidates["identity.private_key_file"]
     if key_file is not None:
-        problems.extend(_check_private_key(key_file, config.identity.signing_alg))
+        problems.extend(check_private_key(key_file, config.identity.signing_alg))
     return problems
-
-
-def _check_private_key(path: Path, signing_alg: str | None) -> list[str]:
-    """The key must be usable for signing, with ``signing_alg`` when set (caught at load, not at
-    the first login; the file is read again at every login, so a rotated key is used)."""
-    # PyJWT and cryptography are loaded only for a configured private key (idle memory)
-    from sidecar.identity.assertions import load_signing_key
-
-    try:
-        load_signing_key(path.read_bytes(), signing_alg)
-    except ValueError as exc:
-        key = "identity.signing_alg" if "signing_alg" in str(exc) else "identity.private_key_file"
-        return [f"{key}: {exc}"]
-    return []
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

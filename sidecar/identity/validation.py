@@ -22,7 +22,7 @@ from typing import Any
 import jwt
 
 from sidecar.clock import Clock
-from sidecar.config import Validate
+from sidecar.config_oauth2 import Validate
 from sidecar.errors import IdentityUnavailable, InvalidToken
 from sidecar.identity.http import IdentityHTTP
 
