@@ -110,7 +110,7 @@ MEANINGS = {
     "identity.audience": "audience parameter",
     "identity.resource": "resource parameter (RFC 8707)",
     "identity.revocation_url": "RFC 7009 endpoint used by logout (default: from discovery)",
-    "identity.introspection_url": "RFC 7662 endpoint (default: from discovery)",
+    "identity.introspection_url": "RFC 7662: validates opaque tokens (default: from discovery)",
     "identity.jwks_url": "JWKS of the provider for validate (default: from discovery)",
     "identity.timeout": "seconds per call to the identity provider",
     "identity.tls.verify": "verify the identity provider's certificate",

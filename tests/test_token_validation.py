@@ -168,3 +168,35 @@ async def test_a_rotated_signing_key_is_fetched_once_and_unknown_kids_are_rate_l
     with pytest.raises(Exception, match="refresh failed"):
         await sidecar.session.force_refresh()
     assert idp.paths().count("/jwks") == 3
+
+
+async def test_opaque_tokens_are_checked_by_introspection(
+    make_sidecar: MakeSidecar, idp: OIDCProvider, idp_url: str, clock: FakeClock
+) -> None:
+    """A token that is not a JWT is checked at the discovered introspection endpoint (RFC 7662,
+    with client authentication): used while active for our audience, refused when the provider
+    calls it inactive or names another audience."""
+    idp.opaque_tokens = True
+    sidecar = await make_sidecar(
+        clock=clock, identity=validating(idp_url), refresh={"retry": {"initial": 1, "max": 2}}
+    )
+    await ready(sidecar)
+    introspections = [c for c in idp.calls if c.path == "/introspect"]
+    assert introspections[0].form["token_type_hint"] == "access_token"
+    assert introspections[0].headers["Authorization"].startswith("Basic ")
+    assert "/jwks" not in idp.paths()
+    for overrides, reason in (
+        ({"aud": "api://someone-else"}, "invalid_token_audience"),
+        ({"exp": NOW - 100}, "invalid_token_expired"),
+    ):
+        idp.claim_overrides = overrides
+        with pytest.raises(Exception, match="refresh failed"):
+            await sidecar.session.force_refresh()
+        label = f'sidecar_token_validation_failures_total{{reason="{reason}"}}'
+        assert sample(metrics_of(sidecar), label) == 1
+    idp.claim_overrides = {}
+    idp.is_valid = lambda _token: False  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="refresh failed"):
+        await sidecar.session.force_refresh()
+    label = 'sidecar_token_validation_failures_total{reason="invalid_token_inactive"}'
+    assert sample(metrics_of(sidecar), label) == 1

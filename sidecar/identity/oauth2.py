@@ -19,7 +19,7 @@ import base64
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from pydantic import SecretStr
@@ -148,6 +148,16 @@ class OAuth2Identity:
             async def jwks_url() -> str | None:
                 return (await resolver.get()).jwks
 
+            async def introspect(access_token: str) -> dict[str, Any] | None:
+                endpoint = (await resolver.get()).introspection
+                if not endpoint:
+                    return None
+                # RFC 7662 2.1: the caller authenticates like at the token endpoint
+                form = {"token": access_token, "token_type_hint": "access_token"}
+                headers = await self._client_auth(form)
+                answer = await self._http.request("POST", endpoint, form=form, headers=headers)
+                return answer.json if isinstance(answer.json, dict) else {}
+
             self._validator = TokenValidator(
                 cfg.validate_token,
                 self._http,
@@ -155,6 +165,7 @@ class OAuth2Identity:
                 issuer=cfg.validate_token.issuer or cfg.issuer or "",
                 audience=cfg.validate_token.audience or cfg.audience or "",
                 jwks_url=jwks_url,
+                introspect=introspect,
             )
         try:
             await self._validator.check(token.access_token)

@@ -51,6 +51,7 @@ class TokenValidator:
         issuer: str,
         audience: str,
         jwks_url: Callable[[], Awaitable[str | None]],
+        introspect: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,
     ) -> None:
         self._rules = rules
         self._http = http
@@ -58,18 +59,26 @@ class TokenValidator:
         self._issuer = issuer
         self._audience = audience
         self._jwks_url = jwks_url
+        #: RFC 7662 introspection of a token that is not a JWT; gives None without an endpoint
+        self._introspect = introspect
         self._keys: list[_Key] | None = None
         self._fetched_at = -math.inf
 
     async def check(self, access_token: str) -> None:
         """Return when ``access_token`` passes every check; else raise InvalidToken.
 
-        Raises IdentityUnavailable when the JWKS cannot be fetched (retried like any outage).
+        A token that is not a JWT (an opaque token) is checked by introspection (RFC 7662) when
+        the provider has an introspection endpoint: it must be ``active``, and ``iss``, ``aud``,
+        ``exp`` and ``nbf`` are checked where the answer carries them.
+
+        Raises IdentityUnavailable when the JWKS or the introspection endpoint cannot be reached
+        (retried like any outage).
         """
         try:
             header = jwt.get_unverified_header(access_token)
         except jwt.PyJWTError:
-            raise _invalid("not a JWT", "invalid_token_malformed") from None
+            await self._check_opaque(access_token)
+            return
         alg = header.get("alg")
         if alg not in self._rules.algorithms:
             raise _invalid(
@@ -81,6 +90,21 @@ class TokenValidator:
             raise _invalid(f"no key in the JWKS matches kid {str(kid)[:64]!r}", "invalid_token_key")
         claims = self._verify(access_token, alg, candidates)
         self._check_times(claims)
+
+    async def _check_opaque(self, access_token: str) -> None:
+        claims = await self._introspect(access_token) if self._introspect else None
+        if claims is None:
+            raise _invalid("not a JWT, and no introspection endpoint", "invalid_token_malformed")
+        # RFC 7662 2.2: "active" is the one required member; anything but true means unusable
+        if claims.get("active") is not True:
+            raise _invalid("introspection says the token is not active", "invalid_token_inactive")
+        if "iss" in claims and claims["iss"] != self._issuer:
+            raise _invalid("introspection names another issuer", "invalid_token_issuer")
+        if "aud" in claims:
+            audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+            if self._audience not in audiences:
+                raise _invalid("introspection names another audience", "invalid_token_audience")
+        self._check_times(claims, require_exp=False)
 
     async def _candidates(self, kid: Any, alg: str) -> list[_Key]:
         keys = await self._load(force=False)
@@ -116,17 +140,19 @@ class TokenValidator:
             return claims
         raise _invalid("signature does not verify", "invalid_token_signature")
 
-    def _check_times(self, claims: dict[str, Any]) -> None:
+    def _check_times(self, claims: dict[str, Any], *, require_exp: bool = True) -> None:
+        """exp (required in a JWT, optional in an introspection answer) and nbf, with leeway."""
         now = self._clock.time()
         leeway = self._rules.leeway
         exp, nbf = claims.get("exp"), claims.get("nbf")
-        if not isinstance(exp, int | float) or not _is_number(exp):
-            raise _invalid("exp is not a number", "invalid_token_claims")
-        if nbf is not None and not (isinstance(nbf, int | float) and _is_number(nbf)):
-            raise _invalid("nbf is not a number", "invalid_token_claims")
-        if now >= exp + leeway:
+        for name, value in (("exp", exp), ("nbf", nbf)):
+            if value is None and (name == "nbf" or not require_exp):
+                continue
+            if not _is_number(value):
+                raise _invalid(f"{name} is not a number", "invalid_token_claims")
+        if isinstance(exp, int | float) and now >= exp + leeway:
             raise _invalid("the token has expired", "invalid_token_expired")
-        if nbf is not None and now + leeway < nbf:
+        if isinstance(nbf, int | float) and now + leeway < nbf:
             raise _invalid("the token is not valid yet (nbf)", "invalid_token_not_yet_valid")
 
     async def _load(self, *, force: bool) -> list[_Key]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,9 @@ class OIDCProvider(FakeIdP):
     subject_tokens: set[str] = field(default_factory=set)
     #: token_exchange: the actor token accepted, if one is expected
     actor_token: str | None = None
+    #: issue opaque access tokens (not JWTs), whose claims only /introspect tells
+    opaque_tokens: bool = False
+    opaque_claims: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the revocation endpoint never answers while set
     revocation_hangs: bool = False
     seen_jti: set[str] = field(default_factory=set)
@@ -81,6 +85,7 @@ class OIDCProvider(FakeIdP):
         app = super().app()
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
+        app.router.add_post("/introspect", self._introspect)
         return app
 
     @property
@@ -103,6 +108,7 @@ class OIDCProvider(FakeIdP):
                 "token_endpoint": self.token_endpoint,
                 "revocation_endpoint": f"{self.issuer}/revoke",
                 "jwks_uri": f"{self.issuer}/jwks",
+                "introspection_endpoint": f"{self.issuer}/introspect",
                 "grant_types_supported": ["client_credentials", JWT_BEARER, TOKEN_EXCHANGE],
                 "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
             }
@@ -117,6 +123,10 @@ class OIDCProvider(FakeIdP):
     def _access_token(self, claims: dict[str, Any]) -> str:
         claims = {**claims, "iss": self.issuer, "aud": self.audience, **self.claim_overrides}
         claims = {k: v for k, v in claims.items() if v is not None}
+        if self.opaque_tokens:
+            token = "opaque-" + secrets.token_urlsafe(24)
+            self.opaque_claims[token] = claims
+            return token
         if self.token_alg == "HS256":
             return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
         if self.token_alg == "none":
@@ -200,6 +210,17 @@ class OIDCProvider(FakeIdP):
             body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
             body.pop("refresh_token", None)  # RFC 8693 2.2.1: usually none for an exchange
         return body
+
+    async def _introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662: active while issued, unrevoked and unexpired, with the token's claims."""
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.calls.append(Call(request.path, form, dict(request.headers)))
+        if not self._client_ok(request, form):
+            return web.json_response({"error": "invalid_client"}, status=401)
+        token = form.get("token", "")
+        if not self.is_valid(token):
+            return web.json_response({"active": False})
+        return web.json_response({"active": True, **self.opaque_claims.get(token, {})})
 
     async def _revoke(self, request: web.Request) -> web.Response:
         if self.revocation_hangs:
