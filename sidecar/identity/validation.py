@@ -1,4 +1,4 @@
-"""Validation of newly obtained JWT access tokens before use (``identity.validate``).
+"""Validation of newly obtained access tokens before use (``identity.validate``).
 
 The Transmit seed's rule: a token is used only after its signature (against the provider's JWKS,
 RFC 7517), ``iss``, ``aud``, ``exp`` and ``nbf`` (RFC 7519 section 4.1) are checked. The ``alg`` of
@@ -7,6 +7,7 @@ and HS* can never pass (RFC 8725 section 3.1). Times are read from the injected 
 
 Keys are cached; a token signed with an unknown ``kid`` re-fetches the JWKS once, at most once per
 ``jwks_min_refetch_interval`` (a provider rotating keys is followed, a flood of forged kids is not).
+An opaque token (not a JWT) is asked about at the introspection endpoint instead (RFC 7662).
 
 Imported only when validation is enabled: it loads PyJWT and cryptography.
 """
