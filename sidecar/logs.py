@@ -13,13 +13,9 @@ import logging
 import re
 import sys
 import time as _time
+from json.encoder import encode_basestring_ascii as _quote  # C, no json.dumps overhead
 from typing import Any, TextIO
-
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, RequestKey, StreamResponse
-
-#: where the proxy leaves the X-Request-ID it sent, for the access log line
-REQUEST_ID_KEY = RequestKey("request_id", str)
+from urllib.parse import unquote
 
 # attributes every LogRecord has; anything else came from ``extra=``
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -144,7 +140,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiohttp's own access logger is replaced by ours; its server logger stays
+    # aiohttp serves only the admin port (without an access log); its server logger stays
     logging.getLogger("aiohttp.access").propagate = False
 
 
@@ -152,44 +148,52 @@ _QUOTED_METHODS = {
     m: f'"{m}"' for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 }
 
+_access = logging.getLogger("sidecar.access")
 
-class AccessLogger(AbstractAccessLogger):
-    """One JSON line per proxied request: method, path, status, duration, request id."""
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        lines = _lines
-        if lines is not None:
-            method = _QUOTED_METHODS.get(request.method) or json.dumps(request.method)
-            request_id = request.get(REQUEST_ID_KEY)
-            lines.write_line(
-                f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
-                f'"event":"http.access","method":{method},'
-                f'"path":{json.dumps(scrub(request.path))},"status":{response.status},'
-                f'"duration_ms":{time * 1000:.3f},'
-                f'"request_id":{"null" if request_id is None else json.dumps(request_id)},'
-                f'"bytes":{response.body_length}}}\n'
-            )
-            return
-        self.logger.info(
-            "http.access",
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000, 3),
-                "request_id": request.get(REQUEST_ID_KEY),
-                "bytes": response.body_length,
-            },
+def write_access(
+    method: str, target: str, status: int, seconds: float, request_id: str | None, sent: int
+) -> None:
+    """One JSON line per proxied request: method, path (without the query), status, duration,
+    request id and body bytes sent."""
+    path = target.split("?", 1)[0]
+    lines = _lines
+    if lines is not None:
+        quoted = _QUOTED_METHODS.get(method) or _quote(method)
+        lines.write_line(
+            f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
+            f'"event":"http.access","method":{quoted},'
+            f'"path":{_json_path(path)},"status":{status},'
+            f'"duration_ms":{seconds * 1000:.3f},'
+            f'"request_id":{"null" if request_id is None else _quote(request_id)},'
+            f'"bytes":{sent}}}\n'
         )
+        return
+    _access.info(
+        "http.access",
+        extra={
+            "method": method,
+            "path": unquote(path),
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "request_id": request_id,
+            "bytes": sent,
+        },
+    )
 
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+
+#: rendered (decoded, scrubbed, JSON-quoted) paths: services call a few paths over and over
+_PATHS: dict[str, str] = {}
 
 
-def access_logger() -> logging.Logger:
-    """The logger access lines go to (propagating to the root handler)."""
-    return logging.getLogger("sidecar.access")
+def _json_path(path: str) -> str:
+    rendered = _PATHS.get(path)
+    if rendered is None:
+        rendered = _quote(scrub(unquote(path) if "%" in path else path))
+        if len(_PATHS) >= 4096:
+            _PATHS.clear()
+        _PATHS[path] = rendered
+    return rendered
 
 
 def _wall() -> float:

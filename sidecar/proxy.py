@@ -3,37 +3,28 @@
 The proxy reads the session's current credentials and never talks to the identity provider or the
 store itself. Every error it makes is JSON ``{"error": ..., "detail": ...}`` with
 ``X-Sidecar-Error: 1``: 503 without a valid session, 502 when the upstream refuses or resets, 504
-on timeout, 4xx for requests it refuses.
+on timeout, 4xx for requests it refuses. HTTP on the caller's side is :mod:`sidecar.front`'s, on
+the upstream's side :mod:`sidecar.upstream`'s; this module decides what goes from one to the other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-import aiohttp
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.clock import Clock
 from sidecar.config import Upstream
-from sidecar.errors import (
-    RefusedRequest,
-    SidecarError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from sidecar.headers import HOP_BY_HOP, REQUEST_ID, HeaderRules
-from sidecar.logs import REQUEST_ID_KEY
+from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
+from sidecar.exchange import Request
+from sidecar.headers import HOP_BY_HOP, HeaderRules
+from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
 from sidecar.tls import tls_context
@@ -41,28 +32,33 @@ from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-#: chunk size for streaming bodies: large enough to amortise per-write overhead
-STREAM_CHUNK = 1 << 16
 
-#: handshake headers that belong to each WebSocket leg separately (RFC 6455 4.1)
-_WS_HANDSHAKE = {
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-accept",
-    "sec-websocket-protocol",
-}
-
-
-def error_response(
+def error_parts(
     status: int, code: str, detail: str, request_id: str | None = None
-) -> web.Response:
-    """A proxy-made error: JSON body and ``X-Sidecar-Error: 1``."""
-    headers = {"X-Sidecar-Error": "1"}
-    if request_id:
-        headers["X-Request-ID"] = request_id
-    body = json.dumps({"error": code, "detail": detail})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+) -> tuple[bytes, bytes]:
+    """A proxy-made error's header lines and JSON body (``X-Sidecar-Error: 1`` marks it)."""
+    extra = b"" if request_id is None else b"X-Request-ID: %b\r\n" % request_id.encode("latin-1")
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return b"Content-Type: application/json; charset=utf-8\r\nX-Sidecar-Error: 1\r\n" + extra, body
+
+
+def refusal_bytes(status: int, code: str, detail: str) -> bytes:
+    """A whole error response for a request the front refused; the connection closes after it."""
+    head, body = error_parts(status, code, detail)
+    return b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+        status,
+        _reason(status).encode(),
+        head,
+        len(body),
+        body,
+    )
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def check_target(raw_path: str) -> None:
@@ -113,15 +109,15 @@ class Proxy:
         rules: HeaderRules,
         metrics: Metrics,
         clock: Clock,
+        *,
+        access_log: bool = True,
     ) -> None:
         self._session = session
         self._metrics = metrics
         self._clock = clock
+        #: write an access line per request (``log.access_log``; a reload may change it)
+        self.access_log = access_log
         self._pool: UpstreamPool | None = None
-        self._client: aiohttp.ClientSession | None = None
-        #: WebSocket clients of earlier configurations, closed with the proxy (their sockets
-        #: may still carry live WebSockets)
-        self._old_clients: list[aiohttp.ClientSession] = []
         self._target(upstream, upstream_url, rules)
 
     def _target(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
@@ -143,7 +139,7 @@ class Proxy:
         A new pool (and TLS context, so certificate and key files are read again) replaces the
         old one; requests in flight finish on their old connections, which are then closed.
         """
-        old_pool, old_client = self._pool, self._client
+        old_pool = self._pool
         before = (self._config, self._base, self._rules)
         self._target(upstream, upstream_url, rules)
         try:
@@ -153,11 +149,9 @@ class Proxy:
             raise
         if old_pool is not None:
             old_pool.close()
-        if old_client is not None:
-            self._old_clients.append(old_client)
 
     async def start(self) -> None:
-        """Open the keep-alive pool (and the WebSocket client) toward the upstream."""
+        """Open the keep-alive pool toward the upstream."""
         cfg = self._config
         url = URL(self._base)
         ssl_ctx = None
@@ -173,53 +167,59 @@ class Proxy:
             head_timeout=cfg.timeout.total,
             max_idle=cfg.pool_size,
         )
-        self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.pool_size, ssl=ssl_ctx or True),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=cfg.timeout.connect, sock_read=cfg.timeout.total
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # the caller's cookies are the caller's business
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
 
     async def aclose(self) -> None:
+        """Close the pooled upstream connections."""
         if self._pool is not None:
             self._pool.close()
-        for client in [*self._old_clients, self._client]:
-            if client is not None:
-                await client.close()
 
-    def server(self, **kwargs: Any) -> web.Server:
-        """The low-level aiohttp server running this proxy (no router: every path is ours)."""
-        return _ProxyServer(self.handle, **kwargs)
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Entry point for every request: measure, count, and turn our errors into responses."""
+    async def handle(self, request: Request) -> None:
+        """Answer one request: measure, count, log, and turn our errors into responses."""
         metrics = self._metrics
         started = self._clock.monotonic()
         metrics.in_flight.inc()
-        status = 500
         try:
-            response = await self._forward(request)
-            status = response.status
-            return response
+            await self._forward(request)
         except SidecarError as exc:
-            status = exc.http_status
             if isinstance(exc, UpstreamError):
                 log.warning(
                     "proxy.upstream_failed",
-                    extra={
-                        "error": str(exc),
-                        "code": exc.code,
-                        "request_id": request.get(REQUEST_ID_KEY),
-                    },
+                    extra={"error": str(exc), "code": exc.code, "request_id": request.request_id},
                 )
-            return error_response(exc.http_status, exc.code, str(exc), request.get(REQUEST_ID_KEY))
+            elif isinstance(exc, RefusedRequest):
+                # the same one quiet line as the front's own refusals (README, troubleshooting)
+                log.warning(
+                    "proxy.refused_request",
+                    extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},
+                )
+            self._error(request, exc.http_status, exc.code, str(exc))
+        except ConnectionError:
+            request.conn.abort()  # the caller went away
+        except Exception:
+            log.exception("proxy.internal_error", extra={"request_id": request.request_id})
+            self._error(request, 500, "internal_error", "the proxy failed; see its log")
         finally:
             metrics.in_flight.dec()
+            status = request.status or 500
+            elapsed = self._clock.monotonic() - started
             metrics.count_request(request.method, status)
-            metrics.observe_duration(self._clock.monotonic() - started)
+            metrics.observe_duration(elapsed)
+            if self.access_log:
+                write_access(
+                    request.method,
+                    request.raw_path,
+                    status,
+                    elapsed,
+                    request.request_id,
+                    request.sent,
+                )
+
+    def _error(self, request: Request, status: int, code: str, detail: str) -> None:
+        if request.started:
+            request.conn.abort()  # the answer began: a truncated one must not look complete
+            return
+        head, body = error_parts(status, code, detail, request.request_id)
+        request.respond(status, _reason(status), head, body)
 
     async def _credentials(self) -> Credentials:
         """The session snapshot: a plain attribute read while the token is valid."""
@@ -231,7 +231,7 @@ class Proxy:
             return creds
         return await session.credentials()
 
-    async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _forward(self, request: Request) -> None:
         method = request.method
         if method == "CONNECT":
             raise RefusedRequest(
@@ -242,30 +242,35 @@ class Proxy:
         raw_path = request.raw_path
         check_target(raw_path)
         creds = await self._credentials()
-        if _is_websocket(request.headers):
-            return await self._websocket(request, URL(self._base + raw_path, encoded=True), creds)
+        line = f"{method} {self._prefix}{raw_path} HTTP/1.1\r\nHost: {self._host}\r\n".encode(
+            "latin-1"
+        )
+        if request.upgrade:
+            await self._tunnel(request, line, creds)
+            return
 
         replayable = True
         chunked = False
         body: Any = None
         framing = b""
-        if request.body_exists:
-            limit = self._config.max_request_body
-            if limit is not None and (request.content_length or 0) > limit:
+        stream = request.body
+        if stream is not None:
+            cfg = self._config
+            limit = cfg.max_request_body
+            length = request.length
+            if limit is not None and (length or 0) > limit:
                 raise RefusedRequest(
                     f"request body larger than {limit} bytes", status=413, code="body_too_large"
                 )
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                # the low-level server does not answer Expect itself (RFC 9110 10.1.1)
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            length = request.content_length
-            if length is not None and length <= self._config.replay_body_limit:
-                body = await request.read()
+            expect = request.header(b"expect")
+            if expect is not None and expect.lower() == b"100-continue":
+                # the caller waits for this before sending its body (RFC 9110 10.1.1)
+                request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if length is not None and length <= cfg.replay_body_limit:
+                body = await stream.read()
                 framing = b"Content-Length: %d\r\n" % len(body)
             else:
-                body = request.content.iter_chunked(STREAM_CHUNK)
-                if limit is not None and length is None:
-                    body = _limited(body, limit)
+                body = stream if limit is None or length is not None else _limited(stream, limit)
                 replayable = False
                 if length is None:
                     chunked = True
@@ -274,137 +279,130 @@ class Proxy:
                     framing = b"Content-Length: %d\r\n" % length
         elif method in ("POST", "PUT", "PATCH"):
             framing = b"Content-Length: 0\r\n"
-        request_line = f"{method} {self._prefix}{raw_path} HTTP/1.1\r\nHost: {self._host}\r\n"
-        line = request_line.encode("latin-1")
         upstream = await self._send(request, line, creds, framing, body, chunked)
         if upstream.status == 401 and replayable:
             fresh = await self._session.reactive_refresh(creds)
             if fresh is not None:
                 upstream.release()
                 upstream = await self._send(request, line, fresh, framing, body, chunked)
-        return await self._relay(request, upstream)
+        await self._relay(request, upstream)
 
     async def _send(
         self,
-        request: web.BaseRequest,
+        request: Request,
         line: bytes,
         creds: Credentials,
         framing: bytes,
         body: Any,
         chunked: bool,
+        *,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
-        head, request_id = self._rules.head(line, request.raw_headers, creds, framing)
-        if request_id is not None:
-            request[REQUEST_ID_KEY] = request_id
+        head, request_id = self._rules.head(line, request.headers, creds, framing)
+        request.request_id = request_id
         assert self._pool is not None
         return await self._pool.request(
-            head, body, head_only=request.method == "HEAD", chunked=chunked
+            head, body, head_only=request.method == "HEAD", chunked=chunked, upgrade=upgrade
         )
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamResponse
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
         """Pass the upstream's response on: in one piece when it has fully arrived, else streamed.
 
         When the upstream fails mid-body, the caller's connection is cut: a truncated body must not
         pass for a complete one.
         """
-        headers = _response_headers(upstream.headers)
+        status = upstream.status
+        reason = upstream.reason or _reason(status)
         body = upstream.body_if_complete()
         if body is not None and request.method != "HEAD":
             upstream.release()
-            headers.popall("Content-Length", None)
-            return web.Response(
-                status=upstream.status, reason=upstream.reason or None, headers=headers, body=body
+            request.respond(
+                status, reason, response_head(upstream.headers, _DROP_WITH_LENGTH), body
             )
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason or None, headers=headers
-        )
+            return
+        head = response_head(upstream.headers, _DROP)
+        if request.method == "HEAD" or status in (204, 304):
+            upstream.release()
+            request.start(status, reason, head, chunked=False)
+            return
+        known = any(n.lower() == b"content-length" for n, _ in upstream.headers)
+        # without a length: chunked to an HTTP/1.1 caller, else delimited by closing
+        chunked = not known and request.version == "1.1"
+        if not known and not chunked:
+            request.keep_alive = False
+        request.start(status, reason, head, chunked=chunked)
+        await self._pump(request, upstream, chunked)
+
+    async def _pump(self, request: Request, upstream: UpstreamResponse, chunked: bool) -> None:
+        """Copy the upstream's body (or tunnel bytes) to the caller, with backpressure."""
         try:
-            await response.prepare(request)
             async for chunk in upstream.iter_body():
-                await response.write(chunk)
+                await request.send(chunk, chunked)
         except UpstreamBroken as exc:
             upstream.close()
             log.warning(
                 "proxy.upstream_broke_mid_response",
-                extra={"error": str(exc), "request_id": request.get(REQUEST_ID_KEY)},
+                extra={"error": str(exc), "request_id": request.request_id},
             )
-            _abort(request)
-            return response
+            request.conn.abort()
+            return
         except BaseException:
             upstream.close()  # the caller left: the upstream connection is not reusable
             raise
         upstream.release()
-        await response.write_eof()
-        return response
+        if chunked:
+            request.conn.write(b"0\r\n\r\n")
 
-    async def _websocket(
-        self, request: web.BaseRequest, url: URL, creds: Credentials
-    ) -> web.StreamResponse:
-        """Proxy a WebSocket: connect upstream first (with our headers), then accept the caller."""
-        assert self._client is not None
-        headers = self._rules.apply(request.headers, creds, url.path)
-        request_id = headers.get(REQUEST_ID)
-        if request_id is not None:
-            request[REQUEST_ID_KEY] = request_id
-        for name in list(headers):
-            if name.lower() in _WS_HANDSHAKE:
-                del headers[name]
-        protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
-        ]
-        try:
-            async with asyncio.timeout(self._config.timeout.total):
-                upstream = await self._client.ws_connect(
-                    url,
-                    headers=headers,
-                    protocols=protocols,
-                    autoclose=False,
-                    autoping=True,
-                    max_msg_size=0,
-                )
-        except TimeoutError as exc:
-            raise UpstreamTimeout("upstream did not accept the WebSocket in time") from exc
-        except aiohttp.WSServerHandshakeError as exc:
-            raise UpstreamUnavailable(
-                f"upstream refused the WebSocket (HTTP {exc.status})"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"upstream WebSocket failed: {type(exc).__name__}") from exc
-        front = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (),
-            autoclose=False,
-            autoping=True,
-            max_msg_size=0,
+    async def _tunnel(self, request: Request, line: bytes, creds: Credentials) -> None:
+        """An ``Upgrade`` (WebSocket): ask the upstream with our headers; after its 101, copy
+        raw bytes both ways until either side closes (RFC 9110 7.8)."""
+        protocol = request.header(b"upgrade") or b""
+        framing = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
+        upstream = await self._send(
+            request, line, creds, framing, request.body, False, upgrade=True
         )
+        if upstream.status != 101:
+            request.keep_alive = False
+            await self._relay(request, upstream)
+            return
+        head = response_head(upstream.headers, _DROP)
+        switched = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), protocol)
+        head += b"Connection: Upgrade\r\nUpgrade: " + switched + b"\r\n"
+        request.start(101, upstream.reason or "Switching Protocols", head, chunked=False)
         try:
-            await front.prepare(request)
-            await _pump_both(front, upstream)
+            await self._pump(request, upstream, False)
         finally:
-            await upstream.close()
-            await front.close()
-        return front
+            upstream.close()
 
 
-_HOP_BY_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
+_DROP = frozenset(h.encode() for h in HOP_BY_HOP)
+_DROP_WITH_LENGTH = _DROP | {b"content-length"}
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones (also those named in Connection)."""
-    listed: set[bytes] = set()
+#: Connection tokens that name no other header (they are hop-by-hop themselves)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+
+
+def response_head(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+    """The upstream's response header lines minus ``drop`` (lower-case names) and minus those the
+    upstream's Connection header names (RFC 9110 7.6.1)."""
+    lines = []
+    listed: set[bytes] | None = None
     for name, value in raw:
-        if name.lower() == b"connection":
-            listed.update(t.strip().lower() for t in value.split(b","))
-    drop = _HOP_BY_HOP_B | listed if listed else _HOP_BY_HOP_B
-    return CIMultiDict(
-        (n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n.lower() not in drop
-    )
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")} - _PLAIN_CONNECTION
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if listed:
+        return b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
+    return b"".join(lines)
 
 
-async def _limited(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def _limited(body: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
     """Pass a chunked body through until it grows past ``limit`` bytes, then refuse it (the
     upstream connection is aborted, so the upstream never takes it for complete)."""
     seen = 0
@@ -415,90 +413,3 @@ async def _limited(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[byte
                 f"request body larger than {limit} bytes", status=413, code="body_too_large"
             )
         yield chunk
-
-
-class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with our answer to requests its parser refuses.
-
-    Oversized header sections get 431 and oversized request lines 414 (RFC 6585, RFC 9110)
-    instead of a bare 400; every refusal is a JSON error with X-Sidecar-Error and one warning log
-    line, not a traceback per hostile request.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status != 400 or not isinstance(exc, BadHttpMessage):
-            return super().handle_error(request, status, exc, message)
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        code = "bad_request"
-        if isinstance(exc, LineTooLong):
-            # the parser reports an over-long request target as a bytearray, a header as bytes
-            url = isinstance(exc.args[0], bytearray)
-            status, code = (414, "uri_too_long") if url else (431, "headers_too_large")
-        elif "Too many headers" in str(exc):
-            status, code = 431, "headers_too_large"
-        detail = str(exc).split(":", 1)[0] if code == "bad_request" else code.replace("_", " ")
-        log.warning(
-            "proxy.refused_request", extra={"status": status, "code": code, "detail": detail[:200]}
-        )
-        response = error_response(status, code, detail[:200])
-        response.force_close()
-        return response
-
-
-class _ProxyServer(web.Server):
-    """web.Server building our request handler."""
-
-    def __call__(self) -> RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:
-    return (
-        headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in headers.get("Connection", "").lower()
-    )
-
-
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-async def _pump_both(
-    front: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Copy messages both ways until either side closes; close the other with the same code."""
-
-    async def pump(
-        source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    ) -> None:
-        async for msg in source:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            elif msg.type == aiohttp.WSMsgType.CLOSE:
-                break
-        code = source.close_code or aiohttp.WSCloseCode.OK
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await sink.close(code=code)
-
-    tasks = [
-        asyncio.ensure_future(pump(front, upstream)),
-        asyncio.ensure_future(pump(upstream, front)),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -51,6 +51,9 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._error: Exception | None = None
         self._head_only = False
+        self._upgrade = False
+        #: after a 101 answer the connection carries raw bytes (a WebSocket), not HTTP
+        self.tunnel = False
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -75,20 +78,33 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self.tunnel:
+            self.on_body(data)
+            return
         parser = self._parser
         if parser is None:  # bytes nobody asked for: the connection cannot be trusted
             self._fail(UpstreamUnavailable("upstream sent data without a request"))
             return
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
+        except httptools.HttpParserUpgrade as exc:
+            if not self.tunnel:
+                self._fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
+                return
+            self._parser = None
+            rest = data[int(exc.args[0]) :]
+            if rest:
+                self.on_body(rest)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._parser is not None and self.head_done and not self.complete and self._until_close:
+        if self.tunnel:
+            self._message_complete()  # the end of the tunnelled stream
+        elif (
+            self._parser is not None and self.head_done and not self.complete and self._until_close
+        ):
             self._message_complete()  # a body delimited by the end of the connection
         elif self._parser is not None and not self.complete:
             why = "upstream closed the connection"
@@ -116,6 +132,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
+        if status == 101 and self._upgrade:
+            self.status = status
+            self.tunnel = True
+            self.head_done = True
+            _wake(self._head_waiter)
+            return
         if 100 <= status < 200:
             self.headers = []  # informational (100, 103): the final answer follows
             self.reason = ""
@@ -142,8 +164,8 @@ class _Connection(asyncio.Protocol):
         _wake(self._body_waiter)
 
     def on_message_complete(self) -> None:
-        if self.status == 0:
-            return  # the end of an informational answer
+        if self.status == 0 or self.tunnel:
+            return  # the end of an informational answer, or of the head before a tunnel
         self._message_complete()
 
     # -- exchange
@@ -175,9 +197,11 @@ class _Connection(asyncio.Protocol):
     def _wake_drain(self) -> None:
         _wake(self._drain_waiter)
 
-    def begin(self, head_only: bool) -> None:
+    def begin(self, head_only: bool, upgrade: bool = False) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
+        self._upgrade = upgrade
+        self.tunnel = False
         self._error = None
         self._until_close = False
         self.status = 0
@@ -271,11 +295,13 @@ class UpstreamResponse:
         return body
 
     async def iter_body(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; each wait is bounded by the read timeout."""
+        """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's
+        silences are not: a quiet WebSocket is still open)."""
         conn = self._conn
+        timeout = None if conn.tunnel else self._read_timeout
         while True:
             try:
-                async with asyncio.timeout(self._read_timeout):
+                async with asyncio.timeout(timeout):
                     chunk = await conn.next_chunk()
             except TimeoutError as exc:
                 raise UpstreamBroken("upstream went silent mid-body") from exc
@@ -327,6 +353,11 @@ class UpstreamPool:
         self._max_idle = max_idle
         self._idle: collections.deque[_Connection] = collections.deque()
         self._closed = False
+        #: exchanges waiting for a response head, with their deadlines (loop time)
+        self._waiting: dict[_Connection, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        # a timeout fires at most a tenth of itself (and at most 0.1 s) late
+        self._sweep_every = min(head_timeout / 10, 0.1)
 
     def put(self, conn: _Connection) -> None:
         if len(self._idle) < self._max_idle and not self._closed:
@@ -378,31 +409,40 @@ class UpstreamPool:
         *,
         head_only: bool = False,
         chunked: bool = False,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
         """Send one request and wait for the response head.
 
         ``head`` is the complete request head (request line, headers, blank line). ``body`` is
         bytes (sent with the head in one write), an async iterator of chunks (streamed, framed
         chunked when ``chunked``), or None. A request on a reused connection that the server had
-        already closed is retried once on a fresh one when its body can be sent again.
+        already closed is retried once on a fresh one when its body can be sent again. With
+        ``upgrade``, a 101 answer turns the connection into a raw tunnel (``body`` is the caller's
+        side of it; the response's body is the upstream's).
         """
         replayable = not hasattr(body, "__aiter__")
         conn = self._idle_connection()
         if conn is None:
             conn = await self._connect()
         try:
-            return await self._exchange(conn, head, body, head_only, chunked)
+            return await self._exchange(conn, head, body, head_only, chunked, upgrade)
         except UpstreamUnavailable:
             if not (conn.reused and not conn.got_bytes and replayable):
                 raise
         conn = await self._connect()  # the pooled connection had gone stale
-        return await self._exchange(conn, head, body, head_only, chunked)
+        return await self._exchange(conn, head, body, head_only, chunked, upgrade)
 
     async def _exchange(
-        self, conn: _Connection, head: bytes, body: Any, head_only: bool, chunked: bool
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: Any,
+        head_only: bool,
+        chunked: bool,
+        upgrade: bool,
     ) -> UpstreamResponse:
         assert conn.transport is not None
-        conn.begin(head_only)
+        conn.begin(head_only, upgrade)
         writer: asyncio.Task[None] | None = None
         if body is None:
             conn.transport.write(head)
@@ -411,25 +451,42 @@ class UpstreamPool:
         else:
             conn.transport.write(head)
             writer = asyncio.get_running_loop().create_task(_send_body(conn, body, chunked))
-        # a plain timer rather than asyncio.timeout(): less work on every request
-        timer = asyncio.get_running_loop().call_later(
-            self._head_timeout, conn.head_timed_out, self._head_timeout
-        )
+        # one sweeping timer for all exchanges rather than a timer each: less work per request
+        waiting = self._waiting
+        waiting[conn] = conn._loop.time() + self._head_timeout
+        if self._sweeper is None:
+            self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
         try:
             await conn.wait_head()
         except BaseException:
             _abort(conn, writer)
             raise
         finally:
-            timer.cancel()
+            del waiting[conn]
         if writer is not None and writer.done() and writer.exception() is not None:
             _abort(conn, writer)
             raise UpstreamUnavailable("sending the request body failed")
         return UpstreamResponse(self, conn, writer, self._head_timeout)
 
+    def _sweep(self) -> None:
+        """Fail the exchanges whose response head is overdue (at most a tick late)."""
+        self._sweeper = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn, deadline in list(self._waiting.items()):
+            if deadline <= now:
+                conn.head_timed_out(self._head_timeout)
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
     def close(self) -> None:
-        """Close the idle connections; those in use are closed when given back."""
+        """Close the idle connections; those in use are closed when given back. The timeout
+        sweep goes on while exchanges still wait for their heads (after a reload)."""
         self._closed = True
+        if self._sweeper is not None and not self._waiting:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
             conn = self._idle.pop()
             if conn.transport is not None:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
-from sidecar.app import Sidecar
+from sidecar.app import Sidecar, freeze_startup_objects
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config
 from sidecar.errors import NoSessionError, SidecarError
@@ -160,6 +160,7 @@ async def _worker_main(fd: int) -> int:
 
     listener = loop.create_task(listen())
     await sidecar.open_proxy(session, reuse_port=True)
+    freeze_startup_objects()
     reporter = loop.create_task(report())
     writer.write(_line({"ready": True}))
     try:

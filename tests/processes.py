@@ -28,11 +28,13 @@ class SidecarProcess:
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, extra_args: list[str] | None = None) -> None:
+        """Start the process; ``extra_args`` go after ``run -c FILE`` (e.g. ``--loop uvloop``)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        argv = [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 - our own argv
-                [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)],
+                [*argv, *(extra_args or [])],
                 stdout=log,
                 stderr=log,
                 env=env,
