@@ -136,22 +136,23 @@ async def test_every_request_is_counted_and_logged_once(
     assert access[0]["bytes"] > 0
 
 
-async def test_stop_lets_in_flight_requests_finish_and_refuses_new_connections(
+async def test_drain_lets_in_flight_requests_finish_and_refuses_new_connections(
     make_sidecar: MakeSidecar, http: aiohttp.ClientSession
 ) -> None:
-    """During a drain, a request already being answered completes; the listener is closed."""
+    """During a drain (SIGTERM's first half), a request already being answered completes; the
+    listener is closed."""
     sidecar = await make_sidecar()
     slow = asyncio.ensure_future(http.get(proxy_url(sidecar, "/slow/0.3")))
     assert sidecar.front is not None
     await eventually(lambda: sidecar.front is not None and sidecar.front.in_flight == 1)
-    stopping = asyncio.ensure_future(sidecar.stop())
+    draining = asyncio.ensure_future(sidecar.drain())
     await asyncio.sleep(0.05)
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
     async with await slow as resp:
         assert resp.status == 200
         assert await resp.json() == {"slept": 0.3}
-    await stopping
+    await draining
 
 
 async def test_idle_keep_alive_connections_are_closed(
