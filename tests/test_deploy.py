@@ -91,7 +91,7 @@ def test_kustomize_output_matches_the_kubernetes_schemas(overlay: Path, tmp_path
 def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
     """In each rendered overlay the pod's ConfigMap and Secret volumes name resources that exist,
     the sidecar config inside passes sidecar's own validation, and every secret file it reads
-    lies under a mounted Secret that has that key."""
+    lies under a mounted Secret that has that key, or a projected service-account token."""
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for doc in kustomize(overlay):
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
@@ -110,10 +110,19 @@ def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
     secret_files = [
         config.identity.client_secret_file,
         config.identity.password_file,
+        config.identity.private_key_file,
+        config.identity.assertion_file,
+        config.identity.subject_token_file,
+        config.identity.actor_token_file,
         config.session.encryption_key_file,
     ]
     for path in filter(None, secret_files):
-        secret = by_kind["Secret"][mounts[str(path.parent)]["secret"]["secretName"]]
+        volume = mounts[str(path.parent)]
+        if "projected" in volume:
+            tokens = [s.get("serviceAccountToken", {}) for s in volume["projected"]["sources"]]
+            assert path.name in [t.get("path") for t in tokens], (path, volume)
+            continue
+        secret = by_kind["Secret"][volume["secret"]["secretName"]]
         keys = set(secret.get("data", {})) | set(secret.get("stringData", {}))
         assert path.name in keys, (path, keys)
 
@@ -139,7 +148,12 @@ def test_the_pod_is_a_native_sidecar_with_a_restrictive_security_context() -> No
 
 
 @pytest.mark.parametrize(
-    "path", [K8S / "base" / "configmap.yaml", K8S / "overlays" / "redis" / "config.yaml"]
+    "path",
+    [
+        K8S / "base" / "configmap.yaml",
+        K8S / "overlays" / "redis" / "config.yaml",
+        K8S / "overlays" / "token-exchange" / "config.yaml",
+    ],
 )
 def test_shipped_sidecar_configs_are_valid(path: Path) -> None:
     """The sidecar configs inside the ConfigMaps pass sidecar's own validation."""
