@@ -200,3 +200,24 @@ async def test_opaque_tokens_are_checked_by_introspection(
         await sidecar.session.force_refresh()
     label = 'sidecar_token_validation_failures_total{reason="invalid_token_inactive"}'
     assert sample(metrics_of(sidecar), label) == 1
+
+
+async def test_the_jwks_cache_expires_after_an_hour_and_survives_a_jwks_outage(
+    make_sidecar: MakeSidecar, idp: OIDCProvider, idp_url: str, clock: FakeClock
+) -> None:
+    """After JWKS_MAX_AGE the keys are fetched again; when that fetch fails, the cached keys
+    keep verifying (logins go on) and the next login tries again."""
+    from sidecar.identity.validation import JWKS_MAX_AGE
+
+    sidecar = await make_sidecar(clock=clock, identity=validating(idp_url))
+    await ready(sidecar)
+    await clock.advance(JWKS_MAX_AGE + 1)
+    await sidecar.session.force_refresh()
+    assert idp.paths().count("/jwks") == 2
+    await clock.advance(JWKS_MAX_AGE + 1)
+    idp.jwks_down = True
+    await sidecar.session.force_refresh()  # the stale keys still verify the new token
+    assert idp.paths().count("/jwks") == 3
+    idp.jwks_down = False
+    await sidecar.session.force_refresh()
+    assert idp.paths().count("/jwks") == 4

@@ -5,8 +5,9 @@ RFC 7517), ``iss``, ``aud``, ``exp`` and ``nbf`` (RFC 7519 section 4.1) are chec
 the token must be on the configured allow-list, which only holds asymmetric algorithms: ``none``
 and HS* can never pass (RFC 8725 section 3.1). Times are read from the injected Clock, not by PyJWT.
 
-Keys are cached; a token signed with an unknown ``kid`` re-fetches the JWKS once, at most once per
-``jwks_min_refetch_interval`` (a provider rotating keys is followed, a flood of forged kids is not).
+Keys are cached for an hour; a token signed with an unknown ``kid`` re-fetches the JWKS once, at
+most once per ``jwks_min_refetch_interval`` (a provider rotating keys is followed, a flood of forged
+kids is not).
 An opaque token (not a JWT) is asked about at the introspection endpoint instead (RFC 7662).
 
 Imported only when validation is enabled: it loads PyJWT and cryptography.
@@ -28,6 +29,10 @@ from sidecar.errors import IdentityUnavailable, InvalidToken
 from sidecar.identity.http import IdentityHTTP
 
 log = logging.getLogger(__name__)
+
+#: seconds the JWKS is cached before it is fetched again (keys removed by the provider stop
+#: verifying within this time)
+JWKS_MAX_AGE = 3600.0
 
 #: PyJWT's errors, most specific first, and the reason label each becomes
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
@@ -63,7 +68,10 @@ class TokenValidator:
         #: RFC 7662 introspection of a token that is not a JWT; gives None without an endpoint
         self._introspect = introspect
         self._keys: list[_Key] | None = None
+        #: when the keys were last fetched (their age), and when a fetch was last tried (the
+        #: rate limit of re-fetches for unknown kids)
         self._fetched_at = -math.inf
+        self._tried_at = -math.inf
 
     async def check(self, access_token: str) -> None:
         """Return when ``access_token`` passes every check; else raise InvalidToken.
@@ -112,7 +120,7 @@ class TokenValidator:
         found = _matching(keys, kid, alg)
         if not found and kid is not None:
             now = self._clock.monotonic()
-            if now - self._fetched_at >= self._rules.jwks_min_refetch_interval:
+            if now - self._tried_at >= self._rules.jwks_min_refetch_interval:
                 log.info("identity.jwks_refetch", extra={"kid": str(kid)[:64]})
                 found = _matching(await self._load(force=True), kid, alg)
         return found
@@ -157,15 +165,27 @@ class TokenValidator:
             raise _invalid("the token is not valid yet (nbf)", "invalid_token_not_yet_valid")
 
     async def _load(self, *, force: bool) -> list[_Key]:
+        """The JWKS's keys: cached, fetched again when forced or older than JWKS_MAX_AGE. A
+        refresh of a stale cache that fails keeps the cached keys (the provider's keys rarely
+        change, and an outage of its JWKS endpoint should not stop every login)."""
         if self._keys is not None and not force:
-            return self._keys
+            if self._clock.monotonic() - self._fetched_at < JWKS_MAX_AGE:
+                return self._keys
+            try:
+                return await self._fetch()
+            except IdentityUnavailable as exc:
+                log.warning("identity.jwks_stale", extra={"error": str(exc), "reason": exc.reason})
+                return self._keys
+        return await self._fetch()
+
+    async def _fetch(self) -> list[_Key]:
         url = await self._jwks_url()
         if url is None:
             raise IdentityUnavailable(
                 "no JWKS endpoint: set identity.jwks_url or an issuer whose discovery names one",
                 reason="jwks_invalid",
             )
-        self._fetched_at = self._clock.monotonic()
+        self._tried_at = self._clock.monotonic()
         answer = await self._http.request("GET", url)
         keys = _parse_jwks(answer.json)
         if not keys:
@@ -173,6 +193,7 @@ class TokenValidator:
                 f"the JWKS at {url} holds no usable signing key", reason="jwks_invalid"
             )
         self._keys = keys
+        self._fetched_at = self._tried_at
         return keys
 
 

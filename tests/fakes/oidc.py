@@ -76,6 +76,8 @@ class OIDCProvider(FakeIdP):
     #: issue opaque access tokens (not JWTs), whose claims only /introspect tells
     opaque_tokens: bool = False
     opaque_claims: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the JWKS endpoint answers 503 while set
+    jwks_down: bool = False
     #: the revocation endpoint never answers while set
     revocation_hangs: bool = False
     seen_jti: set[str] = field(default_factory=set)
@@ -116,6 +118,8 @@ class OIDCProvider(FakeIdP):
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.calls.append(Call(request.path, {}, dict(request.headers)))
+        if self.jwks_down:
+            return web.json_response({"error": "temporarily_unavailable"}, status=503)
         public = json.loads(ECAlgorithm.to_jwk(self.signing_key.public_key()))
         public.update(kid=self.key_id, use="sig", alg="ES256")
         return web.json_response({"keys": [public]})
