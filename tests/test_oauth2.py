@@ -481,3 +481,24 @@ async def test_a_hanging_revocation_endpoint_does_not_hold_up_shutdown(
     assert "/revoke" in idp.paths()
     assert logged(caplog, "session.logout_failed", reason="timeout")
     assert not store.exists()
+
+
+async def test_refresh_sends_scope_and_resource_again(
+    make_sidecar: MakeSidecar, idp: OIDCProvider
+) -> None:
+    """A refresh (RFC 6749 section 6) repeats scope and resource (RFC 8707 section 2.2), not the
+    login-only audience, and authenticates the client as the login did."""
+    sidecar = await make_sidecar(
+        identity={"scope": "orders.read", "resource": "https://orders.example/", "audience": "x"}
+    )
+    await logged_in(sidecar)
+    await sidecar.session.force_refresh()
+    login, refresh = idp.token_calls
+    assert login.form["audience"] == "x"
+    assert refresh.form == {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh.form["refresh_token"],
+        "scope": "orders.read",
+        "resource": "https://orders.example/",
+    }
+    assert refresh.headers["Authorization"] == login.headers["Authorization"]
