@@ -37,15 +37,23 @@ def refresh_at(token: Token, rules: Refresh, rng: random.Random) -> float:
 
 
 def backoff_delay(
-    attempt: int, retry: Retry, rng: random.Random, retry_after: float | None = None
+    attempt: int,
+    retry: Retry,
+    rng: random.Random,
+    retry_after: float | None = None,
+    usable_for: float | None = None,
 ) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(max, initial * 2**attempt)].
 
-    A provider's ``Retry-After`` is honoured as a floor (capped at ``retry.max``), since it says
-    when asking again can succeed.
+    While the current token is still usable for ``usable_for`` seconds, the delay is at most half
+    of that (but never capped below ``retry.initial``), so the next try comes before the token
+    runs out and a short outage costs no request. A provider's ``Retry-After`` is honoured as a
+    floor (capped at ``retry.max``), since it says when asking again can succeed.
     """
     ceiling = min(retry.max, retry.initial * (2 ** min(attempt, 30)))
     delay = rng.uniform(0.0, ceiling)
+    if usable_for is not None and usable_for > 0:
+        delay = min(delay, max(retry.initial, usable_for / 2))
     if retry_after is not None and retry_after > 0:
         delay = max(delay, min(retry_after, retry.max))
     return delay

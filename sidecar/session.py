@@ -487,9 +487,12 @@ class SessionManager:
     def _failed(self, exc: IdentityError, event: str) -> None:
         """Schedule the next attempt with backoff after a failed login or refresh."""
         retry_after = getattr(exc, "retry_after", None)
-        delay = backoff_delay(self._failures, self.rules.retry, self._rng, retry_after)
+        now = self.clock.time()
+        creds = self.current
+        usable_for = creds.expires_at - now if creds is not None else None
+        delay = backoff_delay(self._failures, self.rules.retry, self._rng, retry_after, usable_for)
         self._failures += 1
-        self._next_attempt_at = self.clock.time() + delay
+        self._next_attempt_at = now + delay
         self._last_error = str(exc)
         log.warning(
             event,

@@ -56,6 +56,19 @@ def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:
     assert backoff_delay(0, retry, rng, retry_after=3600) == 60
 
 
+def test_backoff_comes_before_a_usable_token_runs_out() -> None:
+    """With 6 s of a token left, no retry is later than 3 s away (half of it), however many
+    failures came before; never capped below retry.initial; Retry-After still wins."""
+    retry = Retry(initial=1, max=60)
+    rng = random.Random(2)
+    delays = [backoff_delay(8, retry, rng, usable_for=6) for _ in range(200)]
+    assert max(delays) <= 3
+    assert max(delays) > 2  # still jittered across the capped range
+    assert all(d <= 1 for d in (backoff_delay(8, retry, rng, usable_for=0.4) for _ in range(50)))
+    assert max(backoff_delay(8, retry, rng, usable_for=-1) for _ in range(50)) > 3  # expired
+    assert backoff_delay(8, retry, rng, retry_after=10, usable_for=6) >= 10
+
+
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
