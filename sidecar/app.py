@@ -338,7 +338,6 @@ class Sidecar:
                     await self._close_quietly("store", store.aclose)
                 raise
             self.upstream_url = upstream_url
-            self.proxy.access_log = config.log.access_log
         logging.getLogger().setLevel(config.log.level.upper())
         self._drain = config.listen.drain_timeout
         replaced_store = self.session.store

@@ -115,7 +115,7 @@ class Proxy:
         self._session = session
         self._metrics = metrics
         self._clock = clock
-        #: write an access line per request (``log.access_log``; a reload may change it)
+        #: write an access line per request (``log.access_log``)
         self.access_log = access_log
         self._pool: UpstreamPool | None = None
         self._target(upstream, upstream_url, rules)
