@@ -145,6 +145,11 @@ class Request:
                 return value
         return None
 
+    def wants_websocket(self) -> bool:
+        """An upgrade to WebSocket (RFC 6455 4.1): the one protocol switch sidecar tunnels."""
+        value = self.header(b"upgrade")
+        return self.upgrade and value is not None and value.strip().lower() == b"websocket"
+
     # -- answering: ``head`` is the header lines (each ending in CRLF), without framing
 
     def respond(self, status: int, reason: str, head: bytes, body: bytes) -> None:

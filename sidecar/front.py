@@ -274,7 +274,7 @@ class FrontProtocol(asyncio.Protocol):
         if rest:
             tunnel.feed(rest)
         self._tunnel = tunnel
-        if self._last is not None:
+        if self._last is not None and self._last.wants_websocket():
             self._last.body = tunnel
 
     async def _serve(self) -> None:

@@ -246,8 +246,12 @@ class Proxy:
             "latin-1"
         )
         if request.upgrade:
-            await self._tunnel(request, line, creds)
-            return
+            if request.wants_websocket():
+                await self._tunnel(request, line, creds)
+                return
+            # any other switch (h2c, ...) would carry requests past our header rules: answered
+            # as plain HTTP/1.1 (Upgrade is hop-by-hop, never forwarded), then the connection ends
+            request.keep_alive = False
 
         replayable = True
         chunked = False

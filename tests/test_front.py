@@ -67,6 +67,28 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     ]
 
 
+async def test_upgrades_other_than_websocket_are_answered_as_plain_http(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream
+) -> None:
+    """An h2c upgrade would carry later requests past the header rules: it is forwarded as a
+    plain request without Upgrade, answered, and the connection is closed."""
+    sidecar = await make_sidecar()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
+    writer.write(
+        b"GET /status/200 HTTP/1.1\r\nHost: l\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n"
+    )
+    await writer.drain()
+    head, _ = await read_response(reader)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in head
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    seen = {k.lower() for k in upstream.seen[-1].headers}
+    assert "upgrade" not in seen
+    assert "http2-settings" not in seen
+
+
 async def test_unknown_length_is_chunked_for_http11_and_closed_for_http10(
     serve: Serve, make_sidecar: MakeSidecar
 ) -> None:
