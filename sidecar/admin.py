@@ -8,6 +8,7 @@ non-loopback addresses are refused too, for when the admin port listens on a pod
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -19,8 +20,11 @@ from sidecar.session import SessionManager, State
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
-    """Build the admin application."""
+def admin_app(
+    session: SessionManager, metrics: Metrics, draining: Callable[[], bool] = lambda: False
+) -> web.Application:
+    """Build the admin application. While ``draining()`` (shutting down), /readyz says 503 so
+    that traffic is steered elsewhere while the requests in flight finish."""
 
     async def get_metrics(_request: web.Request) -> web.Response:
         session.update_gauges()
@@ -31,10 +35,12 @@ def admin_app(session: SessionManager, metrics: Metrics) -> web.Application:
 
     async def readyz(_request: web.Request) -> web.Response:
         state = session.state()
-        ready = state is State.VALID
-        return web.json_response(
-            {"ready": ready, "state": state.value}, status=200 if ready else 503
-        )
+        stopping = draining()
+        ready = state is State.VALID and not stopping
+        body: dict[str, object] = {"ready": ready, "state": state.value}
+        if stopping:
+            body["draining"] = True
+        return web.json_response(body, status=200 if ready else 503)
 
     async def get_session(_request: web.Request) -> web.Response:
         return web.json_response(session.summary())

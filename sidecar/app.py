@@ -108,6 +108,7 @@ class Sidecar:
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
     _drain: float = field(init=False)
+    _draining: bool = field(init=False, default=False)
     _fronts: list[Front] = field(init=False, default_factory=list)
     #: the proxy listener (None until open_proxy): what a drain stops and waits for
     front: FrontServer | None = field(init=False, default=None)
@@ -170,7 +171,7 @@ class Sidecar:
         from sidecar.admin import admin_app
 
         admin_runner = web.AppRunner(
-            admin_app(self.session, self.metrics),
+            admin_app(self.session, self.metrics, lambda: self._draining),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=2.0,
@@ -286,6 +287,7 @@ class Sidecar:
         """Graceful shutdown, first half: refuse new connections, give the requests in flight up
         to ``drain_timeout`` seconds, cut the rest. :meth:`stop` then persists and closes."""
         timeout = self.drain_seconds
+        self._draining = True  # /readyz turns 503 for the rest of the process's life
         for front in self._fronts:
             await front.stop_accepting()
         log.info(
@@ -303,9 +305,10 @@ class Sidecar:
         """Apply a new configuration to the running process (SIGHUP).
 
         Live: the upstream section (a new pool and TLS context: certificate files are read
-        again), header rules, refresh rules, the log level, and the identity. The session is kept
-        when the identity's fingerprint is unchanged; another identity starts a new session. Keys
-        of sections a running process cannot change are logged as needing a restart.
+        again), header rules, refresh rules, the log level and access log, and the identity. The
+        session is kept when the identity's fingerprint is unchanged; another identity starts a
+        new session. Keys of sections a running process cannot change are logged as needing a
+        restart.
         """
         old = self.config
         pending = [
@@ -314,8 +317,6 @@ class Sidecar:
             for key, value in getattr(config, section)
             if getattr(getattr(old, section), key) != value and key != "drain_timeout"
         ]
-        if config.log.access_log != old.log.access_log:
-            pending.append("log.access_log")
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from sidecar.config import Config
-from tests.conftest import MakeSidecar, Serve, base_config, merge, proxy_url
+from tests.conftest import MakeSidecar, Serve, admin_url, base_config, merge, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import eventually
@@ -203,3 +203,24 @@ async def test_reload_in_process_moves_upstream_and_keeps_forwarding(
     assert [s.path_qs for s in second.seen] == ["/after"]
     assert second.seen[0].token_valid
     assert idp.grants() == ["client_credentials"]
+
+
+async def test_readyz_says_503_while_draining(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, upstream: FakeUpstream
+) -> None:
+    """Once the drain starts, /readyz answers 503 with draining: true (so traffic is steered
+    elsewhere) while the request in flight still completes."""
+    sidecar = await make_sidecar()
+    await eventually(lambda: sidecar.session.usable() is not None)
+    async with http.get(admin_url(sidecar, "/readyz")) as resp:
+        assert resp.status == 200
+    slow = asyncio.ensure_future(http.get(proxy_url(sidecar, "/slow/0.5")))
+    await eventually(lambda: any(s.path_qs == "/slow/0.5" for s in upstream.seen))
+    draining = asyncio.ensure_future(sidecar.drain())
+    await eventually(lambda: sidecar.metrics.in_flight_now() == 1)
+    async with http.get(admin_url(sidecar, "/readyz")) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["draining"] is True
+    async with await slow as resp:
+        assert resp.status == 200
+    await draining
