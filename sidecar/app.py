@@ -305,7 +305,7 @@ class Sidecar:
         """Apply a new configuration to the running process (SIGHUP).
 
         Live: the upstream section (a new pool and TLS context: certificate files are read
-        again), header rules, refresh rules, the log level and access log, and the identity. The
+        again), header rules, refresh rules, the log level, and the identity. The
         session is kept when the identity's fingerprint is unchanged; another identity starts a
         new session. Keys of sections a running process cannot change are logged as needing a
         restart.
@@ -317,6 +317,8 @@ class Sidecar:
             for key, value in getattr(config, section)
             if getattr(getattr(old, section), key) != value and key != "drain_timeout"
         ]
+        if config.log.access_log != old.log.access_log:
+            pending.append("log.access_log")
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):
