@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
 from sidecar.app import Sidecar
@@ -178,3 +179,17 @@ def finhub() -> FinHub:
 @pytest.fixture
 async def finhub_url(serve: Serve, finhub: FinHub) -> str:
     return await serve(finhub.app())
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A private CA that no system trust store knows, for TLS test servers."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    """The private CA's certificate as a PEM file (for ``tls.ca_file``)."""
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)

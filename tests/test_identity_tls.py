@@ -20,11 +20,6 @@ ServeTLS = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
 async def serve_tls(ca: trustme.CA) -> AsyncIterator[ServeTLS]:
     """Serve an app over TLS on 127.0.0.1 with a certificate of ``ca``; returns its https URL.
 
@@ -55,13 +50,6 @@ async def serve_tls(ca: trustme.CA) -> AsyncIterator[ServeTLS]:
     yield _serve
     for runner in reversed(runners):
         await runner.cleanup()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 def tls_identity(url: str, **tls: Any) -> dict[str, Any]:

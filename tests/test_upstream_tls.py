@@ -18,19 +18,6 @@ from tests.fakes.upstream import FakeUpstream
 from tests.helpers import eventually
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    """A private CA that no system trust store knows."""
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
 def server_context(
     ca: trustme.CA, *, require_client_cert: bool = False, max_version: ssl.TLSVersion | None = None
 ) -> ssl.SSLContext:
