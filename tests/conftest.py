@@ -90,6 +90,14 @@ def idp() -> FakeIdP:
 
 
 @pytest.fixture
+def clock(idp: FakeIdP) -> FakeClock:
+    """One fake clock shared by the sidecar and the identity provider."""
+    fake = FakeClock()
+    idp.clock = fake
+    return fake
+
+
+@pytest.fixture
 def upstream(idp: FakeIdP) -> FakeUpstream:
     return FakeUpstream(idp=idp)
 

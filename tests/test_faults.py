@@ -44,14 +44,6 @@ RETRY = {"initial": 2, "max": 8}
 
 
 @pytest.fixture
-def clock(idp: FakeIdP) -> FakeClock:
-    """One fake clock shared by the sidecar and the identity provider."""
-    fake = FakeClock()
-    idp.clock = fake
-    return fake
-
-
-@pytest.fixture
 async def gate(idp_url: str) -> AsyncIterator[Gate]:
     """A gate in front of the identity provider, so that it can refuse connections."""
     g = Gate(int(idp_url.rsplit(":", 1)[1]))

@@ -15,14 +15,6 @@ from tests.fakes.upstream import FakeUpstream
 from tests.helpers import advance, eventually, sample
 
 
-@pytest.fixture
-def clock(idp: FakeIdP) -> FakeClock:
-    """One fake clock shared by the sidecar and the identity provider."""
-    fake = FakeClock()
-    idp.clock = fake
-    return fake
-
-
 async def test_login_at_start_then_proactive_refresh_on_schedule(
     make_sidecar: MakeSidecar, idp: FakeIdP, clock: FakeClock
 ) -> None:
