@@ -81,6 +81,9 @@ class _Connection(asyncio.Protocol):
         if self.tunnel:
             self.on_body(data)
             return
+        if self._remaining > 0 and self._parser is not None:
+            self._length_delimited(data)
+            return
         parser = self._parser
         if parser is None:  # bytes nobody asked for: the connection cannot be trusted
             self._fail(UpstreamUnavailable("upstream sent data without a request"))
@@ -144,9 +147,20 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = bool(self._parser.should_keep_alive())
-        self._until_close = not any(
-            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
-        ) and status not in (204, 304)
+        length = None
+        framed = 0
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                framed += 1
+                length = value
+            elif lname == b"transfer-encoding":
+                framed += 2
+        bodiless = status in (204, 304)
+        self._until_close = not framed and not bodiless
+        if framed == 1 and not bodiless and not self._head_only:
+            # llhttp has checked the value; the body's later bytes bypass it (see data_received)
+            self._remaining = int(length or 0)
         self.head_done = True
         _wake(self._head_waiter)
         if self._head_only:
@@ -156,6 +170,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._head_only:
             return
+        self._remaining -= len(body)
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
@@ -168,9 +183,23 @@ class _Connection(asyncio.Protocol):
             return  # the end of an informational answer, or of the head before a tunnel
         self._message_complete()
 
+    def _length_delimited(self, data: bytes) -> None:
+        """More of a body whose Content-Length llhttp has read: the bytes are passed on as they
+        came, without llhttp copying them once more (most of a large download's cost). Bytes
+        past the body's end were never asked for: the connection is not used again."""
+        remaining = self._remaining
+        if len(data) > remaining:
+            self.keep_alive = False
+            data = data[:remaining]
+        self.on_body(data)
+        if self._remaining == 0:
+            self._message_complete()
+
     # -- exchange
 
     _until_close = False
+    #: body bytes still to come of a Content-Length response (0: none, or not counted)
+    _remaining = 0
 
     def _message_complete(self) -> None:
         if self.complete:
@@ -204,6 +233,7 @@ class _Connection(asyncio.Protocol):
         self.tunnel = False
         self._error = None
         self._until_close = False
+        self._remaining = 0
         self.status = 0
         self.reason = ""
         self.headers = []

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import MakeSidecar, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
+from tests.helpers import eventually
 
 GIB = 1 << 30
 
@@ -126,3 +127,75 @@ async def test_client_disconnect_mid_download_frees_the_request(
             break
         await asyncio.sleep(0.02)
     assert sidecar.metrics.in_flight._value.get() == 0
+
+
+class RawUpstream:
+    """An upstream written at the socket level, to send bodies in odd pieces (or too long)."""
+
+    def __init__(self, body: bytes, extra: bytes = b"", piece: int = 1000) -> None:
+        self.body, self.extra, self.piece = body, extra, piece
+        self.connections = 0
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                self.requests += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body))
+                payload = self.body + self.extra
+                for start in range(0, len(payload), self.piece):
+                    writer.write(payload[start : start + self.piece])
+                    await writer.drain()
+                    await asyncio.sleep(0)  # let each piece go out as its own segment
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[RawUpstream, str]]:
+    raw = RawUpstream(os.urandom(3 << 20) + b"end")
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield raw, f"http://127.0.0.1:{port}"
+    server.close()
+
+
+async def test_length_delimited_body_in_many_pieces_arrives_intact_and_reuses_the_connection(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    raw_upstream: tuple[RawUpstream, str],
+) -> None:
+    """A Content-Length body passes through byte for byte however it is cut up, and the upstream
+    connection is used again once the body has ended."""
+    raw, url = raw_upstream
+    raw.piece = 7919  # a prime: the pieces never line up with any buffer size
+    sidecar = await make_sidecar(upstream={"url": url})
+    for _ in range(3):
+        async with http.get(proxy_url(sidecar, "/file")) as resp:
+            assert resp.status == 200
+            got = await resp.read()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(raw.body).digest()
+    assert raw.requests == 3
+    assert raw.connections == 1
+
+
+async def test_bytes_past_the_content_length_are_dropped_with_the_connection(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    raw_upstream: tuple[RawUpstream, str],
+) -> None:
+    """An upstream that sends more than it announced: the caller gets exactly the announced body,
+    and the connection that carried the surplus is not trusted with another request."""
+    raw, url = raw_upstream
+    raw.extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmuggled"
+    sidecar = await make_sidecar(upstream={"url": url})
+    for _ in range(2):
+        async with http.get(proxy_url(sidecar, "/file")) as resp:
+            assert resp.status == 200
+            got = await resp.read()
+        assert got == raw.body
+    assert raw.requests == 2
+    await eventually(lambda: raw.connections == 2, what="a fresh upstream connection")
