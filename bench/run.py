@@ -2,8 +2,9 @@
 
 Layout (2 cores): the nginx upstream and wrk share core 0; each proxy runs alone on core 1.
 For every target: req/s at 50 connections, p50/p99 latency at 1 and 50 connections, 1 MiB
-streaming MB/s, and (for the Python proxies) RSS idle and after the run. Every figure is also
-given as a ratio to nginx and to the minimal aiohttp proxy. Results go to bench/results/*.json.
+streaming MB/s, the CPU time each proxy spent per request and per MiB (with the cores it got),
+and (for the Python proxies) RSS idle and after the run. Every figure is also given as a ratio
+to nginx and to the minimal aiohttp proxy. Results go to bench/results/*.json.
 
 Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal]
 """
@@ -18,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,16 +53,28 @@ def wait_port(port: int, within: float = 15.0) -> None:
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (workers), in MB."""
     total = 0
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    for p in pids:
+    for p in [pid, *children(pid)]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return round(total / 1024, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) spent so far by a process and its children (workers)."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (in clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
 
 
 def taskset(core: str) -> list[str]:
@@ -120,6 +134,7 @@ def proxy_conf(work: Path, port: int, upstream: int, token: str) -> str:
 
 
 WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+WRK_COUNT = re.compile(r"(\d+) requests in")
 WRK_TRANSFER = re.compile(r"Transfer/sec:\s+([\d.]+)(\w+)")
 WRK_PCT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 WRK_ERRORS = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
@@ -142,7 +157,10 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
-    result: dict[str, float] = {"rps": float(WRK_RPS.search(out).group(1))}  # type: ignore[union-attr]
+    result: dict[str, float] = {
+        "rps": float(WRK_RPS.search(out).group(1)),  # type: ignore[union-attr]
+        "requests": float(WRK_COUNT.search(out).group(1)),  # type: ignore[union-attr]
+    }
     for pct, value, unit in WRK_PCT.findall(out):
         result[f"p{pct}_us"] = round(float(value) * UNIT[unit], 1)
     transfer = WRK_TRANSFER.search(out)
@@ -197,15 +215,28 @@ def sidecar_config(
     return path
 
 
-def measure(name: str, url: str, pid: int | None, seconds: float) -> dict[str, Any]:
+def measure(
+    name: str, url: str, pid: int | None, seconds: float, rss: bool = True
+) -> dict[str, Any]:
+    """The figures of one target; with its ``pid``, also its CPU time per request and per MiB
+    (summed over its worker processes), and with ``rss`` its memory."""
     print(f"  {name} ...", flush=True)
     wrk(url + "/", 10, 1)  # warm up connections and code paths
     figures: dict[str, Any] = {}
-    if pid is not None:
+    if pid is not None and rss:
         figures["rss_idle_mb"] = rss_mb(pid)
+    cpu = [cpu_seconds(pid) if pid is not None else 0.0]
     c50 = wrk(url + "/", 50, seconds)
+    cpu.append(cpu_seconds(pid) if pid is not None else 0.0)
     c1 = wrk(url + "/", 1, seconds)
+    cpu.append(cpu_seconds(pid) if pid is not None else 0.0)
     big = wrk(url + "/big", 4, max(2.0, seconds / 2))
+    cpu.append(cpu_seconds(pid) if pid is not None else 0.0)
+    if pid is not None:
+        # CPU per unit of work: unlike req/s, it does not depend on how much CPU the proxy got
+        figures["cpu_us_per_req_50"] = round((cpu[1] - cpu[0]) / c50["requests"] * 1e6, 1)
+        figures["cpu_cores_50"] = round((cpu[1] - cpu[0]) / max(1, round(seconds)), 2)
+        figures["cpu_ms_per_mib"] = round((cpu[3] - cpu[2]) / max(1.0, big["requests"]) * 1e3, 3)
     figures.update(
         rps_50=c50["rps"],
         p50_50_us=c50.get("p50_us"),
@@ -215,15 +246,69 @@ def measure(name: str, url: str, pid: int | None, seconds: float) -> dict[str, A
         stream_mb_s=big.get("mb_s"),
         non_2xx=c50["non_2xx"] + c1["non_2xx"],
     )
-    if pid is not None:
+    if pid is not None and rss:
         figures["rss_after_mb"] = rss_mb(pid)
     return figures
 
 
+#: the targets measured again in alternation, all running at once, for the ratios that matter
+PAIRED = ("nginx", "sidecar", "sidecar_workers2")
+#: (figure, target, base target, wrk path, connections) of the paired rounds
+RATIOS = (
+    ("sidecar/nginx req/s", "sidecar", "nginx", "/", 50),
+    ("workers2/sidecar req/s", "sidecar_workers2", "sidecar", "/", 50),
+    ("sidecar/nginx 1 MiB MB/s", "sidecar", "nginx", "/big", 4),
+)
+
+
+def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str, Any]:
+    """Measure nginx, sidecar and sidecar --workers 2 back to back, ``rounds`` times over.
+
+    On a shared (virtual) machine the CPU's speed drifts by tens of percent within minutes, so
+    two figures taken a minute apart can disagree more than two proxies do. Each ratio here
+    comes from measurements seconds apart; the median over the rounds is the figure to quote.
+    """
+    print(f"paired rounds ({rounds} x {len(urls)} targets, {seconds:g} s each) ...", flush=True)
+    runs: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for path, conns in (("/", 50), ("/big", 4)):
+            for name, url in urls.items():
+                if name == "direct" and path != "/":
+                    continue
+                got = wrk(url + path, conns, seconds)
+                runs.setdefault((name, path), []).append(got["mb_s" if path == "/big" else "rps"])
+    out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "runs": {}, "ratios": {}}
+    for (name, path), values in runs.items():
+        out["runs"][f"{name} {path}"] = values
+    for label, target, base, path, _ in RATIOS:
+        mine, theirs = runs.get((target, path)), runs.get((base, path))
+        if mine and theirs:
+            out["ratios"][label] = spread([a / b for a, b in zip(mine, theirs, strict=True)])
+    one, direct = runs.get(("sidecar", "/")), runs.get(("direct", "/"))
+    if one and direct:
+        # wrk and the upstream share core 0 with the second worker. At direct's rate they fill a
+        # core alone, so at R req/s they take R/direct of it: two workers at one worker's
+        # efficiency reach at most 2 / (1 + one/direct) times one worker.
+        out["ratios"]["workers2 ceiling (CPU left)"] = spread(
+            [2 / (1 + a / b) for a, b in zip(one, direct, strict=True)]
+        )
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--only", default="")
+    parser.add_argument("--rounds", type=int, default=4, help="paired rounds (0: none)")
+    parser.add_argument("--round-seconds", type=float, default=2.0)
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -320,10 +405,22 @@ def main() -> int:
                 with process(argv, port, env) as pid:
                     time.sleep(0.5)
                     results["targets"][name] = measure(
-                        name,
-                        f"http://127.0.0.1:{port}",
-                        None if name == "nginx" else pid,
-                        args.seconds,
+                        name, f"http://127.0.0.1:{port}", pid, args.seconds, rss=name != "nginx"
+                    )
+            if args.rounds and not only:
+                paired = [t for t in targets if t[0] in PAIRED]
+                with contextlib.ExitStack() as running:
+                    for _, argv, port in paired:
+                        assert argv is not None
+                        running.enter_context(process(argv, port, env))
+                    time.sleep(1.0)
+                    results["paired"] = paired_rounds(
+                        {
+                            "direct": upstream,
+                            **{name: f"http://127.0.0.1:{port}" for name, _, port in paired},
+                        },
+                        args.rounds,
+                        args.round_seconds,
                     )
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     report(results)
@@ -357,6 +454,28 @@ def report(results: dict[str, Any]) -> None:
             f"{ratio(f.get('stream_mb_s'), ng.get('stream_mb_s')):>6} "
             f"{rss:>15}"
         )
+    print(
+        "\nCPU (user + system, all of a target's processes) per unit of work; it does not "
+        "depend on how much CPU the target got:"
+    )
+    print(f"  {'target':24} {'us/req@50':>9} {'cores@50':>8} {'ms/MiB':>7}")
+    for name, f in targets.items():
+        if "cpu_us_per_req_50" in f:
+            print(
+                f"  {name:24} {f['cpu_us_per_req_50']:>9.1f} {f['cpu_cores_50']:>8.2f} "
+                f"{f['cpu_ms_per_mib']:>7.3f}"
+            )
+    paired = results.get("paired")
+    if paired:
+        print(
+            f"\npaired rounds ({paired['rounds']} rounds, targets measured seconds apart; "
+            "quote the median):"
+        )
+        for label, figure in paired["ratios"].items():
+            print(
+                f"  {label:28} median {figure['median']:.2f}  "
+                f"(min {figure['min']:.2f}, max {figure['max']:.2f})"
+            )
     direct = targets.get("direct", {})
     if direct.get("p50_1_us"):
         print("\nadded p50 latency at 1 connection (proxy p50 - direct p50):")
