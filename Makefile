@@ -53,6 +53,10 @@ bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streamin
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
+bench-ir: $(STAMP) ## instructions per request and per MiB under callgrind: noise-free figures to compare builds
+	@$(MAKE) --no-print-directory system-deps APT_NEEDS="valgrind:valgrind nginx:nginx-light"
+	$(BIN)/python bench/instructions.py $(IR_ARGS)
+
 bench-shared: $(STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
 	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
 
@@ -66,4 +70,4 @@ image: ## build the container image (needs a Docker or Podman engine)
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-shared chaos image
+.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image

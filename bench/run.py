@@ -172,7 +172,9 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+def process(
+    argv: list[str], port: int, env: dict[str, str] | None = None, within: float = 15.0
+) -> Iterator[int]:
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.DEVNULL,
@@ -180,7 +182,7 @@ def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> It
         env=env,
     )
     try:
-        wait_port(port)
+        wait_port(port, within)
         yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
