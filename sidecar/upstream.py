@@ -1,5 +1,6 @@
 """The lean upstream leg: pooled keep-alive HTTP/1.1 connections, the request head written in one
-buffer, responses parsed by llhttp (through ``httptools``), bodies streamed with backpressure.
+buffer, responses parsed by llhttp (:mod:`sidecar.upstream_conn`), bodies streamed with
+backpressure.
 
 Why not ``aiohttp.ClientSession``: two thirds of a minimal aiohttp proxy's per-request cost is its
 client side (see PERFORMANCE.md). This module does only what a reverse proxy to one origin needs,
@@ -14,278 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any, cast
-
-import httptools
+from typing import Any
 
 from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
+from sidecar.upstream_conn import UpstreamBroken, UpstreamConnection
 
-#: pause reading from the upstream while this many body bytes wait for the caller
-HIGH_WATER = 1 << 18
-LOW_WATER = 1 << 16
-
-
-class UpstreamBroken(UpstreamUnavailable):
-    """The upstream failed after its response head was received (mid-body)."""
-
-    code = "upstream_broken"
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; carries one exchange at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.reused = False
-        self.tls = False
-        self._parser: httptools.HttpResponseParser | None = None
-        self._head_waiter: asyncio.Future[None] | None = None
-        self._body_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._read_paused = False
-        self._error: Exception | None = None
-        self._head_only = False
-        self._upgrade = False
-        #: after a 101 answer the connection carries raw bytes (a WebSocket), not HTTP
-        self.tunnel = False
-        self.status = 0
-        self.reason = ""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.head_done = False
-        self.complete = False
-        self.got_bytes = False
-        self.keep_alive = False
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport: no isinstance check here
-        self.transport = cast(asyncio.Transport, transport)
-        self.tls = transport.get_extra_info("ssl_object") is not None
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # every request head goes out in one write: never let Nagle hold it back (not all
-            # event loops set this themselves)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        if self.tunnel:
-            self.on_body(data)
-            return
-        if self._remaining > 0 and self._parser is not None:
-            self._length_delimited(data)
-            return
-        parser = self._parser
-        if parser is None:  # bytes nobody asked for: the connection cannot be trusted
-            self._fail(UpstreamUnavailable("upstream sent data without a request"))
-            return
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            if not self.tunnel:
-                self._fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
-                return
-            self._parser = None
-            rest = data[int(exc.args[0]) :]
-            if rest:
-                self.on_body(rest)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.tunnel:
-            self._message_complete()  # the end of the tunnelled stream
-        elif (
-            self._parser is not None and self.head_done and not self.complete and self._until_close
-        ):
-            self._message_complete()  # a body delimited by the end of the connection
-        elif self._parser is not None and not self.complete:
-            why = "upstream closed the connection"
-            if self.tls and not self.got_bytes:
-                # how a TLS 1.3 server refuses a missing client certificate: after the handshake
-                why += " without answering over TLS (does it require upstream.tls.cert_file?)"
-            self._fail(UpstreamUnavailable(why), close=False)
-        self._wake_drain()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_drain()
-
-    # -- httptools callbacks
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
-        if status == 101 and self._upgrade:
-            self.status = status
-            self.tunnel = True
-            self.head_done = True
-            _wake(self._head_waiter)
-            return
-        if 100 <= status < 200:
-            self.headers = []  # informational (100, 103): the final answer follows
-            self.reason = ""
-            return
-        self.status = status
-        self.keep_alive = bool(self._parser.should_keep_alive())
-        length = None
-        framed = 0
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                framed += 1
-                length = value
-            elif lname == b"transfer-encoding":
-                framed += 2
-        bodiless = status in (204, 304)
-        self._until_close = not framed and not bodiless
-        if framed == 1 and not bodiless and not self._head_only:
-            # llhttp has checked the value; the body's later bytes bypass it (see data_received)
-            self._remaining = int(length or 0)
-        self.head_done = True
-        _wake(self._head_waiter)
-        if self._head_only:
-            self.keep_alive = False  # llhttp cannot be told a HEAD answer has no body
-            self._message_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self._head_only:
-            return
-        self._remaining -= len(body)
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
-        _wake(self._body_waiter)
-
-    def on_message_complete(self) -> None:
-        if self.status == 0 or self.tunnel:
-            return  # the end of an informational answer, or of the head before a tunnel
-        self._message_complete()
-
-    def _length_delimited(self, data: bytes) -> None:
-        """More of a body whose Content-Length llhttp has read: the bytes are passed on as they
-        came, without llhttp copying them once more (most of a large download's cost). Bytes
-        past the body's end were never asked for: the connection is not used again."""
-        remaining = self._remaining
-        if len(data) > remaining:
-            self.keep_alive = False
-            data = data[:remaining]
-        self.on_body(data)
-        if self._remaining == 0:
-            self._message_complete()
-
-    # -- exchange
-
-    _until_close = False
-    #: body bytes still to come of a Content-Length response (0: none, or not counted)
-    _remaining = 0
-
-    def _message_complete(self) -> None:
-        if self.complete:
-            return
-        self.complete = True
-        self._parser = None
-        _wake(self._head_waiter)
-        _wake(self._body_waiter)
-
-    def _fail(self, error: Exception, *, close: bool = True) -> None:
-        if self._error is None:
-            self._error = error
-        self._parser = None
-        if close and self.transport is not None:
-            self.transport.abort()
-        self.closed = True
-        for waiter in (self._head_waiter, self._body_waiter):
-            _wake(waiter)
-
-    def head_timed_out(self, seconds: float) -> None:
-        if not self.head_done:
-            self._fail(UpstreamTimeout(f"upstream did not answer within {seconds:g}s"))
-
-    def _wake_drain(self) -> None:
-        _wake(self._drain_waiter)
-
-    def begin(self, head_only: bool, upgrade: bool = False) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._head_only = head_only
-        self._upgrade = upgrade
-        self.tunnel = False
-        self._error = None
-        self._until_close = False
-        self._remaining = 0
-        self.status = 0
-        self.reason = ""
-        self.headers = []
-        self.chunks.clear()
-        self.buffered = 0
-        self.head_done = self.complete = self.got_bytes = self.keep_alive = False
-
-    async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("upstream connection closed")
-        if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-
-    async def wait_head(self) -> None:
-        while not self.head_done and self._error is None:
-            if self.closed and not self.complete:
-                raise self._error or UpstreamUnavailable("upstream closed the connection")
-            self._head_waiter = self._loop.create_future()
-            try:
-                await self._head_waiter
-            finally:
-                self._head_waiter = None
-        if self._error is not None:
-            raise self._error
-
-    async def next_chunk(self) -> bytes | None:
-        """The next body bytes, or None at the end of the body."""
-        while not self.chunks:
-            if self._error is not None:
-                raise UpstreamBroken(str(self._error))
-            if self.complete:
-                return None
-            self._body_waiter = self._loop.create_future()
-            try:
-                await self._body_waiter
-            finally:
-                self._body_waiter = None
-        chunk = self.chunks.popleft()
-        self.buffered -= len(chunk)
-        if self._read_paused and self.buffered < LOW_WATER and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
-        return chunk
-
-
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamResponse"]
 
 
 class UpstreamResponse:
@@ -297,7 +34,7 @@ class UpstreamResponse:
     def __init__(
         self,
         pool: UpstreamPool,
-        conn: _Connection,
+        conn: UpstreamConnection,
         writer: asyncio.Task[None] | None,
         read_timeout: float,
     ) -> None:
@@ -381,15 +118,15 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._head_timeout = head_timeout
         self._max_idle = max_idle
-        self._idle: collections.deque[_Connection] = collections.deque()
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._closed = False
         #: exchanges waiting for a response head, with their deadlines (loop time)
-        self._waiting: dict[_Connection, float] = {}
+        self._waiting: dict[UpstreamConnection, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         # a timeout fires at most a tenth of itself (and at most 0.1 s) late
         self._sweep_every = min(head_timeout / 10, 0.1)
 
-    def put(self, conn: _Connection) -> None:
+    def put(self, conn: UpstreamConnection) -> None:
         if len(self._idle) < self._max_idle and not self._closed:
             conn.reused = True
             conn._parser = None
@@ -397,12 +134,12 @@ class UpstreamPool:
         elif conn.transport is not None:
             conn.transport.close()
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: UpstreamConnection(loop),
                     self.host,
                     self.port,
                     ssl=self._ssl,
@@ -425,7 +162,7 @@ class UpstreamPool:
             ) from exc
         return conn
 
-    def _idle_connection(self) -> _Connection | None:
+    def _idle_connection(self) -> UpstreamConnection | None:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -464,7 +201,7 @@ class UpstreamPool:
 
     async def _exchange(
         self,
-        conn: _Connection,
+        conn: UpstreamConnection,
         head: bytes,
         body: Any,
         head_only: bool,
@@ -523,7 +260,7 @@ class UpstreamPool:
                 conn.transport.close()
 
 
-def _abort(conn: _Connection, writer: asyncio.Task[None] | None) -> None:
+def _abort(conn: UpstreamConnection, writer: asyncio.Task[None] | None) -> None:
     if writer is not None and not writer.done():
         writer.cancel()
     conn.closed = True
@@ -531,7 +268,7 @@ def _abort(conn: _Connection, writer: asyncio.Task[None] | None) -> None:
         conn.transport.abort()
 
 
-async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> None:
     """Stream a request body with backpressure, chunked-framed when its length is unknown.
 
     If the caller's body breaks off, the upstream connection is aborted, so the upstream never
