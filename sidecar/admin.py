@@ -21,10 +21,14 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def admin_app(
-    session: SessionManager, metrics: Metrics, draining: Callable[[], bool] = lambda: False
+    session: SessionManager,
+    metrics: Metrics,
+    draining: Callable[[], bool] = lambda: False,
+    listening: Callable[[], bool] = lambda: True,
 ) -> web.Application:
     """Build the admin application. While ``draining()`` (shutting down), /readyz says 503 so
-    that traffic is steered elsewhere while the requests in flight finish."""
+    that traffic is steered elsewhere while the requests in flight finish; so it does until
+    ``listening()`` (the proxy port is open: under --workers, once every worker is)."""
 
     async def get_metrics(_request: web.Request) -> web.Response:
         session.update_gauges()
@@ -36,10 +40,13 @@ def admin_app(
     async def readyz(_request: web.Request) -> web.Response:
         state = session.state()
         stopping = draining()
-        ready = state is State.VALID and not stopping
+        open_ = listening()
+        ready = state is State.VALID and not stopping and open_
         body: dict[str, object] = {"ready": ready, "state": state.value}
         if stopping:
             body["draining"] = True
+        if not open_:
+            body["proxy"] = "starting"
         return web.json_response(body, status=200 if ready else 503)
 
     async def get_session(_request: web.Request) -> web.Response:

@@ -109,6 +109,8 @@ class Sidecar:
     drain_timeout: float | None = None
     _drain: float = field(init=False)
     _draining: bool = field(init=False, default=False)
+    #: the proxy port is open (here, or under --workers in every worker): /readyz waits for it
+    listening: bool = field(init=False, default=False)
     _fronts: list[Front] = field(init=False, default_factory=list)
     #: the proxy listener (None until open_proxy): what a drain stops and waits for
     front: FrontServer | None = field(init=False, default=None)
@@ -171,7 +173,7 @@ class Sidecar:
         from sidecar.admin import admin_app
 
         admin_runner = web.AppRunner(
-            admin_app(self.session, self.metrics, lambda: self._draining),
+            admin_app(self.session, self.metrics, lambda: self._draining, lambda: self.listening),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=2.0,
@@ -210,6 +212,7 @@ class Sidecar:
         self._closers.append(("proxy", front.close))
         port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
         self._fronts.append(front)
+        self.listening = True
         return port
 
     async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
@@ -330,17 +333,12 @@ class Sidecar:
         changed = identity.fingerprint != current.fingerprint
         # a new identity gets its own store namespace (and encryption context)
         store = self._store(identity.fingerprint) if changed else None
-        if self.proxy is not None:
-            upstream_url = config.upstream.url or self.upstream_url
-            try:
-                await self.proxy.reconfigure(
-                    config.upstream, upstream_url, self._rules(config, upstream_url)
-                )
-            except BaseException:
-                if store is not None:
-                    await self._close_quietly("store", store.aclose)
-                raise
-            self.upstream_url = upstream_url
+        try:
+            await self.reconfigure_proxy(config)
+        except BaseException:
+            if store is not None:
+                await self._close_quietly("store", store.aclose)
+            raise
         logging.getLogger().setLevel(config.log.level.upper())
         self._drain = config.listen.drain_timeout
         replaced_store = self.session.store
@@ -355,6 +353,15 @@ class Sidecar:
         )
         if pending:
             log.warning("sidecar.reload_needs_restart", extra={"keys": pending})
+
+    async def reconfigure_proxy(self, config: Config, upstream_url: str | None = None) -> None:
+        """The proxy's share of a reload, and all of a worker's: the upstream section (a new
+        pool) and the header rules, from the next request on. ``upstream_url`` overrides the
+        config's (a worker takes the supervisor's, which may be the demo's echo upstream)."""
+        url = upstream_url or config.upstream.url or self.upstream_url
+        if self.proxy is not None:
+            await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
+        self.upstream_url = url
 
     async def _close_quietly(self, name: str, close: Closer) -> None:
         try:
@@ -403,26 +410,15 @@ async def serve(
     if ready is not None:
         ready(sidecar)
     stop = asyncio.Event()
-    reloads: set[asyncio.Task[None]] = set()
-    one_at_a_time = asyncio.Lock()  # a second SIGHUP waits for the first to be applied
+    reloads = Reloads(load, sidecar.reload)
     loop = asyncio.get_running_loop()
-
-    def on_hup() -> None:
-        if load is None:
-            log.warning("sidecar.reload_unavailable", extra={"why": "no config to read again"})
-            return
-        task = loop.create_task(_reload(sidecar, load, one_at_a_time))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_hup}
+    signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reloads.on_hup}
     for sig, handler in signals.items():
         loop.add_signal_handler(sig, handler)
     try:
         await stop.wait()
         log.info("sidecar.stopping", extra={"drain_timeout": sidecar.drain_seconds})
-        for task in list(reloads):
-            await task
+        await reloads.finish()
         await sidecar.drain()
     finally:
         for sig in signals:
@@ -432,7 +428,38 @@ async def serve(
     return 0
 
 
-async def _reload(sidecar: Sidecar, load: Callable[[], Config], lock: asyncio.Lock) -> None:
+class Reloads:
+    """SIGHUP handling: each signal reads the config again (``load``) and applies it (``apply``),
+    one reload at a time; a bad file or a failure to apply it is logged and the running config
+    stays in force."""
+
+    def __init__(
+        self, load: Callable[[], Config] | None, apply: Callable[[Config], Awaitable[None]]
+    ) -> None:
+        self._load = load
+        self._apply = apply
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._one_at_a_time = asyncio.Lock()  # a second SIGHUP waits for the first
+
+    def on_hup(self) -> None:
+        if self._load is None:
+            log.warning("sidecar.reload_unavailable", extra={"why": "no config to read again"})
+            return
+        task = asyncio.get_running_loop().create_task(
+            _reload(self._load, self._apply, self._one_at_a_time)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Wait for the reloads under way (before a shutdown)."""
+        for task in list(self._tasks):
+            await task
+
+
+async def _reload(
+    load: Callable[[], Config], apply: Callable[[Config], Awaitable[None]], lock: asyncio.Lock
+) -> None:
     async with lock:
         log.info("sidecar.reloading")
         try:
@@ -441,6 +468,6 @@ async def _reload(sidecar: Sidecar, load: Callable[[], Config], lock: asyncio.Lo
             log.error("sidecar.reload_failed", extra={"error": str(exc), "kept": "running config"})
             return
         try:
-            await sidecar.reload(config)
+            await apply(config)
         except (ConfigError, StoreError, OSError) as exc:
             log.error("sidecar.reload_failed", extra={"error": str(exc), "kept": "running config"})

@@ -118,7 +118,7 @@ def _run(
         if workers > 1:
             from sidecar.workers import serve_workers
 
-            return run(serve_workers(config, workers))
+            return run(serve_workers(config, workers, load))
         return run(serve(config, load=load))
     except SidecarError as exc:
         log.error("sidecar.failed", extra={"error": str(exc)})

@@ -6,6 +6,7 @@ that only proxies; it talks to the supervisor over a private socket pair, one JS
 
     supervisor → worker   {"config": {...}}              once, first
                           {"creds": {...} | null}        whenever the session changes
+                          {"reload": {...}}              after SIGHUP: the new config
     worker → supervisor   {"need": "request"}            no valid token here: renew or resend
                           {"need": "reactive", "token": fingerprint}   the upstream said 401
                           {"metrics": {...}}             per-request metrics, every second
@@ -21,18 +22,24 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.app import Sidecar, freeze_startup_objects
+from pydantic import ValidationError
+from yarl import URL
+
+from sidecar.app import Reloads, Sidecar, freeze_startup_objects
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config
-from sidecar.errors import NoSessionError, SidecarError
+from sidecar.errors import ConfigError, NoSessionError, SidecarError
 from sidecar.metrics import Metrics, WorkerTotals
 from sidecar.session import Credentials
+from sidecar.tls import tls_context
 from sidecar.tokens import Token
 
 log = logging.getLogger(__name__)
@@ -136,10 +143,17 @@ async def _worker_main(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    reloads: set[asyncio.Task[None]] = set()
+    one_at_a_time = asyncio.Lock()
+
     async def listen() -> None:
         while line := await reader.readline():
             message = json.loads(line)
-            if "creds" in message:
+            if "reload" in message:
+                task = loop.create_task(_worker_reload(sidecar, message, one_at_a_time))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+            elif "creds" in message:
                 creds = message["creds"]
                 session.update(
                     None if creds is None else creds_from_dict(creds), message.get("error")
@@ -174,6 +188,23 @@ async def _worker_main(fd: int) -> int:
         listener.cancel()
         writer.close()
     return 0
+
+
+async def _worker_reload(sidecar: Sidecar, message: dict[str, Any], lock: asyncio.Lock) -> None:
+    """A worker's share of a SIGHUP: the proxy's sections (the supervisor did the rest)."""
+    async with lock:
+        try:
+            config = Config.model_validate(message["reload"])
+            await sidecar.reconfigure_proxy(config, message["upstream_url"])
+        except (ValidationError, ConfigError, OSError) as exc:
+            log.error(
+                "sidecar.reload_failed",
+                extra={"error": str(exc), "kept": "running config", "worker": os.getpid()},
+            )
+            return
+        logging.getLogger().setLevel(config.log.level.upper())
+        sidecar.config = config
+        log.info("sidecar.worker_reloaded", extra={"worker": os.getpid()})
 
 
 def worker_entry(fd: int) -> int:
@@ -218,6 +249,7 @@ class Supervisor:
         async with asyncio.timeout(30):
             for worker in self.workers:
                 await worker.ready.wait()
+        self.sidecar.listening = True  # /readyz: every worker accepts on the port
         log.info(
             "sidecar.workers_started",
             extra={"workers": self.count, "port": self.config.listen.port},
@@ -283,6 +315,23 @@ class Supervisor:
         if worker.writer is not None and not worker.writer.is_closing():
             worker.writer.write(_line({"creds": creds_to_dict(session.usable()), "error": error}))
 
+    async def reload(self, config: Config) -> None:
+        """SIGHUP under ``--workers``: the supervisor applies the session's share (identity,
+        refresh, log level; restart-only keys are named in the log) and every worker the
+        proxy's share; a worker started later gets the new config."""
+        upstream_url = config.upstream.url or self.sidecar.upstream_url
+        if URL(upstream_url).scheme == "https":
+            # refused here, before any worker sees it: unreadable certificate or key files
+            await asyncio.to_thread(tls_context, config.upstream.tls)
+        await self.sidecar.reload(config)
+        self.config = config
+        message = _line(
+            {"reload": config.model_dump(mode="json"), "upstream_url": self.sidecar.upstream_url}
+        )
+        for worker in self.workers:
+            if worker.writer is not None and not worker.writer.is_closing():
+                worker.writer.write(message)
+
     async def _restart(self, worker: _Worker) -> None:
         code = worker.process.wait() if worker.process else None
         log.error("sidecar.worker_exited", extra={"worker": worker.index, "code": code})
@@ -314,21 +363,23 @@ def _wait_or_kill(process: subprocess.Popen[bytes], within: float) -> None:
         process.wait()
 
 
-async def serve_workers(config: Config, count: int) -> int:
-    """Run a supervisor with ``count`` workers until SIGTERM/SIGINT; returns the exit code."""
+async def serve_workers(
+    config: Config, count: int, load: Callable[[], Config] | None = None
+) -> int:
+    """Run a supervisor with ``count`` workers until SIGTERM/SIGINT; returns the exit code.
+    SIGHUP calls ``load`` and applies the result to the supervisor and every worker."""
     supervisor = Supervisor(config, count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads = Reloads(load, supervisor.reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: log.warning("sidecar.reload_unsupported", extra={"why": "--workers: restart"}),
-    )
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_hup)
     try:
         await supervisor.start()
         await stop.wait()
         log.info("sidecar.stopping", extra={"workers": count})
+        await reloads.finish()
     finally:
         await supervisor.stop()
     return 0

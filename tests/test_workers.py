@@ -13,10 +13,11 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from tests.conftest import Serve
+from tests.conftest import Serve, base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import sample
+from tests.helpers import eventually, sample
+from tests.processes import SidecarProcess
 from tests.redis_server import free_port
 
 
@@ -119,3 +120,55 @@ async def test_two_workers_share_one_session_and_sum_their_metrics(
         code = await asyncio.to_thread(proc.wait, 20)
         log.close()
     assert code == 0
+
+
+async def test_sighup_reloads_the_supervisor_and_every_worker(
+    idp_url: str,
+    upstream_url: str,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Under --workers, SIGHUP applies a header change in both workers (and in a worker started
+    after it) without a new login; a bad file is refused and the running config stays."""
+    config = merge(base_config(idp_url, upstream_url, idp), {"log": {"access_log": False}})
+    proc = SidecarProcess(config, tmp_path, "workers")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+
+        async def tenants(count: int) -> set[str]:
+            """X-Tenant-ID as the upstream saw it, over fresh connections (both workers)."""
+            first = len(upstream.seen)
+            for _ in range(count):
+                async with aiohttp.ClientSession() as one, one.get(proc.url("/x")) as resp:
+                    assert resp.status == 200
+            return {seen.headers["X-Tenant-ID"] for seen in upstream.seen[first:]}
+
+        def events(name: str) -> list[dict[str, object]]:
+            return [e for e in proc.events() if e["event"] == name]
+
+        assert await tenants(10) == {"1234567"}
+        proc.write_config(merge(config, {"headers": {"tenant_id": "after-reload"}}))
+        proc.signal(signal.SIGHUP)
+        await eventually(lambda: len(events("sidecar.worker_reloaded")) == 2, what="2 reloads")
+        assert {e["worker"] for e in events("sidecar.worker_reloaded")} == set(children(proc.pid))
+        assert await tenants(20) == {"after-reload"}
+
+        bad = merge(config, {"headers": {"tenant_id": "never"}, "upstream": {"bogus": 1}})
+        proc.write_config(bad)
+        proc.signal(signal.SIGHUP)
+        await eventually(lambda: len(events("sidecar.reload_failed")) == 1, what="a refusal")
+        assert "upstream.bogus" in str(events("sidecar.reload_failed")[0]["error"])
+        assert await tenants(10) == {"after-reload"}
+
+        os.kill(children(proc.pid)[0], signal.SIGKILL)  # its replacement starts on the new config
+        await eventually(lambda: len(events("sidecar.worker_exited")) == 1, what="an exit")
+        await eventually(lambda: len(children(proc.pid)) == 2, within=10, what="a new worker")
+        await asyncio.sleep(1.0)  # the new worker binds the port once it is ready
+        assert await tenants(20) == {"after-reload"}
+        assert idp.grants() == ["client_credentials"]  # one login, kept through the reloads
+    finally:
+        assert proc.stop() == 0
