@@ -147,6 +147,12 @@ def main() -> int:
                 "minimal_aiohttp": ([*minimal, str(work / "token")], mini_port),
                 "sidecar": ([PY, "-m", "sidecar", "run", "-c", str(cfg)], sc_port),
             }
+            uv_port = free_port()
+            uv_cfg = sidecar_config(work, uv_port, up_port, idp_port, True)
+            targets["sidecar_uvloop"] = (
+                [PY, "-m", "sidecar", "run", "-c", str(uv_cfg), "--loop", "uvloop"],
+                uv_port,
+            )
             for name, (argv, port) in targets.items():
                 if not only or name in only:
                     results[name] = count(name, argv, port, env, work, args)
