@@ -19,6 +19,7 @@ from urllib.parse import unquote
 
 from yarl import URL
 
+from sidecar import tls
 from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
@@ -27,7 +28,6 @@ from sidecar.headers import HOP_BY_HOP, HeaderRules
 from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
-from sidecar.tls import tls_context
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ class Proxy:
         #: write an access line per request (``log.access_log``)
         self.access_log = access_log
         self._pool: UpstreamPool | None = None
+        #: the upstream TLS files as the current pool read them, and the task that looks again
+        self._stamp: tls.Stamp = ()
+        self._watcher: asyncio.Task[None] | None = None
         self._target(upstream, upstream_url, rules)
 
     def _target(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
@@ -156,7 +159,11 @@ class Proxy:
         url = URL(self._base)
         ssl_ctx = None
         if url.scheme == "https":
-            ssl_ctx = await asyncio.to_thread(tls_context, cfg.tls)
+            # the stamp first: a file that changes while the context is built is seen next time
+            self._stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
+            ssl_ctx = await asyncio.to_thread(tls.tls_context, cfg.tls)
+            if tls.has_files(cfg.tls) and self._watcher is None:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_tls())
         self._pool = UpstreamPool(
             url.raw_host or "",
             url.port or 80,
@@ -168,8 +175,34 @@ class Proxy:
             max_idle=cfg.pool_size,
         )
 
+    async def _watch_tls(self) -> None:
+        """Every ``tls.RECHECK_EVERY`` seconds: when the upstream's certificate, key or CA file
+        changed, build a new pool with them (as a SIGHUP would). A change that cannot be read
+        (a half-written pair) is logged once and tried again at the next change."""
+        while True:
+            await asyncio.sleep(tls.RECHECK_EVERY)
+            cfg = self._config
+            if URL(self._base).scheme != "https":
+                continue
+            stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
+            if stamp == self._stamp:
+                continue
+            try:
+                await self.reconfigure(cfg, self._base, self._rules)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self._stamp = stamp
+                log.error(
+                    "proxy.tls_reload_failed",
+                    extra={"error": str(exc), "kept": "the certificates read before"},
+                )
+                continue
+            log.info("proxy.tls_reloaded", extra={"upstream": self._base})
+
     async def aclose(self) -> None:
-        """Close the pooled upstream connections."""
+        """Close the pooled upstream connections (and stop looking at the TLS files)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._pool is not None:
             self._pool.close()
 

@@ -12,6 +12,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from sidecar.identity import http as identity_http
 from tests.conftest import MakeSidecar
 from tests.fakes.oidc import OIDCProvider
 from tests.helpers import eventually
@@ -134,3 +135,35 @@ async def test_min_version_1_3_refuses_a_tls_1_2_provider(
     assert idp.calls == []
     default = await make_sidecar(identity=tls_identity(idp.issuer, ca_file=ca_file))
     await eventually(lambda: default.session.usable() is not None)
+
+
+async def test_a_rotated_client_certificate_is_used_at_the_next_call(
+    make_sidecar: MakeSidecar,
+    serve_tls: ServeTLS,
+    ca_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client certificate for the provider is replaced on disk (a renewed Secret): the next
+    login attempt uses the new files, with no SIGHUP and no restart."""
+    monkeypatch.setattr(identity_http, "RECHECK_EVERY", 0.05)
+    client_ca = trustme.CA()
+    cert_file, key_file = tmp_path / "client.crt", tmp_path / "client.key"
+
+    def install(issuer: trustme.CA) -> None:
+        leaf = issuer.issue_cert("svc-client")
+        leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+        leaf.private_key_pem.write_to_path(str(key_file))
+
+    install(trustme.CA())  # not the CA the provider trusts
+    idp = OIDCProvider()
+    idp.issuer = await serve_tls(idp.app(), client_ca=client_ca)
+    sidecar = await make_sidecar(
+        identity=tls_identity(
+            idp.issuer, ca_file=ca_file, cert_file=str(cert_file), key_file=str(key_file)
+        )
+    )
+    await eventually(lambda: sidecar.session.summary()["consecutive_failures"] >= 2)
+    assert sidecar.session.usable() is None
+    install(client_ca)
+    await eventually(lambda: sidecar.session.usable() is not None, what="login after rotation")

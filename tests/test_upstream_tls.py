@@ -4,6 +4,7 @@ verification on by default, a custom CA bundle, client certificates (mTLS), mini
 from __future__ import annotations
 
 import io
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 import trustme
 
+from sidecar import tls
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import eventually
@@ -108,3 +110,50 @@ async def test_verification_can_be_switched_off_on_purpose(
 ) -> None:
     """verify: false reaches a server whose CA is unknown (for local development only)."""
     assert (await through(server_context(ca), {"verify": False}))[0] == 200
+
+
+async def test_rotated_client_certificate_is_used_without_a_sighup(
+    make_sidecar: MakeSidecar,
+    serve: Serve,
+    upstream: FakeUpstream,
+    http: aiohttp.ClientSession,
+    ca: trustme.CA,
+    ca_file: str,
+    tmp_path: Path,
+    log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As cert-manager renews one: the client certificate and key files are replaced on disk and
+    the next requests use them, with no SIGHUP. A rotation to a file that is not a certificate is
+    logged, and the last good certificate stays in use."""
+    monkeypatch.setattr(tls, "RECHECK_EVERY", 0.05)
+    cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
+
+    def install(issuer: trustme.CA) -> None:
+        leaf = issuer.issue_cert("sidecar-client@example.test")
+        leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+        leaf.private_key_pem.write_to_path(str(key_file))
+
+    def logged(event: str) -> int:
+        lines = log_output.getvalue().splitlines()
+        return sum(1 for line in lines if json.loads(line).get("event") == event)
+
+    install(trustme.CA())  # a certificate the server does not trust
+    url = await serve(upstream.app(), ssl_context=server_context(ca, require_client_cert=True))
+    tls_keys = {"ca_file": ca_file, "cert_file": str(cert_file), "key_file": str(key_file)}
+    sidecar = await make_sidecar(upstream={"url": url, "tls": tls_keys})
+    await eventually(lambda: sidecar.session.usable() is not None)
+
+    async def status() -> int:
+        async with http.get(proxy_url(sidecar, "/x")) as resp:
+            return resp.status
+
+    assert await status() == 502
+    install(ca)
+    await eventually(lambda: logged("proxy.tls_reloaded") >= 1, what="the new certificate")
+    assert await status() == 200
+    failed = logged("proxy.tls_reload_failed")
+    cert_file.write_text("not a certificate\n")
+    await eventually(lambda: logged("proxy.tls_reload_failed") > failed, what="a refusal")
+    assert await status() == 200
+    assert len(upstream.seen) == 2

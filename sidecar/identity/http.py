@@ -38,7 +38,7 @@ from multidict import CIMultiDictProxy
 from sidecar.clock import Clock
 from sidecar.config import TLS
 from sidecar.errors import IdentityUnavailable, OAuthError
-from sidecar.tls import tls_context
+from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,54 @@ class IdentityHTTP:
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = None
+        #: the identity.tls files as the current context read them; when they were last looked at
+        self._stamp: Stamp = ()
+        self._looked_at = 0.0
+        #: sessions replaced after a certificate rotation, closed once their requests are done
+        self._retired: set[asyncio.Task[None]] = set()
         #: for each list of URLs, the one that answered last (tried first next time)
         self._preferred: dict[tuple[str, ...], str] = {}
 
     async def aclose(self) -> None:
         """Close the connection pool (idempotent)."""
+        for task in list(self._retired):
+            task.cancel()  # its finally closes the retired session
         if self._http is not None:
             await self._http.close()
             self._http = None
 
+    async def _rotated(self) -> bool:
+        """True when the identity.tls files changed since the context was built (looked at, at
+        most every ``RECHECK_EVERY`` seconds)."""
+        now = self._clock.monotonic()
+        if now - self._looked_at < RECHECK_EVERY or not has_files(self._tls):
+            return False
+        self._looked_at = now
+        return await asyncio.to_thread(file_stamp, self._tls) != self._stamp
+
+    def _retire(self, old: aiohttp.ClientSession) -> None:
+        async def close_later() -> None:
+            try:
+                await asyncio.sleep(self._timeout)  # what a request in flight may still take
+            finally:
+                await old.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
     async def _session(self) -> aiohttp.ClientSession:
+        if self._http is not None and self._ssl is not None and await self._rotated():
+            log.info("identity.tls_files_changed", extra={"action": "new connections"})
+            self._retire(self._http)
+            self._http = None
+            self._ssl = None
         if self._http is None or self._http.closed:
             if self._ssl is None:
                 try:
                     # reads the CA bundle and client certificate: off the event loop
+                    self._stamp = await asyncio.to_thread(file_stamp, self._tls)
+                    self._looked_at = self._clock.monotonic()
                     self._ssl = await asyncio.to_thread(tls_context, self._tls)
                 except (OSError, ssl.SSLError) as exc:
                     raise IdentityUnavailable(
