@@ -110,6 +110,7 @@ async def test_mutual_tls_with_a_client_certificate(
     without = await make_sidecar(identity=tls_identity(idp.issuer, ca_file=ca_file))
     await eventually(lambda: without.session.summary()["consecutive_failures"] >= 1)
     assert without.session.usable() is None
+    assert "identity.tls.cert_file" in str(without.session.summary()["last_error"])
 
     with_cert = await make_sidecar(
         identity=tls_identity(

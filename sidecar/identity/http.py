@@ -255,9 +255,15 @@ class IdentityHTTP:
                 reason="unreachable",
             ) from exc
         except aiohttp.ClientError as exc:
-            raise IdentityUnavailable(
-                f"identity provider connection failed: {type(exc).__name__}", reason="connection"
-            ) from exc
+            why = f"identity provider connection failed: {type(exc).__name__}"
+            if (
+                isinstance(exc, aiohttp.ServerDisconnectedError)
+                and url.startswith("https:")
+                and self._tls.cert_file is None
+            ):
+                # how a TLS 1.3 server refuses a missing client certificate: after the handshake
+                why += " (over TLS: does the provider require identity.tls.cert_file?)"
+            raise IdentityUnavailable(why, reason="connection") from exc
         decoded = _decode_json(raw)
         answered = client_errors and 400 <= status < 500 and status not in (408, 429)
         if answered or 200 <= status < 300:
