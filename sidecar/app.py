@@ -25,10 +25,11 @@ from sidecar.errors import ConfigError, IdentityError, StoreError
 from sidecar.front import FrontServer
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
+from sidecar.http_parts import refusal_bytes
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
-from sidecar.proxy import CredentialSource, Proxy, refusal_bytes
+from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
 from sidecar.store import SessionStore
 from sidecar.store.file import FileStore

@@ -10,12 +10,8 @@ the upstream's side :mod:`sidecar.upstream`'s; this module decides what goes fro
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
-from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from yarl import URL
 
@@ -24,65 +20,22 @@ from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
 from sidecar.exchange import Request
-from sidecar.headers import HOP_BY_HOP, HeaderRules
+from sidecar.headers import HeaderRules
+from sidecar.http_parts import (
+    DROP,
+    DROP_WITH_LENGTH,
+    check_target,
+    error_parts,
+    limited,
+    reason_phrase,
+    response_head,
+)
 from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
-
-
-def error_parts(
-    status: int, code: str, detail: str, request_id: str | None = None
-) -> tuple[bytes, bytes]:
-    """A proxy-made error's header lines and JSON body (``X-Sidecar-Error: 1`` marks it)."""
-    extra = b"" if request_id is None else b"X-Request-ID: %b\r\n" % request_id.encode("latin-1")
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    return b"Content-Type: application/json; charset=utf-8\r\nX-Sidecar-Error: 1\r\n" + extra, body
-
-
-def refusal_bytes(status: int, code: str, detail: str) -> bytes:
-    """A whole error response for a request the front refused; the connection closes after it."""
-    head, body = error_parts(status, code, detail)
-    return b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
-        status,
-        _reason(status).encode(),
-        head,
-        len(body),
-        body,
-    )
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def check_target(raw_path: str) -> None:
-    """Refuse request targets that are not origin-form or that climb out of the path prefix.
-
-    Absolute-form (``GET http://other/``) and asterisk-form targets would make us an open proxy or
-    are meaningless here; ``.`` and ``..`` segments, also percent-encoded, could leave the
-    upstream's path prefix once the upstream normalises them.
-    """
-    if not raw_path.startswith("/") or raw_path.startswith("//"):
-        raise RefusedRequest(
-            "only origin-form request targets (/path?query) are accepted: sidecar forwards to its "
-            "one configured upstream and is not a forward proxy",
-            status=400,
-            code="target_refused",
-        )
-    path = raw_path.split("?", 1)[0]
-    if "." not in path and "%" not in path:
-        return  # no dot segment can hide in it (the common case, checked without decoding)
-    decoded = unquote(unquote(path))  # twice: %252e%252e decodes to .. at a lenient upstream
-    if any(seg in (".", "..") for seg in decoded.replace("\\", "/").split("/")):
-        raise RefusedRequest(
-            "dot segments are not allowed in the path", status=400, code="path_traversal_refused"
-        )
 
 
 class CredentialSource(Protocol):
@@ -252,7 +205,7 @@ class Proxy:
             request.conn.abort()  # the answer began: a truncated one must not look complete
             return
         head, body = error_parts(status, code, detail, request.request_id)
-        request.respond(status, _reason(status), head, body)
+        request.respond(status, reason_phrase(status), head, body)
 
     async def _credentials(self) -> Credentials:
         """The session snapshot: a plain attribute read while the token is valid."""
@@ -307,7 +260,7 @@ class Proxy:
                 body = await stream.read()
                 framing = b"Content-Length: %d\r\n" % len(body)
             else:
-                body = stream if limit is None or length is not None else _limited(stream, limit)
+                body = stream if limit is None or length is not None else limited(stream, limit)
                 replayable = False
                 if length is None:
                     chunked = True
@@ -349,15 +302,13 @@ class Proxy:
         pass for a complete one.
         """
         status = upstream.status
-        reason = upstream.reason or _reason(status)
+        reason = upstream.reason or reason_phrase(status)
         body = upstream.body_if_complete()
         if body is not None and request.method != "HEAD":
             upstream.release()
-            request.respond(
-                status, reason, response_head(upstream.headers, _DROP_WITH_LENGTH), body
-            )
+            request.respond(status, reason, response_head(upstream.headers, DROP_WITH_LENGTH), body)
             return
-        head = response_head(upstream.headers, _DROP)
+        head = response_head(upstream.headers, DROP)
         if request.method == "HEAD" or status in (204, 304):
             upstream.release()
             request.start(status, reason, head, chunked=False)
@@ -402,7 +353,7 @@ class Proxy:
             request.keep_alive = False
             await self._relay(request, upstream)
             return
-        head = response_head(upstream.headers, _DROP)
+        head = response_head(upstream.headers, DROP)
         switched = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), protocol)
         head += b"Connection: Upgrade\r\nUpgrade: " + switched + b"\r\n"
         request.start(101, upstream.reason or "Switching Protocols", head, chunked=False)
@@ -410,43 +361,3 @@ class Proxy:
             await self._pump(request, upstream, False)
         finally:
             upstream.close()
-
-
-_DROP = frozenset(h.encode() for h in HOP_BY_HOP)
-_DROP_WITH_LENGTH = _DROP | {b"content-length"}
-
-
-#: Connection tokens that name no other header (they are hop-by-hop themselves)
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
-
-
-def response_head(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
-    """The upstream's response header lines minus ``drop`` (lower-case names) and minus those the
-    upstream's Connection header names (RFC 9110 7.6.1)."""
-    lines = []
-    listed: set[bytes] | None = None
-    for name, value in raw:
-        lname = name.lower()
-        if lname in drop:
-            if lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")} - _PLAIN_CONNECTION
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    if listed:
-        return b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
-    return b"".join(lines)
-
-
-async def _limited(body: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
-    """Pass a chunked body through until it grows past ``limit`` bytes, then refuse it (the
-    upstream connection is aborted, so the upstream never takes it for complete)."""
-    seen = 0
-    async for chunk in body:
-        seen += len(chunk)
-        if seen > limit:
-            raise RefusedRequest(
-                f"request body larger than {limit} bytes", status=413, code="body_too_large"
-            )
-        yield chunk

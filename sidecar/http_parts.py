@@ -1,0 +1,107 @@
+"""The stateless pieces of HTTP the proxy builds or checks: its own error answers, the check of a
+request's target, the upstream's response header lines as passed on, and the size limit for
+chunked uploads. :mod:`sidecar.proxy` decides when each applies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator
+from http import HTTPStatus
+from urllib.parse import unquote
+
+from sidecar.errors import RefusedRequest
+from sidecar.headers import HOP_BY_HOP
+
+
+def error_parts(
+    status: int, code: str, detail: str, request_id: str | None = None
+) -> tuple[bytes, bytes]:
+    """A proxy-made error's header lines and JSON body (``X-Sidecar-Error: 1`` marks it)."""
+    extra = b"" if request_id is None else b"X-Request-ID: %b\r\n" % request_id.encode("latin-1")
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return b"Content-Type: application/json; charset=utf-8\r\nX-Sidecar-Error: 1\r\n" + extra, body
+
+
+def refusal_bytes(status: int, code: str, detail: str) -> bytes:
+    """A whole error response for a request the front refused; the connection closes after it."""
+    head, body = error_parts(status, code, detail)
+    return b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+        status,
+        reason_phrase(status).encode(),
+        head,
+        len(body),
+        body,
+    )
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def check_target(raw_path: str) -> None:
+    """Refuse request targets that are not origin-form or that climb out of the path prefix.
+
+    Absolute-form (``GET http://other/``) and asterisk-form targets would make us an open proxy or
+    are meaningless here; ``.`` and ``..`` segments, also percent-encoded, could leave the
+    upstream's path prefix once the upstream normalises them.
+    """
+    if not raw_path.startswith("/") or raw_path.startswith("//"):
+        raise RefusedRequest(
+            "only origin-form request targets (/path?query) are accepted: sidecar forwards to its "
+            "one configured upstream and is not a forward proxy",
+            status=400,
+            code="target_refused",
+        )
+    path = raw_path.split("?", 1)[0]
+    if "." not in path and "%" not in path:
+        return  # no dot segment can hide in it (the common case, checked without decoding)
+    decoded = unquote(unquote(path))  # twice: %252e%252e decodes to .. at a lenient upstream
+    if any(seg in (".", "..") for seg in decoded.replace("\\", "/").split("/")):
+        raise RefusedRequest(
+            "dot segments are not allowed in the path", status=400, code="path_traversal_refused"
+        )
+
+
+#: response headers never passed on (hop-by-hop), and those too when the answer is re-framed
+DROP = frozenset(h.encode() for h in HOP_BY_HOP)
+DROP_WITH_LENGTH = DROP | {b"content-length"}
+
+
+#: Connection tokens that name no other header (they are hop-by-hop themselves)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+
+
+def response_head(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+    """The upstream's response header lines minus ``drop`` (lower-case names) and minus those the
+    upstream's Connection header names (RFC 9110 7.6.1)."""
+    lines = []
+    listed: set[bytes] | None = None
+    for name, value in raw:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")} - _PLAIN_CONNECTION
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if listed:
+        return b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
+    return b"".join(lines)
+
+
+async def limited(body: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
+    """Pass a chunked body through until it grows past ``limit`` bytes, then refuse it (the
+    upstream connection is aborted, so the upstream never takes it for complete)."""
+    seen = 0
+    async for chunk in body:
+        seen += len(chunk)
+        if seen > limit:
+            raise RefusedRequest(
+                f"request body larger than {limit} bytes", status=413, code="body_too_large"
+            )
+        yield chunk
