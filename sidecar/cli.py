@@ -10,10 +10,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -39,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         metavar="N",
-        help="proxy processes sharing the port (SO_REUSEPORT) and one session (default: 1)",
+        help="proxy processes sharing the port (SO_REUSEPORT) and one session; 'auto': one per "
+        "CPU this process may use (affinity and cgroup quota) (default: 1)",
     )
     run.add_argument(
         "--loop",
@@ -63,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
         "--admin", default="http://127.0.0.1:8081", help="admin URL (default: %(default)s)"
     )
     return parser
+
+
+def _workers(value: str) -> int:
+    """``--workers``: a count, or ``auto``."""
+    if value == "auto":
+        return usable_cpus()
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'auto'") from None
+
+
+def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may run on (its affinity mask), capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit: ``200000 100000`` is 2 CPUs, rounded up); at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = cpus or 1
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return count  # no cgroup v2 quota file (or an unreadable one): the affinity decides
+    if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+        count = min(count, max(1, -(-int(quota) // int(period))))
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.cli import human_duration, main, status_line
+from sidecar.cli import human_duration, main, status_line, usable_cpus
 from sidecar.session import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.helpers import eventually
@@ -195,6 +195,25 @@ def test_run_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert main(["run", "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+    assert main(["run", "--workers", "many"]) == 2
+    assert "'many' is not a number or 'auto'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "limit"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],
+)
+def test_workers_auto_counts_usable_cpus_under_a_cgroup_quota(
+    tmp_path: Path, cpu_max: str, limit: int | None
+) -> None:
+    """``--workers auto``: the CPUs of the affinity mask, capped by a cgroup v2 quota (a
+    Kubernetes CPU limit of 1.5 makes 2 workers, of 0.5 one); no quota, or an unreadable one,
+    leaves the affinity's count."""
+    cpus = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    expected = cpus if limit is None else min(cpus, limit)
+    assert usable_cpus(str(tmp_path / "cpu.max")) == expected
+    assert usable_cpus(str(tmp_path / "missing")) == cpus
 
 
 @pytest.fixture
