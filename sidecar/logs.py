@@ -8,10 +8,14 @@ that looks like a bearer token, a JWT or a ``secret=...`` pair from every render
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
+import queue
 import re
 import sys
+import threading
 import time as _time
 from json.encoder import encode_basestring_ascii as _quote  # C, no json.dumps overhead
 from typing import Any, TextIO
@@ -70,12 +74,73 @@ class JsonFormatter(logging.Formatter):
         return scrub(json.dumps(out, default=str, separators=(",", ":")))
 
 
+class _Writer(threading.Thread):
+    """Writes log text to a stream from a thread of its own, so that a stalled stderr (a log
+    pipe nobody reads, a blocking container log driver) never stops the event loop.
+
+    At most ``MAX_QUEUED`` writes wait; past that, lines are dropped and counted, and the count
+    is logged (``log.lines_dropped``) once the stream takes text again.
+    """
+
+    MAX_QUEUED = 1024
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(name="sidecar-log-writer", daemon=True)
+        self._stream = stream
+        self._queue: queue.Queue[str | None] = queue.Queue(self.MAX_QUEUED)
+        self._lock = threading.Lock()
+        self._dropped = 0
+
+    def put(self, text: str, lines: int) -> bool:
+        """Queue ``text`` (``lines`` lines); False when it had to be dropped."""
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            with self._lock:
+                self._dropped += lines
+            return False
+        return True
+
+    def run(self) -> None:
+        while (text := self._queue.get()) is not None:
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                continue  # nowhere to say it: the stream itself is failing
+            with self._lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                with contextlib.suppress(OSError, ValueError):
+                    self._stream.write(
+                        f'{{"ts":{_wall():.3f},"level":"warning","logger":"sidecar.logs",'
+                        f'"event":"log.lines_dropped","lines":{dropped}}}\n'
+                    )
+                    self._stream.flush()
+
+    def stop(self, within: float = 5.0) -> None:
+        """Write what is queued (for at most ``within`` seconds), then end the thread."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=within)
+        self.join(within)
+
+
+def _has_fd(stream: TextIO) -> bool:
+    """Only a stream on a file descriptor (a pipe, a tty, a file) can block a write."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return True
+
+
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that also takes ready-made access lines, written in batches.
 
     Access lines are the one per-request log; going through ``logging`` for each costs as much
     as proxying the request. They are buffered and written at most every 0.2 s (or every 256
-    lines), and any other record flushes them first, so the stream stays in order.
+    lines), and any other record flushes them first, so the stream stays in order. On a file
+    descriptor (stderr) the writing itself happens in a thread (:class:`_Writer`).
     """
 
     FLUSH_AFTER = 0.2
@@ -85,11 +150,22 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._writer: _Writer | None = None
+        if _has_fd(stream):
+            self._writer = _Writer(stream)
+            self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._pending:
             self.flush_pending()
-        super().emit(record)
+        writer = self._writer
+        if writer is None or not writer.is_alive():
+            super().emit(record)
+            return
+        try:
+            writer.put(self.format(record) + self.terminator, 1)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
 
     def write_line(self, line: str) -> None:
         self._pending.append(line)
@@ -110,7 +186,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if not self._pending:
             return
         text = "".join(self._pending)
+        count = len(self._pending)
         self._pending.clear()
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            writer.put(text, count)
+            return
         self.acquire()
         try:
             self.stream.write(text)
@@ -122,6 +203,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def close(self) -> None:
         self.flush_pending()
+        if self._writer is not None:
+            self._writer.stop()
         super().close()
 
 
@@ -138,6 +221,8 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, JsonLinesHandler):
+            old.close()  # writes what it still holds and ends its writer thread
     root.addHandler(handler)
     root.setLevel(level.upper())
     # aiohttp serves only the admin port (without an access log); its server logger stays
