@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from sidecar import __version__
-from sidecar.config import Config, load_config, redacted
+from sidecar.config import Config
+from sidecar.config_load import load_config, redacted
 from sidecar.errors import ConfigError, SidecarError
 
 EXIT_OK = 0

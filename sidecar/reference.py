@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from sidecar.config import Config, submodel
+from sidecar.config import Config
+from sidecar.config_load import submodel
 
 HEADER = """# Configuration reference
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.cli import main
-from sidecar.config import load_config
+from sidecar.config_load import load_config
 from sidecar.errors import ConfigError
 from tests.test_config import oauth2_config, problems, write
 

@@ -28,8 +28,9 @@ from typing import Any
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.config import Identity, read_secret
+from sidecar.config import Identity
 from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
+from sidecar.config_load import read_secret
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.http import IdentityHTTP, IdentityResponse

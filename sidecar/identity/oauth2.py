@@ -25,7 +25,8 @@ from urllib.parse import quote
 from pydantic import SecretStr
 
 from sidecar.clock import Clock
-from sidecar.config import Identity, read_secret
+from sidecar.config import Identity
+from sidecar.config_load import read_secret
 from sidecar.errors import IdentityError, IdentityUnavailable, InvalidToken
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP

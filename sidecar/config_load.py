@@ -1,0 +1,266 @@
+"""Loading the configuration: YAML file and environment in, a validated Config out.
+
+:func:`load_config` reads a YAML file (or the embedded demo), fills ``${VAR}`` from the environment,
+applies ``SIDECAR_<SECTION>_<KEY>`` overrides and validates against :class:`sidecar.config.Config`.
+Every problem is reported at once, each naming its dotted key and the file, as a
+:class:`~sidecar.errors.ConfigError` (exit code 2). :func:`redacted` shows a loaded configuration
+with its secrets masked; :func:`read_secret` reads a secret's current value when it is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from sidecar.config import Config
+from sidecar.config_json_login import credential_files
+from sidecar.config_oauth2 import check_private_key
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+ENV_CONFIG = "SIDECAR_CONFIG"
+DEMO_SOURCE = "<embedded demo>"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
+    if isinstance(node, dict):
+        return {
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(substitute, node)
+
+
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field annotated ``Section`` or ``Section | None``, else None."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def yaml_keys(model: type[BaseModel]) -> dict[str, str]:
+    """``{key as written in YAML: field name}`` (they differ where a field has an alias)."""
+    return {field.alias or name: name for name, field in model.model_fields.items()}
+
+
+def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | None:
+    """Map ``["upstream", "timeout", "total"]``-like parts onto nested YAML keys, or None."""
+    keys = yaml_keys(model)
+    for cut in range(len(parts), 0, -1):
+        name = "_".join(parts[:cut])
+        if name not in keys:
+            continue
+        rest = parts[cut:]
+        section = submodel(model.model_fields[keys[name]].annotation)
+        if section is not None:
+            if not rest:
+                return None
+            tail = _resolve_env_key(section, rest)
+            if tail is not None:
+                return [name, *tail]
+        elif not rest:
+            return [name]
+    return None
+
+
+#: variables Kubernetes injects for Services whose names start with "sidecar"
+_SERVICE_LINK = re.compile(r"_SERVICE_HOST$|_SERVICE_PORT(_[A-Z0-9_]+)?$|_PORT_\d+_(TCP|UDP|SCTP)")
+
+
+def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    """Apply ``SIDECAR_<SECTION>_<KEY>=value``.
+
+    Variables whose first word is not a config section are ignored: Kubernetes injects
+    ``SIDECAR_SERVICE_HOST`` and friends for a Service named ``sidecar``. Within a known section an
+    unknown key is an error, as in the file.
+    """
+    for var, raw in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG or _SERVICE_LINK.search(var):
+            continue
+        if raw.startswith(("tcp://", "udp://", "sctp://")):
+            continue  # a service link: SIDECAR_ADMIN_PORT for a Service named "sidecar-admin"
+        parts = var[len(ENV_PREFIX) :].lower().split("_")
+        if parts[0] not in Config.model_fields:
+            continue
+        keys = _resolve_env_key(Config, parts)
+        if keys is None:
+            problems.append(f"{var}: no such configuration key")
+            continue
+        value: Any = raw
+        if raw.startswith(("{", "[")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                problems.append(f"{var}: not valid YAML/JSON")
+                continue
+        elif raw.lower() in ("null", "~", ""):
+            value = None
+        target = data
+        for key in keys[:-1]:
+            child = target.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                target[key] = child
+            target = child
+        target[keys[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem, each starting with its dotted key.
+
+    Cross-field validators name their keys as ``"sub.key: message"``, one per line; those are
+    split and appended to the location so every line names the exact key.
+    """
+    lines = []
+    for err in exc.errors():
+        base = [str(p) for p in err["loc"]]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{'.'.join(base)}: unknown key")
+            continue
+        for part in err["msg"].removeprefix("Value error, ").split("\n"):
+            sub, sep, message = part.partition(": ")
+            if sep and re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", sub):
+                key = ".".join([*base, sub]) if base else sub
+            else:
+                key, message = ".".join(base) or "(top level)", part
+            lines.append(f"{key}: {message}")
+    return lines
+
+
+def _check_files(config: Config) -> list[str]:
+    """Secret and certificate files must exist and be readable at load time."""
+    problems = []
+    candidates: dict[str, Path | None] = {
+        "identity.client_secret_file": config.identity.client_secret_file,
+        "identity.password_file": config.identity.password_file,
+        "identity.private_key_file": config.identity.private_key_file,
+        "identity.assertion_file": config.identity.assertion_file,
+        "identity.subject_token_file": config.identity.subject_token_file,
+        "identity.actor_token_file": config.identity.actor_token_file,
+        "upstream.tls.ca_file": config.upstream.tls.ca_file,
+        "upstream.tls.cert_file": config.upstream.tls.cert_file,
+        "upstream.tls.key_file": config.upstream.tls.key_file,
+        "identity.tls.ca_file": config.identity.tls.ca_file,
+        "identity.tls.cert_file": config.identity.tls.cert_file,
+        "identity.tls.key_file": config.identity.tls.key_file,
+        "session.encryption_key_file": config.session.encryption_key_file,
+    }
+    for name, file in credential_files(config.identity.credentials).items():
+        candidates[f"identity.credentials.{name}_file"] = file
+    for key, path in candidates.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path}: {exc.strerror}")
+            candidates[key] = None
+    key_file = candidates["identity.private_key_file"]
+    if key_file is not None:
+        problems.extend(check_private_key(key_file, config.identity.signing_alg))
+    return problems
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load, interpolate, override and validate. Raises ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG):
+        path = env[ENV_CONFIG]
+    if path is None:
+        source = DEMO_SOURCE
+        text = resources.files("sidecar").joinpath("demo.yaml").read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+
+    problems: list[str] = []
+    data = _interpolate(data, env, "", problems)
+    _apply_env_overrides(data, env, problems)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_format_validation_error(exc))
+    if config is not None:
+        problems.extend(_check_files(config))
+    if problems:
+        raise ConfigError(
+            f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    assert config is not None
+    return config
+
+
+_SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re.IGNORECASE)
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret value masked."""
+    data = config.model_dump(mode="json", by_alias=True)
+    redis_url = data["session"]["redis_url"]
+    if redis_url and "@" in redis_url:
+        scheme, _, rest = redis_url.partition("://")
+        userinfo, _, hosts = rest.rpartition("@")
+        user = userinfo.partition(":")[0]
+        data["session"]["redis_url"] = f"{scheme}://{user}:**********@{hosts}"
+    _mask_secret_headers(data["headers"]["static"])
+    for call in ("login", "refresh", "logout"):
+        if data["identity"][call] is not None:
+            _mask_secret_headers(data["identity"][call]["headers"])
+    # credential values stay masked; the paths of <name>_file credentials are shown
+    for name, file in credential_files(config.identity.credentials).items():
+        data["identity"]["credentials"][f"{name}_file"] = str(file)
+    return data
+
+
+def _mask_secret_headers(headers: dict[str, str]) -> None:
+    for name in headers:
+        if _SECRET_HEADER.search(name):
+            headers[name] = "**********"
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str:
+    """The secret's current value: from the file when one is configured (re-read every call)."""
+    if file is not None:
+        return file.read_text(encoding="utf-8").strip()
+    if value is not None:
+        return value.get_secret_value()
+    raise ConfigError("a required secret is not configured")
