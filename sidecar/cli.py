@@ -133,7 +133,7 @@ def _run(
     loop: str = "asyncio",
     load: Callable[[], Config] | None = None,
 ) -> int:
-    from sidecar.app import serve
+    from sidecar.lifecycle import serve
     from sidecar.logs import setup_logging
 
     setup_logging(config.log.level)

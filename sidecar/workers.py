@@ -33,10 +33,11 @@ from typing import Any
 from pydantic import ValidationError
 from yarl import URL
 
-from sidecar.app import Reloads, Sidecar, freeze_startup_objects
+from sidecar.app import Sidecar
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config
 from sidecar.errors import ConfigError, NoSessionError, SidecarError
+from sidecar.lifecycle import Reloads, freeze_startup_objects
 from sidecar.metrics import Metrics, WorkerTotals
 from sidecar.session import Credentials
 from sidecar.tls import tls_context
