@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import ConfigError, IdentityError, StoreError
-from sidecar.front import FrontServer
+from sidecar.front_server import FrontServer
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
 from sidecar.http_parts import refusal_bytes
