@@ -74,6 +74,8 @@ class Proxy:
         #: the upstream TLS files as the current pool read them, and the task that looks again
         self._stamp: tls.Stamp = ()
         self._watcher: asyncio.Task[None] | None = None
+        #: a SIGHUP and a certificate rotation must not build pools at the same time
+        self._rebuilding = asyncio.Lock()
         self._target(upstream, upstream_url, rules)
 
     def _target(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
@@ -95,6 +97,10 @@ class Proxy:
         A new pool (and TLS context, so certificate and key files are read again) replaces the
         old one; requests in flight finish on their old connections, which are then closed.
         """
+        async with self._rebuilding:
+            await self._reconfigure(upstream, upstream_url, rules)
+
+    async def _reconfigure(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
         old_pool = self._pool
         before = (self._config, self._base, self._rules)
         self._target(upstream, upstream_url, rules)
@@ -134,21 +140,22 @@ class Proxy:
         (a half-written pair) is logged once and tried again at the next change."""
         while True:
             await asyncio.sleep(tls.RECHECK_EVERY)
-            cfg = self._config
-            if URL(self._base).scheme != "https":
-                continue
-            stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
-            if stamp == self._stamp:
-                continue
-            try:
-                await self.reconfigure(cfg, self._base, self._rules)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                self._stamp = stamp
-                log.error(
-                    "proxy.tls_reload_failed",
-                    extra={"error": str(exc), "kept": "the certificates read before"},
-                )
-                continue
+            async with self._rebuilding:  # the config as it is now, not as a SIGHUP left it
+                cfg = self._config
+                if URL(self._base).scheme != "https":
+                    continue
+                stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
+                if stamp == self._stamp:
+                    continue
+                try:
+                    await self._reconfigure(cfg, self._base, self._rules)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    self._stamp = stamp
+                    log.error(
+                        "proxy.tls_reload_failed",
+                        extra={"error": str(exc), "kept": "the certificates read before"},
+                    )
+                    continue
             log.info("proxy.tls_reloaded", extra={"upstream": self._base})
 
     async def aclose(self) -> None:
