@@ -265,7 +265,9 @@ class Sidecar:
         if cfg.encryption_key_file is not None:
             from sidecar.store.crypto import Sealer
 
-            sealer = Sealer.from_file(cfg.encryption_key_file, context=namespace)
+            sealer = Sealer.from_file(
+                cfg.encryption_key_file, namespace, cfg.previous_encryption_key_files
+            )
         if cfg.store == "file":
             store = FileStore(cfg.path, sealer)
             store.check_writable()

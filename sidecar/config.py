@@ -280,6 +280,8 @@ class Session(_Model):
     redis_url: str | None = None
     #: a file holding 32 random bytes, base64 (``openssl rand -base64 32``): AES-256-GCM at rest
     encryption_key_file: Path | None = None
+    #: keys a stored session may still be sealed with (a rotation): read, never written
+    previous_encryption_key_files: list[Path] = Field(default_factory=list)
     #: seconds a replica may hold the shared renewal lock; a replica that dies mid-refresh delays
     #: the others by at most this long
     lock_lease: float = Field(15.0, gt=0)
@@ -288,6 +290,14 @@ class Session(_Model):
     logout_on_shutdown: bool = False
     #: seconds a logout may spend revoking before the session is cleared anyway
     logout_timeout: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _previous_keys(self) -> Session:
+        if self.previous_encryption_key_files and self.encryption_key_file is None:
+            raise ValueError(
+                "previous_encryption_key_files: needs encryption_key_file (the key to write with)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _redis_url(self) -> Session:

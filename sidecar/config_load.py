@@ -173,6 +173,8 @@ def _check_files(config: Config) -> list[str]:
     }
     for name, file in credential_files(config.identity.credentials).items():
         candidates[f"identity.credentials.{name}_file"] = file
+    for n, file in enumerate(config.session.previous_encryption_key_files):
+        candidates[f"session.previous_encryption_key_files[{n}]"] = file
     for key, path in candidates.items():
         if path is None:
             continue

@@ -165,6 +165,7 @@ MEANINGS = {
     "session.path": "file store: the session file (mode 0600)",
     "session.redis_url": "redis store: redis://, rediss://, unix:// or redis+sentinel://",
     "session.encryption_key_file": "32 random bytes, base64: AES-256-GCM at rest",
+    "session.previous_encryption_key_files": "older keys, read only (a key rotation)",
     "session.lock_lease": "redis: seconds one replica may hold the renewal lock",
     "session.poll_interval": "redis: seconds between checks when notifications are missed",
     "session.logout_on_shutdown": "log out (revoke) on a clean shutdown",

@@ -481,3 +481,28 @@ def test_kubernetes_service_links_for_sidecar_named_services_are_ignored(tmp_pat
     config = load_config(path, env=env)
     assert config.admin.port == 8081
     assert config.listen.port == 9000
+
+
+def test_previous_encryption_keys_need_a_current_key_and_readable_files(tmp_path: Path) -> None:
+    """session.previous_encryption_key_files only makes sense beside encryption_key_file (the key
+    that writes), and each listed file must be readable: the problem names its position."""
+    key = tmp_path / "new.key"
+    key.write_text("bm90LWEtcmVhbC1rZXktYnV0LWJhc2U2NC1lbmNvZGVkLWE=")
+    alone = write(tmp_path, oauth2_config(session={"previous_encryption_key_files": [str(key)]}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(alone, env={})
+    assert any(p.startswith("session.previous_encryption_key_files") for p in problems(exc))
+    assert "needs encryption_key_file" in str(exc.value)
+    missing = tmp_path / "gone.key"
+    listed = write(
+        tmp_path,
+        oauth2_config(
+            session={
+                "encryption_key_file": str(key),
+                "previous_encryption_key_files": [str(missing)],
+            }
+        ),
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(listed, env={})
+    assert f"session.previous_encryption_key_files[0]: cannot read {missing}" in str(exc.value)

@@ -442,3 +442,52 @@ async def test_stored_session_of_another_identity_is_ignored(
     rewritten = stored(path)
     assert rewritten is not None
     assert rewritten.identity != first_record.identity
+
+
+async def test_a_key_rotation_keeps_the_session_and_reseals_it(tmp_path: Path) -> None:
+    """session.previous_encryption_key_files: a session sealed with the old key is read with the
+    new key configured and the old one listed as previous, and written again at once with the new
+    key, so the old key can be dropped at the next restart. Neither key alone, nor a wrong one in
+    the list, opens what the other sealed."""
+    path = tmp_path / "session.json"
+    old, new = os.urandom(32), os.urandom(32)
+    await FileStore(path, Sealer(old, "identity-a")).save(record())
+    rotating = FileStore(path, Sealer(new, "identity-a", previous=[old]))
+    assert await rotating.load() == record()
+    assert await FileStore(path, Sealer(new, "identity-a")).load() == record()  # resealed
+    with pytest.raises(StoreError, match="wrong encryption key"):
+        await FileStore(path, Sealer(old, "identity-a")).load()
+    with pytest.raises(StoreError, match="with the encryption key and the previous ones"):
+        await FileStore(path, Sealer(os.urandom(32), "identity-a", [os.urandom(32)])).load()
+
+
+async def test_restart_with_a_rotated_key_keeps_the_session(
+    make_sidecar: MakeSidecar,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Rotating session.encryption_key_file: restarted with the new key and the old one under
+    previous_encryption_key_files, the sidecar carries on with its stored session (no login),
+    and a third start with the new key alone still finds it."""
+    path = tmp_path / "session.json"
+    keys = []
+    for name in ("old.key", "new.key"):
+        key_file = tmp_path / name
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+        keys.append(str(key_file))
+    sealed = {**file_session(path), "encryption_key_file": keys[0]}
+    first = await make_sidecar(session=sealed)
+    await eventually(lambda: first.session.state() is State.VALID, what="login")
+    session_id = await session_id_of_a_request(proxy_url(first, "/a"), http, upstream)
+    await first.stop()
+    rotated = {**sealed, "encryption_key_file": keys[1], "previous_encryption_key_files": [keys[0]]}
+    second = await make_sidecar(session=rotated)
+    assert second.session.state() is State.VALID
+    assert await session_id_of_a_request(proxy_url(second, "/b"), http, upstream) == session_id
+    await second.stop()
+    third = await make_sidecar(session={**sealed, "encryption_key_file": keys[1]})
+    assert third.session.state() is State.VALID
+    assert await session_id_of_a_request(proxy_url(third, "/c"), http, upstream) == session_id
+    assert idp.grants() == ["client_credentials"]

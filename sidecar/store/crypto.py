@@ -2,7 +2,8 @@
 
 The key file holds 32 random bytes, base64-encoded (``openssl rand -base64 32``). A sealed record
 is a small JSON envelope; the session id and key name are bound in as associated data, so a
-record cannot be moved between identities unnoticed.
+record cannot be moved between identities unnoticed. Records are always sealed with the current
+key; during a key rotation the previous keys still open what they sealed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -24,27 +26,25 @@ ENVELOPE = "sidecar-aes256gcm-v1"
 class Sealer:
     """Encrypts and decrypts session payloads with one AES-256-GCM key."""
 
-    def __init__(self, key: bytes, context: str) -> None:
-        if len(key) != 32:
-            raise ConfigError("session.encryption_key_file: the key must be 32 bytes (base64)")
+    def __init__(self, key: bytes, context: str, previous: Sequence[bytes] = ()) -> None:
+        for candidate in (key, *previous):
+            if len(candidate) != 32:
+                raise ConfigError("session.encryption_key_file: a key must be 32 bytes (base64)")
         self._aead = AESGCM(key)
+        self._previous = [AESGCM(old) for old in previous]
         self._context = context.encode()
+        #: the last record opened was sealed with a previous key: write it again with this one
+        self.opened_with_previous = False
 
     @classmethod
-    def from_file(cls, path: Path, context: str) -> Sealer:
-        """Read a base64 key file; errors name the key and the file."""
-        try:
-            text = path.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"session.encryption_key_file: cannot read {path}: {exc}") from exc
-        try:
-            key = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ConfigError(
-                f"session.encryption_key_file: {path} is not base64 (make one with "
-                "`openssl rand -base64 32`)"
-            ) from exc
-        return cls(key, context)
+    def from_file(cls, path: Path, context: str, previous: Sequence[Path] = ()) -> Sealer:
+        """Read base64 key files (the current one and any previous ones); errors name the key
+        and the file."""
+        old = [
+            _read_key(f"session.previous_encryption_key_files[{n}]", p)
+            for n, p in enumerate(previous)
+        ]
+        return cls(_read_key("session.encryption_key_file", path), context, old)
 
     def seal(self, plaintext: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -70,10 +70,33 @@ class Sealer:
         try:
             nonce = base64.b64decode(envelope["nonce"])
             data = base64.b64decode(envelope["data"])
-            return self._aead.decrypt(nonce, data, self._context)
-        except InvalidTag as exc:
-            raise StoreError(
-                "cannot decrypt the stored session: wrong encryption key, or the data was altered"
-            ) from exc
         except (KeyError, TypeError, binascii.Error, ValueError) as exc:
             raise StoreError("encrypted session envelope is malformed") from exc
+        self.opened_with_previous = False
+        for n, aead in enumerate([self._aead, *self._previous]):
+            try:
+                plaintext = aead.decrypt(nonce, data, self._context)
+            except InvalidTag:
+                continue
+            except ValueError as exc:  # e.g. a nonce of the wrong length
+                raise StoreError("encrypted session envelope is malformed") from exc
+            self.opened_with_previous = n > 0
+            return plaintext
+        tried = "the encryption key" + (" and the previous ones" if self._previous else "")
+        raise StoreError(
+            f"cannot decrypt the stored session with {tried}: wrong encryption key, or the data "
+            "was altered"
+        )
+
+
+def _read_key(name: str, path: Path) -> bytes:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(
+            f"{name}: {path} is not base64 (make one with `openssl rand -base64 32`)"
+        ) from exc

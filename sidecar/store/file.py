@@ -52,7 +52,10 @@ class FileStore:
             ) from exc
 
     async def load(self) -> SessionRecord | None:
-        return await asyncio.to_thread(self._load)
+        record = await asyncio.to_thread(self._load)
+        if record is not None and self._sealer is not None and self._sealer.opened_with_previous:
+            await self.save(record)  # a key rotation: from now on the file opens with the new key
+        return record
 
     def _load(self) -> SessionRecord | None:
         try:
