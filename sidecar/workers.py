@@ -290,6 +290,7 @@ class Supervisor:
                         session.last_api_call_at = last_call
                 elif message.get("ready"):
                     worker.ready.set()
+                    log.info("sidecar.worker_ready", extra={"worker": worker.index, "pid": pid})
                 elif "need" in message:
                     asyncio.get_running_loop().create_task(self._answer(worker, message))
         finally:

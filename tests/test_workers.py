@@ -166,8 +166,7 @@ async def test_sighup_reloads_the_supervisor_and_every_worker(
 
         os.kill(children(proc.pid)[0], signal.SIGKILL)  # its replacement starts on the new config
         await eventually(lambda: len(events("sidecar.worker_exited")) == 1, what="an exit")
-        await eventually(lambda: len(children(proc.pid)) == 2, within=10, what="a new worker")
-        await asyncio.sleep(1.0)  # the new worker binds the port once it is ready
+        await eventually(lambda: len(events("sidecar.worker_ready")) == 3, within=10, what="ready")
         assert await tenants(20) == {"after-reload"}
         assert idp.grants() == ["client_credentials"]  # one login, kept through the reloads
     finally:
