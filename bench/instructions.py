@@ -18,26 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from run import (
-    HERE,
-    PY,
-    ROOT,
-    free_port,
-    process,
-    proxy_conf,
-    sidecar_config,
-    upstream_conf,
-)
+from run import HERE, PY, ROOT, bench_world, free_port, process, proxy_conf, sidecar_config
 
 TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
@@ -121,41 +110,32 @@ def main() -> int:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     only = set(filter(None, args.only.split(",")))
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-ir-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)  # noqa: S103 - nginx workers read the static file
-        (work / "big.bin").write_bytes(os.urandom(1 << 20))
-        up_port, idp_port = free_port(), free_port()
-        token = "x" * 900
-        (work / "token").write_text(token)
-        (work / "up.conf").write_text(upstream_conf(work, up_port))
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-            "PYTHONPATH": str(ROOT),
-        }
-        with (
-            process([nginx, "-c", str(work / "up.conf")], up_port),
-            process([PY, str(HERE / "token_server.py"), str(idp_port)], idp_port),
-        ):
-            ng_port, mini_port, sc_port = free_port(), free_port(), free_port()
-            (work / "proxy.conf").write_text(proxy_conf(work, ng_port, up_port, token))
-            upstream = f"http://127.0.0.1:{up_port}"
-            cfg = sidecar_config(work, sc_port, up_port, idp_port, True)
-            minimal = [PY, str(HERE / "minimal_proxy.py"), str(mini_port), upstream]
-            targets = {
-                "nginx": ([nginx, "-c", str(work / "proxy.conf")], ng_port),
-                "minimal_aiohttp": ([*minimal, str(work / "token")], mini_port),
-                "sidecar": ([PY, "-m", "sidecar", "run", "-c", str(cfg)], sc_port),
-            }
-            uv_port = free_port()
-            uv_cfg = sidecar_config(work, uv_port, up_port, idp_port, True)
-            targets["sidecar_uvloop"] = (
-                [PY, "-m", "sidecar", "run", "-c", str(uv_cfg), "--loop", "uvloop"],
+    with bench_world("sidecar-bench-ir-", nginx, pin=False) as world:
+        work, up, idp = world.work, world.up_port, world.idp_port
+        ng_port, mini_port, sc_port, uv_port = (free_port() for _ in range(4))
+        (work / "proxy.conf").write_text(proxy_conf(work, ng_port, up, world.token))
+        sidecar = [PY, "-m", "sidecar", "run", "-c"]
+        targets = {
+            "nginx": ([nginx, "-c", str(work / "proxy.conf")], ng_port),
+            "minimal_aiohttp": (
+                [
+                    PY,
+                    str(HERE / "minimal_proxy.py"),
+                    str(mini_port),
+                    world.upstream,
+                    str(world.token_file),
+                ],
+                mini_port,
+            ),
+            "sidecar": ([*sidecar, str(sidecar_config(work, sc_port, up, idp, True))], sc_port),
+            "sidecar_uvloop": (
+                [*sidecar, str(sidecar_config(work, uv_port, up, idp, True)), "--loop", "uvloop"],
                 uv_port,
-            )
-            for name, (argv, port) in targets.items():
-                if not only or name in only:
-                    results[name] = count(name, argv, port, env, work, args)
+            ),
+        }
+        for name, (argv, port) in targets.items():
+            if not only or name in only:
+                results[name] = count(name, argv, port, world.env, work, args)
     print(f"\n{'target':18} {'instr/request':>14} {'instr/MiB':>12}")
     for name, figures in results.items():
         print(

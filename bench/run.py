@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -192,6 +193,47 @@ def process(
             proc.kill()
 
 
+@dataclasses.dataclass(frozen=True)
+class World:
+    """What every proxy under test is measured against: a work directory (with the 1 MiB file
+    and the token), the nginx upstream and the token endpoint, and the environment to run in."""
+
+    work: Path
+    up_port: int
+    idp_port: int
+    token: str
+    token_file: Path
+    env: dict[str, str]
+
+    @property
+    def upstream(self) -> str:
+        return f"http://127.0.0.1:{self.up_port}"
+
+
+@contextlib.contextmanager
+def bench_world(prefix: str, nginx: str, *, pin: bool) -> Iterator[World]:
+    """Start the upstream and the token endpoint (on core 0 when ``pin``); yields a World."""
+    core = taskset(UPSTREAM_CORE) if pin else []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)  # noqa: S103 - nginx workers read the static file
+        (work / "big.bin").write_bytes(os.urandom(1 << 20))
+        up_port, idp_port = free_port(), free_port()
+        token = "x" * 900
+        token_file = work / "token"
+        token_file.write_text(token)
+        (work / "up.conf").write_text(upstream_conf(work, up_port))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+            "PYTHONPATH": str(ROOT),
+        }
+        with (
+            process([*core, nginx, "-c", str(work / "up.conf")], up_port),
+            process([*core, PY, str(HERE / "token_server.py"), str(idp_port)], idp_port),
+        ):
+            yield World(work, up_port, idp_port, token, token_file, env)
+
+
 def sidecar_config(
     work: Path, port: int, upstream: int, idp: int, access_log: bool, workers_note: str = ""
 ) -> Path:
@@ -320,110 +362,93 @@ def main() -> int:
     only = set(filter(None, args.only.split(",")))
     results: dict[str, Any] = {"seconds": args.seconds, "cores": os.cpu_count(), "targets": {}}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)  # noqa: S103 - nginx workers read the static file
-        (work / "big.bin").write_bytes(os.urandom(1 << 20))
-        up_port, idp_port = free_port(), free_port()
-        token = "x" * 900
-        token_file = work / "token"
-        token_file.write_text(token)
-        (work / "up.conf").write_text(upstream_conf(work, up_port))
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-            "PYTHONPATH": str(ROOT),
-        }
-        with (
-            process([*taskset(UPSTREAM_CORE), nginx, "-c", str(work / "up.conf")], up_port),
-            process(
-                [*taskset(UPSTREAM_CORE), PY, str(HERE / "token_server.py"), str(idp_port)],
-                idp_port,
-            ),
-        ):
-            upstream = f"http://127.0.0.1:{up_port}"
-            targets: list[tuple[str, list[str] | None, int]] = []
-            ng_port = free_port()
-            (work / "proxy.conf").write_text(proxy_conf(work, ng_port, up_port, token))
-            targets.append(
-                ("nginx", [*taskset(PROXY_CORE), nginx, "-c", str(work / "proxy.conf")], ng_port)
+    with bench_world("sidecar-bench-", nginx, pin=True) as world:
+        work, up_port, idp_port, env = world.work, world.up_port, world.idp_port, world.env
+        token, token_file = world.token, world.token_file
+        upstream = world.upstream
+        targets: list[tuple[str, list[str] | None, int]] = []
+        ng_port = free_port()
+        (work / "proxy.conf").write_text(proxy_conf(work, ng_port, up_port, token))
+        targets.append(
+            ("nginx", [*taskset(PROXY_CORE), nginx, "-c", str(work / "proxy.conf")], ng_port)
+        )
+        mp = free_port()
+        targets.append(
+            (
+                "minimal_aiohttp",
+                [
+                    *taskset(PROXY_CORE),
+                    PY,
+                    str(HERE / "minimal_proxy.py"),
+                    str(mp),
+                    upstream,
+                    str(token_file),
+                ],
+                mp,
             )
-            mp = free_port()
-            targets.append(
-                (
-                    "minimal_aiohttp",
-                    [
-                        *taskset(PROXY_CORE),
-                        PY,
-                        str(HERE / "minimal_proxy.py"),
-                        str(mp),
-                        upstream,
-                        str(token_file),
-                    ],
-                    mp,
-                )
+        )
+        port = free_port()
+        cfg = sidecar_config(work, port, up_port, idp_port, True)
+        targets.append(
+            (
+                "sidecar_uvloop",
+                [
+                    *taskset(PROXY_CORE),
+                    PY,
+                    "-m",
+                    "sidecar",
+                    "run",
+                    "-c",
+                    str(cfg),
+                    "--loop",
+                    "uvloop",
+                ],
+                port,
             )
+        )
+        for name, log in (("sidecar", True), ("sidecar_no_access_log", False)):
             port = free_port()
-            cfg = sidecar_config(work, port, up_port, idp_port, True)
+            cfg = sidecar_config(work, port, up_port, idp_port, log)
             targets.append(
-                (
-                    "sidecar_uvloop",
-                    [
-                        *taskset(PROXY_CORE),
-                        PY,
-                        "-m",
-                        "sidecar",
-                        "run",
-                        "-c",
-                        str(cfg),
-                        "--loop",
-                        "uvloop",
-                    ],
-                    port,
-                )
+                (name, [*taskset(PROXY_CORE), PY, "-m", "sidecar", "run", "-c", str(cfg)], port)
             )
-            for name, log in (("sidecar", True), ("sidecar_no_access_log", False)):
-                port = free_port()
-                cfg = sidecar_config(work, port, up_port, idp_port, log)
-                targets.append(
-                    (name, [*taskset(PROXY_CORE), PY, "-m", "sidecar", "run", "-c", str(cfg)], port)
-                )
-            port = free_port()
-            cfg = sidecar_config(work, port, up_port, idp_port, True)
-            # two workers: one per core, not pinned (wrk and nginx share core 0 with one of them)
-            targets.append(
-                (
-                    "sidecar_workers2",
-                    [PY, "-m", "sidecar", "run", "-c", str(cfg), "--workers", "2"],
-                    port,
-                )
+        port = free_port()
+        cfg = sidecar_config(work, port, up_port, idp_port, True)
+        # two workers: one per core, not pinned (wrk and nginx share core 0 with one of them)
+        targets.append(
+            (
+                "sidecar_workers2",
+                [PY, "-m", "sidecar", "run", "-c", str(cfg), "--workers", "2"],
+                port,
             )
-            print(f"upstream direct ({upstream})")
-            if not only or "direct" in only:
-                results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
-            for name, argv, port in targets:
-                if only and name not in only:
-                    continue
-                assert argv is not None
-                with process(argv, port, env) as pid:
-                    time.sleep(0.5)
-                    results["targets"][name] = measure(
-                        name, f"http://127.0.0.1:{port}", pid, args.seconds, rss=name != "nginx"
-                    )
-            if args.rounds and not only:
-                paired = [t for t in targets if t[0] in PAIRED]
-                with contextlib.ExitStack() as running:
-                    for _, argv, port in paired:
-                        assert argv is not None
-                        running.enter_context(process(argv, port, env))
-                    time.sleep(1.0)
-                    results["paired"] = paired_rounds(
-                        {
-                            "direct": upstream,
-                            **{name: f"http://127.0.0.1:{port}" for name, _, port in paired},
-                        },
-                        args.rounds,
-                        args.round_seconds,
-                    )
+        )
+        print(f"upstream direct ({upstream})")
+        if not only or "direct" in only:
+            results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
+        for name, argv, port in targets:
+            if only and name not in only:
+                continue
+            assert argv is not None
+            with process(argv, port, env) as pid:
+                time.sleep(0.5)
+                results["targets"][name] = measure(
+                    name, f"http://127.0.0.1:{port}", pid, args.seconds, rss=name != "nginx"
+                )
+        if args.rounds and not only:
+            paired = [t for t in targets if t[0] in PAIRED]
+            with contextlib.ExitStack() as running:
+                for _, argv, port in paired:
+                    assert argv is not None
+                    running.enter_context(process(argv, port, env))
+                time.sleep(1.0)
+                results["paired"] = paired_rounds(
+                    {
+                        "direct": upstream,
+                        **{name: f"http://127.0.0.1:{port}" for name, _, port in paired},
+                    },
+                    args.rounds,
+                    args.round_seconds,
+                )
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     report(results)
     out_dir = HERE / "results"
