@@ -140,20 +140,19 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = bool(self._parser.should_keep_alive())
-        length = None
-        framed = 0
+        lengths: list[bytes] = []
+        encoded = False
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length":
-                framed += 1
-                length = value
+                lengths.append(value)
             elif lname == b"transfer-encoding":
-                framed += 2
+                encoded = True
         bodiless = status in (204, 304)
-        self._until_close = not framed and not bodiless
-        if framed == 1 and not bodiless and not self._head_only:
+        self._until_close = not lengths and not encoded and not bodiless
+        if len(lengths) == 1 and not encoded and not bodiless and not self._head_only:
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
-            self._remaining = int(length or 0)
+            self._remaining = int(lengths[0])
         self.head_done = True
         wake(self._head_waiter)
         if self._head_only:
