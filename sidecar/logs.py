@@ -201,6 +201,13 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
 
+    def flush(self) -> None:
+        """With a writer thread, the stream is its alone (it flushes after every write)."""
+        if self._writer is not None and self._writer.is_alive():
+            self.flush_pending()
+            return
+        super().flush()
+
     def close(self) -> None:
         self.flush_pending()
         if self._writer is not None:
