@@ -68,7 +68,7 @@ def mode(path: Path) -> int:
 def stored(path: Path) -> SessionRecord | None:
     """What the file holds now, or None when it is missing or unreadable."""
     try:
-        return FileStore(path)._load()
+        return FileStore(path)._read()[0]
     except StoreError:
         return None
 

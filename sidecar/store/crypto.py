@@ -33,8 +33,6 @@ class Sealer:
         self._aead = AESGCM(key)
         self._previous = [AESGCM(old) for old in previous]
         self._context = context.encode()
-        #: the last record opened was sealed with a previous key: write it again with this one
-        self.opened_with_previous = False
 
     @classmethod
     def from_file(cls, path: Path, context: str, previous: Sequence[Path] = ()) -> Sealer:
@@ -58,6 +56,10 @@ class Sealer:
 
     def open(self, sealed: bytes) -> bytes:
         """Decrypt; a wrong key, tampering or a plaintext record is a StoreError saying which."""
+        return self.unseal(sealed)[0]
+
+    def unseal(self, sealed: bytes) -> tuple[bytes, bool]:
+        """Decrypt, as :meth:`open`; the flag says a previous key opened it (seal it again)."""
         try:
             envelope = json.loads(sealed)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -72,7 +74,6 @@ class Sealer:
             data = base64.b64decode(envelope["data"])
         except (KeyError, TypeError, binascii.Error, ValueError) as exc:
             raise StoreError("encrypted session envelope is malformed") from exc
-        self.opened_with_previous = False
         for n, aead in enumerate([self._aead, *self._previous]):
             try:
                 plaintext = aead.decrypt(nonce, data, self._context)
@@ -80,8 +81,7 @@ class Sealer:
                 continue
             except ValueError as exc:  # e.g. a nonce of the wrong length
                 raise StoreError("encrypted session envelope is malformed") from exc
-            self.opened_with_previous = n > 0
-            return plaintext
+            return plaintext, n > 0
         tried = "the encryption key" + (" and the previous ones" if self._previous else "")
         raise StoreError(
             f"cannot decrypt the stored session with {tried}: wrong encryption key, or the data "

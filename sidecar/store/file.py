@@ -52,32 +52,34 @@ class FileStore:
             ) from exc
 
     async def load(self) -> SessionRecord | None:
-        record = await asyncio.to_thread(self._load)
-        if record is not None and self._sealer is not None and self._sealer.opened_with_previous:
+        record, stale_key = await asyncio.to_thread(self._read)
+        if record is not None and stale_key:
             await self.save(record)  # a key rotation: from now on the file opens with the new key
         return record
 
-    def _load(self) -> SessionRecord | None:
+    def _read(self) -> tuple[SessionRecord | None, bool]:
+        """The stored record, and whether it was sealed with a previous key."""
         try:
             with self.path.open("rb") as fh:
                 raw = fh.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
-            return None
+            return None, False
         except OSError as exc:
             raise StoreError(f"cannot read session file {self.path}: {exc.strerror}") from exc
         if len(raw) > MAX_FILE_BYTES:
             raise StoreError(f"session file {self.path} is larger than {MAX_FILE_BYTES} bytes")
         if not raw.strip():
             raise StoreError(f"session file {self.path} is empty")
+        stale_key = False
         if self._sealer is not None:
-            raw = self._sealer.open(raw)
+            raw, stale_key = self._sealer.unseal(raw)
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise StoreError(
                 f"session file {self.path} is not valid JSON (truncated or corrupt)"
             ) from exc
-        return SessionRecord.from_dict(data)
+        return SessionRecord.from_dict(data), stale_key
 
     async def save(self, record: SessionRecord) -> None:
         payload = json.dumps(record.to_dict()).encode()
