@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import Callable
 
 from tests.fakes.clock import FakeClock
@@ -31,3 +33,8 @@ async def advance(clock: FakeClock, seconds: float) -> None:
     the loop is between sleeps would leave it waiting on a deadline nobody moves past."""
     await eventually(lambda: clock.sleepers > 0, what="the refresh loop asleep on the clock")
     await clock.advance(seconds)
+
+
+def events(stream: io.StringIO) -> list[dict[str, object]]:
+    """The JSON log lines written to ``stream`` (the ``log_output`` fixture)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from tests.fakes.clock import FakeClock
 from tests.fakes.gate import Gate
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually, sample
+from tests.helpers import events, eventually, sample
 
 #: the failure reason each provider fault is counted under
 IDP_FAULTS = {
@@ -50,10 +49,6 @@ async def gate(idp_url: str) -> AsyncIterator[Gate]:
     await g.open()
     yield g
     await g.close()
-
-
-def events(stream: io.StringIO) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
 
 
 def all_forwarded_tokens_were_valid(upstream: FakeUpstream) -> bool:

@@ -4,7 +4,6 @@ verification on by default, a custom CA bundle, client certificates (mTLS), mini
 from __future__ import annotations
 
 import io
-import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import trustme
 from sidecar import tls
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually
+from tests.helpers import events, eventually
 
 
 def server_context(
@@ -135,8 +134,7 @@ async def test_rotated_client_certificate_is_used_without_a_sighup(
         leaf.private_key_pem.write_to_path(str(key_file))
 
     def logged(event: str) -> int:
-        lines = log_output.getvalue().splitlines()
-        return sum(1 for line in lines if json.loads(line).get("event") == event)
+        return sum(1 for e in events(log_output) if e["event"] == event)
 
     install(trustme.CA())  # a certificate the server does not trust
     url = await serve(upstream.app(), ssl_context=server_context(ca, require_client_cert=True))
