@@ -59,19 +59,14 @@ class Body:
         self.buffered += len(data)
         if self.buffered > HIGH_WATER:
             self._conn.pause_reading()
-        self._wake()
+        wake(self._waiter)
 
     def finish(self, error: Exception | None = None) -> None:
         """The body ended (cleanly, or with ``error`` for whoever reads next)."""
         if error is not None and not self.done:
             self._error = error
         self.done = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        wake(self._waiter)
 
     async def chunk(self) -> bytes | None:
         """The next bytes of the body, or None at its end."""
@@ -200,3 +195,9 @@ def _reason_bytes(reason: str) -> bytes:
         if len(_REASONS) < 256:
             _REASONS[reason] = encoded
     return encoded
+
+
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    """Release whoever awaits ``waiter`` (if anyone still does)."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from sidecar.errors import RefusedRequest
-from sidecar.exchange import Body, Request
+from sidecar.exchange import Body, Request, wake
 
 if TYPE_CHECKING:
     from sidecar.front_server import FrontServer
@@ -83,6 +83,11 @@ class FrontProtocol(asyncio.Protocol):
         #: idle sweeps this connection has been through since a request began
         self.idle_ticks = 0
 
+    @property
+    def has_work(self) -> bool:
+        """A request is being answered or waits its turn."""
+        return self.current is not None or bool(self._queue)
+
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,7 +143,7 @@ class FrontProtocol(asyncio.Protocol):
             self._parsing.body.finish(ConnectionResetError("caller closed the connection"))
         if self._tunnel is not None:
             self._tunnel.finish()
-        _wake(self._drain_waiter)
+        wake(self._drain_waiter)
         if self._task is not None and not self._task.done():
             # the handler's ``finally`` blocks close its upstream and count the request
             self._task.cancel()
@@ -150,7 +155,7 @@ class FrontProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         """The transport's buffer drained: release the waiting writer."""
         self._write_paused = False
-        _wake(self._drain_waiter)
+        wake(self._drain_waiter)
 
     # -- flow control and writing, used by Request and Body
 
@@ -238,7 +243,7 @@ class FrontProtocol(asyncio.Protocol):
         self._queue.append(request)
         if len(self._queue) > MAX_QUEUED:
             self.pause_reading()
-        _wake(self._waiter)
+        wake(self._waiter)
 
     def on_body(self, body: bytes) -> None:
         """llhttp: body bytes (de-chunked) for the request being parsed."""
@@ -268,7 +273,7 @@ class FrontProtocol(asyncio.Protocol):
         elif request is not None and request.body is not None:
             request.body.finish(RefusedRequest(str(refusal), status=refusal.status))
         self._queue.append(refusal)
-        _wake(self._waiter)
+        wake(self._waiter)
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stops at CONNECT and Upgrade: from here on the caller's bytes are raw."""
@@ -308,7 +313,7 @@ class FrontProtocol(asyncio.Protocol):
                     server.in_flight -= 1
                     self.current = None
                     if server.in_flight == 0:
-                        _wake(server.idle)
+                        wake(server.idle)
                 body = item.body
                 if (
                     not item.keep_alive
@@ -329,8 +334,3 @@ class FrontProtocol(asyncio.Protocol):
         )
         self.closing_after_response = True
         self.write(self.server.error_bytes(status, code, detail))
-
-
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)

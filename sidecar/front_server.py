@@ -54,7 +54,7 @@ class FrontServer:
         """Close connections that answered nothing for a while (idle keep-alive, or a head
         arriving too slowly): one timer for all of them rather than one per request."""
         for conn in list(self.connections):
-            if conn.current is None and not conn._queue:
+            if not conn.has_work:
                 conn.idle_ticks += 1
                 if conn.idle_ticks >= front.IDLE_TICKS and conn.transport is not None:
                     conn.transport.close()
@@ -82,7 +82,7 @@ class FrontServer:
         self.draining = True
         for conn in list(self.connections):
             conn.closing_after_response = True
-            if conn.current is None and not conn._queue and conn.transport is not None:
+            if not conn.has_work and conn.transport is not None:
                 conn.transport.close()
         while self.in_flight > 0:
             self.idle = self.loop.create_future()

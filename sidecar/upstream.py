@@ -54,7 +54,7 @@ class UpstreamResponse:
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""
         conn = self._conn
-        if not conn.complete or conn._error is not None:
+        if not conn.complete or conn.failed:
             return None
         body = b"".join(conn.chunks)
         conn.chunks.clear()
@@ -93,7 +93,7 @@ class UpstreamResponse:
         conn = self._conn
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        conn._parser = None
+        conn.stop_parsing()
         conn.closed = True
         if conn.transport is not None:
             conn.transport.abort()
@@ -129,7 +129,7 @@ class UpstreamPool:
     def put(self, conn: UpstreamConnection) -> None:
         if len(self._idle) < self._max_idle and not self._closed:
             conn.reused = True
-            conn._parser = None
+            conn.stop_parsing()
             self._idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
@@ -291,6 +291,6 @@ async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunk
         transport.abort()
         raise
     except RefusedRequest as exc:  # the caller's body broke a rule (too large)
-        conn._fail(exc)
+        conn.fail(exc)
     except Exception as exc:  # noqa: BLE001 - any failure of either side ends this exchange
-        conn._fail(UpstreamUnavailable(f"request body could not be sent: {type(exc).__name__}"))
+        conn.fail(UpstreamUnavailable(f"request body could not be sent: {type(exc).__name__}"))

@@ -15,6 +15,7 @@ from typing import cast
 import httptools
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.exchange import wake
 
 #: pause reading from the upstream while this many body bytes wait for the caller
 HIGH_WATER = 1 << 18
@@ -79,20 +80,20 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self._parser
         if parser is None:  # bytes nobody asked for: the connection cannot be trusted
-            self._fail(UpstreamUnavailable("upstream sent data without a request"))
+            self.fail(UpstreamUnavailable("upstream sent data without a request"))
             return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if not self.tunnel:
-                self._fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
+                self.fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
                 return
             self._parser = None
             rest = data[int(exc.args[0]) :]
             if rest:
                 self.on_body(rest)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
+            self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -107,7 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.tls and not self.got_bytes:
                 # how a TLS 1.3 server refuses a missing client certificate: after the handshake
                 why += " without answering over TLS (does it require upstream.tls.cert_file?)"
-            self._fail(UpstreamUnavailable(why), close=False)
+            self.fail(UpstreamUnavailable(why), close=False)
         self._wake_drain()
 
     def pause_writing(self) -> None:
@@ -201,7 +202,18 @@ class UpstreamConnection(asyncio.Protocol):
         wake(self._head_waiter)
         wake(self._body_waiter)
 
-    def _fail(self, error: Exception, *, close: bool = True) -> None:
+    @property
+    def failed(self) -> bool:
+        """True once this exchange ended in an error (the next read raises it)."""
+        return self._error is not None
+
+    def stop_parsing(self) -> None:
+        """Parse nothing more until the next :meth:`begin` (the connection is idle or gone)."""
+        self._parser = None
+
+    def fail(self, error: Exception, *, close: bool = True) -> None:
+        """End the exchange with ``error`` for whoever waits on it; abort unless ``close`` is
+        False."""
         if self._error is None:
             self._error = error
         self._parser = None
@@ -213,7 +225,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def head_timed_out(self, seconds: float) -> None:
         if not self.head_done:
-            self._fail(UpstreamTimeout(f"upstream did not answer within {seconds:g}s"))
+            self.fail(UpstreamTimeout(f"upstream did not answer within {seconds:g}s"))
 
     def _wake_drain(self) -> None:
         wake(self._drain_waiter)
@@ -273,8 +285,3 @@ class UpstreamConnection(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         return chunk
-
-
-def wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
