@@ -314,9 +314,10 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
     """
     print(f"paired rounds ({rounds} x {len(urls)} targets, {seconds:g} s each) ...", flush=True)
     runs: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds):
+    for n in range(rounds):
         for path, conns in (("/", 50), ("/big", 4)):
-            for name, url in urls.items():
+            # every other round in reverse order: no target is always the one after a pause
+            for name, url in list(urls.items())[:: 1 if n % 2 == 0 else -1]:
                 if name == "direct" and path != "/":
                     continue
                 got = wrk(url + path, conns, seconds)
@@ -339,6 +340,42 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
     return out
 
 
+#: a fixed piece of work, timed on each core at once (milliseconds per run, one line)
+_SPEED_PROBE = """
+import sys, time
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    x = 0
+    for i in range(300_000):
+        x += i
+    print(round((time.perf_counter() - t) * 1000, 2), end=" ", flush=True)
+    time.sleep(0.1)
+"""
+
+
+def core_speeds(samples: int = 12) -> dict[str, Any]:
+    """Time the same loop on core 0 and core 1 at the same moments.
+
+    On a virtual machine each core's speed can drift on its own (its host thread is shared with
+    other tenants). sidecar/nginx is measured on core 1 alone, but --workers 2 against one
+    worker compares both cores with core 1, so a drift between the cores lands in that ratio.
+    """
+    procs = [
+        subprocess.Popen(
+            [*taskset(core), PY, "-c", _SPEED_PROBE, str(samples)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for core in (UPSTREAM_CORE, PROXY_CORE)
+    ]
+    times = [[float(v) for v in proc.communicate()[0].split()] for proc in procs]
+    return {
+        "ms_core0": times[0],
+        "ms_core1": times[1],
+        "core0_over_core1": spread([a / b for a, b in zip(times[0], times[1], strict=True)]),
+    }
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {
         "median": round(statistics.median(values), 3),
@@ -351,8 +388,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--only", default="")
-    parser.add_argument("--rounds", type=int, default=4, help="paired rounds (0: none)")
-    parser.add_argument("--round-seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=8, help="paired rounds (0: none)")
+    parser.add_argument("--round-seconds", type=float, default=1.0)
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -441,6 +478,7 @@ def main() -> int:
                     assert argv is not None
                     running.enter_context(process(argv, port, env))
                 time.sleep(1.0)
+                speeds = core_speeds()
                 results["paired"] = paired_rounds(
                     {
                         "direct": upstream,
@@ -449,6 +487,7 @@ def main() -> int:
                     args.rounds,
                     args.round_seconds,
                 )
+                results["paired"]["core_speeds"] = [speeds, core_speeds()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     report(results)
     out_dir = HERE / "results"
@@ -502,6 +541,14 @@ def report(results: dict[str, Any]) -> None:
             print(
                 f"  {label:28} median {figure['median']:.2f}  "
                 f"(min {figure['min']:.2f}, max {figure['max']:.2f})"
+            )
+        for when, speeds in zip(("before", "after"), paired.get("core_speeds", []), strict=False):
+            ms0, ms1 = speeds["ms_core0"], speeds["ms_core1"]
+            ratio0 = speeds["core0_over_core1"]
+            print(
+                f"  core speeds {when}: the same loop took {min(ms0):.0f}-{max(ms0):.0f} ms on "
+                f"core 0 and {min(ms1):.0f}-{max(ms1):.0f} ms on core 1; core 0 / core 1 at the "
+                f"same moment {ratio0['min']:.2f}-{ratio0['max']:.2f}"
             )
     direct = targets.get("direct", {})
     if direct.get("p50_1_us"):
