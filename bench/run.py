@@ -489,6 +489,7 @@ def main() -> int:
                 )
                 results["paired"]["core_speeds"] = [speeds, core_speeds()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["ratios"] = ratios(results["targets"])
     report(results)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
@@ -498,28 +499,66 @@ def main() -> int:
     return 0
 
 
+#: the figures given as ratios to nginx and to the minimal proxy (in the JSON file too)
+COMPARED = ("rps_50", "stream_mb_s", "p50_1_us", "p99_1_us", "p50_50_us", "p99_50_us")
+
+
+def ratios(targets: dict[str, Any]) -> dict[str, Any]:
+    """Every compared figure of every target over nginx's and over the minimal proxy's."""
+    out: dict[str, Any] = {}
+    for base in ("nginx", "minimal_aiohttp"):
+        theirs = targets.get(base, {})
+        out[f"over_{base}"] = {
+            name: {
+                key: round(f[key] / theirs[key], 3)
+                for key in COMPARED
+                if f.get(key) and theirs.get(key)
+            }
+            for name, f in targets.items()
+        }
+    return out
+
+
 def report(results: dict[str, Any]) -> None:
     targets = results["targets"]
     ng = targets.get("nginx", {})
     mini = targets.get("minimal_aiohttp", {})
 
-    def ratio(value: Any, base: Any) -> str:
-        return f"{value / base:.2f}" if value and base else "-"
+    def cells(f: dict[str, Any], key: str, fmt: str) -> str:
+        """A figure with its ratios to nginx and to the minimal proxy."""
+        value = f.get(key)
+        if not value:
+            return f"{'-':>{len(format(0, fmt))}} {'-':>5} {'-':>5}"
+        by = [f"{value / b[key]:.2f}" if b.get(key) else "-" for b in (ng, mini)]
+        return f"{value:{fmt}} {by[0]:>5} {by[1]:>5}"
 
-    print(
-        f"\n{'target':24} {'req/s@50':>9} {'xnginx':>6} {'xmini':>6} {'p50@1us':>8} "
-        f"{'xmini':>6} {'p99@50us':>9} {'MB/s 1MiB':>9} {'xnginx':>6} {'RSS idle/after':>15}"
+    tables = (
+        (
+            "throughput and memory",
+            (("req/s@50", "rps_50", ">9.0f"), ("MB/s 1MiB", "stream_mb_s", ">9.0f")),
+        ),
+        (
+            "latency in us",
+            (
+                ("p50@1", "p50_1_us", ">7.0f"),
+                ("p99@1", "p99_1_us", ">7.0f"),
+                ("p50@50", "p50_50_us", ">7.0f"),
+                ("p99@50", "p99_50_us", ">7.0f"),
+            ),
+        ),
     )
-    for name, f in targets.items():
-        rss = f"{f.get('rss_idle_mb', '-')}/{f.get('rss_after_mb', '-')}"
-        print(
-            f"{name:24} {f['rps_50']:>9.0f} {ratio(f['rps_50'], ng.get('rps_50')):>6} "
-            f"{ratio(f['rps_50'], mini.get('rps_50')):>6} {f.get('p50_1_us') or 0:>8.0f} "
-            f"{ratio(f.get('p50_1_us'), mini.get('p50_1_us')):>6} {f.get('p99_50_us') or 0:>9.0f} "
-            f"{f.get('stream_mb_s') or 0:>9.0f} "
-            f"{ratio(f.get('stream_mb_s'), ng.get('stream_mb_s')):>6} "
-            f"{rss:>15}"
+    for title, columns in tables:
+        head = " ".join(
+            f"{label:>{len(format(0, fmt))}} {'xngx':>5} {'xmini':>5}" for label, _, fmt in columns
         )
+        extra = f" {'RSS idle/after MB':>18}" if title.startswith("throughput") else ""
+        print(f"\n{title} (x: ratio to nginx, to the minimal aiohttp proxy)")
+        print(f"{'target':24} {head}{extra}")
+        for name, f in targets.items():
+            row = " ".join(cells(f, key, fmt) for _, key, fmt in columns)
+            if extra:
+                row += f" {f.get('rss_idle_mb', '-')!s:>8}/{f.get('rss_after_mb', '-')!s:<9}"
+            print(f"{name:24} {row}")
     print(
         "\nCPU (user + system, all of a target's processes) per unit of work; it does not "
         "depend on how much CPU the target got:"
