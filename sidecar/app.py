@@ -273,13 +273,17 @@ class Sidecar:
             store.check_writable()
             return store
         if cfg.store == "redis":
-            assert cfg.redis_url is not None
             from sidecar.store.redis import RedisStore
 
+            key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
             try:
-                return RedisStore(cfg.redis_url, namespace, sealer)
+                return RedisStore(cfg.redis_address(), namespace, sealer)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}"
+                ) from exc
             except ValueError as exc:
-                raise ConfigError(f"session.redis_url: {exc}") from exc
+                raise ConfigError(f"{key}: {exc}") from exc
         return MemoryStore()
 
     async def _stop_session(self) -> None:

@@ -136,13 +136,19 @@ def _run(
     from sidecar.lifecycle import serve
     from sidecar.logs import setup_logging
 
+    run = asyncio.run
+    if loop == "uvloop":
+        try:
+            import uvloop  # optional: only when asked for
+        except ImportError:
+            print(
+                "sidecar: --loop uvloop: uvloop is not installed (pip install uvloop)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        run = uvloop.run
     setup_logging(config.log.level)
     try:
-        run = asyncio.run
-        if loop == "uvloop":
-            import uvloop  # optional: only when asked for
-
-            run = uvloop.run
         if workers > 1:
             from sidecar.workers import serve_workers
 

@@ -271,6 +271,10 @@ class Headers(_Model):
         return value
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+REDIS_SCHEME_RULE = "must start with redis://, rediss://, unix:// or redis+sentinel://"
+
+
 class Session(_Model):
     """Where the session is kept between restarts."""
 
@@ -278,6 +282,8 @@ class Session(_Model):
     path: Path = Path(".sidecar/session.json")
     #: redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/to/socket
     redis_url: str | None = None
+    #: a file holding the redis URL instead (a URL with a password, from a mounted Secret)
+    redis_url_file: Path | None = None
     #: a file holding 32 random bytes, base64 (``openssl rand -base64 32``): AES-256-GCM at rest
     encryption_key_file: Path | None = None
     #: keys a stored session may still be sealed with (a rotation): read, never written
@@ -301,15 +307,22 @@ class Session(_Model):
 
     @model_validator(mode="after")
     def _redis_url(self) -> Session:
+        if self.redis_url and self.redis_url_file is not None:
+            raise ValueError("redis_url_file: set redis_url or redis_url_file, not both")
         if self.store == "redis":
-            if not self.redis_url:
-                raise ValueError("redis_url: required for store redis")
-            schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
-            if not self.redis_url.startswith(schemes):
-                raise ValueError(
-                    "redis_url: must start with redis://, rediss://, unix:// or redis+sentinel://"
-                )
+            if not self.redis_url and self.redis_url_file is None:
+                raise ValueError("redis_url: required for store redis (or redis_url_file)")
+            if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+                raise ValueError(f"redis_url: {REDIS_SCHEME_RULE}")
         return self
+
+    def redis_address(self) -> str:
+        """The redis URL: ``redis_url``, or what ``redis_url_file`` holds (read now)."""
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_url_file is None:
+            raise ValueError("no redis URL is configured")
+        return self.redis_url_file.read_text(encoding="utf-8").strip()
 
 
 class Log(_Model):
@@ -349,7 +362,10 @@ class Config(_Model):
                 if getattr(self.identity, key):
                     problems.append(f"identity.{key}: only used by kind json_login")
         if self.identity.kind == "demo" and not self.demo.enabled:
-            problems.append("identity.kind: kind demo needs demo.enabled: true")
+            problems.append(
+                "identity.kind: required (oauth2 or json_login); the default, demo, needs "
+                "demo.enabled: true"
+            )
         if self.upstream.url is None and not self.demo.enabled:
             problems.append("upstream.url: required")
         if problems:

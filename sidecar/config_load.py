@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from sidecar.config import Config
+from sidecar.config import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config
 from sidecar.config_json_login import credential_files
 from sidecar.config_oauth2 import check_private_key
 from sidecar.errors import ConfigError
@@ -32,15 +32,16 @@ DEMO_SOURCE = "<embedded demo>"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
+def _interpolate(node: Any, env: Mapping[str, str], path: str, unset: dict[str, str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree; the keys whose
+    variables are not set go into ``unset`` (key: problem)."""
     if isinstance(node, dict):
         return {
-            k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k), unset)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_interpolate(v, env, f"{path}[{i}]", unset) for i, v in enumerate(node)]
     if not isinstance(node, str):
         return node
 
@@ -50,7 +51,7 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[st
             return env[name]
         if default is not None:
             return default
-        problems.append(f"{path}: environment variable {name} is not set")
+        unset.setdefault(path, f"{path}: environment variable {name} is not set")
         return ""
 
     return _VAR.sub(substitute, node)
@@ -93,13 +94,16 @@ def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | No
 _SERVICE_LINK = re.compile(r"_SERVICE_HOST$|_SERVICE_PORT(_[A-Z0-9_]+)?$|_PORT_\d+_(TCP|UDP|SCTP)")
 
 
-def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
-    """Apply ``SIDECAR_<SECTION>_<KEY>=value``.
+def _apply_env_overrides(
+    data: dict[str, Any], env: Mapping[str, str], problems: list[str]
+) -> dict[str, str]:
+    """Apply ``SIDECAR_<SECTION>_<KEY>=value``; returns ``{dotted key: variable}``.
 
     Variables whose first word is not a config section are ignored: Kubernetes injects
     ``SIDECAR_SERVICE_HOST`` and friends for a Service named ``sidecar``. Within a known section an
     unknown key is an error, as in the file.
     """
+    applied: dict[str, str] = {}
     for var, raw in sorted(env.items()):
         if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG or _SERVICE_LINK.search(var):
             continue
@@ -129,6 +133,8 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems:
                 target[key] = child
             target = child
         target[keys[-1]] = value
+        applied[".".join(keys)] = var
+    return applied
 
 
 def _format_validation_error(exc: ValidationError) -> list[str]:
@@ -170,6 +176,7 @@ def _check_files(config: Config) -> list[str]:
         "identity.tls.cert_file": config.identity.tls.cert_file,
         "identity.tls.key_file": config.identity.tls.key_file,
         "session.encryption_key_file": config.session.encryption_key_file,
+        "session.redis_url_file": config.session.redis_url_file,
     }
     for name, file in credential_files(config.identity.credentials).items():
         candidates[f"identity.credentials.{name}_file"] = file
@@ -187,6 +194,17 @@ def _check_files(config: Config) -> list[str]:
     key_file = candidates["identity.private_key_file"]
     if key_file is not None:
         problems.extend(check_private_key(key_file, config.identity.signing_alg))
+    url_file = candidates["session.redis_url_file"]
+    if url_file is not None and config.session.store == "redis":
+        try:
+            url = config.session.redis_address()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"session.redis_url_file: cannot read {url_file}: {exc}")
+        else:
+            if not url.startswith(REDIS_SCHEMES):  # the URL itself is a secret: not shown
+                problems.append(
+                    f"session.redis_url_file: the URL in {url_file} {REDIS_SCHEME_RULE}"
+                )
     return problems
 
 
@@ -213,14 +231,20 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
 
-    problems: list[str] = []
-    data = _interpolate(data, env, "", problems)
-    _apply_env_overrides(data, env, problems)
+    unset: dict[str, str] = {}
+    data = _interpolate(data, env, "", unset)
+    problems = list(unset.values())
+    overridden = _apply_env_overrides(data, env, problems)
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_format_validation_error(exc))
+        for line in _format_validation_error(exc):
+            key = line.split(":", 1)[0]
+            if _within(key, unset):
+                continue  # the unset variable is the problem, not the empty value it left
+            var = _within(key, overridden)
+            problems.append(f"{line} (set by {var})" if var else line)
     if config is not None:
         problems.extend(_check_files(config))
     if problems:
@@ -229,6 +253,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         )
     assert config is not None
     return config
+
+
+def _within(key: str, keys: Mapping[str, str]) -> str | None:
+    """The value of the entry of ``keys`` that is ``key`` or one of its parents, if any."""
+    for candidate, value in keys.items():
+        if key == candidate or key.startswith((f"{candidate}.", f"{candidate}[")):
+            return value
+    return None
 
 
 _SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re.IGNORECASE)

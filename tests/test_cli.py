@@ -199,6 +199,16 @@ def test_run_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "'many' is not a number or 'auto'" in capsys.readouterr().err
 
 
+def test_run_with_uvloop_missing_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--loop uvloop`` without uvloop installed: a one-line message, not a traceback."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert main(["run", "--loop", "uvloop"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sidecar: --loop uvloop: uvloop is not installed (pip install uvloop)\n"
+
+
 @pytest.mark.parametrize(
     ("cpu_max", "limit"),
     [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],

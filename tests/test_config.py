@@ -506,3 +506,60 @@ def test_previous_encryption_keys_need_a_current_key_and_readable_files(tmp_path
     with pytest.raises(ConfigError) as exc:
         load_config(listed, env={})
     assert f"session.previous_encryption_key_files[0]: cannot read {missing}" in str(exc.value)
+
+
+def test_redis_url_file_errors_name_the_key_and_never_show_the_url(tmp_path: Path) -> None:
+    """redis_url or redis_url_file, not both and not neither; the file must be readable and hold
+    a redis URL, and a wrong one is reported without its content (it may carry a password)."""
+    base = {"upstream": {"url": "https://api.example.com"}, "demo": {"enabled": True}}
+
+    def load_problems(session: dict[str, Any]) -> list[str]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, {**base, "session": {"store": "redis", **session}}), env={})
+        return problems(exc)
+
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("redis://:pw-in-file@127.0.0.1:6379/0\n")
+    assert load_problems({}) == ["session.redis_url: required for store redis (or redis_url_file)"]
+    both = load_problems({"redis_url": "redis://127.0.0.1:6379/0", "redis_url_file": str(url_file)})
+    assert both == ["session.redis_url_file: set redis_url or redis_url_file, not both"]
+    missing = load_problems({"redis_url_file": str(tmp_path / "nope")})
+    assert len(missing) == 1
+    assert missing[0].startswith("session.redis_url_file: cannot read ")
+    url_file.write_text("http://:pw-in-file@127.0.0.1:6379/0\n")
+    wrong = load_problems({"redis_url_file": str(url_file)})
+    assert len(wrong) == 1
+    assert wrong[0].startswith("session.redis_url_file: the URL in ")
+    assert "must start with redis://" in wrong[0]
+    assert "pw-in-file" not in wrong[0]
+    url_file.write_text("redis://:pw-in-file@127.0.0.1:6379/0\n")
+    config = load_config(
+        write(tmp_path, {**base, "session": {"store": "redis", "redis_url_file": str(url_file)}}),
+        env={},
+    )
+    assert config.session.redis_address() == "redis://:pw-in-file@127.0.0.1:6379/0"
+
+
+def test_an_unset_variable_is_one_problem_and_a_bad_override_names_its_variable(
+    tmp_path: Path,
+) -> None:
+    """``${API_URL}`` unset is reported once (not again as an invalid empty URL); a bad value
+    from SIDECAR_LISTEN_PORT names the variable, since the file has no listen.port."""
+    path = write(tmp_path, {"upstream": {"url": "${API_URL}"}, "demo": {"enabled": True}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={"SIDECAR_LISTEN_PORT": "abc"})
+    lines = problems(exc)
+    assert lines[0] == "upstream.url: environment variable API_URL is not set"
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("listen.port: ")
+    assert lines[1].endswith("(set by SIDECAR_LISTEN_PORT)")
+
+
+def test_a_missing_identity_section_asks_for_a_kind(tmp_path: Path) -> None:
+    path = write(tmp_path, {"upstream": {"url": "https://api.example.com"}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={})
+    assert problems(exc) == [
+        "identity.kind: required (oauth2 or json_login); the default, demo, needs "
+        "demo.enabled: true"
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -230,3 +232,45 @@ async def test_logout_on_one_replica_ends_the_session_on_all(
     for proc in replicas:
         async with http.get(proc.url("/x")) as resp:
             assert resp.status == 200
+
+
+async def test_redis_url_with_a_password_read_from_a_file(
+    cluster_config: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """session.redis_url_file: the URL, password included, comes from a file (a mounted Secret).
+    The session lands in that password-protected redis; check-config shows the file's path and
+    never the password."""
+    import redis.asyncio as aioredis
+
+    password = "redis-pw-in-a-file-81"
+    guarded = RedisServer(tmp_path, password=password)
+    guarded.start()
+    try:
+        url_file = tmp_path / "redis-url"
+        url_file.write_text(guarded.url + "\n")
+        session = {**cluster_config["session"], "redis_url": None, "redis_url_file": str(url_file)}
+        proc = SidecarProcess({**cluster_config, "session": session}, tmp_path, "from-file")
+        proc.start()
+        try:
+            await proc.wait_ready(http)
+            async with http.get(proc.url("/x")) as resp:
+                assert resp.status == 200
+        finally:
+            proc.stop()
+        direct = aioredis.from_url(guarded.url)
+        try:
+            assert await direct.keys("sidecar:*:session")
+        finally:
+            await direct.aclose()
+        shown = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(proc.config_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert str(url_file) in shown.stdout
+        assert password not in shown.stdout + shown.stderr
+        assert password not in proc.log_path.read_text()
+    finally:
+        guarded.stop()
