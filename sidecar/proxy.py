@@ -139,7 +139,7 @@ class Proxy:
         changed, build a new pool with them (as a SIGHUP would). A change that cannot be read
         (a half-written pair) is logged once and tried again at the next change."""
         while True:
-            await asyncio.sleep(tls.RECHECK_EVERY)
+            await self._clock.sleep(tls.RECHECK_EVERY)
             async with self._rebuilding:  # the config as it is now, not as a SIGHUP left it
                 cfg = self._config
                 if URL(self._base).scheme != "https":

@@ -136,8 +136,9 @@ async def _worker_main(fd: int) -> int:
     first = json.loads(await reader.readline())
     config = Config.model_validate(first["config"])
     setup_logging(config.log.level)
-    session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=SystemClock())
-    sidecar = Sidecar(config, serve_proxy=False)
+    clock = SystemClock()
+    session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=clock)
+    sidecar = Sidecar(config, clock=clock, serve_proxy=False)
     sidecar.upstream_url = first["upstream_url"]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -163,7 +164,7 @@ async def _worker_main(fd: int) -> int:
 
     async def report() -> None:
         while True:
-            await asyncio.sleep(REPORT_EVERY)
+            await clock.sleep(REPORT_EVERY)
             writer.write(
                 _line(
                     {
@@ -337,7 +338,7 @@ class Supervisor:
     async def _restart(self, worker: _Worker) -> None:
         code = worker.process.wait() if worker.process else None
         log.error("sidecar.worker_exited", extra={"worker": worker.index, "code": code})
-        await asyncio.sleep(RESTART_AFTER)
+        await self.sidecar.clock.sleep(RESTART_AFTER)
         if not self._stopping:
             await self._spawn(worker)
 

@@ -556,6 +556,8 @@ def test_an_unset_variable_is_one_problem_and_a_bad_override_names_its_variable(
 
 
 def test_a_missing_identity_section_asks_for_a_kind(tmp_path: Path) -> None:
+    """Without an identity section (and without the demo) the one problem asks for a kind,
+    rather than only saying what the default kind, demo, would need."""
     path = write(tmp_path, {"upstream": {"url": "https://api.example.com"}})
     with pytest.raises(ConfigError) as exc:
         load_config(path, env={})

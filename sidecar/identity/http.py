@@ -125,7 +125,7 @@ class IdentityHTTP:
     def _retire(self, old: aiohttp.ClientSession) -> None:
         async def close_later() -> None:
             try:
-                await asyncio.sleep(self._timeout)  # what a request in flight may still take
+                await self._clock.sleep(self._timeout)  # what a request in flight may still take
             finally:
                 await old.close()
 
