@@ -334,9 +334,14 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
         # wrk and the upstream share core 0 with the second worker. At direct's rate they fill a
         # core alone, so at R req/s they take R/direct of it: two workers at one worker's
         # efficiency reach at most 2 / (1 + one/direct) times one worker.
-        out["ratios"]["workers2 ceiling (CPU left)"] = spread(
-            [2 / (1 + a / b) for a, b in zip(one, direct, strict=True)]
-        )
+        ceilings = [2 / (1 + a / b) for a, b in zip(one, direct, strict=True)]
+        out["ratios"]["workers2 ceiling (CPU left)"] = spread(ceilings)
+        two = runs.get(("sidecar_workers2", "/"))
+        if two:
+            # how much of what the CPU left could two workers take, round by round
+            out["ratios"]["workers2 / its ceiling"] = spread(
+                [b / a / c for a, b, c in zip(one, two, ceilings, strict=True)]
+            )
     return out
 
 
