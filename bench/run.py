@@ -345,16 +345,20 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
     return out
 
 
-#: a fixed piece of work, timed on each core at once (milliseconds per run, one line)
+#: a fixed piece of work, run on each core at once: sample i starts at wall time t0 + i * period
+#: on both, so the samples of the two cores are taken at the same moments (milliseconds each)
 _SPEED_PROBE = """
 import sys, time
-for _ in range(int(sys.argv[1])):
-    t = time.perf_counter()
+samples, t0, period = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+def work():
     x = 0
     for i in range(300_000):
         x += i
+for n in range(samples):
+    time.sleep(max(0.0, t0 + n * period - time.time()))
+    t = time.perf_counter()
+    work()
     print(round((time.perf_counter() - t) * 1000, 2), end=" ", flush=True)
-    time.sleep(0.1)
 """
 
 
@@ -365,9 +369,10 @@ def core_speeds(samples: int = 12) -> dict[str, Any]:
     other tenants). sidecar/nginx is measured on core 1 alone, but --workers 2 against one
     worker compares both cores with core 1, so a drift between the cores lands in that ratio.
     """
+    t0 = time.time() + 0.5  # both interpreters are up by then
     procs = [
         subprocess.Popen(
-            [*taskset(core), PY, "-c", _SPEED_PROBE, str(samples)],
+            [*taskset(core), PY, "-c", _SPEED_PROBE, str(samples), str(t0), "0.15"],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -377,6 +382,7 @@ def core_speeds(samples: int = 12) -> dict[str, Any]:
     return {
         "ms_core0": times[0],
         "ms_core1": times[1],
+        # time, not speed: above 1, core 0 was the slower one at that moment
         "core0_over_core1": spread([a / b for a, b in zip(times[0], times[1], strict=True)]),
     }
 
@@ -591,8 +597,8 @@ def report(results: dict[str, Any]) -> None:
             ratio0 = speeds["core0_over_core1"]
             print(
                 f"  core speeds {when}: the same loop took {min(ms0):.0f}-{max(ms0):.0f} ms on "
-                f"core 0 and {min(ms1):.0f}-{max(ms1):.0f} ms on core 1; core 0 / core 1 at the "
-                f"same moment {ratio0['min']:.2f}-{ratio0['max']:.2f}"
+                f"core 0 and {min(ms1):.0f}-{max(ms1):.0f} ms on core 1; core 0's time over core "
+                f"1's, started together: {ratio0['min']:.2f}-{ratio0['max']:.2f}"
             )
     direct = targets.get("direct", {})
     if direct.get("p50_1_us"):

@@ -273,17 +273,20 @@ class Sidecar:
             store.check_writable()
             return store
         if cfg.store == "redis":
-            from sidecar.store.redis import RedisStore
+            from sidecar.store.redis import RedisStore, url_problem
 
             key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
             try:
-                return RedisStore(cfg.redis_address(), namespace, sealer)
+                url = cfg.redis_address()
             except OSError as exc:
                 raise ConfigError(
                     f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}"
                 ) from exc
-            except ValueError as exc:
-                raise ConfigError(f"{key}: {exc}") from exc
+            try:
+                return RedisStore(url, namespace, sealer)
+            except ValueError:
+                # never the library's message: it quotes the part of the URL it could not read
+                raise ConfigError(f"{key}: {url_problem(url) or 'not a valid redis URL'}") from None
         return MemoryStore()
 
     async def _stop_session(self) -> None:

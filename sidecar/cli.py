@@ -96,10 +96,10 @@ def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sidecar`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["_worker"] and len(argv) == 2:  # internal: a child of `run --workers N`
+    if argv[:1] == ["_worker"] and len(argv) in (2, 3):  # internal: a child of `run --workers N`
         from sidecar.workers import worker_entry
 
-        return worker_entry(int(argv[1]))
+        return worker_entry(int(argv[1]), *argv[2:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -152,7 +152,7 @@ def _run(
         if workers > 1:
             from sidecar.workers import serve_workers
 
-            return run(serve_workers(config, workers, load))
+            return run(serve_workers(config, workers, load, loop))
         return run(serve(config, load=load))
     except SidecarError as exc:
         log.error("sidecar.failed", extra={"error": str(exc)})

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from sidecar.config import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config
+from sidecar.config import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
 from sidecar.config_json_login import credential_files
 from sidecar.config_oauth2 import check_private_key
 from sidecar.errors import ConfigError
@@ -145,18 +145,23 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     """
     lines = []
     for err in exc.errors():
-        base = [str(p) for p in err["loc"]]
+        # list items as key[0], as ${VAR} problems and file checks name them
+        base = [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]]
         if err["type"] == "extra_forbidden":
-            lines.append(f"{'.'.join(base)}: unknown key")
+            lines.append(f"{_dotted(base)}: unknown key")
             continue
         for part in err["msg"].removeprefix("Value error, ").split("\n"):
             sub, sep, message = part.partition(": ")
             if sep and re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", sub):
-                key = ".".join([*base, sub]) if base else sub
+                key = _dotted([*base, sub]) if base else sub
             else:
-                key, message = ".".join(base) or "(top level)", part
+                key, message = _dotted(base) or "(top level)", part
             lines.append(f"{key}: {message}")
     return lines
+
+
+def _dotted(parts: list[str]) -> str:
+    return ".".join(parts).replace(".[", "[")
 
 
 def _check_files(config: Config) -> list[str]:
@@ -194,18 +199,32 @@ def _check_files(config: Config) -> list[str]:
     key_file = candidates["identity.private_key_file"]
     if key_file is not None:
         problems.extend(check_private_key(key_file, config.identity.signing_alg))
-    url_file = candidates["session.redis_url_file"]
-    if url_file is not None and config.session.store == "redis":
-        try:
-            url = config.session.redis_address()
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"session.redis_url_file: cannot read {url_file}: {exc}")
-        else:
-            if not url.startswith(REDIS_SCHEMES):  # the URL itself is a secret: not shown
-                problems.append(
-                    f"session.redis_url_file: the URL in {url_file} {REDIS_SCHEME_RULE}"
-                )
+    if config.session.store == "redis":
+        problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
     return problems
+
+
+def _redis_url_problems(session: Session, readable_file: Path | None) -> list[str]:
+    """The redis URL, inline or in its file, must be one the store can use. The problems never
+    quote it: it may carry a password."""
+    from sidecar.store.redis import url_problem  # the redis client library, only when needed
+
+    if session.redis_url:
+        key, where, url = "session.redis_url", "", session.redis_url
+    elif readable_file is not None:
+        key, where = "session.redis_url_file", f"the URL in {readable_file} "
+        try:
+            url = session.redis_address()
+        except OSError as exc:
+            return [f"{key}: cannot read {readable_file}: {exc.strerror}"]
+        except UnicodeDecodeError:
+            return [f"{key}: {readable_file} is not UTF-8 text"]
+        if not url.startswith(REDIS_SCHEMES):
+            return [f"{key}: {where}{REDIS_SCHEME_RULE}"]
+    else:
+        return []  # unreadable: already reported
+    problem = url_problem(url)
+    return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -233,26 +252,37 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
     unset: dict[str, str] = {}
     data = _interpolate(data, env, "", unset)
-    problems = list(unset.values())
+    problems: list[str] = []
     overridden = _apply_env_overrides(data, env, problems)
+    # a SIDECAR_* value replaced whatever the file had there, unset variables included
+    unset = {key: line for key, line in unset.items() if _within(key, overridden) is None}
+    problems = list(unset.values()) + problems
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        for line in _format_validation_error(exc):
-            key = line.split(":", 1)[0]
-            if _within(key, unset):
-                continue  # the unset variable is the problem, not the empty value it left
-            var = _within(key, overridden)
-            problems.append(f"{line} (set by {var})" if var else line)
+        problems.extend(_attributed(_format_validation_error(exc), unset, overridden))
     if config is not None:
-        problems.extend(_check_files(config))
+        problems.extend(_attributed(_check_files(config), unset, overridden))
     if problems:
         raise ConfigError(
             f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     assert config is not None
     return config
+
+
+def _attributed(lines: list[str], unset: dict[str, str], overridden: dict[str, str]) -> list[str]:
+    """Problem lines without those an unset variable explains (the empty value it left, or the
+    list or section holding it), each naming the SIDECAR_* variable its value came from."""
+    out = []
+    for line in lines:
+        key = line.split(":", 1)[0]
+        if _within(key, unset) or any(_within(u, {key: key}) for u in unset):
+            continue
+        var = _within(key, overridden)
+        out.append(f"{line} (set by {var})" if var else line)
+    return out
 
 
 def _within(key: str, keys: Mapping[str, str]) -> str | None:

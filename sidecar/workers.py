@@ -209,10 +209,16 @@ async def _worker_reload(sidecar: Sidecar, message: dict[str, Any], lock: asynci
         log.info("sidecar.worker_reloaded", extra={"worker": os.getpid()})
 
 
-def worker_entry(fd: int) -> int:
-    """Entry point of a worker process (``python -m sidecar _worker FD``)."""
+def worker_entry(fd: int, loop: str = "asyncio") -> int:
+    """Entry point of a worker process (``python -m sidecar _worker FD [LOOP]``); ``loop`` is the
+    supervisor's ``--loop``."""
+    run = asyncio.run
+    if loop == "uvloop":
+        import uvloop  # the supervisor runs on it, so it is installed
+
+        run = uvloop.run
     try:
-        return asyncio.run(_worker_main(fd))
+        return run(_worker_main(fd))
     except KeyboardInterrupt:
         return 0
 
@@ -232,9 +238,10 @@ class _Worker:
 class Supervisor:
     """Owns the session and admin port; starts, feeds and restarts the workers."""
 
-    def __init__(self, config: Config, count: int) -> None:
+    def __init__(self, config: Config, count: int, loop: str = "asyncio") -> None:
         self.config = config
         self.count = count
+        self.loop = loop
         self.metrics = Metrics()
         self.totals: WorkerTotals = self.metrics.take_requests_from_workers()
         self.sidecar = Sidecar(config, serve_proxy=False, metrics=self.metrics)
@@ -261,7 +268,7 @@ class Supervisor:
         parent, child = socket.socketpair()
         worker.ready = asyncio.Event()
         worker.process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own module; Popen returns at once
-            [sys.executable, "-m", "sidecar", "_worker", str(child.fileno())],
+            [sys.executable, "-m", "sidecar", "_worker", str(child.fileno()), self.loop],
             pass_fds=(child.fileno(),),
         )
         child.close()
@@ -367,11 +374,12 @@ def _wait_or_kill(process: subprocess.Popen[bytes], within: float) -> None:
 
 
 async def serve_workers(
-    config: Config, count: int, load: Callable[[], Config] | None = None
+    config: Config, count: int, load: Callable[[], Config] | None = None, loop_name: str = "asyncio"
 ) -> int:
     """Run a supervisor with ``count`` workers until SIGTERM/SIGINT; returns the exit code.
-    SIGHUP calls ``load`` and applies the result to the supervisor and every worker."""
-    supervisor = Supervisor(config, count)
+    SIGHUP calls ``load`` and applies the result to the supervisor and every worker; the workers
+    run on the event loop named ``loop_name`` (``--loop``), as the supervisor does."""
+    supervisor = Supervisor(config, count, loop_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads = Reloads(load, supervisor.reload)

@@ -565,3 +565,66 @@ def test_a_missing_identity_section_asks_for_a_kind(tmp_path: Path) -> None:
         "identity.kind: required (oauth2 or json_login); the default, demo, needs "
         "demo.enabled: true"
     ]
+
+
+def test_unset_variables_and_overrides_in_lists_file_checks_and_replaced_keys(
+    tmp_path: Path,
+) -> None:
+    """An unset variable is one problem wherever it sits (a list item, a file key), a SIDECAR_*
+    value that replaces it is judged on its own, and file checks name the variable too."""
+    base: dict[str, Any] = {"upstream": {"url": "https://api.example.com"}}
+    oauth = {"kind": "oauth2", "token_url": "https://idp.example.com/t", "client_id": "c"}
+
+    def load_problems(data: dict[str, Any], env: dict[str, str]) -> list[str]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, {**base, **data}), env=env)
+        return problems(exc)
+
+    listed = {"identity": {**oauth, "client_secret": "s", "backup_token_urls": ["${DR_URL}"]}}
+    assert load_problems(listed, {}) == [
+        "identity.backup_token_urls[0]: environment variable DR_URL is not set"
+    ]
+    keyed = {
+        "identity": {**oauth, "client_secret": "s"},
+        "session": {"encryption_key_file": "${KEYFILE}"},
+    }
+    assert load_problems(keyed, {}) == [
+        "session.encryption_key_file: environment variable KEYFILE is not set"
+    ]
+    replaced = {"upstream": {"url": "${API_URL}"}, "demo": {"enabled": True}}
+    got = load_problems(replaced, {"SIDECAR_UPSTREAM_URL": "ftp://x"})
+    assert len(got) == 1, got
+    assert got[0].startswith("upstream.url: ")
+    assert got[0].endswith("(set by SIDECAR_UPSTREAM_URL)")
+    missing = str(tmp_path / "no-such-key")
+    got = load_problems(
+        {"demo": {"enabled": True}}, {"SIDECAR_SESSION_ENCRYPTION_KEY_FILE": missing}
+    )
+    assert got == [
+        f"session.encryption_key_file: cannot read {missing}: No such file or directory "
+        "(set by SIDECAR_SESSION_ENCRYPTION_KEY_FILE)"
+    ]
+
+
+def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    """redis-py would quote the password in its error; check-config reports the file instead."""
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("redis://:p4ss/w0rd@127.0.0.1:6379/0\n")
+    path = write(
+        tmp_path,
+        {
+            "upstream": {"url": "https://api.example.com"},
+            "demo": {"enabled": True},
+            "session": {"store": "redis", "redis_url_file": str(url_file)},
+        },
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={})
+    (line,) = problems(exc)
+    assert line.startswith(
+        f"session.redis_url_file: the URL in {url_file} is not a valid redis URL"
+    )
+    assert "p4ss" not in str(exc.value)
+    assert "w0rd" not in str(exc.value)

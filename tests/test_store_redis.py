@@ -144,7 +144,7 @@ async def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path
 )
 def test_malformed_sentinel_urls_are_refused(url: str) -> None:
     """A Sentinel URL without hosts or service name (or with a bad port) is a clear error."""
-    with pytest.raises(ValueError, match=r"Sentinel URL|invalid literal"):
+    with pytest.raises(ValueError, match=r"Sentinel URL|Sentinel host's port"):
         RedisStore(url, "x")
 
 
@@ -168,3 +168,24 @@ def test_redis_password_is_redacted_in_check_config() -> None:
         shown = redacted(config)["session"]["redis_url"]
         assert "hunter2" not in shown
         assert shown.endswith(url.rpartition("@")[2])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw/with/slashes-71@127.0.0.1:6379/0",
+        "redis://:pw?query-71@127.0.0.1:6379/0",
+        "redis+sentinel://:pw-71@h:x/mymaster",
+        "redis+sentinel://:pw-71@h:26379/mymaster/db",
+    ],
+)
+def test_a_bad_redis_url_is_described_without_quoting_it(url: str) -> None:
+    """redis-py's parse errors quote the part they could not read, which can be a password with
+    an unescaped / or ?; url_problem names what is wrong and never repeats the URL."""
+    from sidecar.store.redis import url_problem
+
+    problem = url_problem(url)
+    assert problem is not None
+    assert "pw" not in problem
+    assert "71" not in problem
+    assert url_problem("redis://:pw%2Fok@127.0.0.1:6379/0") is None

@@ -171,3 +171,22 @@ async def test_sighup_reloads_the_supervisor_and_every_worker(
         assert idp.grants() == ["client_credentials"]  # one login, kept through the reloads
     finally:
         assert proc.stop() == 0
+
+
+async def test_workers_run_on_the_loop_the_supervisor_was_given(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """``run --workers 2 --loop uvloop``: every worker process has uvloop loaded and answers
+    (before, only the supervisor ran on uvloop and the workers on asyncio)."""
+    proc = SidecarProcess(base_config(idp_url, upstream_url, idp), tmp_path, "uvloop-workers")
+    proc.start(["--workers", "2", "--loop", "uvloop"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        for pid in children(proc.pid):
+            maps = await asyncio.to_thread(Path(f"/proc/{pid}/maps").read_text)
+            assert "/uvloop/" in maps, f"worker {pid} has not loaded uvloop"
+        async with http.get(proc.url("/x")) as resp:
+            assert resp.status == 200
+    finally:
+        assert proc.stop() == 0

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
@@ -78,9 +79,31 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
     hosts = []
     for item in netloc.split(","):
         host, sep, port = item.rpartition(":")
+        if sep and not port.isdigit():
+            raise ValueError("a Sentinel host's port is not a number")
         hosts.append((host, int(port)) if sep else (item, 26379))
+    if db and not db.isdigit():
+        raise ValueError("the database number after the service name is not a number")
     password = unquote(userinfo.partition(":")[2]) if userinfo else None
     return hosts, service, int(db or 0), password or None
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a redis URL, if anything, in words that never repeat the URL (it may
+    carry a password; redis-py's own messages quote the part they could not read)."""
+    try:
+        if url.startswith(SENTINEL_SCHEME):
+            parse_sentinel_url(url)  # its messages name the part, never its text
+        else:
+            parse_url(url)
+    except ValueError as exc:
+        if url.startswith(SENTINEL_SCHEME):
+            return str(exc)
+        return (
+            "not a valid redis URL (check its port and database number, and that a password "
+            "with / ? # or @ in it is percent-encoded)"
+        )
+    return None
 
 
 @contextlib.contextmanager
