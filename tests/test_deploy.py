@@ -115,6 +115,7 @@ def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
         config.identity.subject_token_file,
         config.identity.actor_token_file,
         config.session.encryption_key_file,
+        config.session.redis_url_file,
     ]
     for path in filter(None, secret_files):
         volume = mounts[str(path.parent)]
