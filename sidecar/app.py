@@ -283,7 +283,7 @@ class Sidecar:
                     f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}"
                 ) from exc
             try:
-                return RedisStore(url, namespace, sealer)
+                return RedisStore(url, namespace, sealer, url_file=cfg.redis_url_file)
             except ValueError:
                 # never the library's message: it quotes the part of the URL it could not read
                 raise ConfigError(f"{key}: {url_problem(url) or 'not a valid redis URL'}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -189,3 +190,42 @@ def test_a_bad_redis_url_is_described_without_quoting_it(url: str) -> None:
     assert "pw" not in problem
     assert "71" not in problem
     assert url_problem("redis://:pw%2Fok@127.0.0.1:6379/0") is None
+
+
+async def test_a_rotated_password_in_the_url_file_is_used_from_the_next_connection(
+    tmp_path: Path,
+) -> None:
+    """session.redis_url_file: after Redis takes a new password and the Secret's file changes,
+    the store reconnects with the new one (a store given the URL itself stays on the old one)."""
+    import redis.asyncio as aioredis
+
+    server = RedisServer(tmp_path, password="old-pw-1")
+    server.start()
+    try:
+        url_file = tmp_path / "redis-url"
+        url_file.write_text(server.url + "\n")
+        from_file = RedisStore(server.url, "rotation", url_file=url_file)
+        pinned = RedisStore(server.url, "rotation")
+        await from_file.save(record())
+        assert await pinned.load() is not None
+        admin = aioredis.from_url(server.url)
+        await admin.config_set("requirepass", "new-pw-2")
+        url_file.write_text(server.url.replace("old-pw-1", "new-pw-2") + "\n")
+        await admin.client_kill_filter(_type="normal", skipme=True)  # every other connection
+        await admin.aclose()
+
+        async def load_within(store: RedisStore, attempts: int) -> SessionRecord | None:
+            for _ in range(attempts):
+                with contextlib.suppress(StoreError):
+                    return await store.load()
+            raise AssertionError("the store did not reconnect")
+
+        loaded = await load_within(from_file, 3)
+        assert loaded is not None
+        assert loaded.session_id == "sid"
+        with pytest.raises(AssertionError, match="did not reconnect"):
+            await load_within(pinned, 3)
+        await from_file.aclose()
+        await pinned.aclose()
+    finally:
+        server.stop()

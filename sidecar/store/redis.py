@@ -14,15 +14,18 @@ manager can keep serving with its in-memory token while Redis is away.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
+from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreError
@@ -50,19 +53,57 @@ return 0
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
-def connect(url: str, timeout: float) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+def connect(
+    url: str, timeout: float, url_file: Path | None = None
+) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or a Sentinel-managed master:
     ``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]``.
 
+    With ``url_file`` (where ``url`` was read from), each new connection takes its username and
+    password from that file as it is then: a rotated Secret is used from the next reconnect on.
     Also returns the Sentinel clients, which must be closed with the master's client.
     """
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    credentials = None
+    if url_file is not None and _credentials(url) != ("",):
+        credentials = UrlFileCredentials(url_file)
     if not url.startswith(SENTINEL_SCHEME):
-        return aioredis.from_url(url, health_check_interval=10, **options), []
+        pool = aioredis.ConnectionPool.from_url(url, health_check_interval=10, **options)
+        if credentials is not None:  # instead of the URL's, which redis-py refuses alongside
+            pool.connection_kwargs.pop("username", None)
+            pool.connection_kwargs.pop("password", None)
+            pool.connection_kwargs["credential_provider"] = credentials
+        return aioredis.Redis.from_pool(pool), []  # the client owns the pool: aclose closes it
     hosts, service, db, password = parse_sentinel_url(url)
     sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
-    master: aioredis.Redis = sentinel.master_for(service, password=password, db=db)
+    auth: dict[str, Any] = {"password": password}
+    if credentials is not None:
+        auth = {"credential_provider": credentials}
+    master: aioredis.Redis = sentinel.master_for(service, db=db, **auth)
     return master, list(sentinel.sentinels)
+
+
+def _credentials(url: str) -> tuple[str] | tuple[str, str]:
+    """``(password,)`` or ``(username, password)`` of a redis URL, as AUTH takes them."""
+    if url.startswith(SENTINEL_SCHEME):
+        username, password = None, parse_sentinel_url(url)[3]
+    else:
+        parts = parse_url(url)
+        username, password = parts.get("username"), parts.get("password")
+    return (username, password or "") if username else (password or "",)
+
+
+class UrlFileCredentials(CredentialProvider):
+    """The credentials of the redis URL in a file, read again for every new connection."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        return _credentials(self._path.read_text(encoding="utf-8").strip())
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return await asyncio.to_thread(self.get_credentials)
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
@@ -121,9 +162,15 @@ class RedisStore:
     shared = True
 
     def __init__(
-        self, url: str, namespace: str, sealer: Sealer | None = None, *, timeout: float = 2.0
+        self,
+        url: str,
+        namespace: str,
+        sealer: Sealer | None = None,
+        *,
+        timeout: float = 2.0,
+        url_file: Path | None = None,
     ) -> None:
-        self._redis, self._sentinels = connect(url, timeout)
+        self._redis, self._sentinels = connect(url, timeout, url_file)
         prefix = f"sidecar:{namespace}:"
         self._key = prefix + "session"
         self._lock = prefix + "lock"
