@@ -26,12 +26,12 @@ from pydantic import (
 )
 from yarl import URL
 
+from sidecar.config_headers import header_placeholder_problems
 from sidecar.config_json_login import (
     JsonCall,
     JsonRefreshCall,
     JsonResponse,
     json_login_problems,
-    session_names,
 )
 from sidecar.config_oauth2 import (
     TOKEN_TYPE_JWT,
@@ -40,7 +40,6 @@ from sidecar.config_oauth2 import (
     identity_url,
     oauth2_problems,
 )
-from sidecar.templates import compile_text, unknown
 
 
 def is_loopback(host: str) -> bool:
@@ -371,36 +370,3 @@ class Config(_Model):
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-
-def header_templates(headers: Headers) -> dict[str, str]:
-    """The header values that may hold ``{{ session.* }}`` placeholders, by dotted key."""
-    fixed = {
-        "tenant_id": headers.tenant_id,
-        "activity_id": headers.activity_id,
-        "correlation_id": headers.correlation_id,
-        "session_id": headers.session_id,
-    }
-    out = {f"headers.{k}": v for k, v in fixed.items() if v is not None}
-    out.update({f"headers.static.{k}": v for k, v in headers.static.items()})
-    return out
-
-
-def header_placeholder_problems(headers: Headers, identity: Identity) -> list[str]:
-    """Header values may use ``{{ session.<field> }}`` and ``{{ session.access_token }}``; never a
-    credential or the refresh token, which stay between the sidecar and the identity provider."""
-    allowed = ["session.access_token"]
-    if identity.kind == "json_login":
-        allowed += [n for n in session_names(identity.response) if n != "session.refresh_token"]
-    problems = []
-    for key, value in header_templates(headers).items():
-        try:
-            names = compile_text(value).names
-        except ValueError as exc:
-            problems.append(f"{key}: {exc}")
-            continue
-        for name in unknown(names, allowed):
-            problems.append(
-                f"{key}: unknown placeholder {{{{ {name} }}}} (known here: {', '.join(allowed)})"
-            )
-    return problems

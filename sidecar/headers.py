@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from sidecar.config import Headers, header_templates
+from sidecar.config import Headers
+from sidecar.config_headers import header_templates
 from sidecar.header_values import SessionCookies, SessionValues, templated
 from sidecar.session import Credentials
 
