@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
-from sidecar.errors import ConfigError, IdentityError, StoreError
+from sidecar.errors import IdentityError, StoreError
 from sidecar.front_server import FrontServer
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
@@ -29,12 +29,11 @@ from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
-from sidecar.store import SessionStore
-from sidecar.store.file import FileStore
-from sidecar.store.memory import MemoryStore
+from sidecar.store.opening import open_store, same_keys, sealer_for
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
+    from sidecar.store.crypto import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ Closer = Callable[[], Awaitable[None]]
 
 #: sections whose change a running process cannot apply: SIGHUP logs them as needing a restart
 RESTART_SECTIONS = ("listen", "admin", "session", "demo")
+#: keys of those sections that a reload applies all the same
+LIVE_KEYS = ("drain_timeout", "encryption_key_file", "previous_encryption_key_files")
 
 
 class Front(Protocol):
@@ -114,6 +115,8 @@ class Sidecar:
     #: the proxy listener (None until open_proxy): what a drain stops and waits for
     front: FrontServer | None = field(init=False, default=None)
     _closers: list[tuple[str, Closer]] = field(init=False, default_factory=list)
+    #: the store's encryption at rest (None: none), to tell whether a reload changes its keys
+    _sealer: Sealer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._drain = (
@@ -137,7 +140,8 @@ class Sidecar:
         cfg = self.config
         identity = await self._identity()
         try:
-            store = self._store(identity.fingerprint)
+            self._sealer = sealer_for(cfg.session, identity.fingerprint)
+            store = open_store(cfg.session, identity.fingerprint, self._sealer)
         except BaseException:
             await identity.aclose()
             raise
@@ -259,36 +263,6 @@ class Sidecar:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         return await self._listen(name, runner, "127.0.0.1", port)
 
-    def _store(self, namespace: str) -> SessionStore:
-        cfg = self.config.session
-        sealer = None
-        if cfg.encryption_key_file is not None:
-            from sidecar.store.crypto import Sealer
-
-            sealer = Sealer.from_file(
-                cfg.encryption_key_file, namespace, cfg.previous_encryption_key_files
-            )
-        if cfg.store == "file":
-            store = FileStore(cfg.path, sealer)
-            store.check_writable()
-            return store
-        if cfg.store == "redis":
-            from sidecar.store.redis import RedisStore, url_problem
-
-            key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
-            try:
-                url = cfg.redis_address()
-            except OSError as exc:
-                raise ConfigError(
-                    f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}"
-                ) from exc
-            try:
-                return RedisStore(url, namespace, sealer, url_file=cfg.redis_url_file)
-            except ValueError:
-                # never the library's message: it quotes the part of the URL it could not read
-                raise ConfigError(f"{key}: {url_problem(url) or 'not a valid redis URL'}") from None
-        return MemoryStore()
-
     async def _stop_session(self) -> None:
         await self.session.stop()
         if self.config.session.logout_on_shutdown:
@@ -326,7 +300,7 @@ class Sidecar:
             f"{section}.{key}"
             for section in RESTART_SECTIONS
             for key, value in getattr(config, section)
-            if getattr(getattr(old, section), key) != value and key != "drain_timeout"
+            if getattr(getattr(old, section), key) != value and key not in LIVE_KEYS
         ]
         if config.log.access_log != old.log.access_log:
             pending.append("log.access_log")
@@ -339,8 +313,13 @@ class Sidecar:
                 identity = current
                 pending.append("identity (with a shared store)")
         changed = identity.fingerprint != current.fingerprint
-        # a new identity gets its own store namespace (and encryption context)
-        store = self._store(identity.fingerprint) if changed else None
+        # the key files as they are now (a rotated Secret behind the same path counts), read
+        # before anything changes: a bad key file leaves the running config as it was
+        sealer = sealer_for(config.session, identity.fingerprint)
+        rekey = not changed and not same_keys(sealer, self._sealer)
+        # a new identity gets its own store namespace (and encryption context); the store's
+        # other keys need a restart, so it is opened as the running config says
+        store = open_store(old.session, identity.fingerprint, sealer) if changed else None
         try:
             await self.reconfigure_proxy(config)
         except BaseException:
@@ -355,6 +334,9 @@ class Sidecar:
             await self._close_quietly("identity", previous.aclose)
         if store is not None:
             await self._close_quietly("store", replaced_store.aclose)
+        if rekey:
+            await self.session.use_sealer(sealer)
+        self._sealer = sealer
         self.config = config
         log.info(
             "sidecar.reloaded", extra={"identity_changed": changed, "upstream": self.upstream_url}

@@ -38,6 +38,7 @@ from sidecar.tokens import Token
 
 if TYPE_CHECKING:
     from sidecar.shared import SharedSession
+    from sidecar.store.crypto import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,10 @@ class SessionManager:
         self.update_gauges()
         if self._on_change is not None:
             self._on_change(creds)
+
+    async def use_sealer(self, sealer: Sealer | None) -> None:
+        """New encryption keys for the store (a reload); see SessionPersistence.use_sealer."""
+        await self._persist.use_sealer(sealer)
 
     async def flush_saves(self) -> None:
         """Wait for background saves to finish."""

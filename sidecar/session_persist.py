@@ -19,6 +19,7 @@ from sidecar.store import SessionRecord
 
 if TYPE_CHECKING:
     from sidecar.session import Credentials, SessionManager
+    from sidecar.store.crypto import Sealer
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")
@@ -116,3 +117,16 @@ class SessionPersistence:
             await self._manager.store.clear()
         except StoreError as exc:
             log.error("session.store_failed", extra={"error": str(exc)})
+
+    async def use_sealer(self, sealer: Sealer | None) -> None:
+        """New encryption keys for the store (a reload). A store of this process alone gets
+        the current record again at once, sealed with them; a shared one at the next refresh."""
+        manager = self._manager
+        manager.store.use_sealer(sealer)
+        shared = manager.store.shared
+        if not shared and manager.record is not None:
+            await self.save(manager.record)
+        log.info(
+            "session.encryption_keys_changed",
+            extra={"encrypted": sealer is not None, "resealed": not shared},
+        )

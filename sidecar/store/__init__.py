@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.errors import StoreError
 from sidecar.tokens import Token
+
+if TYPE_CHECKING:
+    from sidecar.store.crypto import Sealer
 
 #: the record format this build writes; a record with a newer version is refused, not misread
 RECORD_VERSION = 1
@@ -93,6 +96,10 @@ class SessionStore(Protocol):
 
     async def clear(self) -> None:
         """Remove the stored record."""
+
+    def use_sealer(self, sealer: Sealer | None) -> None:
+        """Encrypt what is written from now on with ``sealer`` (None: not at all), and open
+        with its keys."""
 
     async def aclose(self) -> None:
         """Release resources."""

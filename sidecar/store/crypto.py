@@ -33,6 +33,12 @@ class Sealer:
         self._aead = AESGCM(key)
         self._previous = [AESGCM(old) for old in previous]
         self._context = context.encode()
+        self._keys = (key, *previous)
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """The key it seals with, then the ones it also opens with (never logged or shown)."""
+        return self._keys
 
     @classmethod
     def from_file(cls, path: Path, context: str, previous: Sequence[Path] = ()) -> Sealer:

@@ -38,6 +38,9 @@ class FileStore:
         #: land an older record after a newer one
         self._save_lock = asyncio.Lock()
 
+    def use_sealer(self, sealer: Sealer | None) -> None:
+        self._sealer = sealer
+
     def check_writable(self) -> None:
         """Create the directory (0700) and prove it is writable: fail at start, not on save."""
         try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sidecar.store import SessionRecord
+
+if TYPE_CHECKING:
+    from sidecar.store.crypto import Sealer
 
 
 class MemoryStore:
@@ -22,6 +27,9 @@ class MemoryStore:
 
     async def clear(self) -> None:
         self._record = None
+
+    def use_sealer(self, sealer: Sealer | None) -> None:
+        """Nothing is kept at rest here, so nothing is sealed."""
 
     async def aclose(self) -> None:
         return None

@@ -181,6 +181,11 @@ class RedisStore:
         self._save_fenced = self._redis.register_script(_SAVE_FENCED)
         self._unlock = self._redis.register_script(_UNLOCK)
 
+    def use_sealer(self, sealer: Sealer | None) -> None:
+        # the record is not written again here: peers may not know a new key yet (the rotation
+        # in the README adds it everywhere as a previous key first); the next refresh writes
+        self._sealer = sealer
+
     def _encode(self, record: SessionRecord) -> bytes:
         payload = json.dumps(record.to_dict()).encode()
         return self._sealer.seal(payload) if self._sealer is not None else payload
