@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from aiohttp import web
 from pydantic import SecretStr
@@ -29,6 +29,7 @@ from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
+from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
 
 if TYPE_CHECKING:
@@ -317,6 +318,8 @@ class Sidecar:
         # before anything changes: a bad key file leaves the running config as it was
         sealer = sealer_for(config.session, identity.fingerprint)
         rekey = not changed and not same_keys(sealer, self._sealer)
+        if rekey and self.session.store.shared:  # peers read what is stored: it must still open
+            await cast(SharedStore, self.session.store).check_sealer(sealer)
         # a new identity gets its own store namespace (and encryption context); the store's
         # other keys need a restart, so it is opened as the running config says
         store = open_store(old.session, identity.fingerprint, sealer) if changed else None
@@ -334,9 +337,8 @@ class Sidecar:
             await self._close_quietly("identity", previous.aclose)
         if store is not None:
             await self._close_quietly("store", replaced_store.aclose)
-        if rekey:
-            await self.session.use_sealer(sealer)
-        self._sealer = sealer
+        if not rekey or await self.session.use_sealer(sealer, self._sealer):
+            self._sealer = sealer
         self.config = config
         log.info(
             "sidecar.reloaded", extra={"identity_changed": changed, "upstream": self.upstream_url}

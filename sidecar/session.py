@@ -342,9 +342,9 @@ class SessionManager:
         if self._on_change is not None:
             self._on_change(creds)
 
-    async def use_sealer(self, sealer: Sealer | None) -> None:
+    async def use_sealer(self, sealer: Sealer | None, running: Sealer | None) -> bool:
         """New encryption keys for the store (a reload); see SessionPersistence.use_sealer."""
-        await self._persist.use_sealer(sealer)
+        return await self._persist.use_sealer(sealer, running)
 
     async def flush_saves(self) -> None:
         """Wait for background saves to finish."""

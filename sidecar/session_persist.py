@@ -35,7 +35,7 @@ class SessionPersistence:
     ) -> None:
         self._manager = manager
         self._install = install
-        self._saves: set[asyncio.Task[None]] = set()
+        self._saves: set[asyncio.Task[bool]] = set()
 
     async def restore(self) -> None:
         """Install the stored session when the manager's identity can go on with it.
@@ -76,19 +76,22 @@ class SessionPersistence:
             },
         )
 
-    async def save(self, record: SessionRecord) -> None:
+    async def save(self, record: SessionRecord) -> bool:
         """Write ``record``; while the manager holds a fence, only if no later holder of the
-        shared lock has written since."""
+        shared lock has written since. False when it was not written (logged, never raised)."""
         manager = self._manager
         try:
             if manager.fence is not None:
                 shared: Any = manager.store
                 if not await shared.save_fenced(record, manager.fence):
                     log.warning("session.store_fenced_out", extra={"fence": manager.fence})
-                return
+                    return False
+                return True
             await manager.store.save(record)
         except StoreError as exc:
             log.error("session.store_failed", extra={"error": str(exc)})
+            return False
+        return True
 
     def save_soon(self, record: SessionRecord) -> None:
         """Write ``record`` in the background: callers waiting for the token need not wait for
@@ -118,15 +121,25 @@ class SessionPersistence:
         except StoreError as exc:
             log.error("session.store_failed", extra={"error": str(exc)})
 
-    async def use_sealer(self, sealer: Sealer | None) -> None:
-        """New encryption keys for the store (a reload). A store of this process alone gets
-        the current record again at once, sealed with them; a shared one at the next refresh."""
+    async def use_sealer(self, sealer: Sealer | None, running: Sealer | None) -> bool:
+        """New encryption keys for the store (a reload); False when they could not be applied
+        and ``running`` stays. A file store gets the current record again at once, sealed with
+        them (when that write fails, the keys stay as they were, and the next reload tries again);
+        a shared store is written with them at the next refresh."""
         manager = self._manager
-        manager.store.use_sealer(sealer)
-        shared = manager.store.shared
-        if not shared and manager.record is not None:
-            await self.save(manager.record)
+        store = manager.store
+        record = manager.record
+        store.use_sealer(sealer)
+        resealed = store.kind == "file" and record is not None
+        if resealed and record is not None and not await self.save(record):
+            store.use_sealer(running)
+            log.error(
+                "session.encryption_keys_unchanged",
+                extra={"why": "the session could not be written with the new key"},
+            )
+            return False
         log.info(
             "session.encryption_keys_changed",
-            extra={"encrypted": sealer is not None, "resealed": not shared},
+            extra={"encrypted": sealer is not None, "resealed": resealed},
         )
+        return True

@@ -64,16 +64,18 @@ async def test_file_store_is_sealed_with_the_new_key_at_once(
     assert opens_with(b, sidecar, path.read_bytes())
     assert not opens_with(a, sidecar, path.read_bytes())
 
-    old_b = b.read_text()
     new_key(b)  # the Secret behind the same path changed; the config did not
     await sidecar.reload(reloaded(idp_url, upstream_url, idp, rotated))
     assert opens_with(b, sidecar, path.read_bytes())
+    second_b = b.read_text()
 
+    running = sidecar.config
     b.write_text("not a key")
     with pytest.raises(ConfigError, match=r"session\.encryption_key_file"):
         await sidecar.reload(reloaded(idp_url, upstream_url, idp, rotated))
-    b.write_text(old_b)  # neither the broken file nor this older key was taken up
-    assert not opens_with(b, sidecar, path.read_bytes())
+    assert sidecar.config is running  # nothing of that reload was applied
+    b.write_text(second_b)
+    assert opens_with(b, sidecar, path.read_bytes())  # and the file was not written
 
     assert idp.grants() == ["client_credentials"]
     changed = [e for e in events(log_output) if e["event"] == "session.encryption_keys_changed"]
@@ -121,3 +123,57 @@ async def test_redis_store_takes_the_new_key_at_the_next_write(
     finally:
         await raw.aclose()
     assert idp.grants() == ["client_credentials", "refresh_token"]
+
+
+async def test_a_reseal_that_cannot_be_written_keeps_the_running_keys_until_the_next_reload(
+    make_sidecar: MakeSidecar,
+    idp: FakeIdP,
+    idp_url: str,
+    upstream_url: str,
+    tmp_path: Path,
+    log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file store cannot take the resealed record (a full disk; simulated, as root cannot be
+    refused a write here): the running key stays, the file still opens with it, and the next
+    reload with the same config tries again and succeeds."""
+    a, b = new_key(tmp_path / "a.key"), new_key(tmp_path / "b.key")
+    path = tmp_path / "session.json"
+    session = {"store": "file", "path": str(path), "encryption_key_file": str(a)}
+    sidecar = await make_sidecar(session=session)
+    await eventually(path.exists, what="the login's record written")
+    rotated = reloaded(idp_url, upstream_url, idp, {**session, "encryption_key_file": str(b)})
+
+    async def disk_full(record: object) -> None:
+        raise StoreError("cannot write the session file: No space left on device")
+
+    monkeypatch.setattr(sidecar.session.store, "save", disk_full)
+    await sidecar.reload(rotated)
+    assert opens_with(a, sidecar, path.read_bytes())
+    assert [e["event"] for e in events(log_output)].count("session.encryption_keys_unchanged") == 1
+    monkeypatch.undo()
+    await sidecar.reload(rotated)
+    assert opens_with(b, sidecar, path.read_bytes())
+
+
+async def test_redis_keys_that_cannot_open_the_stored_session_are_refused(
+    make_sidecar: MakeSidecar,
+    idp: FakeIdP,
+    idp_url: str,
+    upstream_url: str,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    """Peers still read the shared record: new keys that leave out the one it is sealed with (or
+    switch encryption off) fail the reload, naming the key, and the running keys stay."""
+    a, b = new_key(tmp_path / "a.key"), new_key(tmp_path / "b.key")
+    session = {"store": "redis", "redis_url": redis_server.url, "encryption_key_file": str(a)}
+    sidecar = await make_sidecar(session=session)
+    await eventually(lambda: sidecar.session.usable() is not None)
+    await sidecar.session.flush_saves()
+    for changed in ({"encryption_key_file": str(b)}, {"encryption_key_file": None}):
+        config = reloaded(idp_url, upstream_url, idp, {**session, **changed})
+        with pytest.raises(ConfigError, match="cannot open the session in redis"):
+            await sidecar.reload(config)
+        stored = await sidecar.session.store.load()
+        assert stored is not None  # still read with key A

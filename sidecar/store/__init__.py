@@ -123,6 +123,10 @@ class SharedStore(SessionStore, Protocol):
     async def save_fenced(self, record: SessionRecord, fence: int) -> bool:
         """Write ``record`` unless a newer fencing token has written since; True when written."""
 
+    async def check_sealer(self, sealer: Sealer | None) -> None:
+        """Raise ConfigError when ``sealer`` cannot open the record stored now: the peers, and
+        this process until its next write, still read it."""
+
     def changes(self, interval: float) -> AsyncIterator[None]:
         """Yield when another process may have changed the record, and at least every
         ``interval`` seconds (polling fallback)."""

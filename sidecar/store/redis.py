@@ -28,7 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
-from sidecar.errors import StoreError
+from sidecar.errors import ConfigError, StoreError
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 
@@ -147,6 +147,16 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def _decode(raw: bytes, sealer: Sealer | None) -> SessionRecord:
+    if sealer is not None:
+        raw = sealer.open(raw)
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError("session record in redis is not valid JSON") from exc
+    return SessionRecord.from_dict(data)
+
+
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
     try:
@@ -190,14 +200,23 @@ class RedisStore:
         payload = json.dumps(record.to_dict()).encode()
         return self._sealer.seal(payload) if self._sealer is not None else payload
 
-    def _decode(self, raw: bytes) -> SessionRecord:
-        if self._sealer is not None:
-            raw = self._sealer.open(raw)
+    async def check_sealer(self, sealer: Sealer | None) -> None:
+        with _translated("read"):
+            raw = await self._redis.get(self._key)
+        if raw is None:
+            return
         try:
-            data: Any = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError("session record in redis is not valid JSON") from exc
-        return SessionRecord.from_dict(data)
+            _decode(_as_bytes(raw), sealer)
+        except StoreError as exc:
+            raise ConfigError(
+                "session.encryption_key_file: the new keys cannot open the session in redis"
+                f" ({exc}); keep the key it is sealed with under"
+                " session.previous_encryption_key_files until a refresh has written it with the"
+                " new one"
+            ) from exc
+
+    def _decode(self, raw: bytes) -> SessionRecord:
+        return _decode(raw, self._sealer)
 
     async def load(self) -> SessionRecord | None:
         with _translated("read"):
