@@ -14,6 +14,7 @@
     │   └── UpstreamTimeout         connect or total timeout (HTTP 504)
     ├── RefusedRequest              a caller's request we will not forward (HTTP 4xx)
     └── StoreError                  the session store could not be read or written
+        └── StoreUnreadable         it answered, but what it holds cannot be read
 """
 
 from __future__ import annotations
@@ -153,3 +154,10 @@ class StoreError(SidecarError):
     """The session store could not be read or written."""
 
     code = "store_error"
+
+
+class StoreUnreadable(StoreError):
+    """The store answered, but the record it holds cannot be read: corrupt, written by a newer
+    version, or sealed with a key this process does not have. Not an outage."""
+
+    code = "store_unreadable"

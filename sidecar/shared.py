@@ -18,7 +18,7 @@ import os
 import socket
 import uuid
 
-from sidecar.errors import StoreError
+from sidecar.errors import StoreError, StoreUnreadable
 from sidecar.session import Credentials, SessionManager
 from sidecar.store import SessionRecord, SharedStore
 
@@ -37,6 +37,8 @@ class SharedSession:
         self.poll_interval = poll_interval
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._store_down = False
+        #: the last unreadable-record problem logged (logged again only when it changes)
+        self._unreadable = ""
 
     async def renew(self, manager: SessionManager, trigger: str) -> Credentials:
         """Renew once for every process: lead the renewal, or wait for the peer who does.
@@ -83,7 +85,10 @@ class SharedSession:
             if fence is not None:
                 return fence
             await manager.clock.sleep(PEER_POLL)
-            manager.adopt(await self.store.load())
+            try:
+                manager.adopt(await self.store.load())
+            except StoreUnreadable as exc:  # not a peer's result we could use: wait for the lock
+                self._note_unreadable(exc)
             renewed = _renewed_since(manager, before)
             if renewed is not None:
                 return renewed
@@ -99,6 +104,7 @@ class SharedSession:
             try:
                 async for _ in self.store.changes(self.poll_interval):
                     stored = await self.store.load()
+                    self._unreadable = ""
                     recovered = self._note_up()
                     if manager.adopt(stored) is not None:
                         continue
@@ -106,6 +112,12 @@ class SharedSession:
                         await self._reconcile(manager, stored)
                     elif stored is None and manager.record is not None:
                         manager.drop("a peer logged the session out")
+            except StoreUnreadable as exc:
+                # the store is up: what it holds cannot be read (corrupt, or sealed with a key
+                # this process does not have); our session goes on, and the next change is read
+                self._note_up()
+                self._note_unreadable(exc)
+                await manager.clock.sleep(self.poll_interval)
             except StoreError as exc:
                 self._note_down(exc)
                 await manager.clock.sleep(self.poll_interval)
@@ -117,6 +129,14 @@ class SharedSession:
         if stored is None or stored.token.obtained_at < ours.token.obtained_at:
             await self.store.save(ours)
             log.info("session.store_reconciled", extra={"session_id": ours.session_id})
+
+    def _note_unreadable(self, exc: StoreUnreadable) -> None:
+        """Log an unreadable shared record once, until it changes to another problem."""
+        if str(exc) != self._unreadable:
+            self._unreadable = str(exc)
+            log.warning(
+                "session.store_unreadable", extra={"error": str(exc), "store": self.store.kind}
+            )
 
     def _note_down(self, exc: StoreError) -> None:
         if not self._store_down:

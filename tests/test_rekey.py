@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -177,3 +178,30 @@ async def test_redis_keys_that_cannot_open_the_stored_session_are_refused(
             await sidecar.reload(config)
         stored = await sidecar.session.store.load()
         assert stored is not None  # still read with key A
+
+
+async def test_a_peer_sealing_with_another_key_is_reported_as_unreadable_not_as_an_outage(
+    make_sidecar: MakeSidecar, tmp_path: Path, redis_server: RedisServer, log_output: io.StringIO
+) -> None:
+    """Two replicas on one Redis with different keys (a botched rotation): the one that cannot
+    open the shared record logs session.store_unreadable, once per problem, never
+    session.store_unavailable (Redis is up), and both keep serving with their own tokens."""
+    a, b = new_key(tmp_path / "a.key"), new_key(tmp_path / "b.key")
+    shared = {"store": "redis", "redis_url": redis_server.url, "poll_interval": 0.1}
+    first = await make_sidecar(session={**shared, "encryption_key_file": str(a)})
+    await eventually(lambda: first.session.usable() is not None)
+    second = await make_sidecar(session={**shared, "encryption_key_file": str(b)})
+    await eventually(lambda: second.session.usable() is not None)
+    await second.session.force_refresh()  # writes the record sealed with B
+
+    def logged(name: str) -> list[dict[str, object]]:
+        return [e for e in events(log_output) if e["event"] == name]
+
+    await eventually(lambda: len(logged("session.store_unreadable")) >= 2, what="both noticed")
+    await asyncio.sleep(0.5)  # several more polls of the same record
+    unreadable = logged("session.store_unreadable")
+    assert len(unreadable) <= 3, unreadable  # once per problem and process, not once per poll
+    assert all("cannot decrypt" in str(e["error"]) for e in unreadable)
+    assert logged("session.store_unavailable") == []
+    assert first.session.usable() is not None
+    assert second.session.usable() is not None

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sidecar.errors import StoreError
+from sidecar.errors import StoreUnreadable
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
@@ -50,14 +50,14 @@ class SessionRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> SessionRecord:
-        """Parse stored data; raises StoreError naming what is wrong."""
+        """Parse stored data; raises StoreUnreadable naming what is wrong."""
         if not isinstance(data, dict):
-            raise StoreError("session record is not a JSON object")
+            raise StoreUnreadable("session record is not a JSON object")
         version = data.get("version")
         if not isinstance(version, int):
-            raise StoreError("session record has no version")
+            raise StoreUnreadable("session record has no version")
         if version > RECORD_VERSION:
-            raise StoreError(
+            raise StoreUnreadable(
                 f"session record version {version} is newer than this sidecar understands "
                 f"({RECORD_VERSION}); refusing to misread it"
             )
@@ -74,7 +74,9 @@ class SessionRecord:
                 extra=dict(data.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"session record is malformed: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnreadable(
+                f"session record is malformed: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _opt_float(value: Any) -> float | None:
@@ -89,7 +91,8 @@ class SessionStore(Protocol):
     shared: bool
 
     async def load(self) -> SessionRecord | None:
-        """The stored record, or None when there is none. Raises StoreError when unreadable."""
+        """The stored record, or None when there is none. Raises StoreUnreadable when what is
+        stored cannot be read, StoreError when the store itself cannot be reached."""
 
     async def save(self, record: SessionRecord) -> None:
         """Replace the stored record atomically."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sidecar.errors import ConfigError, StoreError
+from sidecar.errors import ConfigError, StoreUnreadable
 
 ENVELOPE = "sidecar-aes256gcm-v1"
 
@@ -61,7 +61,8 @@ class Sealer:
         return json.dumps(envelope).encode()
 
     def open(self, sealed: bytes) -> bytes:
-        """Decrypt; a wrong key, tampering or a plaintext record is a StoreError saying which."""
+        """Decrypt; a wrong key, tampering or a plaintext record is a StoreUnreadable saying
+        which."""
         return self.unseal(sealed)[0]
 
     def unseal(self, sealed: bytes) -> tuple[bytes, bool]:
@@ -69,9 +70,9 @@ class Sealer:
         try:
             envelope = json.loads(sealed)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError("stored session is not an encrypted envelope (corrupt)") from exc
+            raise StoreUnreadable("stored session is not an encrypted envelope (corrupt)") from exc
         if not isinstance(envelope, dict) or envelope.get("format") != ENVELOPE:
-            raise StoreError(
+            raise StoreUnreadable(
                 "stored session is not encrypted, but session.encryption_key_file is set; "
                 "refusing to use it"
             )
@@ -79,17 +80,17 @@ class Sealer:
             nonce = base64.b64decode(envelope["nonce"])
             data = base64.b64decode(envelope["data"])
         except (KeyError, TypeError, binascii.Error, ValueError) as exc:
-            raise StoreError("encrypted session envelope is malformed") from exc
+            raise StoreUnreadable("encrypted session envelope is malformed") from exc
         for n, aead in enumerate([self._aead, *self._previous]):
             try:
                 plaintext = aead.decrypt(nonce, data, self._context)
             except InvalidTag:
                 continue
             except ValueError as exc:  # e.g. a nonce of the wrong length
-                raise StoreError("encrypted session envelope is malformed") from exc
+                raise StoreUnreadable("encrypted session envelope is malformed") from exc
             return plaintext, n > 0
         tried = "the encryption key" + (" and the previous ones" if self._previous else "")
-        raise StoreError(
+        raise StoreUnreadable(
             f"cannot decrypt the stored session with {tried}: wrong encryption key, or the data "
             "was altered"
         )

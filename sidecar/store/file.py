@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.errors import StoreError
+from sidecar.errors import StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
 
 if TYPE_CHECKING:
@@ -70,16 +70,16 @@ class FileStore:
         except OSError as exc:
             raise StoreError(f"cannot read session file {self.path}: {exc.strerror}") from exc
         if len(raw) > MAX_FILE_BYTES:
-            raise StoreError(f"session file {self.path} is larger than {MAX_FILE_BYTES} bytes")
+            raise StoreUnreadable(f"session file {self.path} is larger than {MAX_FILE_BYTES} bytes")
         if not raw.strip():
-            raise StoreError(f"session file {self.path} is empty")
+            raise StoreUnreadable(f"session file {self.path} is empty")
         stale_key = False
         if self._sealer is not None:
             raw, stale_key = self._sealer.unseal(raw)
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError(
+            raise StoreUnreadable(
                 f"session file {self.path} is not valid JSON (truncated or corrupt)"
             ) from exc
         return SessionRecord.from_dict(data), stale_key

@@ -28,7 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
-from sidecar.errors import ConfigError, StoreError
+from sidecar.errors import ConfigError, StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 
@@ -153,7 +153,7 @@ def _decode(raw: bytes, sealer: Sealer | None) -> SessionRecord:
     try:
         data: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError("session record in redis is not valid JSON") from exc
+        raise StoreUnreadable("session record in redis is not valid JSON") from exc
     return SessionRecord.from_dict(data)
 
 
