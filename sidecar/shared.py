@@ -102,16 +102,19 @@ class SharedSession:
         """
         while True:
             try:
-                async for _ in self.store.changes(self.poll_interval):
-                    stored = await self.store.load()
-                    self._unreadable = ""
-                    recovered = self._note_up()
-                    if manager.adopt(stored) is not None:
-                        continue
-                    if recovered:
-                        await self._reconcile(manager, stored)
-                    elif stored is None and manager.record is not None:
-                        manager.drop("a peer logged the session out")
+                # closed as soon as the loop ends, whichever way: a generator left open would
+                # keep its subscription (a Redis connection) until the garbage collector came
+                async with contextlib.aclosing(self.store.changes(self.poll_interval)) as changes:
+                    async for _ in changes:
+                        stored = await self.store.load()
+                        self._unreadable = ""
+                        recovered = self._note_up()
+                        if manager.adopt(stored) is not None:
+                            continue
+                        if recovered:
+                            await self._reconcile(manager, stored)
+                        elif stored is None and manager.record is not None:
+                            manager.drop("a peer logged the session out")
             except StoreUnreadable as exc:
                 # the store is up: what it holds cannot be read (corrupt, or sealed with a key
                 # this process does not have); our session goes on, and the next change is read

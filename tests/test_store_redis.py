@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from sidecar.app import Sidecar
 from sidecar.errors import StoreError
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 from sidecar.store.redis import RedisStore
+from tests.conftest import MakeSidecar
+from tests.helpers import eventually
 from tests.redis_server import RedisServer
 from tests.test_store_file import record as file_record
 
@@ -229,3 +234,40 @@ async def test_a_rotated_password_in_the_url_file_is_used_from_the_next_connecti
         await pinned.aclose()
     finally:
         server.stop()
+
+
+def new_key(path: Path) -> Path:
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    return path
+
+
+async def test_stop_is_prompt_while_redis_is_down(
+    make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """SIGTERM while Redis is down: the watchers, reconnecting over and over, are cancelled
+    inside redis-py, which can turn the cancellation into a connection error of its own. That
+    must still end them (a watcher once slept and retried forever, and the stop never returned).
+    Two replicas with different keys keep their watchers busiest; six rounds, as the race was
+    lost in about one round in three."""
+    for attempt in range(6):
+        work = tmp_path / str(attempt)
+        work.mkdir()
+        server = RedisServer(work)
+        server.start()
+        shared = {"store": "redis", "redis_url": server.url, "poll_interval": 0.1}
+        replicas = []
+        for key in (new_key(work / "a.key"), new_key(work / "b.key")):
+            replica = await make_sidecar(session={**shared, "encryption_key_file": str(key)})
+            await eventually(functools.partial(has_token, replica))
+            replicas.append(replica)
+        await replicas[1].session.force_refresh()  # sealed with b: replica 0 cannot read it
+        await asyncio.sleep(0.5)
+        server.stop()
+        for replica in reversed(replicas):
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(replica.stop(), 10)
+            assert asyncio.get_running_loop().time() - started < 5, attempt
+
+
+def has_token(sidecar: Sidecar) -> bool:
+    return sidecar.session.usable() is not None

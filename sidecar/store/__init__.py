@@ -6,7 +6,7 @@ Every store speaks the same protocol and passes the same conformance tests. What
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -130,6 +130,6 @@ class SharedStore(SessionStore, Protocol):
         """Raise ConfigError when ``sealer`` cannot open the record stored now: the peers, and
         this process until its next write, still read it."""
 
-    def changes(self, interval: float) -> AsyncIterator[None]:
+    def changes(self, interval: float) -> AsyncGenerator[None, None]:
         """Yield when another process may have changed the record, and at least every
         ``interval`` seconds (polling fallback)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -162,6 +162,11 @@ def _translated(action: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py can turn a cancellation that reaches it mid-reconnect into an error of
+            # its own; passed on as a StoreError, a retrying loop would go on forever
+            raise asyncio.CancelledError from exc
         raise StoreError(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -262,7 +267,7 @@ class RedisStore:
             owner = await self._redis.get(self._lock)
         return None if owner is None else _as_bytes(owner).decode()
 
-    async def changes(self, interval: float) -> AsyncIterator[None]:
+    async def changes(self, interval: float) -> AsyncGenerator[None, None]:
         with _translated("subscribe"):
             pubsub = self._redis.pubsub()
             await pubsub.subscribe(self._channel)
