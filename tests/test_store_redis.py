@@ -271,3 +271,23 @@ async def test_stop_is_prompt_while_redis_is_down(
 
 def has_token(sidecar: Sidecar) -> bool:
     return sidecar.session.usable() is not None
+
+
+def test_a_rotated_url_file_that_no_longer_parses_fails_without_showing_it(tmp_path: Path) -> None:
+    """The credentials come from the file at every new connection: a new content that is not a
+    redis URL is a RedisError (a StoreError at the store's boundary) naming the file, never the
+    password, and not redis-py's ValueError, which nothing would have translated."""
+    from redis.exceptions import RedisError
+
+    from sidecar.store.redis import UrlFileCredentials
+
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("redis://:p4ss/w0rd@127.0.0.1:6379/0\n")
+    with pytest.raises(RedisError) as exc:
+        UrlFileCredentials(url_file).get_credentials()
+    assert str(url_file) in str(exc.value)
+    assert "p4ss" not in str(exc.value)
+    assert exc.value.__cause__ is None
+    assert exc.value.__suppress_context__  # the ValueError quoting it is not chained
+    url_file.write_text("redis://:pw%2Fok@127.0.0.1:6379/0\n")
+    assert UrlFileCredentials(url_file).get_credentials() == ("pw/ok",)

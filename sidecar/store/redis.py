@@ -100,7 +100,13 @@ class UrlFileCredentials(CredentialProvider):
         self._path = path
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        return _credentials(self._path.read_text(encoding="utf-8").strip())
+        url = self._path.read_text(encoding="utf-8").strip()
+        try:
+            return _credentials(url)
+        except ValueError:
+            # a rotated file that no longer parses: never redis-py's message (it quotes the part
+            # it could not read, the password perhaps); a RedisError becomes a StoreError
+            raise RedisError(f"{self._path}: {url_problem(url)}") from None
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
         return await asyncio.to_thread(self.get_credentials)
@@ -133,13 +139,10 @@ def url_problem(url: str) -> str | None:
     """What is wrong with a redis URL, if anything, in words that never repeat the URL (it may
     carry a password; redis-py's own messages quote the part they could not read)."""
     try:
-        if url.startswith(SENTINEL_SCHEME):
-            parse_sentinel_url(url)  # its messages name the part, never its text
-        else:
-            parse_url(url)
+        _credentials(url)  # parses the whole URL
     except ValueError as exc:
         if url.startswith(SENTINEL_SCHEME):
-            return str(exc)
+            return str(exc)  # parse_sentinel_url names the part, never its text
         return (
             "not a valid redis URL (check its port and database number, and that a password "
             "with / ? # or @ in it is percent-encoded)"
