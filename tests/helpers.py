@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.fakes.clock import FakeClock
 
@@ -38,3 +41,9 @@ async def advance(clock: FakeClock, seconds: float) -> None:
 def events(stream: io.StringIO) -> list[dict[str, object]]:
     """The JSON log lines written to ``stream`` (the ``log_output`` fixture)."""
     return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+
+
+def new_key(path: Path) -> Path:
+    """Write a fresh session encryption key (32 random bytes, base64) to ``path``."""
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    return path

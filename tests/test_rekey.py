@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +15,8 @@ from sidecar.errors import ConfigError, StoreError
 from sidecar.store.crypto import Sealer
 from tests.conftest import MakeSidecar, base_config, merge
 from tests.fakes.idp import FakeIdP
-from tests.helpers import events, eventually
+from tests.helpers import events, eventually, new_key
 from tests.redis_server import RedisServer
-
-
-def new_key(path: Path) -> Path:
-    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
-    return path
 
 
 def opens_with(key: Path, sidecar: Sidecar, sealed: bytes) -> bool:
@@ -33,6 +26,15 @@ def opens_with(key: Path, sidecar: Sidecar, sealed: bytes) -> bool:
     except StoreError:
         return False
     return True
+
+
+async def until_stored(sidecar: Sidecar) -> None:
+    """Until the login's record is in the store: the session is usable a moment before its
+    first write lands."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while await sidecar.session.store.load() is None:
+        assert asyncio.get_running_loop().time() < deadline, "the login's record was not written"
+        await asyncio.sleep(0.01)
 
 
 def reloaded(idp_url: str, upstream_url: str, idp: FakeIdP, session: dict[str, Any]) -> Config:
@@ -100,7 +102,7 @@ async def test_redis_store_takes_the_new_key_at_the_next_write(
     a, b = new_key(tmp_path / "a.key"), new_key(tmp_path / "b.key")
     session = {"store": "redis", "redis_url": redis_server.url, "encryption_key_file": str(a)}
     sidecar = await make_sidecar(session=session)
-    await eventually(lambda: sidecar.session.usable() is not None)
+    await until_stored(sidecar)
     raw = aioredis.from_url(redis_server.url)
     try:
         (key,) = [k async for k in raw.scan_iter("sidecar:*:session")]
@@ -170,8 +172,7 @@ async def test_redis_keys_that_cannot_open_the_stored_session_are_refused(
     a, b = new_key(tmp_path / "a.key"), new_key(tmp_path / "b.key")
     session = {"store": "redis", "redis_url": redis_server.url, "encryption_key_file": str(a)}
     sidecar = await make_sidecar(session=session)
-    await eventually(lambda: sidecar.session.usable() is not None)
-    await sidecar.session.flush_saves()
+    await until_stored(sidecar)
     for changed in ({"encryption_key_file": str(b)}, {"encryption_key_file": None}):
         config = reloaded(idp_url, upstream_url, idp, {**session, **changed})
         with pytest.raises(ConfigError, match="cannot open the session in redis"):

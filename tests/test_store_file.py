@@ -27,7 +27,7 @@ from sidecar.tokens import Token
 from tests.conftest import MakeSidecar, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually
+from tests.helpers import eventually, new_key
 
 
 def record(
@@ -472,11 +472,7 @@ async def test_restart_with_a_rotated_key_keeps_the_session(
     previous_encryption_key_files, the sidecar carries on with its stored session (no login),
     and a third start with the new key alone still finds it."""
     path = tmp_path / "session.json"
-    keys = []
-    for name in ("old.key", "new.key"):
-        key_file = tmp_path / name
-        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
-        keys.append(str(key_file))
+    keys = [str(new_key(tmp_path / name)) for name in ("old.key", "new.key")]
     sealed = {**file_session(path), "encryption_key_file": keys[0]}
     first = await make_sidecar(session=sealed)
     await eventually(lambda: first.session.state() is State.VALID, what="login")

@@ -18,7 +18,7 @@ from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 from sidecar.store.redis import RedisStore
 from tests.conftest import MakeSidecar
-from tests.helpers import eventually
+from tests.helpers import eventually, new_key
 from tests.redis_server import RedisServer
 from tests.test_store_file import record as file_record
 
@@ -234,11 +234,6 @@ async def test_a_rotated_password_in_the_url_file_is_used_from_the_next_connecti
         await pinned.aclose()
     finally:
         server.stop()
-
-
-def new_key(path: Path) -> Path:
-    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
-    return path
 
 
 async def test_stop_is_prompt_while_redis_is_down(
