@@ -278,7 +278,7 @@ def _attributed(lines: list[str], unset: dict[str, str], overridden: dict[str, s
     out = []
     for line in lines:
         key = line.split(":", 1)[0]
-        if _within(key, unset) or any(_within(u, {key: key}) for u in unset):
+        if any(_under(key, u) or _under(u, key) for u in unset):
             continue
         var = _within(key, overridden)
         out.append(f"{line} (set by {var})" if var else line)
@@ -288,9 +288,14 @@ def _attributed(lines: list[str], unset: dict[str, str], overridden: dict[str, s
 def _within(key: str, keys: Mapping[str, str]) -> str | None:
     """The value of the entry of ``keys`` that is ``key`` or one of its parents, if any."""
     for candidate, value in keys.items():
-        if key == candidate or key.startswith((f"{candidate}.", f"{candidate}[")):
+        if _under(key, candidate):
             return value
     return None
+
+
+def _under(key: str, parent: str) -> bool:
+    """``key`` is ``parent``, one of its keys or one of its list items (at any depth)."""
+    return key == parent or key.startswith((f"{parent}.", f"{parent}["))
 
 
 _SECRET_HEADER = re.compile(r"auth|token|secret|key|cookie|password|session", re.IGNORECASE)
