@@ -17,7 +17,6 @@ Usage: python bench/instructions.py [--requests 1000] [--downloads 20] [--only s
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import socket
@@ -26,7 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from run import HERE, PY, ROOT, bench_world, free_port, process, proxy_conf, sidecar_config
+from run import (
+    HERE,
+    PY,
+    bench_world,
+    free_port,
+    process,
+    proxy_conf,
+    save_results,
+    sidecar_config,
+)
 
 TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
@@ -142,11 +150,8 @@ def main() -> int:
             f"{name:18} {figures['instructions_per_request']:>14,.0f} "
             f"{figures['instructions_per_mib']:>12,.0f}"
         )
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out_file = out_dir / time.strftime("instructions-%Y%m%d-%H%M%S.json", time.gmtime())
-    out_file.write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {out_file.relative_to(ROOT)}")
+    print()
+    save_results("instructions", results)
     return 0
 
 

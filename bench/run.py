@@ -502,12 +502,18 @@ def main() -> int:
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["ratios"] = ratios(results["targets"])
     report(results)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / time.strftime("bench-%Y%m%d-%H%M%S.json", time.gmtime())
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {out.relative_to(ROOT)}")
+    print()
+    save_results("bench", results)
     return 0
+
+
+def save_results(kind: str, results: Any) -> Path:
+    """Write ``results`` to bench/results/<kind>-<UTC time>.json, and say where."""
+    out = HERE / "results" / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json", time.gmtime())
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out.relative_to(ROOT)}")
+    return out
 
 
 #: the figures given as ratios to nginx and to the minimal proxy (in the JSON file too)

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from run import HERE, PY, ROOT, free_port, process
+from run import HERE, PY, ROOT, free_port, process, save_results
 
 
 def get(url: str, method: str = "GET") -> dict[str, object]:
@@ -111,21 +111,16 @@ def main() -> int:
         f"median {median:.1f} ms, max {worst:.1f} ms (includes one /session poll, ~1 ms)"
     )
     print(f"token endpoint calls: {calls} (1 login + {args.rounds} refreshes expected)")
-    out = HERE / "results" / time.strftime("shared-%Y%m%d-%H%M%S.json", time.gmtime())
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "rounds": args.rounds,
-                "median_ms": round(median, 2),
-                "max_ms": round(worst, 2),
-                "token_calls": calls,
-                "delays_ms": [round(d, 2) for d in delays],
-            },
-            indent=2,
-        )
+    save_results(
+        "shared",
+        {
+            "rounds": args.rounds,
+            "median_ms": round(median, 2),
+            "max_ms": round(worst, 2),
+            "token_calls": calls,
+            "delays_ms": [round(d, 2) for d in delays],
+        },
     )
-    print(f"results: {out.relative_to(ROOT)}")
     return 0
 
 

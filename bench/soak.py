@@ -30,6 +30,7 @@ from run import (
     free_port,
     process,
     rss_mb,
+    save_results,
     sidecar_config,
     taskset,
     upstream_conf,
@@ -120,10 +121,7 @@ def main() -> int:
                         f"token calls: {calls}",
                         flush=True,
                     )
-    out = HERE / "results" / time.strftime("soak-%Y%m%d-%H%M%S.json", time.gmtime())
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results: {out.relative_to(ROOT)}")
+    save_results("soak", results)
     return 0
 
 
