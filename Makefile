@@ -3,22 +3,46 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Two lock files with hashes (requirements/*.txt, made by `make lock`): what running needs, and that
+# plus the dev tools. `make run` installs the first, `make test` and `make lint` the second.
+RUN_LOCK := requirements/run.txt
+DEV_LOCK := requirements/dev.txt
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
+PIP_TOOLS := pip-tools==7.5.2
+COMPILE := pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links --no-header
+
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-venv: $(STAMP) ## create the virtualenv and install sidecar with its dev tools
+$(RUN_STAMP): $(RUN_LOCK) pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet --require-hashes -r $(RUN_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
 
-run: $(STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
+$(DEV_STAMP): $(DEV_LOCK) pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@ $(RUN_STAMP)
+
+venv: $(DEV_STAMP) ## create the virtualenv and install sidecar with its dev tools (from the lock)
+
+lock: ## refresh the lock files on purpose: the newest releases pyproject.toml allows, with hashes
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet $(PIP_TOOLS)
+	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) --upgrade -o $(RUN_LOCK) pyproject.toml requirements/build.in
+	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) --upgrade --extra dev -o $(DEV_LOCK) pyproject.toml requirements/build.in \
+		requirements/dev.in
+	rm -rf $(VENV)-lock
+
+run: $(RUN_STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
 	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
 
 # System packages the tests run for real (Debian names), installed only when missing.
@@ -33,34 +57,34 @@ system-deps: ## install the system packages the tests need (apt-get, when missin
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-test: $(STAMP) system-deps ## run the whole test suite
+test: $(DEV_STAMP) system-deps ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff format check, ruff, mypy
+lint: $(DEV_STAMP) ## ruff format check, ruff, mypy
 	$(BIN)/ruff format --check sidecar tests bench
 	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/mypy
 
-fmt: $(STAMP) ## format the code
+fmt: $(DEV_STAMP) ## format the code
 	$(BIN)/ruff format sidecar tests bench
 	$(BIN)/ruff check --fix sidecar tests bench
 
-bench: $(STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
+bench: $(DEV_STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-bench-soak: $(STAMP) ## the long figures: RSS over 500k requests, 1 GiB streaming, 2 s tokens under load
+bench-soak: $(DEV_STAMP) ## the long figures: RSS over 500k requests, 1 GiB streaming, 2 s tokens under load
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
-bench-ir: $(STAMP) ## instructions per request and per MiB under callgrind: noise-free figures to compare builds
+bench-ir: $(DEV_STAMP) ## instructions per request and per MiB under callgrind: noise-free figures to compare builds
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="valgrind:valgrind nginx:nginx-light"
 	$(BIN)/python bench/instructions.py $(IR_ARGS)
 
-bench-shared: $(STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
+bench-shared: $(DEV_STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
 	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
 
-chaos: $(STAMP) ## 60 s of traffic while the identity provider fails and recovers (loopback)
+chaos: $(DEV_STAMP) ## 60 s of traffic while the identity provider fails and recovers (loopback)
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 image: ## build the container image (needs a Docker or Podman engine)
@@ -70,4 +94,4 @@ image: ## build the container image (needs a Docker or Podman engine)
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv run test lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image
+.PHONY: help venv lock run test lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image

@@ -75,7 +75,7 @@ def connect(
             pool.connection_kwargs["credential_provider"] = credentials
         return aioredis.Redis.from_pool(pool), []  # the client owns the pool: aclose closes it
     hosts, service, db, password = parse_sentinel_url(url)
-    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)
     auth: dict[str, Any] = {"password": password}
     if credentials is not None:
         auth = {"credential_provider": credentials}
@@ -281,7 +281,7 @@ class RedisStore:
                 yield
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def aclose(self) -> None:
         for client in (self._redis, *self._sentinels):
