@@ -16,6 +16,8 @@ DEV_LOCK := requirements/dev.txt
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 PIP_TOOLS := pip-tools==7.5.2
+# `make lock LOCK_UPGRADE=` keeps every pin and only adds what pyproject.toml newly asks for
+LOCK_UPGRADE ?= --upgrade
 COMPILE := pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
 	--no-emit-find-links --no-header
 
@@ -34,11 +36,11 @@ $(DEV_STAMP): $(DEV_LOCK) pyproject.toml | $(VENV)/bin/python
 
 venv: $(DEV_STAMP) ## create the virtualenv and install sidecar with its dev tools (from the lock)
 
-lock: ## refresh the lock files on purpose: the newest releases pyproject.toml allows, with hashes
+lock: ## refresh the lock files on purpose: the newest releases pyproject.toml allows (LOCK_UPGRADE= keeps pins)
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/pip install --quiet $(PIP_TOOLS)
-	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) --upgrade -o $(RUN_LOCK) pyproject.toml requirements/build.in
-	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) --upgrade --extra dev -o $(DEV_LOCK) pyproject.toml requirements/build.in \
+	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) $(LOCK_UPGRADE) -o $(RUN_LOCK) pyproject.toml requirements/build.in
+	PATH=$(CURDIR)/$(VENV)-lock/bin:$$PATH $(COMPILE) $(LOCK_UPGRADE) --extra dev -o $(DEV_LOCK) pyproject.toml requirements/build.in \
 		requirements/dev.in
 	rm -rf $(VENV)-lock
 
