@@ -213,9 +213,16 @@ class SessionManager:
         """POST /session/refresh: refresh (or log in) now, even after a logout."""
         self._logged_out = False
         self._schedule.next_attempt_at = 0.0
-        task = self._inflight or self._renew("manual")
+        held = self._record
+        joined = self._inflight
         try:
-            return await asyncio.shield(task)
+            creds = await asyncio.shield(joined or self._renew("manual"))
+            if joined is not None and self._inflight is None and not _newer(self._record, held):
+                # the renewal we joined was asked for before this call and ended without a newer
+                # token (a follower that found the record it waited for): the operator asked for
+                # a token newer than the one held when they asked
+                creds = await asyncio.shield(self._renew("manual"))
+            return creds
         except IdentityError as exc:
             raise NoSessionError(f"refresh failed: {exc}") from exc
 
@@ -397,3 +404,10 @@ class SessionManager:
     def summary(self) -> dict[str, Any]:
         """A redacted summary for /session: state, expiry, ages, counts. Never a token."""
         return summarize(self, self._schedule, self._inflight is not None)
+
+
+def _newer(record: SessionRecord | None, than: SessionRecord | None) -> bool:
+    """True when ``record`` holds a token obtained after ``than``'s (any record beats none)."""
+    if record is None:
+        return False
+    return than is None or record.token.obtained_at > than.token.obtained_at
