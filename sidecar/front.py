@@ -1,7 +1,7 @@
 """The :8080 front: HTTP/1.1 on ``asyncio.Protocol``, requests parsed by llhttp (``httptools``).
 
 Why not aiohttp's ``web.Server``: its server side was most of what a request cost once the upstream
-leg was lean (see README, Performance). This module does only what a reverse proxy needs and never
+leg was lean (see docs/performance.md). This module does only what a reverse proxy needs and never
 parses HTTP by hand: framing, smuggling shapes (CL+TE, duplicate CL, obfuscated TE) and bad
 characters are llhttp's to find. On top of llhttp it enforces the size limits (431, 414), answers
 every refusal with a JSON error and one warning log line, and closes the connection after it.

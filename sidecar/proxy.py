@@ -180,7 +180,7 @@ class Proxy:
                     extra={"error": str(exc), "code": exc.code, "request_id": request.request_id},
                 )
             elif isinstance(exc, RefusedRequest):
-                # the same one quiet line as the front's own refusals (README, troubleshooting)
+                # the same one quiet line as the front's own refusals (docs/operations.md)
                 log.warning(
                     "proxy.refused_request",
                     extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},

@@ -201,7 +201,7 @@ class RedisStore:
 
     def use_sealer(self, sealer: Sealer | None) -> None:
         # the record is not written again here: peers may not know a new key yet (the rotation
-        # in the README adds it everywhere as a previous key first); the next refresh writes
+        # in docs/sessions.md adds it everywhere as a previous key first); the next refresh writes
         self._sealer = sealer
 
     def _encode(self, record: SessionRecord) -> bytes:
