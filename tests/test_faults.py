@@ -2,7 +2,8 @@
 lists, on loopback. Each case checks what the caller saw, what the metrics counted, and that no
 request reached the upstream without a token valid at that moment.
 
-Cases already covered elsewhere are listed in docs/development.md ("Fault and hostile-input suites").
+Cases already covered elsewhere are listed in docs/development.md ("Fault and hostile-input
+suites").
 """
 
 from __future__ import annotations
