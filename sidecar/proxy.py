@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Protocol
 
 from yarl import URL
@@ -18,6 +19,7 @@ from yarl import URL
 from sidecar import tls
 from sidecar.clock import Clock
 from sidecar.config import Upstream
+from sidecar.egress import Egress
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
 from sidecar.exchange import Request
 from sidecar.headers import HeaderRules
@@ -64,8 +66,11 @@ class Proxy:
         clock: Clock,
         *,
         access_log: bool = True,
+        egress: Egress | None = None,
     ) -> None:
         self._session = session
+        #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
+        self._egress = egress if egress is not None else Egress(os.environ)
         self._metrics = metrics
         self._clock = clock
         #: write an access line per request (``log.access_log``)
@@ -132,6 +137,7 @@ class Proxy:
             # figure bounds each silence, so a long download is not cut off while data flows
             head_timeout=cfg.timeout.total,
             max_idle=cfg.pool_size,
+            via=self._egress.proxy_for(url),
         )
 
     async def _watch_tls(self) -> None:

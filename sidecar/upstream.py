@@ -19,6 +19,7 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sidecar.egress import ForwardProxy
 from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
 from sidecar.upstream_conn import UpstreamBroken, UpstreamConnection
 
@@ -111,8 +112,11 @@ class UpstreamPool:
         connect_timeout: float,
         head_timeout: float,
         max_idle: int,
+        via: ForwardProxy | None = None,
     ) -> None:
         self.host = host
+        #: the forward proxy every connection tunnels through (HTTPS_PROXY), or None
+        self._via = via
         self.port = port
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
@@ -138,12 +142,14 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
+                where: dict[str, Any] = {"host": self.host, "port": self.port}
+                if self._via is not None:  # the timeout covers the tunnel and the handshake
+                    where = {"sock": await self._via.open_tunnel(self.host, self.port)}
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(loop),
-                    self.host,
-                    self.port,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
+                    **where,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(

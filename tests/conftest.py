@@ -30,14 +30,22 @@ from tests.redis_server import RedisServer
 Serve = Callable[..., Awaitable[str]]
 
 
+#: variables that would route the tests' loopback traffic elsewhere (sidecar honours them)
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY")
+
+
+def _scrubbed(name: str) -> bool:
+    return name.startswith("SIDECAR_") or name.upper() in PROXY_VARIABLES
+
+
 @pytest.fixture(autouse=True)
 def clean_environ() -> Iterator[None]:
-    """No SIDECAR_* variable of the developer's shell leaks into a test."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("SIDECAR_")}
+    """No SIDECAR_* or proxy variable of the developer's shell leaks into a test."""
+    saved = {k: v for k, v in os.environ.items() if _scrubbed(k)}
     for key in saved:
         del os.environ[key]
     yield
-    for key in [k for k in os.environ if k.startswith("SIDECAR_")]:
+    for key in [k for k in os.environ if _scrubbed(k)]:
         del os.environ[key]
     os.environ.update(saved)
 

@@ -26,6 +26,7 @@ import asyncio
 import email.utils
 import json as jsonlib
 import logging
+import os
 import ssl
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from multidict import CIMultiDictProxy
 
 from sidecar.clock import Clock
 from sidecar.config import TLS
+from sidecar.egress import Egress
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
@@ -91,8 +93,17 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 class IdentityHTTP:
     """The identity provider's HTTP client: TLS, timeouts, backups and error translation."""
 
-    def __init__(self, clock: Clock, *, timeout: float, tls: TLS | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        timeout: float,
+        tls: TLS | None = None,
+        egress: Egress | None = None,
+    ) -> None:
         self._clock = clock
+        #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
+        self._egress = egress if egress is not None else Egress(os.environ)
         self._timeout = timeout
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
@@ -156,6 +167,14 @@ class IdentityHTTP:
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._http
+
+    def _via(self, url: str) -> dict[str, Any]:
+        """aiohttp's proxy arguments for ``url``: none when it is reached directly."""
+        proxy = self._egress.proxy_for(url)
+        if proxy is None:
+            return {}
+        headers = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else None
+        return {"proxy": proxy.url, "proxy_headers": headers}
 
     def _ordered(self, urls: Sequence[str]) -> list[str]:
         preferred = self._preferred.get(tuple(urls))
@@ -231,6 +250,7 @@ class IdentityHTTP:
                 json=json,
                 headers=sent,
                 allow_redirects=False,
+                **self._via(url),
             ) as resp:
                 raw = await _read_capped(resp)
                 status = resp.status
