@@ -45,7 +45,8 @@ def test_no_proxy_entries_match_as_curl_reads_them() -> None:
         }
     )
     via = egress.proxy_for("https://api.example.com/x")
-    assert via is not None and via.host == "lower"
+    assert via is not None
+    assert via.host == "lower"
     assert egress.proxy_for("https://api.example.com:8443/x") is None
     assert egress.proxy_for("https://idp.internal.corp/token") is None
     assert egress.proxy_for("https://internal.corp/token") is None
@@ -66,9 +67,11 @@ def test_a_proxy_url_that_cannot_be_used_is_a_config_error_without_its_password(
     assert "HTTPS_PROXY" in str(caught.value)
     assert "hunter2" not in str(caught.value)
     via = Egress({"HTTP_PROXY": "user:s3cret@proxy:8080"}).proxy_for("http://a/")
-    assert via is not None and (via.host, via.port) == ("proxy", 8080)
+    assert via is not None
+    assert (via.host, via.port) == ("proxy", 8080)
     assert via.authorization == "Basic " + base64.b64encode(b"user:s3cret").decode()
-    assert "s3cret" not in repr(via) and "s3cret" not in via.url
+    assert "s3cret" not in repr(via)
+    assert "s3cret" not in via.url
 
 
 async def test_both_legs_tunnel_through_https_proxy(
