@@ -155,5 +155,6 @@ async def test_a_proxy_that_refuses_the_tunnel_is_a_clear_502(
         assert resp.status == 502
         assert resp.headers["X-Sidecar-Error"] == "1"
         detail = (await resp.json())["detail"]
-    assert "egress proxy" in detail and "403" in detail, detail
+    assert "egress proxy" in detail, detail
+    assert "403" in detail, detail
     assert upstream.seen == []
