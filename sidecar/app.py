@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Protocol, cast
 from aiohttp import web
 from pydantic import SecretStr
 
+from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
 from sidecar.front_server import FrontServer
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
-from sidecar.http_parts import refusal_bytes
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
@@ -44,6 +44,8 @@ Closer = Callable[[], Awaitable[None]]
 RESTART_SECTIONS = ("listen", "admin", "session", "demo")
 #: keys of those sections that a reload applies all the same
 LIVE_KEYS = ("drain_timeout", "encryption_key_file", "previous_encryption_key_files")
+#: the ``listen`` keys of who may call, applied by a reload (the value file is read again)
+LIVE_CALLER_KEYS = ("allowed_hosts", "allowed_origins", "require_header")
 
 
 class Front(Protocol):
@@ -207,15 +209,18 @@ class Sidecar:
             self.metrics,
             self.clock,
             access_log=cfg.log.access_log,
+            callers=CallerPolicy.compile(cfg.listen),
         )
         await proxy.start()
         self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
-        front = FrontServer(proxy.handle, refusal_bytes, self.clock)
-        self.front = front
-        self._closers.append(("proxy", front.close))
-        port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
-        self._fronts.append(front)
+        port = 0
+        if cfg.listen.port is not None:
+            front = FrontServer(proxy.handle, proxy.front_refusal, self.clock)
+            self.front = front
+            self._closers.append(("proxy", front.close))
+            port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
+            self._fronts.append(front)
         self.listening = True
         return port
 
@@ -301,7 +306,9 @@ class Sidecar:
             f"{section}.{key}"
             for section in RESTART_SECTIONS
             for key, value in getattr(config, section)
-            if getattr(getattr(old, section), key) != value and key not in LIVE_KEYS
+            if getattr(getattr(old, section), key) != value
+            and key not in LIVE_KEYS
+            and key not in LIVE_CALLER_KEYS
         ]
         if config.log.access_log != old.log.access_log:
             pending.append("log.access_log")
@@ -351,8 +358,12 @@ class Sidecar:
         pool) and the header rules, from the next request on. ``upstream_url`` overrides the
         config's (a worker takes the supervisor's, which may be the demo's echo upstream)."""
         url = upstream_url or config.upstream.url or self.upstream_url
+        # read first (also where no proxy runs: the supervisor refuses a bad value file before
+        # any worker sees it), so that an unreadable file changes nothing
+        callers = CallerPolicy.compile(config.listen)
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
+            self.proxy.callers = callers
         self.upstream_url = url
 
     async def _close_quietly(self, name: str, close: Closer) -> None:
