@@ -20,6 +20,7 @@ from tests.conftest import MakeSidecar, admin_url, base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import sample
+from tests.processes import SidecarProcess
 
 
 async def exchange(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -312,3 +313,52 @@ async def test_an_unusable_caller_value_file_is_a_config_error(
     sidecar = Sidecar(Config.model_validate(data))
     with pytest.raises(ConfigError, match=r"listen\.require_header\.value_file: "):
         await sidecar.start()
+
+
+async def test_every_refusal_is_counted_by_reason(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """The front's refusals (malformed, too large) and the proxy's (dot segments, CONNECT) are
+    JSON errors counted in sidecar_refused_requests_total under their error code, like the
+    callers' refusals; sidecar keeps serving."""
+    sidecar = await make_sidecar()
+    answer = await exchange(
+        sidecar.proxy_port, b"GET /x HTTP/1.1\r\nHost: localhost\r\nX-A : 1\r\n"
+    )
+    assert_refusal(*answer, 400, "bad_request")
+    answer = await exchange(sidecar.proxy_port, b"GET /a/../b HTTP/1.1\r\nHost: localhost\r\n")
+    assert_refusal(*answer, 400, "path_traversal_refused")
+    assert await refused_count(sidecar, http, "bad_request") == 1
+    assert await refused_count(sidecar, http, "path_traversal_refused") == 1
+    assert upstream.seen == []
+    status, _, _ = await exchange(sidecar.proxy_port, b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
+    assert status == 200
+
+
+async def test_workers_refusals_reach_the_supervisors_metrics(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Under ``run --workers 2`` the refusals counted in each worker are summed on the one admin
+    port's /metrics."""
+    proc = SidecarProcess(base_config(idp_url, upstream_url, idp), tmp_path, "workers")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http, within=30)
+        for _ in range(6):  # fresh connections: both workers get some
+            answer = await exchange(
+                proc.proxy_port, b"GET /x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n"
+            )
+            assert answer[0] == 421
+
+        async def counted() -> float | None:
+            async with http.get(proc.admin("/metrics")) as resp:
+                text = await resp.text()
+            return sample(text, 'sidecar_refused_requests_total{reason="host_not_allowed"}')
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await counted() != 6:
+            assert loop.time() < deadline, await counted()
+            await asyncio.sleep(0.2)
+    finally:
+        assert proc.stop() == 0
