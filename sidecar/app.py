@@ -8,10 +8,13 @@ Stop order is the reverse; a failing close is logged, never raised, so the rest 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from aiohttp import web
@@ -31,6 +34,7 @@ from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
+from sidecar.unix_socket import UnixListener
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
@@ -198,8 +202,16 @@ class Sidecar:
             },
         )
 
-    async def open_proxy(self, session: CredentialSource, *, reuse_port: bool = False) -> int:
-        """Start the proxy listener (and its upstream pool) for ``session``; returns the port."""
+    async def open_proxy(
+        self,
+        session: CredentialSource,
+        *,
+        reuse_port: bool = False,
+        unix_sock: socket.socket | None = None,
+    ) -> int:
+        """Start the proxy listeners (and the upstream pool) for ``session``; returns the TCP
+        port (0 without one). ``unix_sock``: the ``listen.unix_socket`` a supervisor bound for
+        its workers (else this process binds it)."""
         cfg = self.config
         proxy = Proxy(
             cfg.upstream,
@@ -221,8 +233,24 @@ class Sidecar:
             self._closers.append(("proxy", front.close))
             port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
             self._fronts.append(front)
+        if cfg.listen.unix_socket is not None:
+            await self._open_unix(proxy, cfg.listen.unix_socket, unix_sock)
         self.listening = True
         return port
+
+    async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
+        """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
+        if sock is None:
+            listener = UnixListener.bind(path)
+            self._closers.append(("unix socket file", listener.remove))
+            sock = listener.sock
+        local = FrontServer(
+            functools.partial(proxy.handle, unix=True), proxy.front_refusal, self.clock
+        )
+        self._closers.append(("proxy on unix socket", local.close))
+        await local.listen_on(sock)
+        self._fronts.append(local)
+        log.info("proxy.unix_socket", extra={"path": str(path)})
 
     async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
         front = AiohttpFront(runner)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +365,118 @@ async def test_workers_refusals_reach_the_supervisors_metrics(
             await asyncio.sleep(0.2)
     finally:
         assert proc.stop() == 0
+
+
+async def unix_exchange(path: Path, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``exchange`` over a Unix socket."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(head + b"\r\n")
+        await writer.drain()
+        return await read_answer(reader)
+    finally:
+        writer.close()
+
+
+async def test_the_unix_socket_serves_beside_tcp_with_the_same_checks(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """``listen.unix_socket``: a socket file of mode 0660 that forwards like the TCP port; any
+    Host is accepted there (no browser reaches it; clients name it in many ways), the Origin and
+    caller-header checks apply; the file is removed at stop."""
+    path = tmp_path / "sidecar.sock"
+    secret_file = tmp_path / "caller"
+    secret_file.write_text("let-me-in")
+    sidecar = await make_sidecar(listen=caller_config(secret_file, unix_socket=str(path)))
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    proof = b"X-Sidecar-Caller: let-me-in\r\n"
+    for host in (b"localhost", b"%2Frun%2Fsidecar.sock", b"unix"):
+        status, _, body = await unix_exchange(
+            path, b"GET /over-unix HTTP/1.1\r\nHost: " + host + b"\r\n" + proof
+        )
+        assert status == 200, body
+    answer = await unix_exchange(path, b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
+    assert_refusal(*answer, 403, "caller_not_authenticated")
+    answer = await unix_exchange(
+        path, b"GET /x HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example\r\n" + proof
+    )
+    assert_refusal(*answer, 403, "origin_not_allowed")
+    answer = await unix_exchange(path, b"GET /x HTTP/1.1\r\n" + proof)
+    assert_refusal(*answer, 400, "host_missing")
+    status, _, _ = await exchange(sidecar.proxy_port, b"GET /x HTTP/1.1\r\nHost: l\r\n" + proof)
+    assert status == 421  # the TCP port keeps its Host check
+    assert [s.path_qs for s in upstream.seen] == ["/over-unix"] * 3
+    await sidecar.stop()
+    assert not path.exists()
+
+
+async def test_the_unix_socket_alone(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """``listen.port: null`` with a unix_socket: no TCP listener, the socket serves; a stale
+    socket file left by an earlier run is replaced."""
+    path = tmp_path / "sidecar.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nothing listens behind it
+    sidecar = await make_sidecar(listen={"port": None, "unix_socket": str(path)})
+    assert sidecar.proxy_port == 0
+    status, _, body = await unix_exchange(path, b"GET /only-unix HTTP/1.1\r\nHost: localhost\r\n")
+    assert status == 200, body
+    assert [s.path_qs for s in upstream.seen] == ["/only-unix"]
+
+
+async def test_what_is_not_a_stale_socket_is_left_alone(
+    make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """A regular file, or a socket another process listens on, at the unix_socket path is a
+    start error naming ``listen.unix_socket``; the file and the listener are untouched."""
+    taken = tmp_path / "file.sock"
+    taken.write_text("mine")
+    with pytest.raises(ConfigError, match=r"listen\.unix_socket: .* not a socket"):
+        await make_sidecar(listen={"unix_socket": str(taken)})
+    assert taken.read_text() == "mine"
+    live = tmp_path / "live.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(live))
+    other.listen(1)
+    try:
+        with pytest.raises(ConfigError, match=r"listen\.unix_socket: another process"):
+            await make_sidecar(listen={"unix_socket": str(live)})
+        assert stat.S_ISSOCK(os.lstat(live).st_mode)
+    finally:
+        other.close()
+
+
+def test_port_null_needs_a_unix_socket(tmp_path: Path) -> None:
+    """Without a TCP port and without a Unix socket the proxy would listen nowhere."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: {port: null}\nupstream: {url: 'http://127.0.0.1:1'}\nidentity: {kind: oauth2, "
+        "token_url: 'http://127.0.0.1:1/t', client_id: c, client_secret: s}\n"
+    )
+    with pytest.raises(ConfigError, match=r"listen\.port: null needs unix_socket"):
+        load_config(path, env={})
+
+
+async def test_workers_share_the_unix_socket(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Under ``run --workers 2`` the supervisor binds the Unix socket once and every worker
+    accepts on it; the file is removed when the supervisor stops."""
+    path = tmp_path / "w.sock"
+    config = merge(base_config(idp_url, upstream_url, idp), {"listen": {"unix_socket": str(path)}})
+    proc = SidecarProcess(config, tmp_path, "unix-workers")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http, within=30)
+        for _ in range(6):
+            status, _, body = await unix_exchange(
+                path, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            )
+            assert status == 200, body
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    finally:
+        assert proc.stop() == 0
+    assert not path.exists()
