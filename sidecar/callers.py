@@ -42,7 +42,16 @@ _QUOTED = 80
 class CallerPolicy:
     """The compiled ``listen`` rules for callers; :meth:`check` applies them to one request."""
 
-    __slots__ = ("_any_host", "_header", "_header_name", "_hosts", "_names", "_origins", "_secret")
+    __slots__ = (
+        "_any_host",
+        "_header",
+        "_header_name",
+        "_hosts",
+        "_names",
+        "_origins",
+        "_secret",
+        "_sizes",
+    )
 
     def __init__(
         self,
@@ -63,6 +72,11 @@ class CallerPolicy:
         self._header_name = header
         self._header = None if header is None else header.lower().encode("ascii")
         self._secret = secret
+        #: lengths of the header names looked at: any other header is passed over at once
+        watched = [b"host", b"origin", b"sec-fetch-site"]
+        if self._header is not None:
+            watched.append(self._header)
+        self._sizes = frozenset(len(name) for name in watched)
 
     @classmethod
     def compile(cls, listen: Listen) -> CallerPolicy:
@@ -90,24 +104,27 @@ class CallerPolicy:
         origin_seen = False
         site: bytes | None = None
         wanted = self._header
-        wanted_len = len(wanted) if wanted is not None else -1
-        proof: int | None = None
+        proof: tuple[bytes, bytes] | None = None
         proofs = 0
         headers = request.headers
-        for index, (name, value) in enumerate(headers):
-            size = len(name)
-            if size == wanted_len and name.lower() == wanted:
-                proof = index
-                proofs += 1
-            elif size == 4 and name.lower() == b"host":
-                host = value
+        sizes = self._sizes
+        for field in headers:
+            name = field[0]
+            if len(name) not in sizes:
+                continue  # most headers: one length lookup
+            lname = name.lower()
+            if lname == b"host":
+                host = field[1]
                 hosts += 1
-            elif size == 6 and name.lower() == b"origin":
+            elif lname == b"origin":
                 origin_seen = True
-                if value.lower() not in self._origins:
-                    origin_refused = value
-            elif size == 14 and name.lower() == b"sec-fetch-site":
-                site = value
+                if field[1].lower() not in self._origins:
+                    origin_refused = field[1]
+            elif lname == b"sec-fetch-site":
+                site = field[1]
+            elif lname == wanted:
+                proof = field
+                proofs += 1
         if hosts > 1:
             raise RefusedRequest("more than one Host header", status=400, code="host_invalid")
         if host is None:
@@ -137,16 +154,16 @@ class CallerPolicy:
                 code="origin_not_allowed",
             )
         if wanted is not None:
-            value = headers[proof][1] if proof is not None else b""
             # one value only: a second could pass a check made on the other
-            if proof is None or proofs != 1 or not hmac.compare_digest(value, self._secret or b""):
+            secret = self._secret or b""
+            if proof is None or proofs != 1 or not hmac.compare_digest(proof[1], secret):
                 raise RefusedRequest(
                     f"this proxy needs its caller header ({self._header_name}) with the "
                     "expected value",
                     status=403,
                     code="caller_not_authenticated",
                 )
-            del headers[proof]  # never forwarded: the upstream has no use for the secret
+            headers.remove(proof)  # never forwarded: the upstream has no use for the secret
 
     def host_allowed(self, value: bytes) -> bool:
         """A Host value (``name[:port]``) names this machine or an allowed host."""
