@@ -62,8 +62,13 @@ def origin_entry(entry: str) -> str:
     text = entry.strip().lower()
     if text == "null":
         return text
+    if not text.isascii() or any(c.isspace() or c in "/?#" for c in text.partition("://")[2]):
+        raise ValueError(
+            f"{entry!r} is not an origin: scheme://host[:port] without a path, the host in "
+            "ASCII (punycode), as the browser sends it in the Origin header"
+        )
     scheme, sep, authority = text.partition("://")
-    if not sep or scheme not in ("http", "https") or not authority or "/" in authority:
+    if not sep or scheme not in ("http", "https") or not authority:
         raise ValueError(
             f"{entry!r} is not an origin: scheme://host[:port] (http or https, no path), as the "
             "browser sends it in the Origin header"
