@@ -43,7 +43,7 @@ def get_many(port: int, path: str, count: int) -> int:
     """``count`` sequential GETs on one keep-alive connection; returns the body bytes read."""
     received = 0
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+        request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
         pending = b""
         for _ in range(count):
             sock.sendall(request)

@@ -8,22 +8,25 @@ Stop order is the reverse; a failing close is logged, never raised, so the rest 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from aiohttp import web
 from pydantic import SecretStr
 
+from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
 from sidecar.front_server import FrontServer
 from sidecar.header_values import SessionCookies
 from sidecar.headers import HeaderRules
-from sidecar.http_parts import refusal_bytes
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
@@ -31,6 +34,7 @@ from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
+from sidecar.unix_socket import UnixListener
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
@@ -44,6 +48,8 @@ Closer = Callable[[], Awaitable[None]]
 RESTART_SECTIONS = ("listen", "admin", "session", "demo")
 #: keys of those sections that a reload applies all the same
 LIVE_KEYS = ("drain_timeout", "encryption_key_file", "previous_encryption_key_files")
+#: the ``listen`` keys of who may call, applied by a reload (the value file is read again)
+LIVE_CALLER_KEYS = ("allowed_hosts", "allowed_origins", "require_header")
 
 
 class Front(Protocol):
@@ -196,8 +202,16 @@ class Sidecar:
             },
         )
 
-    async def open_proxy(self, session: CredentialSource, *, reuse_port: bool = False) -> int:
-        """Start the proxy listener (and its upstream pool) for ``session``; returns the port."""
+    async def open_proxy(
+        self,
+        session: CredentialSource,
+        *,
+        reuse_port: bool = False,
+        unix_sock: socket.socket | None = None,
+    ) -> int:
+        """Start the proxy listeners (and the upstream pool) for ``session``; returns the TCP
+        port (0 without one). ``unix_sock``: the ``listen.unix_socket`` a supervisor bound for
+        its workers (else this process binds it)."""
         cfg = self.config
         proxy = Proxy(
             cfg.upstream,
@@ -207,17 +221,36 @@ class Sidecar:
             self.metrics,
             self.clock,
             access_log=cfg.log.access_log,
+            callers=CallerPolicy.compile(cfg.listen),
         )
         await proxy.start()
         self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
-        front = FrontServer(proxy.handle, refusal_bytes, self.clock)
-        self.front = front
-        self._closers.append(("proxy", front.close))
-        port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
-        self._fronts.append(front)
+        port = 0
+        if cfg.listen.port is not None:
+            front = FrontServer(proxy.handle, proxy.front_refusal, self.clock)
+            self.front = front
+            self._closers.append(("proxy", front.close))
+            port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
+            self._fronts.append(front)
+        if cfg.listen.unix_socket is not None:
+            await self._open_unix(proxy, cfg.listen.unix_socket, unix_sock)
         self.listening = True
         return port
+
+    async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
+        """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
+        if sock is None:
+            listener = UnixListener.bind(path)
+            self._closers.append(("unix socket file", listener.remove))
+            sock = listener.sock
+        local = FrontServer(
+            functools.partial(proxy.handle, unix=True), proxy.front_refusal, self.clock
+        )
+        self._closers.append(("proxy on unix socket", local.close))
+        await local.listen_on(sock)
+        self._fronts.append(local)
+        log.info("proxy.unix_socket", extra={"path": str(path)})
 
     async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
         front = AiohttpFront(runner)
@@ -301,7 +334,9 @@ class Sidecar:
             f"{section}.{key}"
             for section in RESTART_SECTIONS
             for key, value in getattr(config, section)
-            if getattr(getattr(old, section), key) != value and key not in LIVE_KEYS
+            if getattr(getattr(old, section), key) != value
+            and key not in LIVE_KEYS
+            and key not in LIVE_CALLER_KEYS
         ]
         if config.log.access_log != old.log.access_log:
             pending.append("log.access_log")
@@ -351,8 +386,12 @@ class Sidecar:
         pool) and the header rules, from the next request on. ``upstream_url`` overrides the
         config's (a worker takes the supervisor's, which may be the demo's echo upstream)."""
         url = upstream_url or config.upstream.url or self.upstream_url
+        # read first (also where no proxy runs: the supervisor refuses a bad value file before
+        # any worker sees it), so that an unreadable file changes nothing
+        callers = CallerPolicy.compile(config.listen)
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
+            self.proxy.callers = callers
         self.upstream_url = url
 
     async def _close_quietly(self, name: str, close: Closer) -> None:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from yarl import URL
 
+from sidecar.config_callers import CallerHeader, host_entry, origin_entry
 from sidecar.config_headers import header_placeholder_problems
 from sidecar.config_json_login import (
     JsonCall,
@@ -78,6 +79,49 @@ class Listen(_Address):
 
     #: seconds in-flight requests get to finish after SIGTERM before they are cut
     drain_timeout: float = Field(10.0, ge=0)
+
+    # -- who may call (sidecar/callers.py; docs/security.md, "Security model")
+    # null, unlike the admin port: the proxy may listen on its Unix socket only
+    port: int | None = Field(  # type: ignore[assignment]
+        8080,
+        ge=0,
+        le=65535,
+        description="port of the proxy (0 picks a free one; null: none, "
+        "the proxy is only on unix_socket)",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names accepted besides localhost, 127.x.x.x and [::1] (any port); "
+        "any other Host is 421. '*' accepts every Host",
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        (),
+        description="origins (scheme://host[:port]) whose browser requests are accepted; a "
+        "request with another Origin, or with Sec-Fetch-Site other than none, is 403",
+    )
+    require_header: CallerHeader | None = Field(
+        None, description="a header every caller must send with a secret value (403 without it)"
+    )
+    unix_socket: Path | None = Field(
+        None,
+        description="also listen on this Unix socket (mode 0660); a stale socket file is replaced",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host_entry(entry) for entry in value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(origin_entry(entry) for entry in value)
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Listen:
+        if self.port is None and self.unix_socket is None:
+            raise ValueError("port: null needs unix_socket (the proxy must listen somewhere)")
+        return self
 
 
 class Admin(_Address):

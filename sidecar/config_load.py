@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from sidecar.config import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
+from sidecar.config_callers import read_caller_secret
 from sidecar.config_json_login import credential_files
 from sidecar.config_oauth2 import check_private_key
 from sidecar.errors import ConfigError
@@ -201,6 +202,11 @@ def _check_files(config: Config) -> list[str]:
         problems.extend(check_private_key(key_file, config.identity.signing_alg))
     if config.session.store == "redis":
         problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
+    if config.listen.require_header is not None:
+        try:
+            read_caller_secret(config.listen.require_header.value_file)
+        except ConfigError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -5,6 +5,7 @@ keep-alive sweep, and what a graceful shutdown needs: stop accepting, drain, clo
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from sidecar import front
@@ -49,6 +50,14 @@ class FrontServer:
         )
         self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def listen_on(self, sock: socket.socket) -> None:
+        """Start accepting on a Unix socket already bound and listening (``listen.unix_socket``;
+        whoever bound it removes its file)."""
+        self._server = await self.loop.create_unix_server(
+            lambda: FrontProtocol(self), sock=sock, backlog=1024
+        )
+        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         """Close connections that answered nothing for a while (idle keep-alive, or a head

@@ -40,6 +40,10 @@ DURATION_BUCKETS = (
 )
 
 
+#: the help text of sidecar_refused_requests_total (a worker's and the supervisor's alike)
+REFUSED_HELP = "Requests the proxy refused, by reason (the error code of the refusal)"
+
+
 class Metrics:
     """The sidecar's Prometheus metrics."""
 
@@ -107,6 +111,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.refused_requests = Counter(
+            "sidecar_refused_requests_total",
+            REFUSED_HELP,
+            ["reason"],
+            registry=r,
+        )
+        self._refusal_children: dict[str, Counter] = {}
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):
@@ -119,6 +130,13 @@ class Metrics:
         if child is None:
             child = self.upstream_requests.labels(method=key[0], code=str(status))
             self._request_children[key] = child
+        child.inc()
+
+    def count_refusal(self, reason: str) -> None:
+        """Count one request refused by the proxy (``reason``: the refusal's error code)."""
+        child = self._refusal_children.get(reason)
+        if child is None:
+            child = self._refusal_children[reason] = self.refused_requests.labels(reason=reason)
         child.inc()
 
     def in_flight_now(self) -> float:
@@ -139,8 +157,14 @@ class Metrics:
                 buckets.append([s.labels["le"], s.value])
             elif s.name.endswith("_sum"):
                 total = s.value
+        refused = [
+            [s.labels["reason"], s.value]
+            for s in next(iter(self.refused_requests.collect())).samples
+            if s.name.endswith("_total")
+        ]
         return {
             "requests": requests,
+            "refused": refused,
             "buckets": buckets,
             "sum": total,
             "in_flight": self.in_flight_now(),
@@ -148,7 +172,13 @@ class Metrics:
 
     def take_requests_from_workers(self) -> WorkerTotals:
         """Supervisor mode: the per-request metrics become the sum of the workers' reports."""
-        for own in (self.upstream_requests, self.upstream_duration, self.in_flight):
+        own_metrics = (
+            self.upstream_requests,
+            self.upstream_duration,
+            self.in_flight,
+            self.refused_requests,
+        )
+        for own in own_metrics:
             self.registry.unregister(own)
         totals = WorkerTotals()
         self.registry.register(totals)
@@ -208,6 +238,18 @@ class WorkerTotals:
         yield GaugeMetricFamily(
             "sidecar_requests_in_flight", "Requests being proxied right now", value=in_flight
         )
+        yield self._refused()
+
+    def _refused(self) -> Metric:
+        """``sidecar_refused_requests_total`` summed over the workers' reports."""
+        refused: dict[str, float] = {}
+        for report in self.reports.values():
+            for reason, value in report.get("refused", ()):
+                refused[reason] = refused.get(reason, 0.0) + value
+        family = CounterMetricFamily("sidecar_refused_requests", REFUSED_HELP, labels=["reason"])
+        for reason, value in sorted(refused.items()):
+            family.add_metric([reason], value)
+        return family
 
 
 def _le_key(le: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from yarl import URL
 
 from sidecar import tls
+from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.egress import Egress
@@ -30,6 +31,7 @@ from sidecar.http_parts import (
     error_parts,
     limited,
     reason_phrase,
+    refusal_bytes,
     response_head,
 )
 from sidecar.logs import write_access
@@ -66,8 +68,11 @@ class Proxy:
         clock: Clock,
         *,
         access_log: bool = True,
+        callers: CallerPolicy,
         egress: Egress | None = None,
     ) -> None:
+        #: who may call (the ``listen`` rules); a reload replaces it
+        self.callers = callers
         self._session = session
         #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
         self._egress = egress if egress is not None else Egress(os.environ)
@@ -172,13 +177,14 @@ class Proxy:
         if self._pool is not None:
             self._pool.close()
 
-    async def handle(self, request: Request) -> None:
-        """Answer one request: measure, count, log, and turn our errors into responses."""
+    async def handle(self, request: Request, *, unix: bool = False) -> None:
+        """Answer one request: measure, count, log, and turn our errors into responses.
+        ``unix``: it came over the Unix socket (no Host check, see :mod:`sidecar.callers`)."""
         metrics = self._metrics
         started = self._clock.monotonic()
         metrics.in_flight.inc()
         try:
-            await self._forward(request)
+            await self._forward(request, unix)
         except SidecarError as exc:
             if isinstance(exc, UpstreamError):
                 log.warning(
@@ -186,6 +192,7 @@ class Proxy:
                     extra={"error": str(exc), "code": exc.code, "request_id": request.request_id},
                 )
             elif isinstance(exc, RefusedRequest):
+                metrics.count_refusal(exc.code)
                 # the same one quiet line as the front's own refusals (docs/operations.md)
                 log.warning(
                     "proxy.refused_request",
@@ -213,6 +220,12 @@ class Proxy:
                     request.sent,
                 )
 
+    def front_refusal(self, status: int, code: str, detail: str) -> bytes:
+        """The whole answer to a request the front refused before it was handled (malformed,
+        too large...), counted as refused like the proxy's own refusals."""
+        self._metrics.count_refusal(code)
+        return refusal_bytes(status, code, detail)
+
     def _error(self, request: Request, status: int, code: str, detail: str) -> None:
         if request.started:
             request.conn.abort()  # the answer began: a truncated one must not look complete
@@ -230,7 +243,8 @@ class Proxy:
             return creds
         return await session.credentials()
 
-    async def _forward(self, request: Request) -> None:
+    async def _forward(self, request: Request, unix: bool = False) -> None:
+        self.callers.check(request, any_host=unix)
         method = request.method
         if method == "CONNECT":
             raise RefusedRequest(

@@ -4,7 +4,8 @@ The supervisor (the process started by the user) owns everything that must exist
 session (login, refresh, store), the admin port and the metrics. Each worker is a child process
 that only proxies; it talks to the supervisor over a private socket pair, one JSON object a line:
 
-    supervisor → worker   {"config": {...}}              once, first
+    supervisor → worker   {"config": {...}, "unix_fd": n}   once, first (n: the inherited
+                                                     listen.unix_socket, or null)
                           {"creds": {...} | null}        whenever the session changes
                           {"reload": {...}}              after SIGHUP: the new config
     worker → supervisor   {"need": "request"}            no valid token here: renew or resend
@@ -42,6 +43,7 @@ from sidecar.metrics import Metrics, WorkerTotals
 from sidecar.session import Credentials
 from sidecar.tls import tls_context
 from sidecar.tokens import Token
+from sidecar.unix_socket import UnixListener
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,9 @@ async def _worker_main(fd: int) -> int:
     session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=clock)
     sidecar = Sidecar(config, clock=clock, serve_proxy=False)
     sidecar.upstream_url = first["upstream_url"]
+    # the supervisor's listen.unix_socket, inherited: every worker accepts on the one socket
+    unix_fd = first.get("unix_fd")
+    unix_sock = None if unix_fd is None else socket.socket(fileno=unix_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,7 +180,7 @@ async def _worker_main(fd: int) -> int:
             )
 
     listener = loop.create_task(listen())
-    await sidecar.open_proxy(session, reuse_port=True)
+    await sidecar.open_proxy(session, reuse_port=True, unix_sock=unix_sock)
     freeze_startup_objects()
     reporter = loop.create_task(report())
     writer.write(_line({"ready": True}))
@@ -247,9 +252,13 @@ class Supervisor:
         self.sidecar = Sidecar(config, serve_proxy=False, metrics=self.metrics)
         self.workers: list[_Worker] = []
         self._stopping = False
+        #: listen.unix_socket, bound here once and inherited by every worker
+        self._unix: UnixListener | None = None
 
     async def start(self) -> None:
         await self.sidecar.start()
+        if self.config.listen.unix_socket is not None:
+            self._unix = UnixListener.bind(self.config.listen.unix_socket)
         self.sidecar.session.notify(self._broadcast)
         for index in range(self.count):
             worker = _Worker(index)
@@ -267,15 +276,17 @@ class Supervisor:
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair()
         worker.ready = asyncio.Event()
+        unix_fd = None if self._unix is None else self._unix.sock.fileno()
         worker.process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own module; Popen returns at once
             [sys.executable, "-m", "sidecar", "_worker", str(child.fileno()), self.loop],
-            pass_fds=(child.fileno(),),
+            pass_fds=(child.fileno(),) if unix_fd is None else (child.fileno(), unix_fd),
         )
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         worker.writer = writer
         config = self.config.model_dump(mode="json")
-        writer.write(_line({"config": config, "upstream_url": self.sidecar.upstream_url}))
+        first = {"config": config, "upstream_url": self.sidecar.upstream_url, "unix_fd": unix_fd}
+        writer.write(_line(first))
         writer.write(_line({"creds": creds_to_dict(self.sidecar.session.usable())}))
         worker.task = asyncio.get_running_loop().create_task(self._serve(worker, reader))
 
@@ -362,6 +373,8 @@ class Supervisor:
             if worker.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await asyncio.wait_for(worker.task, 2)
+        if self._unix is not None:
+            await self._unix.remove()
         await self.sidecar.stop()
 
 

@@ -42,9 +42,9 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     sidecar = await make_sidecar()
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
     writer.write(
-        b"GET /slow/0.2 HTTP/1.1\r\nHost: l\r\n\r\n"
-        b"GET /status/201 HTTP/1.1\r\nHost: l\r\n\r\n"
-        b"POST /echo HTTP/1.1\r\nHost: l\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /slow/0.2 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /status/201 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc"
     )
     await writer.drain()
     first, body = await read_response(reader)
@@ -55,7 +55,7 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     third, body = await read_response(reader)
     assert third.startswith(b"HTTP/1.1 200")
     assert json.loads(body)["body"] == "abc"
-    writer.write(b"GET /status/202 HTTP/1.1\r\nHost: l\r\n\r\n")
+    writer.write(b"GET /status/202 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     fourth, _ = await read_response(reader)
     assert fourth.startswith(b"HTTP/1.1 202")
     writer.close()
@@ -75,7 +75,7 @@ async def test_upgrades_other_than_websocket_are_answered_as_plain_http(
     sidecar = await make_sidecar()
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
     writer.write(
-        b"GET /status/200 HTTP/1.1\r\nHost: l\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"GET /status/200 HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n"
     )
     await writer.drain()
@@ -185,7 +185,7 @@ async def test_idle_keep_alive_connections_are_closed(
     monkeypatch.setattr(front, "KEEPALIVE_TIMEOUT", 0.5)
     sidecar = await make_sidecar()
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
-    writer.write(b"GET /status/200 HTTP/1.1\r\nHost: l\r\n\r\n")
+    writer.write(b"GET /status/200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await read_response(reader)
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
     writer.close()

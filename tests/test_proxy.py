@@ -204,7 +204,7 @@ async def test_absolute_form_and_connect_are_refused(
         b"GET //elsewhere.invalid/x HTTP/1.1",
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
-        writer.write(request_line + b"\r\nHost: elsewhere.invalid\r\n\r\n")
+        writer.write(request_line + b"\r\nHost: localhost\r\n\r\n")
         await writer.drain()
         status_line = await reader.readline()
         writer.close()
