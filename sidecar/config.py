@@ -315,6 +315,18 @@ class Session(_Model):
                 raise ValueError(f"redis_url: {REDIS_SCHEME_RULE}")
         return self
 
+    @model_validator(mode="after")
+    def _shared_logout(self) -> Session:
+        # a shared session is every replica's: one pod stopping (a rolling deploy) would log
+        # them all out
+        if self.logout_on_shutdown and self.store == "redis":
+            raise ValueError(
+                "logout_on_shutdown: cannot be true with session.store: redis (the session is "
+                "shared: one replica stopping would log every replica out); POST /session/logout "
+                "on any replica ends it for all"
+            )
+        return self
+
     def redis_address(self) -> str:
         """The redis URL: ``redis_url``, or what ``redis_url_file`` holds (read now)."""
         if self.redis_url:

@@ -169,7 +169,7 @@ MEANINGS = {
     "session.previous_encryption_key_files": "older keys, read only (a key rotation)",
     "session.lock_lease": "redis: seconds one replica may hold the renewal lock",
     "session.poll_interval": "redis: seconds between checks when notifications are missed",
-    "session.logout_on_shutdown": "log out (revoke) on a clean shutdown",
+    "session.logout_on_shutdown": "log out (revoke) on a clean shutdown; not with store redis",
     "session.logout_timeout": "seconds revocation may take at logout (cleared anyway)",
     "log.level": "debug, info, warning or error",
     "log.access_log": "one JSON line per proxied request",
