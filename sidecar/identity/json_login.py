@@ -17,7 +17,6 @@ fields and cookies.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
+from sidecar.identity.principal import json_login_principal
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
 
@@ -74,11 +74,7 @@ class JsonLoginIdentity:
             if not k.endswith("_file")
         }
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
-        # the identity is the login endpoint and the non-secret shape of the credentials: a
-        # stored session is reused only by the same one (values of credentials are not hashed
-        # in, so that a rotated password keeps the session)
-        ident = "|".join([config.login.url, *sorted(config.credentials)])
-        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.fingerprint = json_login_principal(config)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from sidecar.config_load import read_secret
 from sidecar.errors import IdentityError, IdentityUnavailable, InvalidToken
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP
+from sidecar.identity.principal import oauth2_principal
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -59,18 +59,7 @@ class OAuth2Identity:
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
-        ident = "|".join(
-            [
-                config.token_url or config.issuer or "",
-                config.client_id or "",
-                config.grant,
-                config.username or "",
-                config.scope or "",
-                config.audience or "",
-                config.resource or "",
-            ]
-        )
-        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.fingerprint = oauth2_principal(config)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -60,6 +60,8 @@ class FinHub:
     customer_secret: str = "customer-secret-0123456789"
     username: str = "svc-finhub"
     password: str = "finhub-password-9876543210"
+    #: more users of the same customer: {username: password}, each logged in as itself
+    other_users: dict[str, str] = field(default_factory=dict)
     #: Set-Cookie headers sent with every login and refresh answer
     set_cookies: list[str] = field(default_factory=list)
     #: answer every auth call this way while set: "503", "hang", "reset"
@@ -69,6 +71,8 @@ class FinHub:
     calls: list[Call] = field(default_factory=list)
     issued: dict[str, float] = field(default_factory=dict)
     refresh_tokens: set[str] = field(default_factory=set)
+    #: whose session each refresh token continues (the token's ``sub``)
+    refresh_subjects: dict[str, str] = field(default_factory=dict)
     used_refresh_tokens: list[str] = field(default_factory=list)
     logged_out: set[str] = field(default_factory=set)
     request_ids: set[str] = field(default_factory=set)
@@ -85,6 +89,15 @@ class FinHub:
 
     def auth_calls(self, what: str) -> list[Call]:
         return [c for c in self.calls if c.path == f"{PREFIX}/auth/{what}"]
+
+    @staticmethod
+    def subject(authorization: str) -> str:
+        """Whose session an ``Authorization: Bearer`` header carries (the token's ``sub``)."""
+        token = authorization.removeprefix("Bearer ")
+        claims = jwt.decode(
+            token, SIGNING_KEY, ["HS256"], options={"verify_exp": False, "verify_iat": False}
+        )
+        return str(claims["sub"])
 
     def is_live(self, token: str) -> bool:
         expires = self.issued.get(token)
@@ -132,13 +145,16 @@ class FinHub:
         body, refusal = await self._record(request)
         if refusal is not None:
             return refusal
+        users = {self.username: self.password, **self.other_users}
+        username = body.get("username")
+        password = users.get(username) if isinstance(username, str) else None
         if (
             not self._customer_ok(body)
-            or body.get("username") != self.username
-            or body.get("password") != self.password
+            or password is None
+            or not secrets.compare_digest(str(body.get("password", "")), password)
         ):
             return _error(401, "INVALID_CREDENTIALS", "username or password is wrong")
-        return self._session_answer()
+        return self._session_answer(str(username))
 
     async def _refresh(self, request: web.Request) -> web.StreamResponse:
         body, refusal = await self._record(request)
@@ -151,7 +167,7 @@ class FinHub:
             return _error(401, "INVALID_REFRESH_TOKEN", "refresh token unknown or already used")
         self.refresh_tokens.discard(presented)  # rotation: each refresh token works once
         self.used_refresh_tokens.append(presented)
-        return self._session_answer()
+        return self._session_answer(self.refresh_subjects.get(presented, self.username))
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         _body, refusal = await self._record(request, needs_body=False)
@@ -164,16 +180,17 @@ class FinHub:
         self.logged_out.add(token)
         return web.json_response({"status": "logged_out"})
 
-    def _session_answer(self) -> web.Response:
+    def _session_answer(self, username: str) -> web.Response:
         now = self.clock.time()
         token = jwt.encode(
-            {"sub": self.username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
+            {"sub": username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
             SIGNING_KEY,
             algorithm="HS256",
         )
         self.issued[token] = now + self.lifetime
         refresh = "rt-" + secrets.token_urlsafe(24)
         self.refresh_tokens.add(refresh)
+        self.refresh_subjects[refresh] = username
         response = web.json_response(
             {
                 "expires_in": self.lifetime,
