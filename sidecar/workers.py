@@ -105,7 +105,7 @@ class RemoteSession:
 
     def _valid(self) -> Credentials | None:
         creds = self.current
-        if creds is not None and creds.token.is_valid(self._clock.time()):
+        if creds is not None and creds.usable_at(self._clock.time()):
             return creds
         return None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from sidecar.clock import SystemClock
 from tests.conftest import Serve, base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
@@ -190,3 +191,42 @@ async def test_workers_run_on_the_loop_the_supervisor_was_given(
             assert resp.status == 200
     finally:
         assert proc.stop() == 0
+
+
+async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """refresh.expiry_margin holds in the workers as in one process: with the provider down, a
+    6 s token (margin capped at a tenth: 0.6 s) is forwarded until 0.6 s before its expiry and
+    answered 503 from then on, never sent in its last 0.6 s."""
+    idp.lifetime = 6
+    config = merge(
+        base_config(idp_url, upstream_url, idp),
+        {
+            "refresh": {"lead_time": 0, "lead_fraction": 0, "jitter": 0, "expiry_margin": 2},
+            "log": {"access_log": False},
+        },
+    )
+    proc = SidecarProcess(config, tmp_path, "margin")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        idp.down = "503"
+        expires = max(idp.issued.values())
+        wall = SystemClock()
+        answers: list[tuple[float, int]] = []
+        while wall.time() < expires + 0.3:
+            sent = wall.time()
+            async with aiohttp.ClientSession() as one, one.get(proc.url("/x")) as resp:
+                answers.append((sent, resp.status))
+            await asyncio.sleep(0.02)
+    finally:
+        assert proc.stop() == 0
+    usable_until = expires - 0.6
+    late = [status for sent, status in answers if sent >= usable_until + 0.05]
+    early = [status for sent, status in answers if sent < usable_until - 0.3]
+    assert late
+    assert set(late) == {503}, answers
+    assert early
+    assert set(early) == {200}, answers
