@@ -100,6 +100,48 @@ async def test_refresh_failure_keeps_serving_with_current_token_then_recovers(
     )
 
 
+@pytest.mark.parametrize("mode", ["503", "reset"])
+async def test_a_refresh_endpoint_down_falls_back_to_a_login_before_the_token_runs_out(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    clock: FakeClock,
+    mode: str,
+) -> None:
+    """Refreshes fail (5xx, or the connection drops) while logins work: the refresh is retried
+    with backoff for the first half of the refresh lead, then the session logs in again with the
+    credentials, before the token stops being usable; no request gets a 503 across two
+    lifetimes."""
+    idp.lifetime = 600
+    sidecar = await make_sidecar(
+        clock=clock,
+        refresh={
+            "lead_time": 120,
+            "lead_fraction": 0,
+            "jitter": 0,
+            "retry": {"initial": 5, "max": 20},
+        },
+    )
+    await eventually(lambda: sidecar.session.usable() is not None)
+    started = clock.time()
+    idp.refresh_down = mode
+    statuses = []
+    for _ in range(240):
+        await advance(clock, 5)
+        await eventually(lambda: not sidecar.session.summary()["refresh_in_progress"])
+        async with http.get(proxy_url(sidecar, "/x")) as resp:
+            statuses.append(resp.status)
+    assert set(statuses) == {200}
+    grants = idp.grants()
+    assert grants[:2] == ["client_credentials", "refresh_token"]
+    logins = [c.at - started for c in idp.token_calls if c.grant_type == "client_credentials"]
+    assert len(logins) >= 3, grants
+    # the first token is usable until 598 s: retried as a refresh until 540 s, then a login
+    assert 540 <= logins[1] < 598, logins
+    metrics = sidecar.metrics.render().decode()
+    assert (sample(metrics, 'sidecar_logins_total{result="success"}') or 0) >= 3
+
+
 async def test_rejected_refresh_token_falls_back_to_login(
     make_sidecar: MakeSidecar,
     http: aiohttp.ClientSession,
