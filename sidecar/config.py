@@ -32,6 +32,7 @@ from sidecar.config_json_login import (
     JsonRefreshCall,
     JsonResponse,
     json_login_problems,
+    json_login_validate_problems,
 )
 from sidecar.config_oauth2 import (
     TOKEN_TYPE_JWT,
@@ -214,6 +215,7 @@ class Identity(_Model):
         if self.kind == "json_login":
             calls = {"login": self.login, "refresh": self.refresh, "logout": self.logout}
             problems = json_login_problems(self.credentials, calls, self.response)
+            problems += json_login_validate_problems(self.validate_token, self.jwks_url)
             if problems:
                 raise ValueError("\n".join(problems))
             return self

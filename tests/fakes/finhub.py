@@ -18,6 +18,7 @@ Every call is recorded (path, headers, JSON body) for on-the-wire checks.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 from sidecar.clock import Clock, SystemClock
 
@@ -62,6 +65,13 @@ class FinHub:
     password: str = "finhub-password-9876543210"
     #: more users of the same customer: {username: password}, each logged in as itself
     other_users: dict[str, str] = field(default_factory=dict)
+    #: session tokens are ES256 JWTs signed with this key (published at /jwks as "finhub-1",
+    #: with iss and aud claims) instead of HS256 ones
+    signing_key: ec.EllipticCurvePrivateKey | None = None
+    issuer: str = "https://api.finhub.cloud"
+    audience: str = "finhub-api"
+    #: merged into every session token's claims (to issue a wrong aud, iss, exp, …)
+    claim_overrides: dict[str, Any] = field(default_factory=dict)
     #: Set-Cookie headers sent with every login and refresh answer
     set_cookies: list[str] = field(default_factory=list)
     #: answer every auth call this way while set: "503", "hang", "reset"
@@ -84,6 +94,7 @@ class FinHub:
         app.router.add_post(f"{PREFIX}/auth/login", self._login)
         app.router.add_post(f"{PREFIX}/auth/token/refresh", self._refresh)
         app.router.add_post(f"{PREFIX}/auth/logout", self._logout)
+        app.router.add_get("/jwks", self._jwks)
         app.router.add_route("*", PREFIX + "/{tail:.*}", self._resource)
         return app
 
@@ -94,9 +105,7 @@ class FinHub:
     def subject(authorization: str) -> str:
         """Whose session an ``Authorization: Bearer`` header carries (the token's ``sub``)."""
         token = authorization.removeprefix("Bearer ")
-        claims = jwt.decode(
-            token, SIGNING_KEY, ["HS256"], options={"verify_exp": False, "verify_iat": False}
-        )
+        claims = jwt.decode(token, options={"verify_signature": False})
         return str(claims["sub"])
 
     def is_live(self, token: str) -> bool:
@@ -182,10 +191,8 @@ class FinHub:
 
     def _session_answer(self, username: str) -> web.Response:
         now = self.clock.time()
-        token = jwt.encode(
-            {"sub": username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
-            SIGNING_KEY,
-            algorithm="HS256",
+        token = self._sign(
+            {"sub": username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex}
         )
         self.issued[token] = now + self.lifetime
         refresh = "rt-" + secrets.token_urlsafe(24)
@@ -205,6 +212,20 @@ class FinHub:
         for cookie in self.set_cookies:
             response.headers.add("Set-Cookie", cookie)
         return response
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        if self.signing_key is None:
+            return jwt.encode({**claims, **self.claim_overrides}, SIGNING_KEY, algorithm="HS256")
+        claims = {**claims, "iss": self.issuer, "aud": self.audience, **self.claim_overrides}
+        return jwt.encode(claims, self.signing_key, algorithm="ES256", headers={"kid": "finhub-1"})
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.calls.append(Call(request.path, dict(request.headers), None))
+        if self.signing_key is None:
+            return web.json_response({"keys": []})
+        public = json.loads(ECAlgorithm.to_jwk(self.signing_key.public_key()))
+        public.update(kid="finhub-1", use="sig", alg="ES256")
+        return web.json_response({"keys": [public]})
 
     # ----------------------------------------------------------------- the resource
 
