@@ -230,3 +230,64 @@ async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
     assert set(late) == {503}, answers
     assert early
     assert set(early) == {200}, answers
+
+
+async def test_sigterm_under_workers_drains_like_one_process(
+    idp_url: str,
+    upstream_url: str,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """SIGTERM to `run --workers 2` with slow answers in flight in both workers: /readyz says 503
+    at once (while they are still in flight), the proxy port refuses new connections, every
+    request in flight is answered 200 within listen.drain_timeout, none is logged as a 500, and
+    the process exits 0."""
+    config = merge(base_config(idp_url, upstream_url, idp), {"listen": {"drain_timeout": 10}})
+    proc = SidecarProcess(config, tmp_path, "drain")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        clients = [aiohttp.ClientSession() for _ in range(6)]
+
+        async def slow(client: aiohttp.ClientSession) -> tuple[int, object]:
+            async with client.get(proc.url("/slow/2")) as resp:
+                return resp.status, await resp.json()
+
+        in_flight = [asyncio.ensure_future(slow(client)) for client in clients]
+        await eventually(
+            lambda: sum(s.path_qs == "/slow/2" for s in upstream.seen) == 6, what="6 in flight"
+        )
+        proc.signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+
+        async def readyz() -> int:
+            try:
+                async with http.get(proc.admin("/readyz")) as resp:
+                    return resp.status
+            except aiohttp.ClientError:
+                return 0
+
+        while (status := await readyz()) == 200:
+            assert loop.time() - signalled < 1, "/readyz still 200 a second after SIGTERM"
+            await asyncio.sleep(0.02)
+        assert status == 503
+        assert not any(task.done() for task in in_flight)
+        answers = await asyncio.gather(*in_flight)
+        for client in clients:
+            await client.close()
+        assert answers == [(200, {"slept": 2.0})] * 6
+        assert loop.time() - signalled < 10
+        assert proc.process is not None
+        assert await asyncio.to_thread(proc.process.wait, 15) == 0
+    finally:
+        proc.stop()
+    accessed = [e for e in proc.events() if e.get("event") == "http.access"]
+    assert {e["status"] for e in accessed if e["path"] == "/slow/2"} == {200}
+    assert [e for e in accessed if e["status"] == 500] == []
+    assert "Traceback" not in proc.log_path.read_text()
+    # the supervisor and each of the two workers
+    assert [e["event"] for e in proc.events()].count("sidecar.drained") == 3
