@@ -200,5 +200,6 @@ def test_json_login_principal_hashes_names_but_not_secrets(tmp_path: Path) -> No
     assert json_login_principal(ident(tenant="2")) != base
     user_file.write_text("bob\n")
     assert json_login_principal(ident()) != base
-    assert [n for n in ("username", "customer_id", "account") if is_secret_name(n)] == []
+    naming = ("username", "customer_id", "account", "key_id", "access_key_id", "client_id")
+    assert [n for n in naming if is_secret_name(n)] == []
     assert all(is_secret_name(n) for n in ("password", "customer_secret", "api_key", "pin"))

@@ -35,13 +35,15 @@ _KEY = b"sidecar/session-principal/v1"
 #: hex digits kept (128 bits): unique per principal, short enough for a Redis key
 _LENGTH = 32
 #: json_login credential names with one of these words (split on "_") are secrets: their values
-#: rotate without changing whose session it is. Every other credential names the principal
-#: (username, customer_id, account, email, tenant): unknown names count as naming it, the safe
-#: side (a wrong guess costs one login, never another principal's session)
+#: rotate without changing whose session it is, unless the name ends in a word of
+#: :data:`NAMING_WORDS` (``key_id`` names a key, it is not one). Every other credential names the
+#: principal (username, customer_id, account, email, tenant): unknown names count as naming it,
+#: the safe side (a wrong guess costs one login, never another principal's session)
 SECRET_WORDS = frozenset(
     {"password", "passwd", "pass", "pwd", "secret", "key", "apikey", "token", "pin", "passphrase",
      "otp", "totp", "credential", "credentials"}
 )  # fmt: skip
+NAMING_WORDS = frozenset({"id", "name", "user", "username", "email", "account", "login"})
 
 
 def principal_id(kind: str, values: Mapping[str, object]) -> str:
@@ -52,7 +54,10 @@ def principal_id(kind: str, values: Mapping[str, object]) -> str:
 
 def is_secret_name(name: str) -> bool:
     """True for a json_login credential name that holds a secret (see :data:`SECRET_WORDS`)."""
-    return any(word in SECRET_WORDS for word in re.split(r"_+", name.lower()))
+    words = [word for word in re.split(r"_+", name.lower()) if word]
+    if not words or words[-1] in NAMING_WORDS:
+        return False
+    return any(word in SECRET_WORDS for word in words)
 
 
 def file_text(path: Path | None) -> str:
