@@ -33,6 +33,7 @@ from sidecar.config_json_login import (
     JsonRefreshCall,
     JsonResponse,
     json_login_problems,
+    json_login_validate_problems,
 )
 from sidecar.config_oauth2 import (
     TOKEN_TYPE_JWT,
@@ -258,6 +259,7 @@ class Identity(_Model):
         if self.kind == "json_login":
             calls = {"login": self.login, "refresh": self.refresh, "logout": self.logout}
             problems = json_login_problems(self.credentials, calls, self.response)
+            problems += json_login_validate_problems(self.validate_token, self.jwks_url)
             if problems:
                 raise ValueError("\n".join(problems))
             return self
@@ -357,6 +359,18 @@ class Session(_Model):
                 raise ValueError("redis_url: required for store redis (or redis_url_file)")
             if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
                 raise ValueError(f"redis_url: {REDIS_SCHEME_RULE}")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_logout(self) -> Session:
+        # a shared session is every replica's: one pod stopping (a rolling deploy) would log
+        # them all out
+        if self.logout_on_shutdown and self.store == "redis":
+            raise ValueError(
+                "logout_on_shutdown: cannot be true with session.store: redis (the session is "
+                "shared: one replica stopping would log every replica out); POST /session/logout "
+                "on any replica ends it for all"
+            )
         return self
 
     def redis_address(self) -> str:

@@ -16,12 +16,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from yarl import URL
 
 from sidecar.templates import compile_text, names_by_key, unknown
+
+if TYPE_CHECKING:
+    from sidecar.config_oauth2 import Validate
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -174,6 +177,21 @@ def json_login_problems(
             continue
         allowed = creds if call_name == "login" else [*creds, *session_names(response)]
         problems.extend(_placeholder_problems(call_name, call, allowed))
+    return problems
+
+
+def json_login_validate_problems(validate: Validate, jwks_url: str | None) -> list[str]:
+    """``validate`` under json_login: the keys its checks need (there is no discovery, so no
+    issuer to take the JWKS, ``iss`` and ``aud`` from)."""
+    if not validate.enabled:
+        return []
+    problems = []
+    if not jwks_url:
+        problems.append("jwks_url: required when validate is enabled (kind json_login)")
+    if not validate.issuer:
+        problems.append("validate.issuer: required when validate is enabled (kind json_login)")
+    if not validate.audience:
+        problems.append("validate.audience: required when validate is enabled (kind json_login)")
     return problems
 
 

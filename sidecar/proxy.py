@@ -238,7 +238,7 @@ class Proxy:
         session = self._session
         creds = session.current
         now = self._clock.time()
-        if creds is not None and now < creds.expires_at:
+        if creds is not None and creds.usable_at(now):
             session.last_api_call_at = now
             return creds
         return await session.credentials()

@@ -36,6 +36,17 @@ def refresh_at(token: Token, rules: Refresh, rng: random.Random) -> float:
     return max(token.obtained_at, token.expires_at - lead)
 
 
+def login_instead(token: Token, usable_until: float, now: float, rules: Refresh) -> bool:
+    """After a failed refresh of ``token`` (usable until ``usable_until``): True when the session
+    should log in with its credentials now rather than retry the refresh.
+
+    A refresh endpoint that is down (5xx, unreachable) is retried through the first half of the
+    refresh lead; in the second half (or once the token is no longer usable) a full login comes
+    next, so that the session is renewed before the token runs out whenever a login can be made.
+    """
+    return usable_until - now <= refresh_lead(token.lifetime, rules) / 2
+
+
 def backoff_delay(
     attempt: int,
     retry: Retry,

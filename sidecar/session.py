@@ -63,6 +63,12 @@ class Credentials:
     #: when requests stop using it: the token's expiry less the expiry margin
     expires_at: float
 
+    def usable_at(self, now: float) -> bool:
+        """True while requests may use the token at ``now`` (the wall clock): before its expiry
+        less ``refresh.expiry_margin``. The one judgment of a token wherever it is made (the
+        proxy, the session, a worker), so none of them forwards a token in its last seconds."""
+        return now < self.expires_at
+
     def __repr__(self) -> str:
         return f"Credentials(session_id={self.session_id}, token={self.token!r})"
 
@@ -147,7 +153,7 @@ class SessionManager:
     def usable(self) -> Credentials | None:
         """The current credentials when they have not expired."""
         creds = self.current
-        if creds is not None and self.clock.time() < creds.expires_at:
+        if creds is not None and creds.usable_at(self.clock.time()):
             return creds
         return None
 
@@ -160,7 +166,7 @@ class SessionManager:
         now = self.clock.time()
         self.last_api_call_at = now
         creds = self.current
-        if creds is not None and now < creds.expires_at:
+        if creds is not None and creds.usable_at(now):
             return creds
         if self._logged_out:
             raise NoSessionError(
@@ -187,7 +193,7 @@ class SessionManager:
         """
         now = self.clock.time()
         current = self.current
-        if current is not None and current is not used and now < current.expires_at:
+        if current is not None and current is not used and current.usable_at(now):
             return current  # someone else already replaced the rejected token
         if self._logged_out:
             return None
@@ -396,7 +402,7 @@ class SessionManager:
     def update_gauges(self) -> None:
         """Bring the session gauges up to date (validity changes with time, not only on events)."""
         creds = self.current
-        valid = creds is not None and self.clock.time() < creds.expires_at
+        valid = creds is not None and creds.usable_at(self.clock.time())
         self.metrics.session_valid.set(1 if valid else 0)
         record = self._record
         self.metrics.token_expiry.set(record.token.expires_at if record is not None else 0)

@@ -4,7 +4,9 @@ Session continuity (what keeps X-Session-ID):
 * a refresh with the refresh token, or a re-issue with the credentials while the token is still
   valid (grants without refresh tokens), continues the session;
 * a login after the session expired, was logged out, or had its refresh token rejected
-  (``invalid_grant``) starts a new session with a new id.
+  (``invalid_grant``) starts a new session with a new id; so does a login after a refresh failed
+  in the second half of the refresh lead (:func:`sidecar.refresh.login_instead`): a refresh
+  endpoint that is down cannot let the token run out while the login endpoint works.
 
 Every outcome is counted and logged; a failure schedules the next attempt with backoff
 (:meth:`sidecar.session_schedule.RefreshSchedule.failed`). :class:`~sidecar.session.SessionManager`
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sidecar.errors import IdentityError, OAuthError
+from sidecar.refresh import login_instead
 from sidecar.session_persist import SessionPersistence
 from sidecar.session_schedule import RefreshSchedule
 from sidecar.store import SessionRecord
@@ -65,16 +68,32 @@ class Renewer:
             except IdentityError as exc:
                 self._count_refresh_failure(exc)
                 fatal = isinstance(exc, OAuthError) and exc.error in OAuthError.FATAL_FOR_REFRESH
-                if not (refreshable and fatal):
+                if not refreshable:  # the re-issue was a login already
                     self._schedule.failed(exc, "session.refresh_failed")
                     raise
-                log.warning(
-                    "session.refresh_rejected",
-                    extra={"session_id": record.session_id, "reason": exc.reason},
-                )
+                if fatal:
+                    log.warning(
+                        "session.refresh_rejected",
+                        extra={"session_id": record.session_id, "reason": exc.reason},
+                    )
+                elif self._near_expiry(record.token):
+                    log.warning(
+                        "session.refresh_given_up",
+                        extra={"session_id": record.session_id, "reason": exc.reason},
+                    )
+                else:
+                    self._schedule.failed(exc, "session.refresh_failed")
+                    raise
             else:
                 return self._refreshed(record, token, trigger)
         return await self._login(trigger)
+
+    def _near_expiry(self, token: Token) -> bool:
+        """True when a refresh that failed should be followed by a login (see login_instead)."""
+        now = self._manager.clock.time()  # the refresh may have taken a while
+        creds = self._manager.current
+        usable_until = creds.expires_at if creds is not None else now
+        return login_instead(token, usable_until, now, self._manager.rules)
 
     async def _login(self, trigger: str) -> Credentials:
         manager = self._manager

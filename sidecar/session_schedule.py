@@ -91,12 +91,14 @@ class RefreshSchedule:
     def due(self) -> bool:
         """True when the current token should be renewed now (or there is none)."""
         record = self._manager.record
+        creds = self._manager.current
         now = self._manager.clock.time()
         return (
             record is None
             or self.stale_identity
             or now >= self.refresh_at
-            or not record.token.is_valid(now)
+            or creds is None
+            or not creds.usable_at(now)
         )
 
     async def run(self, renew: Callable[[str], asyncio.Task[Credentials]]) -> None:
@@ -122,7 +124,8 @@ class RefreshSchedule:
         # requests stop using the token at its expiry less the margin: that is when it expires
         usable_until = creds.expires_at if creds is not None else math.inf
         expiry_wake = usable_until if usable_until > now else math.inf
-        if record is not None and now >= usable_until and not self._expired_noted:
+        expired = creds is not None and not creds.usable_at(now)
+        if record is not None and expired and not self._expired_noted:
             self._expired_noted = True
             manager.update_gauges()
             log.warning(
@@ -141,7 +144,7 @@ class RefreshSchedule:
             elif self.stale_identity:
                 trigger = "reload"
             else:
-                trigger = "proactive" if record.token.is_valid(now) else "expired"
+                trigger = "proactive" if not expired else "expired"
             with contextlib.suppress(IdentityError):
                 await asyncio.shield(renew(trigger))
 

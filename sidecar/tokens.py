@@ -111,7 +111,16 @@ def jwt_expiry(access_token: str) -> float | None:
     Decoded by hand (base64url JSON, RFC 7519 section 3) so that the proxy process need not load
     a JWT library and its cryptography backend just to read one number.
     """
-    parts = access_token.split(".")
+    claims = jwt_claims(access_token)
+    exp = claims.get("exp") if claims is not None else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
+        return float(exp)
+    return None
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The claims of a JWT, read without verifying it; None when ``token`` is not one."""
+    parts = token.split(".")
     if len(parts) != 3:
         return None
     segment = parts[1]
@@ -119,10 +128,7 @@ def jwt_expiry(access_token: str) -> float | None:
         claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
-        return float(exp)
-    return None
+    return claims if isinstance(claims, dict) else None
 
 
 def _malformed(problem: str) -> IdentityUnavailable:

@@ -107,7 +107,7 @@ class RemoteSession:
 
     def _valid(self) -> Credentials | None:
         creds = self.current
-        if creds is not None and creds.token.is_valid(self._clock.time()):
+        if creds is not None and creds.usable_at(self._clock.time()):
             return creds
         return None
 
@@ -186,9 +186,12 @@ async def _worker_main(fd: int) -> int:
     writer.write(_line({"ready": True}))
     try:
         await stop.wait()
+        # as one process does: no new connections, the requests in flight answered within
+        # listen.drain_timeout (the supervisor keeps the session until every worker is gone)
+        await sidecar.drain()
     finally:
         reporter.cancel()
-        await sidecar.stop()  # drains in-flight requests
+        await sidecar.stop()
         with contextlib.suppress(OSError):
             writer.write(_line({"metrics": sidecar.metrics.snapshot()}))
             await writer.drain()
@@ -360,6 +363,16 @@ class Supervisor:
         if not self._stopping:
             await self._spawn(worker)
 
+    async def drain(self) -> None:
+        """Graceful shutdown, first half, as one process does it: /readyz says 503 from now on,
+        then every worker stops accepting and answers its requests in flight within
+        ``listen.drain_timeout`` (each drains on its SIGTERM); :meth:`stop` waits for them."""
+        self._stopping = True  # a worker exiting now is not restarted
+        await self.sidecar.drain()  # /readyz: 503 (the supervisor has no proxy port to drain)
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
     async def stop(self) -> None:
         self._stopping = True
         for worker in self.workers:
@@ -402,8 +415,12 @@ async def serve_workers(
     try:
         await supervisor.start()
         await stop.wait()
-        log.info("sidecar.stopping", extra={"workers": count})
+        log.info(
+            "sidecar.stopping",
+            extra={"workers": count, "drain_timeout": supervisor.sidecar.drain_seconds},
+        )
         await reloads.finish()
+        await supervisor.drain()
     finally:
         await supervisor.stop()
     return 0

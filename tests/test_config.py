@@ -628,3 +628,20 @@ def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_
     )
     assert "p4ss" not in str(exc.value)
     assert "w0rd" not in str(exc.value)
+
+
+def test_logout_on_shutdown_with_a_shared_redis_store_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """session.logout_on_shutdown with session.store: redis would log every replica out when one
+    of them stops (a rolling deploy logs everyone out): check-config exits 2 naming both keys.
+    Each alone stays valid."""
+    shared = {"store": "redis", "redis_url": "redis://127.0.0.1:6379/0"}
+    path = write(tmp_path, oauth2_config(session={**shared, "logout_on_shutdown": True}))
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "session.logout_on_shutdown" in err
+    assert "session.store" in err
+    assert "POST /session/logout" in err
+    load_config(write(tmp_path, oauth2_config(session=shared)), env={})
+    load_config(write(tmp_path, oauth2_config(session={"logout_on_shutdown": True})), env={})

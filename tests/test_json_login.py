@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
@@ -444,3 +446,43 @@ async def test_a_credential_with_a_line_break_is_refused_in_a_header(
     failures = 'sidecar_login_failures_total{reason="bad_header_value"}'
     await eventually(lambda: (sample(sidecar.metrics.render().decode(), failures) or 0) >= 1)
     assert finhub.auth_calls("login") == []
+
+
+async def test_validate_checks_json_login_tokens_against_the_jwks(
+    make: MakeSidecar, finhub: FinHub, finhub_url: str, http: aiohttp.ClientSession
+) -> None:
+    """identity.validate under json_login: session tokens are ES256 JWTs checked against
+    identity.jwks_url (signature, iss, aud, exp) before use; a refresh answered with a token for
+    another audience is refused (counted by reason), never sent upstream, and the valid token
+    stays in use."""
+    finhub.signing_key = ec.generate_private_key(ec.SECP256R1())
+    validate = {"enabled": True, "issuer": finhub.issuer, "audience": finhub.audience}
+    sidecar = await make(identity={"jwks_url": f"{finhub_url}/jwks", "validate": validate})
+    await get(http, sidecar)
+    assert [c.path for c in finhub.calls].count("/jwks") == 1
+    good = sidecar.session.current
+    assert good is not None
+    finhub.claim_overrides = {"aud": "someone-else"}
+    async with http.post(admin_url(sidecar, "/session/refresh")) as resp:
+        assert resp.status == 503
+    assert len(finhub.auth_calls("token/refresh")) == 1
+    assert sidecar.session.current is good
+    await get(http, sidecar)
+    sent = {c.headers["Authorization"] for c in finhub.calls if c.path == f"{PREFIX}/accounts"}
+    assert sent == {good.authorization}
+    refused = 'sidecar_token_validation_failures_total{reason="invalid_token_audience"}'
+    assert sample(sidecar.metrics.render().decode(), refused) == 1.0
+
+
+def test_validate_under_json_login_needs_a_jwks_url_issuer_and_audience(tmp_path: Path) -> None:
+    """json_login has no discovery: validate.enabled needs identity.jwks_url, validate.issuer
+    and validate.audience, each named when missing."""
+    finhub = FinHub()
+    data = finhub_config("https://api.finhub.example", finhub, tmp_path)
+    data["identity"]["validate"] = {"enabled": True}
+    with pytest.raises(ValidationError) as exc:
+        Config.model_validate(data)
+    text = str(exc.value)
+    assert "jwks_url: required when validate is enabled" in text
+    assert "validate.issuer: required when validate is enabled" in text
+    assert "validate.audience: required when validate is enabled" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -98,6 +99,48 @@ async def test_refresh_failure_keeps_serving_with_current_token_then_recovers(
     assert (
         sample(metrics, 'sidecar_token_refreshes_total{reason="proactive",result="success"}') == 1
     )
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+async def test_a_refresh_endpoint_down_falls_back_to_a_login_before_the_token_runs_out(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    clock: FakeClock,
+    mode: str,
+) -> None:
+    """Refreshes fail (5xx, or the connection drops) while logins work: the refresh is retried
+    with backoff for the first half of the refresh lead, then the session logs in again with the
+    credentials, before the token stops being usable; no request gets a 503 across two
+    lifetimes."""
+    idp.lifetime = 600
+    sidecar = await make_sidecar(
+        clock=clock,
+        refresh={
+            "lead_time": 120,
+            "lead_fraction": 0,
+            "jitter": 0,
+            "retry": {"initial": 5, "max": 20},
+        },
+    )
+    await eventually(lambda: sidecar.session.usable() is not None)
+    started = clock.time()
+    idp.refresh_down = mode
+    statuses = []
+    for _ in range(240):
+        await advance(clock, 5)
+        await eventually(lambda: not sidecar.session.summary()["refresh_in_progress"])
+        async with http.get(proxy_url(sidecar, "/x")) as resp:
+            statuses.append(resp.status)
+    assert set(statuses) == {200}
+    grants = idp.grants()
+    assert grants[:2] == ["client_credentials", "refresh_token"]
+    logins = [c.at - started for c in idp.token_calls if c.grant_type == "client_credentials"]
+    assert len(logins) >= 3, grants
+    # the first token is usable until 598 s: retried as a refresh until 540 s, then a login
+    assert 540 <= logins[1] < 598, logins
+    metrics = sidecar.metrics.render().decode()
+    assert (sample(metrics, 'sidecar_logins_total{result="success"}') or 0) >= 3
 
 
 async def test_rejected_refresh_token_falls_back_to_login(
@@ -336,3 +379,68 @@ async def test_admin_posts_from_other_hosts_are_refused(
     async with http.get(base + "/readyz") as resp:
         assert resp.status == 200
     assert sidecar.session.state().value == "VALID"
+
+
+async def test_session_gauges_follow_the_session_through_login_and_refresh(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession, idp: FakeIdP, clock: FakeClock
+) -> None:
+    """/metrics: after the login, the session-started and last-refresh gauges are the login's
+    time and the expiry gauge the token's expiry; after a refresh, the started one stays, the
+    refresh one moves to the refresh's time, and the expiry follows the new token."""
+    idp.lifetime = 600
+    start = clock.time()
+    sidecar = await make_sidecar(
+        clock=clock, refresh={"lead_time": 120, "lead_fraction": 0, "jitter": 0}
+    )
+    await eventually(lambda: sidecar.session.usable() is not None)
+
+    async def gauges() -> tuple[float | None, float | None, float | None]:
+        async with http.get(admin_url(sidecar, "/metrics")) as resp:
+            text = await resp.text()
+        return (
+            sample(text, "sidecar_session_started_timestamp_seconds"),
+            sample(text, "sidecar_last_refresh_success_timestamp_seconds"),
+            sample(text, "sidecar_token_expiry_timestamp_seconds"),
+        )
+
+    login = sidecar.session.record
+    assert login is not None
+    assert await gauges() == (start, start, start + 600)
+    assert login.token.expires_at == start + 600
+    await advance(clock, 481)
+    await eventually(lambda: sidecar.session.summary()["refresh_count"] == 1, what="refresh")
+    refreshed = sidecar.session.record
+    assert refreshed is not None
+    assert refreshed.last_refreshed_at is not None
+    assert start + 480 <= refreshed.last_refreshed_at <= start + 481
+    started, last_refresh, expiry = await gauges()
+    assert started == start == refreshed.created_at
+    assert last_refresh == refreshed.last_refreshed_at
+    assert expiry == refreshed.token.expires_at == refreshed.token.obtained_at + 600
+    assert expiry > start + 600
+
+
+async def test_session_gauges_of_a_restored_session_are_the_stored_ones(
+    make_sidecar: MakeSidecar,
+    http: aiohttp.ClientSession,
+    idp: FakeIdP,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    """A sidecar restarted 100 s later on its file store shows the stored session's start,
+    last refresh and expiry in /metrics, not the moment it restarted."""
+    idp.lifetime = 600
+    start = clock.time()
+    store = {"store": "file", "path": str(tmp_path / "session.json")}
+    first = await make_sidecar(clock=clock, session=store)
+    await eventually(lambda: first.session.usable() is not None)
+    await first.stop()
+    clock.now += 100
+    second = await make_sidecar(clock=clock, session=store)
+    await eventually(lambda: second.session.usable() is not None)
+    assert idp.grants() == ["client_credentials"]
+    async with http.get(admin_url(second, "/metrics")) as resp:
+        text = await resp.text()
+    assert sample(text, "sidecar_session_started_timestamp_seconds") == start
+    assert sample(text, "sidecar_last_refresh_success_timestamp_seconds") == start
+    assert sample(text, "sidecar_token_expiry_timestamp_seconds") == start + 600

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from sidecar.clock import SystemClock
 from tests.conftest import Serve, base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
@@ -190,3 +191,103 @@ async def test_workers_run_on_the_loop_the_supervisor_was_given(
             assert resp.status == 200
     finally:
         assert proc.stop() == 0
+
+
+async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """refresh.expiry_margin holds in the workers as in one process: with the provider down, a
+    6 s token (margin capped at a tenth: 0.6 s) is forwarded until 0.6 s before its expiry and
+    answered 503 from then on, never sent in its last 0.6 s."""
+    idp.lifetime = 6
+    config = merge(
+        base_config(idp_url, upstream_url, idp),
+        {
+            "refresh": {"lead_time": 0, "lead_fraction": 0, "jitter": 0, "expiry_margin": 2},
+            "log": {"access_log": False},
+        },
+    )
+    proc = SidecarProcess(config, tmp_path, "margin")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        idp.down = "503"
+        expires = max(idp.issued.values())
+        wall = SystemClock()
+        answers: list[tuple[float, int]] = []
+        while wall.time() < expires + 0.3:
+            sent = wall.time()
+            async with aiohttp.ClientSession() as one, one.get(proc.url("/x")) as resp:
+                answers.append((sent, resp.status))
+            await asyncio.sleep(0.02)
+    finally:
+        assert proc.stop() == 0
+    usable_until = expires - 0.6
+    late = [status for sent, status in answers if sent >= usable_until + 0.05]
+    early = [status for sent, status in answers if sent < usable_until - 0.3]
+    assert late
+    assert set(late) == {503}, answers
+    assert early
+    assert set(early) == {200}, answers
+
+
+async def test_sigterm_under_workers_drains_like_one_process(
+    idp_url: str,
+    upstream_url: str,
+    idp: FakeIdP,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """SIGTERM to `run --workers 2` with slow answers in flight in both workers: /readyz says 503
+    at once (while they are still in flight), the proxy port refuses new connections, every
+    request in flight is answered 200 within listen.drain_timeout, none is logged as a 500, and
+    the process exits 0."""
+    config = merge(base_config(idp_url, upstream_url, idp), {"listen": {"drain_timeout": 10}})
+    proc = SidecarProcess(config, tmp_path, "drain")
+    proc.start(["--workers", "2"])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        clients = [aiohttp.ClientSession() for _ in range(6)]
+
+        async def slow(client: aiohttp.ClientSession) -> tuple[int, object]:
+            async with client.get(proc.url("/slow/2")) as resp:
+                return resp.status, await resp.json()
+
+        in_flight = [asyncio.ensure_future(slow(client)) for client in clients]
+        await eventually(
+            lambda: sum(s.path_qs == "/slow/2" for s in upstream.seen) == 6, what="6 in flight"
+        )
+        proc.signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+
+        async def readyz() -> int:
+            try:
+                async with http.get(proc.admin("/readyz")) as resp:
+                    return resp.status
+            except aiohttp.ClientError:
+                return 0
+
+        while (status := await readyz()) == 200:
+            assert loop.time() - signalled < 1, "/readyz still 200 a second after SIGTERM"
+            await asyncio.sleep(0.02)
+        assert status == 503
+        assert not any(task.done() for task in in_flight)
+        answers = await asyncio.gather(*in_flight)
+        for client in clients:
+            await client.close()
+        assert answers == [(200, {"slept": 2.0})] * 6
+        assert loop.time() - signalled < 10
+        assert proc.process is not None
+        assert await asyncio.to_thread(proc.process.wait, 15) == 0
+    finally:
+        proc.stop()
+    accessed = [e for e in proc.events() if e.get("event") == "http.access"]
+    assert {e["status"] for e in accessed if e["path"] == "/slow/2"} == {200}
+    assert [e for e in accessed if e["status"] == 500] == []
+    assert "Traceback" not in proc.log_path.read_text()
+    # the supervisor and each of the two workers
+    assert [e["event"] for e in proc.events()].count("sidecar.drained") == 3

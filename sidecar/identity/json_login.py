@@ -17,13 +17,12 @@ fields and cookies.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -35,8 +34,13 @@ from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
+from sidecar.identity.principal import json_login_principal
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
+
+if TYPE_CHECKING:
+    from sidecar.identity.validation import TokenValidator
+    from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,12 @@ class _Compiled:
 class JsonLoginIdentity:
     """Talks to one vendor session API for one set of credentials."""
 
-    def __init__(self, config: Identity, clock: Clock) -> None:
+    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config
         self._clock = clock
+        self._metrics = metrics
+        self._validator: TokenValidator | None = None
         self._response: JsonResponse = config.response
         self._login = _Compiled.of("login", config.login)
         self._refresh = _Compiled.of("refresh", config.refresh) if config.refresh else None
@@ -74,11 +80,7 @@ class JsonLoginIdentity:
             if not k.endswith("_file")
         }
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
-        # the identity is the login endpoint and the non-secret shape of the credentials: a
-        # stored session is reused only by the same one (values of credentials are not hashed
-        # in, so that a rotated password keeps the session)
-        ident = "|".join([config.login.url, *sorted(config.credentials)])
-        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.fingerprint = json_login_principal(config)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -87,19 +89,46 @@ class JsonLoginIdentity:
 
     async def login(self) -> Token:
         answer = await self._call(self._login, None)
-        return self._session_from(answer, "login", previous=None, jar=())
+        return await self._checked(self._session_from(answer, "login", previous=None, jar=()))
 
     async def refresh(self, token: Token) -> Token:
         call = self._refresh
         if call is None:
             return await self.login()  # a new login replaces the session's tokens and cookies
         answer = await self._call(call, token)
-        return self._session_from(answer, "refresh", previous=token, jar=token.cookies)
+        session = self._session_from(answer, "refresh", previous=token, jar=token.cookies)
+        return await self._checked(session)
 
     async def logout(self, token: Token) -> None:
         """Call the logout endpoint when one is configured; any answer but 2xx raises."""
         if self._logout is not None:
             await self._call(self._logout, token, expect_json=False)
+
+    async def _checked(self, token: Token) -> Token:
+        """``token`` once ``identity.validate`` (when enabled) passed it: a JWT verified against
+        ``identity.jwks_url`` with ``validate.issuer`` and ``validate.audience``, as under oauth2
+        (the Transmit seed's rule); InvalidToken otherwise, and the token is never used."""
+        rules = self._config.validate_token
+        if not rules.enabled:
+            return token
+        from sidecar.identity.validation import TokenValidator, vet  # PyJWT only when used
+
+        if self._validator is None:
+            jwks = self._config.jwks_url
+
+            async def jwks_url() -> str | None:
+                return jwks
+
+            self._validator = TokenValidator(
+                rules,
+                self._http,
+                self._clock,
+                issuer=rules.issuer or "",
+                audience=rules.audience or "",
+                jwks_url=jwks_url,
+            )
+        await vet(self._validator, token, self._metrics)
+        return token
 
     # ----------------------------------------------------------------- calls
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,9 +26,10 @@ from pydantic import SecretStr
 from sidecar.clock import Clock
 from sidecar.config import Identity
 from sidecar.config_load import read_secret
-from sidecar.errors import IdentityError, IdentityUnavailable, InvalidToken
+from sidecar.errors import IdentityError, IdentityUnavailable
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP
+from sidecar.identity.principal import oauth2_principal
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -59,18 +59,7 @@ class OAuth2Identity:
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
-        ident = "|".join(
-            [
-                config.token_url or config.issuer or "",
-                config.client_id or "",
-                config.grant,
-                config.username or "",
-                config.scope or "",
-                config.audience or "",
-                config.resource or "",
-            ]
-        )
-        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.fingerprint = oauth2_principal(config)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -140,9 +129,9 @@ class OAuth2Identity:
         return token
 
     async def _validate(self, token: Token) -> None:
-        if self._validator is None:
-            from sidecar.identity.validation import TokenValidator
+        from sidecar.identity.validation import TokenValidator, vet
 
+        if self._validator is None:
             cfg = self._config
             resolver = self._endpoints
 
@@ -168,16 +157,7 @@ class OAuth2Identity:
                 jwks_url=jwks_url,
                 introspect=introspect,
             )
-        try:
-            await self._validator.check(token.access_token)
-        except InvalidToken as exc:
-            if self._metrics is not None:
-                self._metrics.token_validation_failures.labels(reason=exc.reason).inc()
-            log.warning(
-                "identity.token_invalid",
-                extra={"reason": exc.reason, "error": str(exc), "token": token.fingerprint},
-            )
-            raise
+        await vet(self._validator, token, self._metrics)
 
     def _add_scope(self, form: dict[str, str], *, audience: bool) -> None:
         cfg = self._config

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
@@ -27,6 +27,10 @@ from sidecar.clock import Clock
 from sidecar.config_oauth2 import Validate
 from sidecar.errors import IdentityUnavailable, InvalidToken
 from sidecar.identity.http import IdentityHTTP
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+    from sidecar.tokens import Token
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +199,21 @@ class TokenValidator:
         self._keys = keys
         self._fetched_at = self._tried_at
         return keys
+
+
+async def vet(validator: TokenValidator, token: Token, metrics: Metrics | None) -> None:
+    """Check ``token`` before it is used, for any kind of identity: a refusal is counted by
+    reason, logged (``identity.token_invalid``, with the token's fingerprint only) and raised."""
+    try:
+        await validator.check(token.access_token)
+    except InvalidToken as exc:
+        if metrics is not None:
+            metrics.token_validation_failures.labels(reason=exc.reason).inc()
+        log.warning(
+            "identity.token_invalid",
+            extra={"reason": exc.reason, "error": str(exc), "token": token.fingerprint},
+        )
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ Every call is recorded (path, headers, JSON body) for on-the-wire checks.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 from sidecar.clock import Clock, SystemClock
 
@@ -60,6 +63,15 @@ class FinHub:
     customer_secret: str = "customer-secret-0123456789"
     username: str = "svc-finhub"
     password: str = "finhub-password-9876543210"
+    #: more users of the same customer: {username: password}, each logged in as itself
+    other_users: dict[str, str] = field(default_factory=dict)
+    #: session tokens are ES256 JWTs signed with this key (published at /jwks as "finhub-1",
+    #: with iss and aud claims) instead of HS256 ones
+    signing_key: ec.EllipticCurvePrivateKey | None = None
+    issuer: str = "https://api.finhub.cloud"
+    audience: str = "finhub-api"
+    #: merged into every session token's claims (to issue a wrong aud, iss, exp, …)
+    claim_overrides: dict[str, Any] = field(default_factory=dict)
     #: Set-Cookie headers sent with every login and refresh answer
     set_cookies: list[str] = field(default_factory=list)
     #: answer every auth call this way while set: "503", "hang", "reset"
@@ -69,6 +81,8 @@ class FinHub:
     calls: list[Call] = field(default_factory=list)
     issued: dict[str, float] = field(default_factory=dict)
     refresh_tokens: set[str] = field(default_factory=set)
+    #: whose session each refresh token continues (the token's ``sub``)
+    refresh_subjects: dict[str, str] = field(default_factory=dict)
     used_refresh_tokens: list[str] = field(default_factory=list)
     logged_out: set[str] = field(default_factory=set)
     request_ids: set[str] = field(default_factory=set)
@@ -80,11 +94,19 @@ class FinHub:
         app.router.add_post(f"{PREFIX}/auth/login", self._login)
         app.router.add_post(f"{PREFIX}/auth/token/refresh", self._refresh)
         app.router.add_post(f"{PREFIX}/auth/logout", self._logout)
+        app.router.add_get("/jwks", self._jwks)
         app.router.add_route("*", PREFIX + "/{tail:.*}", self._resource)
         return app
 
     def auth_calls(self, what: str) -> list[Call]:
         return [c for c in self.calls if c.path == f"{PREFIX}/auth/{what}"]
+
+    @staticmethod
+    def subject(authorization: str) -> str:
+        """Whose session an ``Authorization: Bearer`` header carries (the token's ``sub``)."""
+        token = authorization.removeprefix("Bearer ")
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return str(claims["sub"])
 
     def is_live(self, token: str) -> bool:
         expires = self.issued.get(token)
@@ -132,13 +154,16 @@ class FinHub:
         body, refusal = await self._record(request)
         if refusal is not None:
             return refusal
+        users = {self.username: self.password, **self.other_users}
+        username = body.get("username")
+        password = users.get(username) if isinstance(username, str) else None
         if (
             not self._customer_ok(body)
-            or body.get("username") != self.username
-            or body.get("password") != self.password
+            or password is None
+            or not secrets.compare_digest(str(body.get("password", "")), password)
         ):
             return _error(401, "INVALID_CREDENTIALS", "username or password is wrong")
-        return self._session_answer()
+        return self._session_answer(str(username))
 
     async def _refresh(self, request: web.Request) -> web.StreamResponse:
         body, refusal = await self._record(request)
@@ -151,7 +176,7 @@ class FinHub:
             return _error(401, "INVALID_REFRESH_TOKEN", "refresh token unknown or already used")
         self.refresh_tokens.discard(presented)  # rotation: each refresh token works once
         self.used_refresh_tokens.append(presented)
-        return self._session_answer()
+        return self._session_answer(self.refresh_subjects.get(presented, self.username))
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         _body, refusal = await self._record(request, needs_body=False)
@@ -164,16 +189,15 @@ class FinHub:
         self.logged_out.add(token)
         return web.json_response({"status": "logged_out"})
 
-    def _session_answer(self) -> web.Response:
+    def _session_answer(self, username: str) -> web.Response:
         now = self.clock.time()
-        token = jwt.encode(
-            {"sub": self.username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex},
-            SIGNING_KEY,
-            algorithm="HS256",
+        token = self._sign(
+            {"sub": username, "exp": now + self.lifetime, "iat": now, "jti": uuid.uuid4().hex}
         )
         self.issued[token] = now + self.lifetime
         refresh = "rt-" + secrets.token_urlsafe(24)
         self.refresh_tokens.add(refresh)
+        self.refresh_subjects[refresh] = username
         response = web.json_response(
             {
                 "expires_in": self.lifetime,
@@ -188,6 +212,20 @@ class FinHub:
         for cookie in self.set_cookies:
             response.headers.add("Set-Cookie", cookie)
         return response
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        if self.signing_key is None:
+            return jwt.encode({**claims, **self.claim_overrides}, SIGNING_KEY, algorithm="HS256")
+        claims = {**claims, "iss": self.issuer, "aud": self.audience, **self.claim_overrides}
+        return jwt.encode(claims, self.signing_key, algorithm="ES256", headers={"kid": "finhub-1"})
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.calls.append(Call(request.path, dict(request.headers), None))
+        if self.signing_key is None:
+            return web.json_response({"keys": []})
+        public = json.loads(ECAlgorithm.to_jwk(self.signing_key.public_key()))
+        public.update(kid="finhub-1", use="sig", alg="ES256")
+        return web.json_response({"keys": [public]})
 
     # ----------------------------------------------------------------- the resource
 

@@ -56,6 +56,8 @@ class FakeIdP:
     failures: list[str] = field(default_factory=list)
     #: fail every token call with this mode while set
     down: str | None = None
+    #: fail every refresh (grant refresh_token) with this mode while set; logins still work
+    refresh_down: str | None = None
     calls: list[Call] = field(default_factory=list)
     issued: dict[str, float] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
@@ -123,6 +125,8 @@ class FakeIdP:
         if self.delay:
             await asyncio.sleep(self.delay)
         mode = self.down or (self.failures.pop(0) if self.failures else None)
+        if mode is None and form.get("grant_type") == "refresh_token":
+            mode = self.refresh_down
         if mode is not None:
             return await self._fail(mode, request)
         if not self._client_ok(request, form):
