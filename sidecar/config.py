@@ -161,11 +161,23 @@ class Identity(_Model):
     client_id: str | None = None
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
-    client_auth: Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] = (
-        "client_secret_basic"
-    )
+    #: secrets the provider may still expect during a rotation: tried in order, within the same
+    #: renewal, when it refuses the current one (invalid_client or HTTP 401); re-read at each use
+    previous_client_secret_files: list[Path] = Field(default_factory=list)
+    client_auth: Literal[
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "client_assertion_file",
+        "none",
+    ] = "client_secret_basic"
     #: PEM private key (RSA, EC or Ed25519), re-read at every login
     private_key_file: Path | None = None
+    #: keys the provider may still expect during a rotation (as previous_client_secret_files)
+    previous_private_key_files: list[Path] = Field(default_factory=list)
+    #: client_auth client_assertion_file: a JWT issued to this workload (e.g. a projected
+    #: service-account token), re-read at every call and sent as the client_assertion
+    client_assertion_file: Path | None = None
     key_id: str | None = None
     signing_alg: JWSAlgorithm | None = None
     username: str | None = None

@@ -107,6 +107,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.previous_secret_used = Counter(
+            "sidecar_identity_previous_secret_used_total",
+            "Identity calls accepted only with a previous client secret or key (a rotation in "
+            "progress), by its index in the previous_* list",
+            ["index"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):
