@@ -161,9 +161,11 @@ class Identity(_Model):
     client_id: str | None = None
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
-    #: secrets the provider may still expect during a rotation: tried in order, within the same
-    #: renewal, when it refuses the current one (invalid_client or HTTP 401); re-read at each use
-    previous_client_secret_files: list[Path] = Field(default_factory=list)
+    previous_client_secret_files: list[Path] = Field(
+        default_factory=list,
+        description="secret files the provider may still expect (a rotation): tried in order "
+        "when it refuses the current one (invalid_client, 401)",
+    )
     client_auth: Literal[
         "client_secret_basic",
         "client_secret_post",
@@ -173,11 +175,15 @@ class Identity(_Model):
     ] = "client_secret_basic"
     #: PEM private key (RSA, EC or Ed25519), re-read at every login
     private_key_file: Path | None = None
-    #: keys the provider may still expect during a rotation (as previous_client_secret_files)
-    previous_private_key_files: list[Path] = Field(default_factory=list)
-    #: client_auth client_assertion_file: a JWT issued to this workload (e.g. a projected
-    #: service-account token), re-read at every call and sent as the client_assertion
-    client_assertion_file: Path | None = None
+    previous_private_key_files: list[Path] = Field(
+        default_factory=list,
+        description="private_key_jwt: older keys, tried in order when the current one is refused",
+    )
+    client_assertion_file: Path | None = Field(
+        None,
+        description="client_auth client_assertion_file: a workload JWT (projected "
+        "service-account token) sent as client_assertion, re-read at every call",
+    )
     key_id: str | None = None
     signing_alg: JWSAlgorithm | None = None
     username: str | None = None
