@@ -29,6 +29,7 @@ from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
+from sidecar.sink import TokenSink
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
 
@@ -164,6 +165,7 @@ class Sidecar:
             rng=self.rng,
             shared=shared,
             logout_timeout=cfg.session.logout_timeout,
+            sink=_token_sink(cfg),
         )
         # a reload may replace both: the closers close whichever the session holds by then
         self._closers.append(("identity", lambda: self.session.identity.aclose()))
@@ -367,6 +369,12 @@ class Sidecar:
             name, close = self._closers.pop()
             await self._close_quietly(name, close)
         log.info("sidecar.stopped")
+
+
+def _token_sink(config: Config) -> TokenSink | None:
+    """The token file sink of ``session.token_sink``, when configured."""
+    sink = config.session.token_sink
+    return None if sink is None else TokenSink(sink.path, sink.file_mode())
 
 
 def _demo_identity(config: Config) -> bool:

@@ -292,6 +292,26 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 REDIS_SCHEME_RULE = "must start with redis://, rediss://, unix:// or redis+sentinel://"
 
 
+class Sink(_Model):
+    """A file holding the current access token, for clients that cannot use the proxy."""
+
+    path: Path = Field(description="the file (written atomically: temp file + rename)")
+    mode: str = Field("0600", description="octal permissions of the file")
+
+    @field_validator("mode")
+    @classmethod
+    def _octal(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError(f'{value!r} is not an octal file mode such as "0600"')
+        if int(value, 8) & 0o022:
+            raise ValueError(f"{value!r} lets group or others replace the token")
+        return value
+
+    def file_mode(self) -> int:
+        """The mode as a number."""
+        return int(self.mode, 8)
+
+
 class Session(_Model):
     """Where the session is kept between restarts."""
 
@@ -311,6 +331,11 @@ class Session(_Model):
     #: seconds between checks of the shared record when change notifications are missed
     poll_interval: float = Field(1.0, gt=0)
     logout_on_shutdown: bool = False
+    token_sink: Sink | None = Field(
+        None,
+        description="{path, mode}: write the current access token to a file at every new token "
+        "(removed at logout)",
+    )
     #: seconds a logout may spend revoking before the session is cleared anyway
     logout_timeout: float = Field(5.0, gt=0, le=60)
 

@@ -209,6 +209,9 @@ def _check_files(config: Config) -> list[str]:
         previous = candidates[key]
         if previous is not None:
             problems.extend(check_private_key(previous, config.identity.signing_alg, key=key))
+    sink = config.session.token_sink
+    if sink is not None and not sink.path.parent.is_dir():
+        problems.append(f"session.token_sink.path: the directory {sink.path.parent} does not exist")
     if config.session.store == "redis":
         problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
     return problems

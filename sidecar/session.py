@@ -38,6 +38,7 @@ from sidecar.tokens import Token
 
 if TYPE_CHECKING:
     from sidecar.shared import SharedSession
+    from sidecar.sink import TokenSink
     from sidecar.store.crypto import Sealer
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class SessionManager:
         on_change: Callable[[Credentials | None], None] | None = None,
         shared: SharedSession | None = None,
         logout_timeout: float = 5.0,
+        sink: TokenSink | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -111,6 +113,8 @@ class SessionManager:
         self.fence: int | None = None
         self.login_count = 0
         self.refresh_failures = 0
+        #: session.token_sink: every new token is written to a file, removed at logout
+        self.sink = sink
 
     def notify(self, callback: Callable[[Credentials | None], None]) -> None:
         """Call ``callback`` with the new credentials (or None) whenever they change."""
@@ -141,6 +145,8 @@ class SessionManager:
                     await task
         self._loop_task = None
         await self._persist.save_at_stop()
+        if self.sink is not None:
+            await self.sink.flush()
 
     # ----------------------------------------------------------------- request path
 
@@ -236,6 +242,8 @@ class SessionManager:
         if record is not None:
             await self._renewer.revoke(record.token)
         await self._persist.clear()
+        if self.sink is not None:
+            await self.sink.remove()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id})
         self._schedule.wake()
@@ -247,6 +255,8 @@ class SessionManager:
         self._logged_out = True
         self._record = None
         self._set_current(None)
+        if self.sink is not None:
+            self.sink.discard()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
         self._schedule.wake()
@@ -328,6 +338,8 @@ class SessionManager:
             expires_at=token.expires_at - self._margin(token),
         )
         self._set_current(creds)
+        if self.sink is not None:
+            self.sink.offer(token)
         self.metrics.session_started.set(record.created_at)
         self.metrics.last_refresh_success.set(record.last_refreshed_at or record.created_at)
         self._schedule.wake()
