@@ -255,7 +255,7 @@ class Sidecar:
         if identity.kind == "json_login":
             from sidecar.identity.json_login import JsonLoginIdentity
 
-            return JsonLoginIdentity(identity, self.clock)
+            return JsonLoginIdentity(identity, self.clock, metrics=self.metrics)
         return OAuth2Identity(identity, self.clock, metrics=self.metrics)
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:

@@ -114,6 +114,12 @@ class Metrics:
             ["index"],
             registry=r,
         )
+        self.identity_clock_skew = Gauge(
+            "sidecar_identity_clock_skew_seconds",
+            "The identity provider's clock minus ours, from its Date header (absolute token "
+            "expiries are corrected by it)",
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):

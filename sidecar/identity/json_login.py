@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -37,6 +37,9 @@ from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class _Compiled:
 class JsonLoginIdentity:
     """Talks to one vendor session API for one set of credentials."""
 
-    def __init__(self, config: Identity, clock: Clock) -> None:
+    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config
         self._clock = clock
@@ -74,6 +77,8 @@ class JsonLoginIdentity:
             if not k.endswith("_file")
         }
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        if metrics is not None:
+            self._http.skew.report = metrics.identity_clock_skew.set
         # the identity is the login endpoint and the non-secret shape of the credentials: a
         # stored session is reused only by the same one (values of credentials are not hashed
         # in, so that a rotated password keeps the session)
@@ -167,7 +172,13 @@ class JsonLoginIdentity:
         url = URL(answer.url)
         cookies = store_cookies(jar, answer.set_cookies, url.host or "", url.path, now)
         return parse_session(
-            answer.json, self._response, now, previous=previous, cookies=cookies, call=call
+            answer.json,
+            self._response,
+            answer.sent_at,  # expires_in counts from the request, not from the answer
+            previous=previous,
+            cookies=cookies,
+            call=call,
+            skew=self._http.skew.seconds,
         )
 
 

@@ -61,6 +61,8 @@ class OAuth2Identity:
         self._clock = clock
         self._metrics = metrics
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        if metrics is not None:
+            self._http.skew.report = metrics.identity_clock_skew.set
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         ident = "|".join(
@@ -144,7 +146,10 @@ class OAuth2Identity:
 
         answer = await self._authenticated(form, send)
         token = parse_token_response(
-            answer.json, self._clock.time(), previous_refresh_token=previous_refresh_token
+            answer.json,
+            answer.sent_at,
+            previous_refresh_token=previous_refresh_token,
+            skew=self._http.skew.seconds,
         )
         if self._config.validate_token.enabled:
             await self._validate(token)
