@@ -21,7 +21,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
 from sidecar.front_server import FrontServer
-from sidecar.header_values import SessionCookies
+from sidecar.header_values import CookieCapture, SessionCookies
 from sidecar.headers import HeaderRules
 from sidecar.http_parts import refusal_bytes
 from sidecar.identity import IdentityProvider
@@ -107,6 +107,8 @@ class Sidecar:
     upstream_url: str = field(init=False, default="")
     demo_idp: DemoIdentityProvider | None = field(init=False, default=None)
     proxy: Proxy | None = field(init=False, default=None)
+    #: where the proxy reads its credentials (and hands captured cookies)
+    _source: CredentialSource = field(init=False)
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
     _drain: float = field(init=False)
@@ -211,6 +213,8 @@ class Sidecar:
             access_log=cfg.log.access_log,
         )
         await proxy.start()
+        self._source = session
+        proxy.capture_cookies = _capture(cfg, self.upstream_url, session)
         self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
         front = FrontServer(proxy.handle, refusal_bytes, self.clock)
@@ -355,6 +359,7 @@ class Sidecar:
         url = upstream_url or config.upstream.url or self.upstream_url
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
+            self.proxy.capture_cookies = _capture(config, url, self._source)
         self.upstream_url = url
 
     async def _close_quietly(self, name: str, close: Closer) -> None:
@@ -369,6 +374,13 @@ class Sidecar:
             name, close = self._closers.pop()
             await self._close_quietly(name, close)
         log.info("sidecar.stopped")
+
+
+def _capture(config: Config, upstream_url: str, session: CredentialSource) -> CookieCapture | None:
+    """What takes the upstream's cookies into the session's jar (upstream.capture_cookies)."""
+    if not config.upstream.capture_cookies:
+        return None
+    return CookieCapture(upstream_url, session.capture_cookies)
 
 
 def _token_sink(config: Config) -> TokenSink | None:

@@ -116,6 +116,11 @@ class Upstream(_Model):
     timeout: Timeout = Timeout()
     tls: TLS = TLS()
     send_cookies: bool = False
+    capture_cookies: bool = Field(
+        False,
+        description="the upstream's Set-Cookie answers update the session's cookie jar (RFC 6265; "
+        "needs send_cookies), for APIs that rotate session cookies on ordinary calls",
+    )
     #: request bodies up to this many bytes are buffered so that a request answered 401 can be
     #: replayed after a reactive refresh; larger bodies stream and are never replayed
     replay_body_limit: int = Field(65536, ge=0)
@@ -407,6 +412,11 @@ class Config(_Model):
             problems.append(
                 "identity.kind: required (oauth2 or json_login); the default, demo, needs "
                 "demo.enabled: true"
+            )
+        if self.upstream.capture_cookies and not self.upstream.send_cookies:
+            problems.append(
+                "upstream.capture_cookies: needs upstream.send_cookies: true (the captured "
+                "cookies are sent back with it)"
             )
         if self.upstream.url is None and not self.demo.enabled:
             problems.append("upstream.url: required")

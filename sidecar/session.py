@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sidecar.clock import Clock
 from sidecar.config import Refresh
+from sidecar.cookies import store_cookies
 from sidecar.errors import IdentityError, NoSessionError
 from sidecar.identity import IdentityProvider
 from sidecar.metrics import Metrics
@@ -212,6 +214,30 @@ class SessionManager:
             return await asyncio.shield(task)
         except IdentityError:
             return None
+
+    def capture_cookies(self, set_cookies: Sequence[str], host: str, path: str) -> None:
+        """upstream.capture_cookies: an upstream answer's ``Set-Cookie`` values (from ``host``,
+        for a request to ``path``) update the session's jar by the rules of RFC 6265
+        (:func:`sidecar.cookies.store_cookies`). A changed jar is a new snapshot for requests,
+        persisted with the session; the token, its expiry and the schedule stay as they were.
+
+        A shared store is not written here: a replica still on an older token would overwrite a
+        peer's newer one, so the captured cookies stay in this process until the next renewal."""
+        record = self._record
+        creds = self.current
+        if record is None or creds is None:
+            return
+        token = record.token
+        jar = store_cookies(token.cookies, set_cookies, host, path, self.clock.time())
+        if jar == token.cookies:
+            return
+        token = dataclasses.replace(token, cookies=jar)
+        record = dataclasses.replace(record, token=token)
+        self._record = record
+        self._set_current(dataclasses.replace(creds, token=token))
+        log.debug("session.cookies_captured", extra={"session_id": record.session_id})
+        if not self.store.shared:
+            self._persist.save_soon(record)
 
     # ----------------------------------------------------------------- operator actions
 
