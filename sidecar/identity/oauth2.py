@@ -255,7 +255,7 @@ class OAuth2Identity:
                 if _client_refused(exc):
                     continue
                 raise
-            # the index only: the value, and even its file name, stay out of logs
+            # the index and key name only: the value never reaches a log line
             log.warning("identity.previous_secret_used", extra={"index": index, "key": key})
             if self._metrics is not None:
                 self._metrics.previous_secret_used.labels(index=str(index)).inc()
