@@ -25,13 +25,14 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.config import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
 from sidecar.front_server import FrontServer
-from sidecar.header_values import SessionCookies
+from sidecar.header_values import CookieCapture, SessionCookies
 from sidecar.headers import HeaderRules
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy import CredentialSource, Proxy
 from sidecar.session import SessionManager
+from sidecar.sink import TokenSink
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
 from sidecar.unix_socket import UnixListener
@@ -112,6 +113,8 @@ class Sidecar:
     upstream_url: str = field(init=False, default="")
     demo_idp: DemoIdentityProvider | None = field(init=False, default=None)
     proxy: Proxy | None = field(init=False, default=None)
+    #: where the proxy reads its credentials (and hands captured cookies)
+    _source: CredentialSource = field(init=False)
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
     _drain: float = field(init=False)
@@ -170,6 +173,7 @@ class Sidecar:
             rng=self.rng,
             shared=shared,
             logout_timeout=cfg.session.logout_timeout,
+            sink=_token_sink(cfg),
         )
         # a reload may replace both: the closers close whichever the session holds by then
         self._closers.append(("identity", lambda: self.session.identity.aclose()))
@@ -224,6 +228,8 @@ class Sidecar:
             callers=CallerPolicy.compile(cfg.listen),
         )
         await proxy.start()
+        self._source = session
+        proxy.capture_cookies = _capture(cfg, self.upstream_url, session)
         self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
         port = 0
@@ -392,6 +398,7 @@ class Sidecar:
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
             self.proxy.callers = callers
+            self.proxy.capture_cookies = _capture(config, url, self._source)
         self.upstream_url = url
 
     async def _close_quietly(self, name: str, close: Closer) -> None:
@@ -406,6 +413,19 @@ class Sidecar:
             name, close = self._closers.pop()
             await self._close_quietly(name, close)
         log.info("sidecar.stopped")
+
+
+def _capture(config: Config, upstream_url: str, session: CredentialSource) -> CookieCapture | None:
+    """What takes the upstream's cookies into the session's jar (upstream.capture_cookies)."""
+    if not config.upstream.capture_cookies:
+        return None
+    return CookieCapture(upstream_url, session.capture_cookies)
+
+
+def _token_sink(config: Config) -> TokenSink | None:
+    """The token file sink of ``session.token_sink``, when configured."""
+    sink = config.session.token_sink
+    return None if sink is None else TokenSink(sink.path, sink.file_mode())
 
 
 def _demo_identity(config: Config) -> bool:

@@ -161,6 +161,11 @@ class Upstream(_Model):
     timeout: Timeout = Timeout()
     tls: TLS = TLS()
     send_cookies: bool = False
+    capture_cookies: bool = Field(
+        False,
+        description="the upstream's Set-Cookie answers update the session's cookie jar (RFC 6265; "
+        "needs send_cookies), for APIs that rotate session cookies on ordinary calls",
+    )
     #: request bodies up to this many bytes are buffered so that a request answered 401 can be
     #: replayed after a reactive refresh; larger bodies stream and are never replayed
     replay_body_limit: int = Field(65536, ge=0)
@@ -206,11 +211,29 @@ class Identity(_Model):
     client_id: str | None = None
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
-    client_auth: Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] = (
-        "client_secret_basic"
+    previous_client_secret_files: list[Path] = Field(
+        default_factory=list,
+        description="secret files the provider may still expect (a rotation): tried in order "
+        "when it refuses the current one (invalid_client, 401)",
     )
+    client_auth: Literal[
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "client_assertion_file",
+        "none",
+    ] = "client_secret_basic"
     #: PEM private key (RSA, EC or Ed25519), re-read at every login
     private_key_file: Path | None = None
+    previous_private_key_files: list[Path] = Field(
+        default_factory=list,
+        description="private_key_jwt: older keys, tried in order when the current one is refused",
+    )
+    client_assertion_file: Path | None = Field(
+        None,
+        description="client_auth client_assertion_file: a workload JWT (projected "
+        "service-account token) sent as client_assertion, re-read at every call",
+    )
     key_id: str | None = None
     signing_alg: JWSAlgorithm | None = None
     username: str | None = None
@@ -320,6 +343,26 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 REDIS_SCHEME_RULE = "must start with redis://, rediss://, unix:// or redis+sentinel://"
 
 
+class Sink(_Model):
+    """A file holding the current access token, for clients that cannot use the proxy."""
+
+    path: Path = Field(description="the file (written atomically: temp file + rename)")
+    mode: str = Field("0600", description="octal permissions of the file")
+
+    @field_validator("mode")
+    @classmethod
+    def _octal(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError(f'{value!r} is not an octal file mode such as "0600"')
+        if int(value, 8) & 0o022:
+            raise ValueError(f"{value!r} lets group or others replace the token")
+        return value
+
+    def file_mode(self) -> int:
+        """The mode as a number."""
+        return int(self.mode, 8)
+
+
 class Session(_Model):
     """Where the session is kept between restarts."""
 
@@ -339,6 +382,11 @@ class Session(_Model):
     #: seconds between checks of the shared record when change notifications are missed
     poll_interval: float = Field(1.0, gt=0)
     logout_on_shutdown: bool = False
+    token_sink: Sink | None = Field(
+        None,
+        description="{path, mode}: write the current access token to a file at every new token "
+        "(removed at logout)",
+    )
     #: seconds a logout may spend revoking before the session is cleared anyway
     logout_timeout: float = Field(5.0, gt=0, le=60)
 
@@ -422,6 +470,11 @@ class Config(_Model):
             problems.append(
                 "identity.kind: required (oauth2 or json_login); the default, demo, needs "
                 "demo.enabled: true"
+            )
+        if self.upstream.capture_cookies and not self.upstream.send_cookies:
+            problems.append(
+                "upstream.capture_cookies: needs upstream.send_cookies: true (the captured "
+                "cookies are sent back with it)"
             )
         if self.upstream.url is None and not self.demo.enabled:
             problems.append("upstream.url: required")

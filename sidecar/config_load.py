@@ -175,6 +175,7 @@ def _check_files(config: Config) -> list[str]:
         "identity.assertion_file": config.identity.assertion_file,
         "identity.subject_token_file": config.identity.subject_token_file,
         "identity.actor_token_file": config.identity.actor_token_file,
+        "identity.client_assertion_file": config.identity.client_assertion_file,
         "upstream.tls.ca_file": config.upstream.tls.ca_file,
         "upstream.tls.cert_file": config.upstream.tls.cert_file,
         "upstream.tls.key_file": config.upstream.tls.key_file,
@@ -188,6 +189,10 @@ def _check_files(config: Config) -> list[str]:
         candidates[f"identity.credentials.{name}_file"] = file
     for n, file in enumerate(config.session.previous_encryption_key_files):
         candidates[f"session.previous_encryption_key_files[{n}]"] = file
+    for n, file in enumerate(config.identity.previous_client_secret_files):
+        candidates[f"identity.previous_client_secret_files[{n}]"] = file
+    for n, file in enumerate(config.identity.previous_private_key_files):
+        candidates[f"identity.previous_private_key_files[{n}]"] = file
     for key, path in candidates.items():
         if path is None:
             continue
@@ -200,6 +205,14 @@ def _check_files(config: Config) -> list[str]:
     key_file = candidates["identity.private_key_file"]
     if key_file is not None:
         problems.extend(check_private_key(key_file, config.identity.signing_alg))
+    for n in range(len(config.identity.previous_private_key_files)):
+        key = f"identity.previous_private_key_files[{n}]"
+        previous = candidates[key]
+        if previous is not None:
+            problems.extend(check_private_key(previous, config.identity.signing_alg, key=key))
+    sink = config.session.token_sink
+    if sink is not None and not sink.path.parent.is_dir():
+        problems.append(f"session.token_sink.path: the directory {sink.path.parent} does not exist")
     if config.session.store == "redis":
         problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
     if config.listen.require_header is not None:

@@ -102,6 +102,30 @@ def _client_problems(identity: Identity) -> list[str]:
         problems.append(f"client_secret: not used with client_auth {identity.client_auth}")
     if identity.client_auth == "private_key_jwt" and identity.private_key_file is None:
         problems.append("private_key_file: required for client_auth private_key_jwt")
+    problems.extend(_rotation_problems(identity))
+    return problems
+
+
+def _rotation_problems(identity: Identity) -> list[str]:
+    """The workload assertion file and the previous secrets/keys go with one client_auth each."""
+    problems = []
+    by_assertion = identity.client_auth == "client_assertion_file"
+    if by_assertion and identity.client_assertion_file is None:
+        problems.append("client_assertion_file: required for client_auth client_assertion_file")
+    elif not by_assertion and identity.client_assertion_file is not None:
+        problems.append(
+            f"client_assertion_file: not used with client_auth {identity.client_auth} "
+            "(set client_auth: client_assertion_file)"
+        )
+    by_secret = identity.client_auth in ("client_secret_basic", "client_secret_post")
+    if identity.previous_client_secret_files and not by_secret:
+        problems.append(
+            f"previous_client_secret_files: not used with client_auth {identity.client_auth}"
+        )
+    if identity.previous_private_key_files and identity.client_auth != "private_key_jwt":
+        problems.append(
+            f"previous_private_key_files: not used with client_auth {identity.client_auth}"
+        )
     return problems
 
 
@@ -132,7 +156,9 @@ def _grant_problems(identity: Identity) -> list[str]:
     return problems
 
 
-def check_private_key(path: Path, signing_alg: str | None) -> list[str]:
+def check_private_key(
+    path: Path, signing_alg: str | None, *, key: str = "identity.private_key_file"
+) -> list[str]:
     """The key must be usable for signing, with ``signing_alg`` when set (caught at load, not at
     the first login; the file is read again at every login, so a rotated key is used)."""
     # PyJWT and cryptography are loaded only for a configured private key (idle memory)
@@ -141,6 +167,6 @@ def check_private_key(path: Path, signing_alg: str | None) -> list[str]:
     try:
         load_signing_key(path.read_bytes(), signing_alg)
     except ValueError as exc:
-        key = "identity.signing_alg" if "signing_alg" in str(exc) else "identity.private_key_file"
-        return [f"{key}: {exc}"]
+        named = "identity.signing_alg" if "signing_alg" in str(exc) else key
+        return [f"{named}: {exc}"]
     return []

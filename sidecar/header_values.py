@@ -8,6 +8,8 @@ identity comparison, plus a path-match over the few cookies kept for the upstrea
   with ``session.access_token`` and the session's fields. A value that cannot be rendered (a field
   the session lacks) or cannot go into a header (not Latin-1) leaves that header out, logged once
   per snapshot as ``headers.value_unavailable`` (the key is named, the value never).
+* :class:`CookieCapture` takes the upstream's ``Set-Cookie`` answers into the session's jar for
+  ``upstream.capture_cookies: true`` (the session makes a new snapshot when the jar changes).
 * :class:`SessionCookies` builds the ``Cookie`` header for ``upstream.send_cookies: true``: the
   session's cookies that match the upstream URL (RFC 6265 5.4), merged with the caller's own
   ``Cookie`` header (the session's cookie wins on a name clash; see
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from yarl import URL
@@ -131,3 +133,21 @@ class SessionCookies:
 #: request paths whose Cookie header is remembered per snapshot
 PATH_CACHE = 256
 _UNSET: Any = object()
+
+
+class CookieCapture:
+    """``upstream.capture_cookies``: hands each upstream answer's ``Set-Cookie`` values, with the
+    upstream's host and the request's path (RFC 6265 5.3 needs both), to ``keep`` (the session's
+    ``capture_cookies``). An answer without one costs a scan of its header names."""
+
+    __slots__ = ("_host", "_keep")
+
+    def __init__(self, upstream_url: str, keep: Callable[[Sequence[str], str, str], None]) -> None:
+        self._host = (URL(upstream_url).host or "").lower()
+        self._keep = keep
+
+    def __call__(self, headers: Sequence[tuple[bytes, bytes]], target: str) -> None:
+        """One answer's raw ``headers`` to a request for ``target`` (path and query)."""
+        found = [v.decode("latin-1") for n, v in headers if n.lower() == b"set-cookie"]
+        if found:
+            self._keep(found, self._host, target.split("?", 1)[0])

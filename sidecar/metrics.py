@@ -118,6 +118,19 @@ class Metrics:
             registry=r,
         )
         self._refusal_children: dict[str, Counter] = {}
+        self.previous_secret_used = Counter(
+            "sidecar_identity_previous_secret_used_total",
+            "Identity calls accepted only with a previous client secret or key (a rotation in "
+            "progress), by its index in the previous_* list",
+            ["index"],
+            registry=r,
+        )
+        self.identity_clock_skew = Gauge(
+            "sidecar_identity_clock_skew_seconds",
+            "The identity provider's clock minus ours, from its Date header (absolute token "
+            "expiries are corrected by it)",
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):

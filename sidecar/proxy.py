@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from yarl import URL
@@ -54,6 +55,9 @@ class CredentialSource(Protocol):
     async def reactive_refresh(self, used: Credentials) -> Credentials | None:
         """New credentials after the upstream rejected ``used``, or None."""
 
+    def capture_cookies(self, set_cookies: Sequence[str], host: str, path: str) -> None:
+        """Keep the upstream's ``Set-Cookie`` values (upstream.capture_cookies) in the jar."""
+
 
 class Proxy:
     """Forwards requests to one upstream origin with the session's credentials."""
@@ -76,6 +80,8 @@ class Proxy:
         self._session = session
         #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
         self._egress = egress if egress is not None else Egress(os.environ)
+        #: upstream.capture_cookies (None when off): each answer's Set-Cookie into the jar
+        self.capture_cookies: Callable[[Sequence[tuple[bytes, bytes]], str], None] | None = None
         self._metrics = metrics
         self._clock = clock
         #: write an access line per request (``log.access_log``)
@@ -328,6 +334,8 @@ class Proxy:
         When the upstream fails mid-body, the caller's connection is cut: a truncated body must not
         pass for a complete one.
         """
+        if self.capture_cookies is not None:
+            self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
         status = upstream.status
         reason = upstream.reason or reason_phrase(status)
         body = upstream.body_if_complete()

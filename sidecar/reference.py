@@ -94,7 +94,9 @@ MEANINGS = {
     "identity.client_id": "the client's id",
     "identity.client_secret": "the client's secret (or client_secret_file)",
     "identity.client_secret_file": "file holding the secret, re-read at every login",
-    "identity.client_auth": "client_secret_basic, client_secret_post, private_key_jwt or none",
+    "identity.client_auth": (
+        "client_secret_basic, client_secret_post, private_key_jwt, client_assertion_file or none"
+    ),
     "identity.private_key_file": "PEM private key (RSA, EC, Ed25519), re-read at every login",
     "identity.key_id": "kid header of the signed assertions",
     "identity.signing_alg": "JWS algorithm of the assertions (default: from the key type)",

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sidecar.clock import Clock
 from sidecar.config import Refresh
+from sidecar.cookies import store_cookies
 from sidecar.errors import IdentityError, NoSessionError
 from sidecar.identity import IdentityProvider
 from sidecar.metrics import Metrics
@@ -38,6 +40,7 @@ from sidecar.tokens import Token
 
 if TYPE_CHECKING:
     from sidecar.shared import SharedSession
+    from sidecar.sink import TokenSink
     from sidecar.store.crypto import Sealer
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class SessionManager:
         on_change: Callable[[Credentials | None], None] | None = None,
         shared: SharedSession | None = None,
         logout_timeout: float = 5.0,
+        sink: TokenSink | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -117,6 +121,8 @@ class SessionManager:
         self.fence: int | None = None
         self.login_count = 0
         self.refresh_failures = 0
+        #: session.token_sink: every new token is written to a file, removed at logout
+        self.sink = sink
 
     def notify(self, callback: Callable[[Credentials | None], None]) -> None:
         """Call ``callback`` with the new credentials (or None) whenever they change."""
@@ -147,6 +153,8 @@ class SessionManager:
                     await task
         self._loop_task = None
         await self._persist.save_at_stop()
+        if self.sink is not None:
+            await self.sink.flush()
 
     # ----------------------------------------------------------------- request path
 
@@ -213,6 +221,30 @@ class SessionManager:
         except IdentityError:
             return None
 
+    def capture_cookies(self, set_cookies: Sequence[str], host: str, path: str) -> None:
+        """upstream.capture_cookies: an upstream answer's ``Set-Cookie`` values (from ``host``,
+        for a request to ``path``) update the session's jar by the rules of RFC 6265
+        (:func:`sidecar.cookies.store_cookies`). A changed jar is a new snapshot for requests,
+        persisted with the session; the token, its expiry and the schedule stay as they were.
+
+        A shared store is not written here: a replica still on an older token would overwrite a
+        peer's newer one, so the captured cookies stay in this process until the next renewal."""
+        record = self._record
+        creds = self.current
+        if record is None or creds is None:
+            return
+        token = record.token
+        jar = store_cookies(token.cookies, set_cookies, host, path, self.clock.time())
+        if jar == token.cookies:
+            return
+        token = dataclasses.replace(token, cookies=jar)
+        record = dataclasses.replace(record, token=token)
+        self._record = record
+        self._set_current(dataclasses.replace(creds, token=token))
+        log.debug("session.cookies_captured", extra={"session_id": record.session_id})
+        if not self.store.shared:
+            self._persist.save_soon(record)
+
     # ----------------------------------------------------------------- operator actions
 
     async def force_refresh(self) -> Credentials:
@@ -249,6 +281,8 @@ class SessionManager:
         if record is not None:
             await self._renewer.revoke(record.token)
         await self._persist.clear()
+        if self.sink is not None:
+            await self.sink.remove()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id})
         self._schedule.wake()
@@ -260,6 +294,8 @@ class SessionManager:
         self._logged_out = True
         self._record = None
         self._set_current(None)
+        if self.sink is not None:
+            self.sink.discard()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
         self._schedule.wake()
@@ -341,6 +377,8 @@ class SessionManager:
             expires_at=token.expires_at - self._margin(token),
         )
         self._set_current(creds)
+        if self.sink is not None:
+            self.sink.offer(token)
         self.metrics.session_started.set(record.created_at)
         self.metrics.last_refresh_success.set(record.last_refreshed_at or record.created_at)
         self._schedule.wake()

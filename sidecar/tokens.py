@@ -21,6 +21,8 @@ from sidecar.errors import IdentityUnavailable
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
 #: short on purpose, so an unknown lifetime errs toward refreshing too often rather than too late
 DEFAULT_LIFETIME = 300.0
+#: seconds of clock difference that whole-second Date headers cannot tell from none
+SKEW_RESOLUTION = 2.0
 #: an ``expires_in`` beyond this (seconds) is taken for a provider bug, not a real lifetime
 MAX_LIFETIME = 366 * 24 * 3600.0
 
@@ -111,10 +113,15 @@ def jwt_expiry(access_token: str) -> float | None:
     Decoded by hand (base64url JSON, RFC 7519 section 3) so that the proxy process need not load
     a JWT library and its cryptography backend just to read one number.
     """
+    return jwt_time(access_token, "exp")
+
+
+def jwt_time(access_token: str, claim: str) -> float | None:
+    """A NumericDate claim (``exp``, ``iat``) of a JWT, unverified; None when absent."""
     claims = jwt_claims(access_token)
-    exp = claims.get("exp") if claims is not None else None
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
-        return float(exp)
+    value = claims.get(claim) if claims is not None else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
     return None
 
 
@@ -129,6 +136,16 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
     return claims if isinstance(claims, dict) else None
+
+
+def expiry_offset(skew: float | None, iat: float | None, sent_at: float) -> float:
+    """Seconds to subtract from an absolute expiry (provider's clock) to get ours: the measured
+    ``skew`` (provider minus local; None: not measured), else how far the token's ``iat`` lies
+    ahead of our send time (a backdated ``iat``, as Entra ID's, must not push an expiry later);
+    0 within :data:`SKEW_RESOLUTION`."""
+    if skew is None:
+        skew = max(0.0, iat - sent_at) if iat is not None else 0.0
+    return skew if abs(skew) >= SKEW_RESOLUTION else 0.0
 
 
 def _malformed(problem: str) -> IdentityUnavailable:
@@ -148,18 +165,28 @@ def _positive_number(value: Any, name: str) -> float:
 
 
 def token_expiry(
-    access: str, now: float, *, expires_in: Any = None, expires_at: Any = None
+    access: str,
+    now: float,
+    *,
+    expires_in: Any = None,
+    expires_at: Any = None,
+    skew: float | None = None,
 ) -> float:
-    """When a token issued at ``now`` expires: from ``expires_in`` (seconds), else ``expires_at``
-    (epoch seconds), else the JWT's ``exp``, else :data:`DEFAULT_LIFETIME` from now.
+    """When a token asked for at ``now`` (the moment the request was sent) expires, on our clock:
+    from ``expires_in`` (seconds from ``now``), else ``expires_at`` (epoch seconds), else the
+    JWT's ``exp``, else :data:`DEFAULT_LIFETIME` from now. Absolute expiries are on the
+    provider's clock: corrected by ``skew`` (provider minus local; None when not measured, then
+    by the JWT's ``iat``, see :func:`expiry_offset`).
     Raises IdentityUnavailable (malformed_response) for a bad number or a token already expired."""
     if expires_in is not None:
         expiry = now + _positive_number(expires_in, "expires_in")
     elif expires_at is not None:
-        expiry = _positive_number(expires_at, "expires_at")
+        offset = expiry_offset(skew, jwt_time(access, "iat"), now)
+        expiry = _positive_number(expires_at, "expires_at") - offset
     else:
         exp = jwt_expiry(access)
-        expiry = exp if exp is not None else now + DEFAULT_LIFETIME
+        offset = expiry_offset(skew, jwt_time(access, "iat"), now)
+        expiry = exp - offset if exp is not None else now + DEFAULT_LIFETIME
     if expiry <= now:
         raise _malformed("the token is already expired")
     if expiry - now > MAX_LIFETIME:
@@ -168,11 +195,12 @@ def token_expiry(
 
 
 def parse_token_response(
-    body: Any, now: float, *, previous_refresh_token: str | None = None
+    body: Any, now: float, *, previous_refresh_token: str | None = None, skew: float | None = None
 ) -> Token:
     """Build a Token from a decoded RFC 6749 section 5.1 response.
 
-    Expiry comes from ``expires_in``, else from the JWT's ``exp``, else :data:`DEFAULT_LIFETIME`.
+    Expiry comes from ``expires_in``, else from the JWT's ``exp`` (corrected by ``skew``), else
+    :data:`DEFAULT_LIFETIME`; ``now`` is when the request was sent.
     When a refresh answer carries no new refresh token, the previous one stays in use (RFC 6749
     section 6); a new one always replaces it (rotation).
     """
@@ -191,7 +219,7 @@ def parse_token_response(
     refresh = body.get("refresh_token", previous_refresh_token)
     if refresh is not None and not isinstance(refresh, str):
         raise _malformed("refresh_token is not a string")
-    expires_at = token_expiry(access, now, expires_in=body.get("expires_in"))
+    expires_at = token_expiry(access, now, expires_in=body.get("expires_in"), skew=skew)
     scope = body.get("scope")
     return Token(
         access_token=access,

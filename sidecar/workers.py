@@ -11,6 +11,7 @@ that only proxies; it talks to the supervisor over a private socket pair, one JS
     worker → supervisor   {"need": "request"}            no valid token here: renew or resend
                           {"need": "reactive", "token": fingerprint}   the upstream said 401
                           {"metrics": {...}}             per-request metrics, every second
+                          {"cookies": [...], "host", "path"}   upstream.capture_cookies
 
 So the identity provider sees one call per lifetime however many workers run, and /metrics on
 the one admin port sums what the workers counted. A worker that dies is started again.
@@ -28,7 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -128,6 +129,11 @@ class RemoteSession:
         if creds is None or creds.token.fingerprint == used.token.fingerprint:
             return None
         return creds
+
+    def capture_cookies(self, set_cookies: Sequence[str], host: str, path: str) -> None:
+        """The supervisor keeps the jar: the cookies go there, and come back with the next
+        credentials it sends."""
+        self._writer.write(_line({"cookies": list(set_cookies), "host": host, "path": path}))
 
 
 async def _worker_main(fd: int) -> int:
@@ -315,6 +321,10 @@ class Supervisor:
                     log.info("sidecar.worker_ready", extra={"worker": worker.index, "pid": pid})
                 elif "need" in message:
                     asyncio.get_running_loop().create_task(self._answer(worker, message))
+                elif "cookies" in message:
+                    self.sidecar.session.capture_cookies(
+                        message["cookies"], message["host"], message["path"]
+                    )
         finally:
             self.totals.gone(pid)
             if not self._stopping:

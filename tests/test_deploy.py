@@ -114,6 +114,9 @@ def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
         config.identity.assertion_file,
         config.identity.subject_token_file,
         config.identity.actor_token_file,
+        config.identity.client_assertion_file,
+        *config.identity.previous_client_secret_files,
+        *config.identity.previous_private_key_files,
         config.session.encryption_key_file,
         config.session.redis_url_file,
     ]
@@ -154,6 +157,7 @@ def test_the_pod_is_a_native_sidecar_with_a_restrictive_security_context() -> No
         K8S / "base" / "configmap.yaml",
         K8S / "overlays" / "redis" / "config.yaml",
         K8S / "overlays" / "token-exchange" / "config.yaml",
+        K8S / "overlays" / "workload-identity" / "config.yaml",
     ],
 )
 def test_shipped_sidecar_configs_are_valid(path: Path) -> None:

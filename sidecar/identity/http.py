@@ -16,6 +16,8 @@
   expected).
 * With ``client_errors=True`` (vendor JSON APIs, whose 4xx bodies follow no standard) a 4xx other
   than 408/429 is returned as an :class:`IdentityResponse` too, for the caller to interpret.
+* Every answer's ``Date`` header updates :attr:`IdentityHTTP.skew` (:mod:`sidecar.identity.skew`),
+  and each :class:`IdentityResponse` says when its request was sent.
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
 """
@@ -40,6 +42,7 @@ from sidecar.clock import Clock
 from sidecar.config import TLS
 from sidecar.egress import Egress
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.identity.skew import ClockSkew
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ class IdentityResponse:
     set_cookies: tuple[str, ...]
     #: the URL that answered (a backup, when the primary failed)
     url: str
+    #: when the request was sent (our clock): a token's ``expires_in`` counts from here
+    sent_at: float = 0.0
 
     def __repr__(self) -> str:
         # the body holds tokens: never shown
@@ -115,6 +120,8 @@ class IdentityHTTP:
         self._retired: set[asyncio.Task[None]] = set()
         #: for each list of URLs, the one that answered last (tried first next time)
         self._preferred: dict[tuple[str, ...], str] = {}
+        #: the provider's clock minus ours, from the Date header of every answer
+        self.skew = ClockSkew()
 
     async def aclose(self) -> None:
         """Close the connection pool (idempotent)."""
@@ -242,6 +249,7 @@ class IdentityHTTP:
         # identity call carries one)
         sent = {"Accept": "application/json", **(headers or {}), "X-Request-ID": str(uuid.uuid4())}
         client = await self._session()
+        sent_at = self._clock.time()
         try:
             async with client.request(
                 method,
@@ -284,6 +292,7 @@ class IdentityHTTP:
                 # how a TLS 1.3 server refuses a missing client certificate: after the handshake
                 why += " (over TLS: does the provider require identity.tls.cert_file?)"
             raise IdentityUnavailable(why, reason="connection") from exc
+        self.skew.observe(resp_headers.get("Date"), sent_at, self._clock.time())
         decoded = _decode_json(raw)
         answered = client_errors and 400 <= status < 500 and status not in (408, 429)
         if answered or 200 <= status < 300:
@@ -299,6 +308,7 @@ class IdentityHTTP:
                 json=decoded,
                 set_cookies=tuple(resp_headers.getall("Set-Cookie", ())),
                 url=url,
+                sent_at=sent_at,
             )
         if (
             status in (400, 401, 403)

@@ -80,6 +80,8 @@ class JsonLoginIdentity:
             if not k.endswith("_file")
         }
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        if metrics is not None:
+            self._http.skew.report = metrics.identity_clock_skew.set
         self.fingerprint = json_login_principal(config)
 
     async def aclose(self) -> None:
@@ -196,7 +198,13 @@ class JsonLoginIdentity:
         url = URL(answer.url)
         cookies = store_cookies(jar, answer.set_cookies, url.host or "", url.path, now)
         return parse_session(
-            answer.json, self._response, now, previous=previous, cookies=cookies, call=call
+            answer.json,
+            self._response,
+            answer.sent_at,  # expires_in counts from the request, not from the answer
+            previous=previous,
+            cookies=cookies,
+            call=call,
+            skew=self._http.skew.seconds,
         )
 
 

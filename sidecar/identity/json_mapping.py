@@ -65,8 +65,10 @@ def parse_session(
     previous: Token | None,
     cookies: tuple[Cookie, ...],
     call: str,
+    skew: float | None = None,
 ) -> Token:
-    """Build the session's new Token from a decoded answer (``call`` is "login" or "refresh")."""
+    """Build the session's new Token from a decoded answer (``call`` is "login" or "refresh"),
+    asked for at ``now``; ``skew`` (provider minus local) corrects an absolute expiry."""
     if not isinstance(body, Mapping):
         raise _fail(f"the {call} answer is not a JSON object", "malformed_response")
     access = lookup(body, response.access_token)
@@ -111,6 +113,7 @@ def parse_session(
         now,
         expires_in=_number_at(body, response.expires_in),
         expires_at=_number_at(body, response.expires_at),
+        skew=skew,
     )
     return Token(
         access_token=access,

@@ -3,9 +3,12 @@
 Grants: ``client_credentials`` and ``password`` (RFC 6749), ``jwt_bearer`` (RFC 7523 section 2.1)
 and ``token_exchange`` (RFC 8693), plus ``refresh_token`` for refreshes. Client authentication:
 ``client_secret_basic`` / ``client_secret_post`` (RFC 6749 section 2.3.1), ``private_key_jwt``
-(RFC 7523 section 2.2, OIDC Core section 9) or ``none``. Revocation: RFC 7009. Endpoints come from
-the configuration or OIDC discovery (:mod:`sidecar.identity.discovery`); every new access token is
-validated before use when ``identity.validate.enabled`` (:mod:`sidecar.identity.validation`).
+(RFC 7523 section 2.2, OIDC Core section 9), ``client_assertion_file`` (a workload identity JWT
+read from a file, RFC 7521 section 4.2) or ``none``; a refused secret or key is retried with the
+previous ones of a rotation (:meth:`OAuth2Identity._authenticated`). Revocation: RFC 7009.
+Endpoints come from the configuration or OIDC discovery (:mod:`sidecar.identity.discovery`);
+every new access token is validated before use when ``identity.validate.enabled``
+(:mod:`sidecar.identity.validation`).
 
 Every credential file (secret, password, private key, assertion, subject and actor tokens) is
 re-read at each use, so rotation (a Kubernetes Secret, a kubelet-rotated projected token) needs no
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -26,9 +30,9 @@ from pydantic import SecretStr
 from sidecar.clock import Clock
 from sidecar.config import Identity
 from sidecar.config_load import read_secret
-from sidecar.errors import IdentityError, IdentityUnavailable
+from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
-from sidecar.identity.http import IdentityHTTP
+from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
 from sidecar.tokens import Token, parse_token_response
 
@@ -57,6 +61,8 @@ class OAuth2Identity:
         self._clock = clock
         self._metrics = metrics
         self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        if metrics is not None:
+            self._http.skew.report = metrics.identity_clock_skew.set
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         self.fingerprint = oauth2_principal(config)
@@ -95,6 +101,13 @@ class OAuth2Identity:
         endpoints = await self._endpoints.get()
         if not endpoints.revocation:
             return
+        url = endpoints.revocation
+
+        async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
+            return await self._http.request(
+                "POST", url, form=signed, headers=headers, expect_json=False
+            )
+
         failure: IdentityError | None = None
         pairs = [("refresh_token", token.refresh_token), ("access_token", token.access_token)]
         for hint, value in pairs:
@@ -102,10 +115,7 @@ class OAuth2Identity:
                 continue
             form = {"token": value, "token_type_hint": hint}
             try:
-                headers = await self._client_auth(form)
-                await self._http.request(
-                    "POST", endpoints.revocation, form=form, headers=headers, expect_json=False
-                )
+                await self._authenticated(form, send)
             except IdentityError as exc:
                 log.warning("identity.revocation_failed", extra={"hint": hint, "error": str(exc)})
                 failure = failure or exc
@@ -118,11 +128,17 @@ class OAuth2Identity:
         self, form: dict[str, str], previous_refresh_token: str | None
     ) -> Token:
         endpoints = await self._endpoints.get()
-        headers = await self._client_auth(form)
         urls = [endpoints.token, *self._config.backup_token_urls]
-        answer = await self._http.request("POST", urls, form=form, headers=headers)
+
+        async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
+            return await self._http.request("POST", urls, form=signed, headers=headers)
+
+        answer = await self._authenticated(form, send)
         token = parse_token_response(
-            answer.json, self._clock.time(), previous_refresh_token=previous_refresh_token
+            answer.json,
+            answer.sent_at,
+            previous_refresh_token=previous_refresh_token,
+            skew=self._http.skew.seconds,
         )
         if self._config.validate_token.enabled:
             await self._validate(token)
@@ -144,8 +160,11 @@ class OAuth2Identity:
                     return None
                 # RFC 7662 2.1: the caller authenticates like at the token endpoint
                 form = {"token": access_token, "token_type_hint": "access_token"}
-                headers = await self._client_auth(form)
-                answer = await self._http.request("POST", endpoint, form=form, headers=headers)
+
+                async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
+                    return await self._http.request("POST", endpoint, form=signed, headers=headers)
+
+                answer = await self._authenticated(form, send)
                 return answer.json if isinstance(answer.json, dict) else {}
 
             self._validator = TokenValidator(
@@ -187,19 +206,80 @@ class OAuth2Identity:
             return await _file("identity.assertion_file", cfg.assertion_file)
         return await self._signed_assertion()
 
-    async def _client_auth(self, form: dict[str, str]) -> dict[str, str]:
-        """Add client authentication to ``form``; returns extra request headers."""
+    async def _authenticated(
+        self,
+        form: dict[str, str],
+        send: Callable[[dict[str, str], dict[str, str]], Awaitable[IdentityResponse]],
+    ) -> IdentityResponse:
+        """``send`` the form with client authentication: the current secret or key first (at
+        every call); when the provider refuses it (:func:`_client_refused`), each previous one in
+        order, so that a rotation may reach the Secret before or after the provider."""
+        signed = dict(form)
+        headers = await self._client_auth(signed)
+        try:
+            return await send(signed, headers)
+        except IdentityError as exc:
+            previous = self._previous_credentials()
+            if not previous or not _client_refused(exc):
+                raise
+            refused = exc
+        for index, (key, path) in enumerate(previous):
+            signed = dict(form)
+            try:
+                headers = await self._client_auth(signed, previous=path, key=key)
+                answer = await send(signed, headers)
+            except IdentityError as exc:
+                if exc.reason == "credential_file":
+                    log.warning("identity.previous_secret_unreadable", extra={"error": str(exc)})
+                    continue
+                if _client_refused(exc):
+                    continue
+                raise
+            # the index and key name only: the value never reaches a log line
+            log.warning("identity.previous_secret_used", extra={"index": index, "key": key})
+            if self._metrics is not None:
+                self._metrics.previous_secret_used.labels(index=str(index)).inc()
+            return answer
+        raise refused
+
+    def _previous_credentials(self) -> list[tuple[str, Path]]:
+        """The previous secrets or keys of the configured client_auth, as (key name, file)."""
+        cfg = self._config
+        if cfg.client_auth == "private_key_jwt":
+            name, files = "identity.previous_private_key_files", cfg.previous_private_key_files
+        elif cfg.client_auth in ("client_secret_basic", "client_secret_post"):
+            name, files = "identity.previous_client_secret_files", cfg.previous_client_secret_files
+        else:
+            return []
+        return [(f"{name}[{n}]", path) for n, path in enumerate(files)]
+
+    async def _client_auth(
+        self, form: dict[str, str], *, previous: Path | None = None, key: str = ""
+    ) -> dict[str, str]:
+        """Add client authentication to ``form``; returns extra request headers. ``previous``
+        (named ``key``) replaces the current secret or private key file."""
         cfg = self._config
         client_id = cfg.client_id or ""
         if cfg.client_auth == "none":
             form["client_id"] = client_id  # RFC 6749 section 2.3: a public client names itself
             return {}
-        if cfg.client_auth == "private_key_jwt":
+        if cfg.client_auth in ("private_key_jwt", "client_assertion_file"):
             form["client_id"] = client_id
             form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
-            form["client_assertion"] = await self._signed_assertion()
+            if cfg.client_auth == "client_assertion_file":
+                # a workload identity token (RFC 7521 4.2), issued to us: sent as it is
+                assert cfg.client_assertion_file is not None
+                path = cfg.client_assertion_file
+                form["client_assertion"] = await _file("identity.client_assertion_file", path)
+            else:
+                form["client_assertion"] = await self._signed_assertion(previous, key)
             return {}
-        secret = await _secret("identity.client_secret", cfg.client_secret, cfg.client_secret_file)
+        if previous is not None:
+            secret = await _file(key, previous)
+        else:
+            secret = await _secret(
+                "identity.client_secret", cfg.client_secret, cfg.client_secret_file
+            )
         if cfg.client_auth == "client_secret_post":
             form["client_id"] = client_id
             form["client_secret"] = secret
@@ -208,20 +288,21 @@ class OAuth2Identity:
         pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
         return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
-    async def _signed_assertion(self) -> str:
+    async def _signed_assertion(self, previous: Path | None = None, name: str = "") -> str:
         """A fresh JWT, iss = sub = client_id, aud = the (primary) token endpoint (OIDC Core 9);
-        the key file is re-read every time, so a rotated key is used at the next call."""
+        the key file (``previous``, named ``name``, when given) is re-read every time, so a
+        rotated key is used at the next call."""
         from sidecar.identity.assertions import load_signing_key, sign_assertion
 
         cfg = self._config
-        assert cfg.private_key_file is not None
-        pem = await _file("identity.private_key_file", cfg.private_key_file)
+        path = previous or cfg.private_key_file
+        name = name if previous is not None else "identity.private_key_file"
+        assert path is not None
+        pem = await _file(name, path)
         try:
             key, alg = load_signing_key(pem.encode(), cfg.signing_alg)
         except ValueError as exc:
-            raise IdentityUnavailable(
-                f"identity.private_key_file: {exc}", reason="credential_file"
-            ) from None
+            raise IdentityUnavailable(f"{name}: {exc}", reason="credential_file") from None
         endpoints = await self._endpoints.get()
         return sign_assertion(
             key,
@@ -232,6 +313,14 @@ class OAuth2Identity:
             now=self._clock.time(),
             key_id=cfg.key_id,
         )
+
+
+def _client_refused(exc: IdentityError) -> bool:
+    """The provider refused our client authentication: RFC 6749 5.2 ``invalid_client``, or a
+    401 (which some providers send bare, without a JSON error)."""
+    if isinstance(exc, OAuthError):
+        return exc.error == "invalid_client" or exc.status == 401
+    return exc.reason == "http_401"
 
 
 async def _secret(key: str, value: SecretStr | None, path: Path | None) -> str:

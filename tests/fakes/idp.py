@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -48,8 +49,16 @@ class FakeIdP:
     password: str = "user-password-9876543210"
     issue_refresh_tokens: bool = True
     send_expires_in: bool = True
+    #: put ``iat`` in issued tokens (False: ``exp`` only)
+    send_iat: bool = True
+    #: seconds the provider's clock runs ahead of ``clock`` (negative: behind); its tokens, its
+    #: Date headers and is_valid (which the fake upstream asks) all use that clock
+    clock_offset: float = 0.0
     #: seconds (real time) to wait before answering a token request
     delay: float = 0.0
+    #: seconds of the fake clock a token request takes: ``clock`` (a FakeClock) is moved forward
+    #: this much after the request arrives and before the token is issued
+    answer_after: float = 0.0
     #: modes consumed one per token call: "500", "502", "503", "429" (with Retry-After: 2), "hang",
     #: "malformed" (truncated JSON), "not_a_token" (JSON of the wrong shape), "truncated" (the
     #: body breaks off), "reset", "invalid_grant", "invalid_client"
@@ -67,7 +76,16 @@ class FakeIdP:
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_post("/revoke", self._revoke)
+        app.on_response_prepare.append(self._date)
         return app
+
+    def now(self) -> float:
+        """The provider's own clock."""
+        return self.clock.time() + self.clock_offset
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The Date header on the provider's clock (aiohttp would use the real one)."""
+        response.headers["Date"] = email.utils.formatdate(self.now(), usegmt=True)
 
     @property
     def token_calls(self) -> list[Call]:
@@ -78,9 +96,7 @@ class FakeIdP:
 
     def is_valid(self, access_token: str) -> bool:
         expires = self.issued.get(access_token)
-        return (
-            expires is not None and access_token not in self.revoked and self.clock.time() < expires
-        )
+        return expires is not None and access_token not in self.revoked and self.now() < expires
 
     def revoke_all(self) -> None:
         """Invalidate every access token issued so far (refresh tokens stay valid)."""
@@ -121,9 +137,11 @@ class FakeIdP:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        self.calls.append(Call("/token", form, dict(request.headers), self.clock.time()))
+        self.calls.append(Call("/token", form, dict(request.headers), self.now()))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.answer_after:
+            await self.clock.advance(self.answer_after)  # type: ignore[attr-defined]
         mode = self.down or (self.failures.pop(0) if self.failures else None)
         if mode is None and form.get("grant_type") == "refresh_token":
             mode = self.refresh_down
@@ -156,15 +174,11 @@ class FakeIdP:
         return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
 
     def _issue(self, form: dict[str, str]) -> dict[str, Any]:
-        now = self.clock.time()
-        access = self._access_token(
-            {
-                "sub": self.client_id,
-                "exp": now + self.lifetime,
-                "iat": now,
-                "jti": uuid.uuid4().hex,
-            }
-        )
+        now = self.now()
+        claims: dict[str, Any] = {"sub": self.client_id, "exp": now + self.lifetime}
+        if self.send_iat:
+            claims["iat"] = now
+        access = self._access_token({**claims, "jti": uuid.uuid4().hex})
         self.issued[access] = now + self.lifetime
         body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
         if self.send_expires_in:
@@ -179,7 +193,7 @@ class FakeIdP:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
-        self.calls.append(Call("/revoke", form, dict(request.headers), self.clock.time()))
+        self.calls.append(Call("/revoke", form, dict(request.headers), self.now()))
         token = form.get("token", "")
         self.revoked.add(token)
         self.refresh_tokens.discard(token)

@@ -80,6 +80,12 @@ class OIDCProvider(FakeIdP):
     jwks_down: bool = False
     #: the revocation endpoint never answers while set
     revocation_hangs: bool = False
+    #: client_assertion_file: a federated workload identity (as Entra ID's federated credential):
+    #: assertions signed by this key with this issuer, subject and audience authenticate the client
+    workload_key: Any = None
+    workload_issuer: str = "https://kubernetes.default.svc.cluster.local"
+    workload_subject: str = "system:serviceaccount:orders:orders-api"
+    workload_audience: str = "api://AzureADTokenExchange"
     seen_jti: set[str] = field(default_factory=set)
     assertion_failures: list[str] = field(default_factory=list)
 
@@ -146,6 +152,8 @@ class OIDCProvider(FakeIdP):
 
     def _client_ok(self, request: web.Request, form: dict[str, str]) -> bool:
         if form.get("client_assertion_type") == ASSERTION_TYPE:
+            if self.workload_key is not None:
+                return self._workload_ok(form.get("client_assertion", ""))
             if self.client_public_key is None:
                 return False
             return self._assertion_ok(
@@ -156,6 +164,30 @@ class OIDCProvider(FakeIdP):
             # a public client (client_auth none): the grant's own token authenticates it
             return form.get("client_id") == self.client_id
         return super()._client_ok(request, form)
+
+    def _workload_ok(self, assertion: str) -> bool:
+        """A workload's token (e.g. a projected service-account token): signature, iss, sub and
+        aud of the federated credential, exp on the fake clock. Reused while valid, as such
+        tokens are (no jti check)."""
+        try:
+            claims = jwt.decode(
+                assertion,
+                self.workload_key,
+                algorithms=["RS256", "ES256"],
+                audience=self.workload_audience,
+                issuer=self.workload_issuer,
+                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+        except jwt.PyJWTError as exc:
+            self.assertion_failures.append(type(exc).__name__)
+            return False
+        if claims.get("sub") != self.workload_subject:
+            self.assertion_failures.append("wrong_subject")
+            return False
+        if claims.get("exp", 0) <= self.clock.time():
+            self.assertion_failures.append("expired")
+            return False
+        return True
 
     def _assertion_ok(self, assertion: str, keys: list[Any], *, client: bool) -> bool:
         """RFC 7523 section 3: signature, iss/sub, aud = our token endpoint, exp, unused jti."""

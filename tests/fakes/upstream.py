@@ -152,6 +152,13 @@ class FakeUpstream:
         response.set_cookie("b", "2")
         return response
 
+    async def _route_setcookie(self, _request: web.Request, args: list[str]) -> web.Response:
+        """``/setcookie/<name>/<value>[/<max-age>]``: an API that rotates a session cookie."""
+        response = web.json_response({"ok": True})
+        max_age = int(args[2]) if len(args) > 2 else None
+        response.set_cookie(args[0], args[1], path="/", max_age=max_age)
+        return response
+
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(
             Seen("GET", request.path_qs, dict(request.headers), list(request.headers.items()))
