@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from yarl import URL
 
+from sidecar.field_values import checked
 from sidecar.templates import compile_text, names_by_key, unknown
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -72,8 +73,7 @@ class JsonCall(_Section):
         for name, text in value.items():
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"the value of {name!r} contains a control character")
+            checked(text, f"the value of {name!r}")
         return value
 
     @property

@@ -33,6 +33,7 @@ from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, c
 from sidecar.config_load import read_secret
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.field_values import header_value_problem
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
@@ -130,10 +131,11 @@ class JsonLoginIdentity:
                 reason="missing_value",
             ) from None
         for name, value in headers.items():
-            if any(c in value for c in "\r\n\0"):
+            problem = header_value_problem(value)
+            if problem is not None:
                 # a secret file with a line break in it: refused here, never sent (or logged)
                 raise IdentityUnavailable(
-                    f"identity.{call.name}.headers.{name}: the rendered value has a line break",
+                    f"identity.{call.name}.headers.{name}: the rendered value {problem}",
                     reason="bad_header_value",
                 )
         if token is not None and token.cookies and not _has(headers, "cookie"):
