@@ -165,7 +165,8 @@ def _dotted(parts: list[str]) -> str:
 
 
 def _check_files(config: Config) -> list[str]:
-    """Secret and certificate files must exist and be readable at load time."""
+    """Secret and certificate files must exist and be readable at load time; the session
+    directory, when it exists, must be sidecar's alone."""
     problems = []
     candidates: dict[str, Path | None] = {
         "identity.client_secret_file": config.identity.client_secret_file,
@@ -201,6 +202,12 @@ def _check_files(config: Config) -> list[str]:
         problems.extend(check_private_key(key_file, config.identity.signing_alg))
     if config.session.store == "redis":
         problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
+    if config.session.store == "file":
+        from sidecar.store.file import directory_problem
+
+        problem = directory_problem(config.session.path.parent)
+        if problem is not None:
+            problems.append(f"session.path: {problem}")
     return problems
 
 
