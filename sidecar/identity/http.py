@@ -16,6 +16,8 @@
   expected).
 * With ``client_errors=True`` (vendor JSON APIs, whose 4xx bodies follow no standard) a 4xx other
   than 408/429 is returned as an :class:`IdentityResponse` too, for the caller to interpret.
+* An OAuth2 error's ``error`` and ``error_description`` are scrubbed of the credential values
+  noted in :attr:`IdentityHTTP.secrets` and bounded (:mod:`sidecar.identity.provider_text`).
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
 """
@@ -38,6 +40,7 @@ from multidict import CIMultiDictProxy
 from sidecar.clock import Clock
 from sidecar.config import TLS
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.identity.provider_text import SecretValues
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 log = logging.getLogger(__name__)
@@ -91,8 +94,17 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 class IdentityHTTP:
     """The identity provider's HTTP client: TLS, timeouts, backups and error translation."""
 
-    def __init__(self, clock: Clock, *, timeout: float, tls: TLS | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        timeout: float,
+        tls: TLS | None = None,
+        secrets: SecretValues | None = None,
+    ) -> None:
         self._clock = clock
+        #: the credential values the provider's error text is scrubbed of
+        self.secrets = secrets or SecretValues()
         self._timeout = timeout
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
@@ -285,10 +297,11 @@ class IdentityHTTP:
             and isinstance(decoded, dict)
             and isinstance(decoded.get("error"), str)
         ):
+            # the provider's words reach callers and logs: scrubbed and bounded first
             description = decoded.get("error_description")
             raise OAuthError(
-                decoded["error"],
-                description if isinstance(description, str) else None,
+                self.secrets.provider_text(decoded["error"], limit=64),
+                self.secrets.provider_text(description) if isinstance(description, str) else None,
                 status=status,
             )
         page = " (an HTML error page)" if _looks_like_html(raw, resp_headers) else ""

@@ -30,6 +30,7 @@ from sidecar.config_load import read_secret
 from sidecar.errors import IdentityError, IdentityUnavailable, InvalidToken
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP
+from sidecar.identity.provider_text import SecretValues
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ GRANT_TYPES = {
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
+#: form fields that carry a credential (RFC 6749 4.3 and 6, RFC 7523, RFC 8693, RFC 7009/7662)
+_CREDENTIAL_FIELDS = (
+    "password",
+    "assertion",
+    "refresh_token",
+    "subject_token",
+    "actor_token",
+    "token",
+)
+
+
 class OAuth2Identity:
     """Talks to one OAuth2 authorization server for one client."""
 
@@ -56,7 +68,11 @@ class OAuth2Identity:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        #: every credential value read or sent, scrubbed from the provider's error text
+        self._secrets = SecretValues()
+        self._http = IdentityHTTP(
+            clock, timeout=config.timeout, tls=config.tls, secrets=self._secrets
+        )
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         ident = "|".join(
@@ -208,7 +224,10 @@ class OAuth2Identity:
         return await self._signed_assertion()
 
     async def _client_auth(self, form: dict[str, str]) -> dict[str, str]:
-        """Add client authentication to ``form``; returns extra request headers."""
+        """Add client authentication to ``form``; returns extra request headers. Called last,
+        on a complete form: every credential it and the form carry is noted for scrubbing."""
+        for name in _CREDENTIAL_FIELDS:
+            self._secrets.note(name, form.get(name))
         cfg = self._config
         client_id = cfg.client_id or ""
         if cfg.client_auth == "none":
@@ -218,15 +237,19 @@ class OAuth2Identity:
             form["client_id"] = client_id
             form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
             form["client_assertion"] = await self._signed_assertion()
+            self._secrets.note("client_assertion", form["client_assertion"])
             return {}
         secret = await _secret("identity.client_secret", cfg.client_secret, cfg.client_secret_file)
+        self._secrets.note("client_secret", secret)
         if cfg.client_auth == "client_secret_post":
             form["client_id"] = client_id
             form["client_secret"] = secret
             return {}
         # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding
         pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
-        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        basic = base64.b64encode(pair.encode()).decode()
+        self._secrets.note("basic", basic)
+        return {"Authorization": "Basic " + basic}
 
     async def _signed_assertion(self) -> str:
         """A fresh JWT, iss = sub = client_id, aud = the (primary) token endpoint (OIDC Core 9);
@@ -236,6 +259,7 @@ class OAuth2Identity:
         cfg = self._config
         assert cfg.private_key_file is not None
         pem = await _file("identity.private_key_file", cfg.private_key_file)
+        self._secrets.note("private_key", pem)
         try:
             key, alg = load_signing_key(pem.encode(), cfg.signing_alg)
         except ValueError as exc:
