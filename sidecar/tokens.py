@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from sidecar.field_values import checked, header_value_problem
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
 #: short on purpose, so an unknown lifetime errs toward refreshing too often rather than too late
 DEFAULT_LIFETIME = 300.0
+#: what a session field's name looks like (``identity.response.fields`` allows no other)
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 #: an ``expires_in`` beyond this (seconds) is taken for a provider bug, not a real lifetime
 MAX_LIFETIME = 366 * 24 * 3600.0
 
@@ -100,6 +103,8 @@ class Token:
         fields = data.get("fields") or {}
         if not isinstance(fields, dict):
             raise ValueError("fields must be an object")
+        if not all(isinstance(k, str) and _FIELD_NAME.fullmatch(k) for k in fields):
+            raise ValueError("fields: a name is not a lower-case identifier")
         return cls(
             access_token=access,
             refresh_token=refresh,
@@ -107,7 +112,7 @@ class Token:
             expires_at=float(data["expires_at"]),
             obtained_at=float(data["obtained_at"]),
             scope=data.get("scope"),
-            fields={str(k): checked(v, f"fields.{k}") for k, v in fields.items()},
+            fields={k: checked(v, f"fields.{k}") for k, v in fields.items()},
             cookies=tuple(Cookie.from_dict(c) for c in data.get("cookies") or ()),
         )
 

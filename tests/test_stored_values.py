@@ -228,13 +228,24 @@ def test_the_check_follows_rfc_9110_and_rfc_6750() -> None:
     assert "X-Evil" not in problem
 
 
-def test_a_stored_record_with_a_bad_value_is_unreadable_without_quoting_it() -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("access_token", INJECTED, "access_token"),
+        ("fields", {"tenant_id": INJECTED}, "fields.tenant_id"),
+        ("fields", {INJECTED: "1"}, "fields: a name"),
+        ("cookies", [Cookie("sid", INJECTED, "h", "/").to_dict()], "cookie sid"),
+        ("cookies", [Cookie(INJECTED, "v", "h", "/").to_dict()], "cookie name"),
+    ],
+)
+def test_a_stored_record_with_a_bad_value_is_unreadable_without_quoting_it(
+    key: str, value: object, named: str
+) -> None:
     """The store's one reader refuses the record; the message names the field only."""
     token = Token(access_token="good", expires_at=2.0, obtained_at=1.0)
-    record = SessionRecord("i", "s", "a", token, 1.0)
-    data = record.to_dict()
-    data["token"]["access_token"] = INJECTED
-    with pytest.raises(StoreUnreadable, match="access_token") as caught:
+    data = SessionRecord("i", "s", "a", token, 1.0).to_dict()
+    data["token"][key] = value
+    with pytest.raises(StoreUnreadable, match=named) as caught:
         SessionRecord.from_dict(data)
     assert "X-Evil" not in str(caught.value)
 
