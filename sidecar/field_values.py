@@ -40,12 +40,16 @@ def header_value_problem(value: object, *, bearer: bool = False) -> str | None:
     if not isinstance(value, str):
         return "is not text"
     if bearer:
-        return None if _B64TOKEN.fullmatch(value) else f"is not a token: {BEARER_RULE}"
-    if _FIELD_VALUE.fullmatch(value) is None:
-        if "\r" in value or "\n" in value:
-            return f"holds a line break: {FIELD_VALUE_RULE}"
-        return f"holds a character not allowed: {FIELD_VALUE_RULE}"
-    return None
+        if _B64TOKEN.fullmatch(value):
+            return None
+        rule = BEARER_RULE
+    elif _FIELD_VALUE.fullmatch(value) is None:
+        rule = FIELD_VALUE_RULE
+    else:
+        return None
+    if "\r" in value or "\n" in value:
+        return f"holds a line break, not allowed in a header: {rule}"
+    return f"holds a character not allowed in a header: {rule}"
 
 
 def checked(value: object, what: str, *, bearer: bool = False) -> str:
