@@ -42,6 +42,7 @@ from sidecar.config_oauth2 import (
     identity_url,
     oauth2_problems,
 )
+from sidecar.field_values import checked
 
 
 def is_loopback(host: str) -> bool:
@@ -334,9 +335,13 @@ class Headers(_Model):
                 raise ValueError(f"{name!r} is not a valid header name")
             if name.lower() in reserved:
                 raise ValueError(f"{name!r} is managed by the sidecar and cannot be set here")
-            if any(c in header_value for c in "\r\n\0"):
-                raise ValueError(f"the value of {name!r} contains a control character")
+            checked(header_value, f"the value of {name!r}")
         return value
+
+    @field_validator("tenant_id", "activity_id", "correlation_id", "session_id")
+    @classmethod
+    def _safe_value(cls, value: str | None) -> str | None:
+        return None if value is None else checked(value, "the value")
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")

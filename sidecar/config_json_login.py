@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from yarl import URL
 
+from sidecar.field_values import checked
 from sidecar.templates import compile_text, names_by_key, unknown
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ class JsonCall(_Section):
         for name, text in value.items():
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"the value of {name!r} contains a control character")
+            checked(text, f"the value of {name!r}")
         return value
 
     @property

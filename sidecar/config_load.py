@@ -166,7 +166,8 @@ def _dotted(parts: list[str]) -> str:
 
 
 def _check_files(config: Config) -> list[str]:
-    """Secret and certificate files must exist and be readable at load time."""
+    """Secret and certificate files must exist and be readable at load time; the session
+    directory, when it exists, must be sidecar's alone."""
     problems = []
     candidates: dict[str, Path | None] = {
         "identity.client_secret_file": config.identity.client_secret_file,
@@ -220,6 +221,12 @@ def _check_files(config: Config) -> list[str]:
             read_caller_secret(config.listen.require_header.value_file)
         except ConfigError as exc:
             problems.append(str(exc))
+    if config.session.store == "file":
+        from sidecar.store.file import directory_problem
+
+        problem = directory_problem(config.session.path.parent)
+        if problem is not None:
+            problems.append(f"session.path: {problem}")
     return problems
 
 

@@ -21,12 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.field_values import header_value_problem
+
 #: bounds on what an identity provider can make us keep (RFC 6265 6.1 minimums are 4096/50)
 MAX_COOKIE_BYTES = 4096
 MAX_COOKIES = 50
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE = re.compile(r"[\x00-\x1f\x7f;]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +62,36 @@ class Cookie:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cookie:
-        """The inverse of :meth:`to_dict`; raises KeyError/TypeError/ValueError on bad data."""
+        """The inverse of :meth:`to_dict`; raises KeyError/TypeError/ValueError on bad data,
+        and on a name or value that :func:`cookie_problem` refuses (never quoting the value)."""
         expires = data.get("expires_at")
+        name, value = data["name"], data["value"]
+        problem = cookie_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"cookies: {problem}")
         return cls(
-            name=str(data["name"]),
-            value=str(data["value"]),
+            name=name,
+            value=value,
             domain=str(data["domain"]),
             path=str(data["path"]),
             host_only=bool(data.get("host_only", True)),
             secure=bool(data.get("secure", False)),
             expires_at=None if expires is None else float(expires),
         )
+
+
+def cookie_problem(name: object, value: object) -> str | None:
+    """What keeps a cookie out of a ``Cookie`` header, or None: the name is an RFC 6265 token,
+    the value a header field value (:func:`~sidecar.field_values.header_value_problem`) without
+    ``;`` or a tab. Called for each cookie an identity answer sets and each one a store holds."""
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        return "a cookie name is not a token"
+    problem = header_value_problem(value)
+    if problem is not None:
+        return f"the value of cookie {name} {problem}"
+    if ";" in str(value) or "\t" in str(value):
+        return f"the value of cookie {name} holds a semicolon or a tab"
+    return None
 
 
 def _is_ip(host: str) -> bool:
@@ -143,7 +163,7 @@ def parse_set_cookie(header: str, host: str, request_path: str, now: float) -> C
     pair, *attributes = header.split(";")
     name, sep, value = pair.partition("=")
     name, value = name.strip(), value.strip()
-    if not sep or not name or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+    if not sep or cookie_problem(name, value) is not None:
         return None
     host = host.lower()
     domain = ""

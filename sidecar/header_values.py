@@ -6,8 +6,9 @@ identity comparison, plus a path-match over the few cookies kept for the upstrea
 
 * :class:`SessionValues` renders the header templates (``tenant_id: "{{ session.tenant_id }}"``)
   with ``session.access_token`` and the session's fields. A value that cannot be rendered (a field
-  the session lacks) or cannot go into a header (not Latin-1) leaves that header out, logged once
-  per snapshot as ``headers.value_unavailable`` (the key is named, the value never).
+  the session lacks) or cannot go into a header (:func:`~sidecar.field_values.checked`) leaves
+  that header out, logged once per snapshot as ``headers.value_unavailable`` (the key is named,
+  the value never).
 * :class:`CookieCapture` takes the upstream's ``Set-Cookie`` answers into the session's jar for
   ``upstream.capture_cookies: true`` (the session makes a new snapshot when the jar changes).
 * :class:`SessionCookies` builds the ``Cookie`` header for ``upstream.send_cookies: true``: the
@@ -27,6 +28,7 @@ from yarl import URL
 
 from sidecar.clock import Clock
 from sidecar.cookies import Cookie, cookie_header, for_origin, merge_cookie_headers
+from sidecar.field_values import checked
 from sidecar.templates import MissingValue, Text, compile_text
 
 if TYPE_CHECKING:
@@ -67,11 +69,8 @@ class SessionValues:
         rendered: dict[str, str | None] = {}
         for key, text in self._templates.items():
             try:
-                value = text.render(values)
-                value.encode("latin-1")
-                if any(c in value for c in "\r\n\0"):
-                    raise ValueError("control character")
-            except (MissingValue, UnicodeEncodeError, ValueError) as exc:
+                value = checked(text.render(values), key)
+            except (MissingValue, ValueError) as exc:
                 log.warning(
                     "headers.value_unavailable",
                     extra={"key": key, "why": type(exc).__name__, "session_id": creds.session_id},

@@ -11,18 +11,22 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.cookies import Cookie
 from sidecar.errors import IdentityUnavailable
+from sidecar.field_values import checked, header_value_problem
 
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
 #: short on purpose, so an unknown lifetime errs toward refreshing too often rather than too late
 DEFAULT_LIFETIME = 300.0
 #: seconds of clock difference that whole-second Date headers cannot tell from none
 SKEW_RESOLUTION = 2.0
+#: what a session field's name looks like (``identity.response.fields`` allows no other)
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 #: an ``expires_in`` beyond this (seconds) is taken for a provider bug, not a real lifetime
 MAX_LIFETIME = 366 * 24 * 3600.0
 
@@ -85,24 +89,32 @@ class Token:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Token:
-        """The inverse of :meth:`to_dict`; raises ValueError/KeyError/TypeError on bad data."""
-        access = data["access_token"]
+        """The inverse of :meth:`to_dict`; raises ValueError/KeyError/TypeError on bad data.
+
+        Every value that can reach a header passes :func:`sidecar.field_values.checked` (a store
+        is a path into the request head like the identity provider's answer): the access token
+        is a Bearer token, the refresh token, the fields and the cookies are field values, the
+        token type is Bearer. The messages name the field, never its value."""
+        access = checked(data["access_token"], "access_token", bearer=True)
         refresh = data.get("refresh_token")
-        if not isinstance(access, str) or not access:
-            raise ValueError("access_token must be a non-empty string")
-        if refresh is not None and not isinstance(refresh, str):
-            raise ValueError("refresh_token must be a string")
+        if refresh is not None:
+            refresh = checked(refresh, "refresh_token")
+        token_type = data.get("token_type") or "Bearer"
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise ValueError("token_type is not Bearer")
         fields = data.get("fields") or {}
         if not isinstance(fields, dict):
             raise ValueError("fields must be an object")
+        if not all(isinstance(k, str) and _FIELD_NAME.fullmatch(k) for k in fields):
+            raise ValueError("fields: a name is not a lower-case identifier")
         return cls(
             access_token=access,
             refresh_token=refresh,
-            token_type=str(data.get("token_type") or "Bearer"),
+            token_type="Bearer",  # noqa: S106 - a token type name, not a secret
             expires_at=float(data["expires_at"]),
             obtained_at=float(data["obtained_at"]),
             scope=data.get("scope"),
-            fields={str(k): str(v) for k, v in fields.items()},
+            fields={k: checked(v, f"fields.{k}") for k, v in fields.items()},
             cookies=tuple(Cookie.from_dict(c) for c in data.get("cookies") or ()),
         )
 
@@ -209,8 +221,9 @@ def parse_token_response(
     access = body.get("access_token")
     if not isinstance(access, str) or not access.strip():
         raise _malformed("access_token is missing or not a string")
-    if any(c in access for c in "\r\n\0 "):
-        raise _malformed("access_token contains characters not allowed in a header")
+    problem = header_value_problem(access, bearer=True)
+    if problem is not None:
+        raise _malformed(f"access_token {problem}")
     token_type = body.get("token_type", "Bearer")
     if not isinstance(token_type, str):
         raise _malformed("token_type is not a string")
@@ -219,6 +232,8 @@ def parse_token_response(
     refresh = body.get("refresh_token", previous_refresh_token)
     if refresh is not None and not isinstance(refresh, str):
         raise _malformed("refresh_token is not a string")
+    if refresh and (problem := header_value_problem(refresh)) is not None:
+        raise _malformed(f"refresh_token {problem}")  # RFC 6749 A.17: VSCHAR only
     expires_at = token_expiry(access, now, expires_in=body.get("expires_in"), skew=skew)
     scope = body.get("scope")
     return Token(

@@ -76,7 +76,8 @@ class EndpointResolver:
         # otherwise another provider's keys and endpoints could be substituted
         if doc.get("issuer") != issuer:
             raise IdentityUnavailable(
-                f"discovery document at {url} names issuer {str(doc.get('issuer'))[:200]!r}, "
+                f"discovery document at {url} names issuer "
+                f"{self._http.secrets.provider_text(repr(doc.get('issuer')))}, "
                 f"not the configured {issuer!r}",
                 reason="discovery_issuer_mismatch",
             )

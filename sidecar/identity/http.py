@@ -18,6 +18,8 @@
   than 408/429 is returned as an :class:`IdentityResponse` too, for the caller to interpret.
 * Every answer's ``Date`` header updates :attr:`IdentityHTTP.skew` (:mod:`sidecar.identity.skew`),
   and each :class:`IdentityResponse` says when its request was sent.
+* An OAuth2 error's ``error`` and ``error_description`` are scrubbed of the credential values
+  noted in :attr:`IdentityHTTP.secrets` and bounded (:mod:`sidecar.identity.provider_text`).
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
 """
@@ -42,6 +44,7 @@ from sidecar.clock import Clock
 from sidecar.config import TLS
 from sidecar.egress import Egress
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.identity.provider_text import SecretValues
 from sidecar.identity.skew import ClockSkew
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
@@ -105,10 +108,13 @@ class IdentityHTTP:
         timeout: float,
         tls: TLS | None = None,
         egress: Egress | None = None,
+        secrets: SecretValues | None = None,
     ) -> None:
         self._clock = clock
         #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
         self._egress = egress if egress is not None else Egress(os.environ)
+        #: the credential values the provider's error text is scrubbed of
+        self.secrets = secrets or SecretValues()
         self._timeout = timeout
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
@@ -315,10 +321,11 @@ class IdentityHTTP:
             and isinstance(decoded, dict)
             and isinstance(decoded.get("error"), str)
         ):
+            # the provider's words reach callers and logs: scrubbed and bounded first
             description = decoded.get("error_description")
             raise OAuthError(
-                decoded["error"],
-                description if isinstance(description, str) else None,
+                self.secrets.provider_text(decoded["error"], limit=64),
+                self.secrets.provider_text(description) if isinstance(description, str) else None,
                 status=status,
             )
         page = " (an HTML error page)" if _looks_like_html(raw, resp_headers) else ""

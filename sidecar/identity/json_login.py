@@ -32,9 +32,11 @@ from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, c
 from sidecar.config_load import read_secret
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.field_values import header_value_problem
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.identity.principal import json_login_principal
+from sidecar.identity.provider_text import SecretValues
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
 
@@ -79,7 +81,11 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        #: every credential and session token sent, scrubbed from the provider's error text
+        self._secrets = SecretValues()
+        self._http = IdentityHTTP(
+            clock, timeout=config.timeout, tls=config.tls, secrets=self._secrets
+        )
         if metrics is not None:
             self._http.skew.report = metrics.identity_clock_skew.set
         self.fingerprint = json_login_principal(config)
@@ -139,11 +145,15 @@ class JsonLoginIdentity:
         if self._files:
             creds.update(await asyncio.to_thread(_read_files, self._files))
         values = {"credentials": creds, "session": {}}
+        for name, value in creds.items():
+            self._secrets.note(f"credentials.{name}", value)
         if token is not None:
             session = dict(token.fields)
             session["access_token"] = token.access_token
+            self._secrets.note("access_token", token.access_token)
             if token.refresh_token is not None:
                 session["refresh_token"] = token.refresh_token
+                self._secrets.note("refresh_token", token.refresh_token)
             values["session"] = session
         return values
 
@@ -161,10 +171,11 @@ class JsonLoginIdentity:
                 reason="missing_value",
             ) from None
         for name, value in headers.items():
-            if any(c in value for c in "\r\n\0"):
+            problem = header_value_problem(value)
+            if problem is not None:
                 # a secret file with a line break in it: refused here, never sent (or logged)
                 raise IdentityUnavailable(
-                    f"identity.{call.name}.headers.{name}: the rendered value has a line break",
+                    f"identity.{call.name}.headers.{name}: the rendered value {problem}",
                     reason="bad_header_value",
                 )
         if token is not None and token.cookies and not _has(headers, "cookie"):
@@ -184,7 +195,7 @@ class JsonLoginIdentity:
         )
         if 200 <= answer.status < 300:
             return answer
-        raise _refusal(call, answer)
+        raise _refusal(call, answer, self._secrets)
 
     def _session_from(
         self,
@@ -208,28 +219,30 @@ class JsonLoginIdentity:
         )
 
 
-def _refusal(call: _Compiled, answer: IdentityResponse) -> Exception:
+def _refusal(call: _Compiled, answer: IdentityResponse, secrets: SecretValues) -> Exception:
     """The error for a 4xx answer (transient failures were raised by the HTTP client).
 
     A refresh answered with one of ``refresh.rejected_status`` is ``invalid_grant``: the session
     manager's fallback to a full login. A refused login is ``invalid_grant`` too (what an OAuth2
     password grant answers to wrong credentials); it is retried with backoff. Anything else is
-    ``invalid_request``. The vendor's own error code, when it sends one, is the description."""
+    ``invalid_request``. The vendor's own error code, when it sends one, is the description,
+    scrubbed of ``secrets`` and bounded."""
     status = answer.status
     config = call.config
     rejected = isinstance(config, JsonRefreshCall) and status in config.rejected_status
     code = "invalid_grant" if rejected or call.name == "login" else "invalid_request"
-    return OAuthError(code, _vendor_code(answer.json), status=status)
+    return OAuthError(code, _vendor_code(answer.json, secrets), status=status)
 
 
-def _vendor_code(body: Any) -> str | None:
+def _vendor_code(body: Any, secrets: SecretValues) -> str | None:
     """A short description from common vendor error shapes (``error``/``code``/``message``)."""
     if not isinstance(body, Mapping):
         return None
     for key in ("error", "code", "message", "errorCode"):
         value = body.get(key)
         if isinstance(value, str | int) and not isinstance(value, bool):
-            return f"{key}={json.dumps(value)[:100]}"
+            # scrubbed before it is cut: a cut must not leave half a secret
+            return f"{key}={secrets.provider_text(json.dumps(value), limit=100)}"
     return None
 
 

@@ -23,10 +23,10 @@ from typing import Any
 from sidecar.config_json_login import JsonResponse
 from sidecar.cookies import Cookie
 from sidecar.errors import IdentityUnavailable
+from sidecar.field_values import header_value_problem
 from sidecar.tokens import Token, token_expiry
 
 _MISSING = object()
-_HEADER_UNSAFE = "\r\n\0"
 
 
 def lookup(body: Any, path: str) -> Any:
@@ -77,15 +77,22 @@ def parse_session(
             f"response.access_token: no value at {response.access_token!r} in the {call} answer",
             "missing_access_token",
         )
-    if not isinstance(access, str) or not access.strip() or any(c in access for c in " \r\n\0"):
+    problem = header_value_problem(access, bearer=True)
+    if problem is not None:
         raise _fail(
-            f"response.access_token: the value at {response.access_token!r} is not a token",
+            f"response.access_token: the value at {response.access_token!r} {problem}",
             "malformed_response",
         )
     refresh = previous.refresh_token if previous is not None else None
     if response.refresh_token is not None:
         found = lookup(body, response.refresh_token)
         if isinstance(found, str) and found:
+            # a refresh call may send it in a header ({{ session.refresh_token }})
+            if (problem := header_value_problem(found)) is not None:
+                raise _fail(
+                    f"response.refresh_token: the value at {response.refresh_token!r} {problem}",
+                    "malformed_response",
+                )
             refresh = found  # rotation: the newest always replaces the old
         elif found is not _MISSING and found is not None:
             raise _fail(
@@ -102,11 +109,8 @@ def parse_session(
                     "missing_field",
                 )
             continue
-        if any(c in value for c in _HEADER_UNSAFE):
-            raise _fail(
-                f"response.fields.{name}: the value contains a control character",
-                "malformed_response",
-            )
+        if (problem := header_value_problem(value)) is not None:
+            raise _fail(f"response.fields.{name}: the value {problem}", "malformed_response")
         fields[name] = value
     expires_at = token_expiry(
         access,

@@ -34,6 +34,7 @@ from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
+from sidecar.identity.provider_text import SecretValues
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -53,6 +54,17 @@ GRANT_TYPES = {
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
+#: form fields that carry a credential (RFC 6749 4.3 and 6, RFC 7523, RFC 8693, RFC 7009/7662)
+_CREDENTIAL_FIELDS = (
+    "password",
+    "assertion",
+    "refresh_token",
+    "subject_token",
+    "actor_token",
+    "token",
+)
+
+
 class OAuth2Identity:
     """Talks to one OAuth2 authorization server for one client."""
 
@@ -60,7 +72,11 @@ class OAuth2Identity:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        #: every credential value read or sent, scrubbed from the provider's error text
+        self._secrets = SecretValues()
+        self._http = IdentityHTTP(
+            clock, timeout=config.timeout, tls=config.tls, secrets=self._secrets
+        )
         if metrics is not None:
             self._http.skew.report = metrics.identity_clock_skew.set
         self._endpoints = EndpointResolver(config, self._http)
@@ -257,7 +273,10 @@ class OAuth2Identity:
         self, form: dict[str, str], *, previous: Path | None = None, key: str = ""
     ) -> dict[str, str]:
         """Add client authentication to ``form``; returns extra request headers. ``previous``
-        (named ``key``) replaces the current secret or private key file."""
+        (named ``key``) replaces the current secret or private key file. Called last, on a
+        complete form: every credential it and the form carry is noted for scrubbing."""
+        for name in _CREDENTIAL_FIELDS:
+            self._secrets.note(name, form.get(name))
         cfg = self._config
         client_id = cfg.client_id or ""
         if cfg.client_auth == "none":
@@ -273,6 +292,7 @@ class OAuth2Identity:
                 form["client_assertion"] = await _file("identity.client_assertion_file", path)
             else:
                 form["client_assertion"] = await self._signed_assertion(previous, key)
+            self._secrets.note("client_assertion", form["client_assertion"])
             return {}
         if previous is not None:
             secret = await _file(key, previous)
@@ -280,13 +300,16 @@ class OAuth2Identity:
             secret = await _secret(
                 "identity.client_secret", cfg.client_secret, cfg.client_secret_file
             )
+        self._secrets.note("client_secret", secret)
         if cfg.client_auth == "client_secret_post":
             form["client_id"] = client_id
             form["client_secret"] = secret
             return {}
         # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding
         pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
-        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        basic = base64.b64encode(pair.encode()).decode()
+        self._secrets.note("basic", basic)
+        return {"Authorization": "Basic " + basic}
 
     async def _signed_assertion(self, previous: Path | None = None, name: str = "") -> str:
         """A fresh JWT, iss = sub = client_id, aud = the (primary) token endpoint (OIDC Core 9);
@@ -299,6 +322,7 @@ class OAuth2Identity:
         name = name if previous is not None else "identity.private_key_file"
         assert path is not None
         pem = await _file(name, path)
+        self._secrets.note("private_key", pem)
         try:
             key, alg = load_signing_key(pem.encode(), cfg.signing_alg)
         except ValueError as exc:

@@ -1,8 +1,15 @@
-"""The file store: one JSON file, written atomically with mode 0600 in a 0700 directory.
+"""The file store: one JSON file, written atomically with mode 0600 in a 0700 directory of its own.
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the old file,
 so a crash leaves either the old record or the new one, never half of either. Saves from one
-process run one at a time, in the order they were asked for (they share the temporary file).
+process run one at a time, in the order they were asked for.
+
+The directory must be sidecar's alone (:func:`directory_problem`): owned by the user sidecar runs
+as and writable by nobody else. The sticky bit is not enough: it stops others from removing
+sidecar's files, not from creating the session file's name before sidecar does (a planted session
+would be read at the next start). Missing directories are created 0700. No symlink is followed,
+whatever name it is planted at: temporary and probe files get random names and are created with
+``O_CREAT | O_EXCL | O_NOFOLLOW``, and the session file is opened with ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.errors import StoreError, StoreUnreadable
+from sidecar.errors import ConfigError, StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
 
 if TYPE_CHECKING:
@@ -22,6 +31,55 @@ if TYPE_CHECKING:
 
 #: a session file larger than this is not a session file
 MAX_FILE_BYTES = 1 << 20
+
+#: a new file that follows no symlink and never opens one that exists
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def directory_problem(directory: Path) -> str | None:
+    """What makes ``directory`` unfit to hold the session, or None (also when it does not exist
+    yet: it will be created 0700). Unfit: not a directory, owned by another user, or writable by
+    the group or by others (sticky bit or not)."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot inspect the directory {directory}: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    if info.st_uid != os.geteuid():
+        return (
+            f"the directory {directory} belongs to another user (uid {info.st_uid}); the session "
+            "needs a directory of sidecar's own"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"the directory {directory} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); the session needs a directory of sidecar's own "
+            "(chmod 0700, or name a subdirectory that sidecar creates)"
+        )
+    return None
+
+
+def _make_private(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each 0700 whatever the umask."""
+    missing = []
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for candidate in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by a concurrent start: checked next
+            os.mkdir(candidate, 0o700)
+            os.chmod(candidate, 0o700)
+
+
+def _create_unique(directory: Path, stem: str) -> tuple[Path, int]:
+    """A new file in ``directory`` under a random name (mode 0600): its path and descriptor."""
+    path = directory / f".{stem}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(path, _CREATE, 0o600)
+    return path, fd
 
 
 class FileStore:
@@ -34,24 +92,30 @@ class FileStore:
         self.path = path
         self._sealer = sealer
         #: saves run one at a time, in call order: concurrent ones (a background save after a
-        #: refresh, then another) would share the temporary file and could leave it corrupt, or
-        #: land an older record after a newer one
+        #: refresh, then another) could land an older record after a newer one
         self._save_lock = asyncio.Lock()
 
     def use_sealer(self, sealer: Sealer | None) -> None:
         self._sealer = sealer
 
     def check_writable(self) -> None:
-        """Create the directory (0700) and prove it is writable: fail at start, not on save."""
+        """Create the directory (0700), refuse one that is not sidecar's alone (ConfigError
+        naming ``session.path``), and prove it is writable: fail at start, not on save."""
+        directory = self.path.parent
+        problem = directory_problem(directory)
+        if problem is not None:
+            raise ConfigError(f"session.path: {problem}")
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            probe = self.path.parent / f".{self.path.name}.probe-{os.getpid()}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            _make_private(directory)
+            problem = directory_problem(directory)
+            if problem is not None:
+                raise ConfigError(f"session.path: {problem}")
+            probe, fd = _create_unique(directory, f"{self.path.name}.probe")
             os.close(fd)
             probe.unlink()
         except OSError as exc:
             raise StoreError(
-                f"session directory {self.path.parent} is not writable: {exc.strerror}"
+                f"session directory {directory} is not writable: {exc.strerror}"
             ) from exc
 
     async def load(self) -> SessionRecord | None:
@@ -63,10 +127,18 @@ class FileStore:
     def _read(self) -> tuple[SessionRecord | None, bool]:
         """The stored record, and whether it was sealed with a previous key."""
         try:
-            with self.path.open("rb") as fh:
-                raw = fh.read(MAX_FILE_BYTES + 1)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None, False
+        except OSError as exc:
+            if os.path.islink(self.path):  # O_NOFOLLOW: ELOOP
+                raise StoreUnreadable(
+                    f"session file {self.path} is a symbolic link; it is not followed"
+                ) from exc
+            raise StoreError(f"cannot read session file {self.path}: {exc.strerror}") from exc
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                raw = fh.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise StoreError(f"cannot read session file {self.path}: {exc.strerror}") from exc
         if len(raw) > MAX_FILE_BYTES:
@@ -93,27 +165,29 @@ class FileStore:
 
     def _save(self, payload: bytes) -> None:
         directory = self.path.parent
-        tmp = directory / f".{self.path.name}.tmp-{os.getpid()}"
+        tmp: Path | None = None
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            _make_private(directory)
+            tmp, fd = _create_unique(directory, self.path.name)
             try:
-                os.fchmod(fd, 0o600)  # the umask must not widen it, nor an old file's mode
+                os.fchmod(fd, 0o600)  # the umask must not narrow or widen it
                 view = memoryview(payload)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self.path)  # a rename replaces a symlink, never writes through it
+            tmp = None
             dir_fd = os.open(directory, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:  # only a file this save created is removed
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise StoreError(f"cannot write session file {self.path}: {exc.strerror}") from exc
 
     async def clear(self) -> None:

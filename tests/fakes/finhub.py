@@ -76,6 +76,8 @@ class FinHub:
     set_cookies: list[str] = field(default_factory=list)
     #: answer every auth call this way while set: "503", "hang", "reset"
     down: str | None = None
+    #: login answers 401 with an error body that repeats the submitted credentials
+    echo_credentials: bool = False
     #: modes consumed one per auth call (same values as ``down``)
     failures: list[str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -154,6 +156,11 @@ class FinHub:
         body, refusal = await self._record(request)
         if refusal is not None:
             return refusal
+        if self.echo_credentials:
+            echoed = f"refused {body!r}"
+            return web.json_response(
+                {"status": 401, "code": echoed, "message": echoed, "error": echoed}, status=401
+            )
         users = {self.username: self.password, **self.other_users}
         username = body.get("username")
         password = users.get(username) if isinstance(username, str) else None

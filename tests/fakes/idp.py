@@ -13,6 +13,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 from aiohttp import web
@@ -61,7 +62,8 @@ class FakeIdP:
     answer_after: float = 0.0
     #: modes consumed one per token call: "500", "502", "503", "429" (with Retry-After: 2), "hang",
     #: "malformed" (truncated JSON), "not_a_token" (JSON of the wrong shape), "truncated" (the
-    #: body breaks off), "reset", "invalid_grant", "invalid_client"
+    #: body breaks off), "reset", "invalid_grant", "invalid_client", "echo" (an invalid_client
+    #: answer whose error_description, error code and headers repeat every submitted credential)
     failures: list[str] = field(default_factory=list)
     #: fail every token call with this mode while set
     down: str | None = None
@@ -111,6 +113,8 @@ class FakeIdP:
         return client_id == self.client_id and secrets.compare_digest(secret, self.client_secret)
 
     async def _fail(self, mode: str, request: web.Request) -> web.StreamResponse:
+        if mode == "echo":
+            return self._echo(request)
         if mode == "hang":
             await asyncio.sleep(3600)
         if mode == "malformed":
@@ -134,6 +138,21 @@ class FakeIdP:
         status = int(mode)
         headers = {"Retry-After": "2"} if status == 429 else {}
         return web.json_response({"error": "server_error"}, status=status, headers=headers)
+
+    def _echo(self, request: web.Request) -> web.Response:
+        """What a careless provider does: repeat what it was sent in its error answer (the
+        Basic credentials decoded, and encoded as sent)."""
+        auth = request.headers.get("Authorization", "")
+        basic = ""
+        if auth.startswith("Basic "):
+            basic = base64.b64decode(auth[6:]).decode(errors="replace")
+        form = self.calls[-1].form
+        echoed = f"client {basic!r} with {auth!r} sent {form!r} and {urlencode(form)}"
+        return web.json_response(
+            {"error": f"invalid_client {form.get('password', '')}", "error_description": echoed},
+            status=401,
+            headers={"X-Echo": echoed[:200].encode("ascii", "replace").decode()},
+        )
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = {k: str(v) for k, v in (await request.post()).items()}
