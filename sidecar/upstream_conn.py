@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -20,12 +21,21 @@ from sidecar.exchange import wake
 #: pause reading from the upstream while this many body bytes wait for the caller
 HIGH_WATER = 1 << 18
 LOW_WATER = 1 << 16
+#: largest response head accepted (status line and header lines, interim answers included),
+#: whatever the read boundaries: nginx refuses heads past its 4-8 KiB buffer, we allow more
+MAX_HEAD = 64 * 1024
+#: most header lines in one response head
+MAX_HEADERS = 256
 
 
 class UpstreamBroken(UpstreamUnavailable):
     """The upstream failed after its response head was received (mid-body)."""
 
     code = "upstream_broken"
+
+
+class _BadHead(UpstreamUnavailable):
+    """A response head sidecar will not relay (raised inside llhttp callbacks)."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -57,6 +67,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.got_bytes = False
         self.keep_alive = False
+        #: transfer codings of the body besides chunked (e.g. b"gzip"), passed on to the caller
+        self.codings = b""
+        #: writes the upstream's ``100 Continue`` to the caller (set while an expectation is
+        #: passed on)
+        self.on_continue: Callable[[], None] | None = None
+        #: response head bytes and header lines seen so far (the limits above)
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._header_lines = 0
 
     # -- asyncio.Protocol
 
@@ -84,6 +103,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadHead):
+                self.fail(cause)
+            else:
+                self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
+            return
         except httptools.HttpParserUpgrade as exc:
             if not self.tunnel:
                 self.fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
@@ -94,6 +120,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.on_body(rest)
         except httptools.HttpParserError as exc:
             self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
+            return
+        if not self.head_done:
+            # a head still incomplete: llhttp (through httptools) holds the unfinished line, so
+            # the limit counts raw bytes too, not only the complete lines on_header sees
+            self._head_raw += len(data)
+            if self._head_raw > MAX_HEAD:
+                self.fail(_BadHead(f"upstream response head larger than {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -121,14 +154,28 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
+        if len(self.reason) + len(reason) > MAX_HEAD:
+            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: never merged into the head already passed on
+        self._header_lines += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD:
+            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
+        if self._header_lines > MAX_HEADERS:
+            raise _BadHead(f"upstream response head has more than {MAX_HEADERS} header lines")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
+        parser = self._parser
+        if parser is None:
+            return
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _BadHead(f"upstream answered with status {status}, outside 100-599")
         if status == 101 and self._upgrade:
             self.status = status
             self.tunnel = True
@@ -136,21 +183,32 @@ class UpstreamConnection(asyncio.Protocol):
             wake(self._head_waiter)
             return
         if 100 <= status < 200:
+            if status == 100 and self.on_continue is not None:
+                self.on_continue()  # the caller's expectation, met by the upstream
+                self.on_continue = None
             self.headers = []  # informational (100, 103): the final answer follows
             self.reason = ""
             return
         self.status = status
-        self.keep_alive = bool(self._parser.should_keep_alive())
+        # an Upgrade answered without switching: the connection saw a request the upstream may
+        # read differently from us; never use it again
+        self.keep_alive = bool(parser.should_keep_alive()) and not self._upgrade
         lengths: list[bytes] = []
-        encoded = False
+        encoded: list[bytes] = []
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length":
                 lengths.append(value)
             elif lname == b"transfer-encoding":
-                encoded = True
+                encoded.append(value)
         bodiless = status in (204, 304)
         self._until_close = not lengths and not encoded and not bodiless
+        if encoded:
+            codings = [c.strip().lower() for c in b",".join(encoded).split(b",") if c.strip()]
+            if codings and codings[-1] != b"chunked" and not bodiless:
+                # RFC 9112 6.3: a final coding other than chunked is delimited by the close
+                self._until_close = True
+            self.codings = b", ".join(c for c in codings if c != b"chunked")
         if len(lengths) == 1 and not encoded and not bodiless and not self._head_only:
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
             self._remaining = int(lengths[0])
@@ -230,7 +288,12 @@ class UpstreamConnection(asyncio.Protocol):
     def _wake_drain(self) -> None:
         wake(self._drain_waiter)
 
-    def begin(self, head_only: bool, upgrade: bool = False) -> None:
+    def begin(
+        self,
+        head_only: bool,
+        upgrade: bool = False,
+        on_continue: Callable[[], None] | None = None,
+    ) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
@@ -244,6 +307,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
         self.head_done = self.complete = self.got_bytes = self.keep_alive = False
+        self.codings = b""
+        self.on_continue = on_continue
+        self._head_bytes = self._head_raw = self._header_lines = 0
 
     async def drain(self) -> None:
         if self.closed:
