@@ -57,10 +57,19 @@ def check_target(raw_path: str) -> None:
     are meaningless here; ``.`` and ``..`` segments, also percent-encoded, could leave the
     upstream's path prefix once the upstream normalises them.
     """
-    if not raw_path.startswith("/") or raw_path.startswith("//"):
+    if not raw_path.startswith("/"):
         raise RefusedRequest(
             "only origin-form request targets (/path?query) are accepted: sidecar forwards to its "
             "one configured upstream and is not a forward proxy",
+            status=400,
+            code="target_refused",
+        )
+    if raw_path.startswith("//"):
+        # kept refused rather than merged: an upstream (or a redirect built from the path) may
+        # read //name/... as a host; see docs/http-semantics.md
+        raise RefusedRequest(
+            "a path starting with // is refused: usually a client base URL ending in / joined "
+            "with a path starting with / (send /v1/x, not //v1/x)",
             status=400,
             code="target_refused",
         )

@@ -279,3 +279,20 @@ async def test_a_401_is_replayed_only_for_idempotent_methods_or_a_refused_token(
         assert await resp.text() == "done"
     assert calls["POST /expired"] == 2
     assert await reactive() == 2
+
+
+async def test_a_double_slash_path_is_refused_with_a_detail_naming_the_likely_mistake(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream
+) -> None:
+    """``//v1/x`` (a base URL ending in ``/`` joined with ``/v1/x``) stays refused, with a detail
+    that names that mistake rather than calling sidecar a forward proxy."""
+    sidecar = await make_sidecar()
+    reader, writer = await open_raw(sidecar.proxy_port)
+    writer.write(b"GET //v1/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"}"), 3)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"base URL ending in /" in answer
+    assert b"forward proxy" not in answer
+    assert upstream.seen == []
