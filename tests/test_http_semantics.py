@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import MakeSidecar, Serve, proxy_url
-from tests.fakes.raw_upstream import RawRequest, Wire, ok, raw_upstream
+from tests.fakes.scripted_upstream import RawRequest, Wire, ok, scripted_upstream
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import sample
 
@@ -160,7 +160,7 @@ async def test_an_expectation_on_a_streamed_body_gets_the_upstreams_early_refusa
         )
         return True
 
-    async with raw_upstream(on_head=refuse) as upstream:
+    async with scripted_upstream(on_head=refuse) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         reader, writer = await open_raw(sidecar.proxy_port)
         writer.write(
@@ -189,7 +189,7 @@ async def test_the_upstreams_100_continue_is_relayed_and_the_body_follows(
         writer.write(await ok(request))
         return True
 
-    async with raw_upstream(on_head=continue_then_read) as upstream:
+    async with scripted_upstream(on_head=continue_then_read) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url, "replay_body_limit": 10})
         reader, writer = await open_raw(sidecar.proxy_port)
         writer.write(

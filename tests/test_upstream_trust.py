@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import MakeSidecar, proxy_url
-from tests.fakes.raw_upstream import RawRequest, Wire, ok, raw_upstream
+from tests.fakes.scripted_upstream import RawRequest, Wire, ok, scripted_upstream
 
 
 async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: float = 3) -> bytes:
@@ -73,7 +73,7 @@ async def test_an_upgrade_not_switched_sends_only_its_head_and_the_connection_is
     half-closes; the upstream answers a plain 200 on /chat. The second request never reaches the
     upstream, the upstream connection is not pooled, the caller's connection closes after the
     answer, and the next caller gets its own answer (its head, with the token, is nobody's body)."""
-    async with raw_upstream(chat_is_plain) as upstream:
+    async with scripted_upstream(chat_is_plain) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         attack = (
             b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -111,7 +111,7 @@ async def test_websocket_bytes_go_upstream_only_after_the_101(make_sidecar: Make
         writer.write(b"bye")
         return True
 
-    async with raw_upstream(on_head=on_head) as upstream:
+    async with scripted_upstream(on_head=on_head) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         answer = await exchange(
             sidecar.proxy_port,
@@ -135,7 +135,7 @@ async def test_a_non_websocket_upgrade_with_a_body_is_forwarded_as_a_plain_reque
         (b"Content-Length: 4", b"data"),
         (b"Transfer-Encoding: chunked", b"2\r\nda\r\n2\r\nta\r\n0\r\n\r\n"),
     ):
-        async with raw_upstream() as upstream:
+        async with scripted_upstream() as upstream:
             sidecar = await make_sidecar(upstream={"url": upstream.url})
             answer = await exchange(
                 sidecar.proxy_port,
@@ -180,9 +180,9 @@ async def test_upstream_trailers_never_become_headers(make_sidecar: MakeSidecar)
 
     for answer_kind in ("whole", "late"):
         if answer_kind == "whole":
-            context = raw_upstream(trailer_answer)
+            context = scripted_upstream(trailer_answer)
         else:
-            context = raw_upstream(on_head=head_first)
+            context = scripted_upstream(on_head=head_first)
         async with context as upstream:
             sidecar = await make_sidecar(upstream={"url": upstream.url})
             answer = await exchange(
@@ -209,7 +209,7 @@ async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
         async def answer(_request: RawRequest, extra: bytes = extra) -> bytes:
             return b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
 
-        async with raw_upstream(answer) as upstream:
+        async with scripted_upstream(answer) as upstream:
             sidecar = await make_sidecar(upstream={"url": upstream.url})
             raw = await exchange(
                 sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n", within=1
@@ -238,7 +238,7 @@ async def test_a_64_mib_upstream_header_is_refused_without_being_buffered(
                 pushed += len(block)
         return True
 
-    async with raw_upstream(on_head=endless) as upstream:
+    async with scripted_upstream(on_head=endless) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         raw = await exchange(sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: x\r\n\r\n", within=5)
     assert raw.startswith(b"HTTP/1.1 502"), raw[:200]
@@ -260,7 +260,7 @@ async def test_a_body_delimited_by_close_under_a_transfer_coding_is_relayed_whol
             await writer.drain()
         return True  # closing ends the body
 
-    async with raw_upstream(on_head=answer) as upstream:
+    async with scripted_upstream(on_head=answer) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         raw = await exchange(
             sidecar.proxy_port, b"GET /z HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -278,7 +278,7 @@ async def test_status_codes_outside_100_to_599_are_502(make_sidecar: MakeSidecar
         async def answer(_request: RawRequest, status: bytes = status) -> bytes:
             return b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
 
-        async with raw_upstream(answer) as upstream:
+        async with scripted_upstream(answer) as upstream:
             sidecar = await make_sidecar(upstream={"url": upstream.url})
             raw = await exchange(
                 sidecar.proxy_port, b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n", within=1

@@ -48,7 +48,7 @@ async def ok(request: RawRequest) -> bytes:
 
 
 @dataclass
-class RawUpstream:
+class ScriptedUpstream:
     """Records raw bytes per connection and the requests parsed from them."""
 
     answer: Answer = ok
@@ -154,11 +154,11 @@ async def _read_body(wire: Wire, request: RawRequest) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def raw_upstream(
+async def scripted_upstream(
     answer: Answer = ok, on_head: OnHead | None = None
-) -> AsyncIterator[RawUpstream]:
-    """A started :class:`RawUpstream`, closed on exit."""
-    upstream = RawUpstream(answer, on_head)
+) -> AsyncIterator[ScriptedUpstream]:
+    """A started :class:`ScriptedUpstream`, closed on exit."""
+    upstream = ScriptedUpstream(answer, on_head)
     await upstream.start()
     try:
         yield upstream
