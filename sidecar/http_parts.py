@@ -111,6 +111,15 @@ class Relocation:
         self.origins = frozenset(o.encode() for o in origins)
         self.prefix = upstream.raw_path.rstrip("/").encode()
 
+    def head(self, head: bytes, request_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """Header lines (each ending in CRLF) with their Location values pointed back."""
+        lines = head.split(b"\r\n")
+        for i, line in enumerate(lines):
+            name, sep, value = line.partition(b":")
+            if sep and name.lower() in _RELOCATED:
+                lines[i] = name + b": " + self.apply(value.strip(), request_headers)
+        return b"\r\n".join(lines)
+
     def apply(self, value: bytes, request_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         """``value`` pointed back at the caller, or unchanged."""
         start = value.find(b"://")
@@ -161,12 +170,15 @@ def response_head(
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
             continue
-        if relocation is not None and lname in _RELOCATED:
-            value = relocation.apply(value, request_headers)
         lines.append(name + b": " + value + b"\r\n")
     if listed:
-        return b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
-    return b"".join(lines)
+        head = b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
+    else:
+        head = b"".join(lines)
+    # one search of the whole head rather than a test per header: few answers carry a Location
+    if relocation is not None and b"location:" in head.lower():
+        return relocation.head(head, request_headers)
+    return head
 
 
 #: RFC 6750 3.1: the upstream says the token itself was refused (expired, revoked, malformed)

@@ -72,10 +72,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: writes the upstream's ``100 Continue`` to the caller (set while an expectation is
         #: passed on)
         self.on_continue: Callable[[], None] | None = None
-        #: response head bytes and header lines seen so far (the limits above)
-        self._head_bytes = 0
-        self._head_raw = 0
-        self._header_lines = 0
+        #: bytes fed to llhttp since it last gave body bytes: what it (and httptools) may hold
+        #: as an unfinished head, trailer or chunk line; bounded by MAX_HEAD
+        self._unparsed = 0
 
     # -- asyncio.Protocol
 
@@ -101,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         if parser is None:  # bytes nobody asked for: the connection cannot be trusted
             self.fail(UpstreamUnavailable("upstream sent data without a request"))
             return
+        self._unparsed += len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -121,12 +121,11 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
             return
-        if not self.head_done:
-            # a head still incomplete: llhttp (through httptools) holds the unfinished line, so
-            # the limit counts raw bytes too, not only the complete lines on_header sees
-            self._head_raw += len(data)
-            if self._head_raw > MAX_HEAD:
-                self.fail(_BadHead(f"upstream response head larger than {MAX_HEAD} bytes"))
+        if self._unparsed > MAX_HEAD:
+            # an unfinished head (or trailer section) growing past the limit, however it was cut
+            # into reads: httptools would hold all of it
+            what = "trailer section" if self.head_done else "response head"
+            self.fail(_BadHead(f"upstream {what} larger than {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -154,19 +153,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
-        if len(self.reason) + len(reason) > MAX_HEAD:
-            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # a trailer field: never merged into the head already passed on
-        self._header_lines += 1
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD:
-            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
-        if self._header_lines > MAX_HEADERS:
-            raise _BadHead(f"upstream response head has more than {MAX_HEADERS} header lines")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -176,6 +167,13 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if not 100 <= status <= 599:
             raise _BadHead(f"upstream answered with status {status}, outside 100-599")
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
+            raise _BadHead(f"upstream response head has more than {MAX_HEADERS} header lines")
+        if self._unparsed > MAX_HEAD and _head_size(self.reason, headers) > MAX_HEAD:
+            # the reads so far were larger than the limit: measure the head itself (its end
+            # may share a read with body bytes, which do not count)
+            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
         if status == 101 and self._upgrade:
             self.status = status
             self.tunnel = True
@@ -219,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._message_complete()
 
     def on_body(self, body: bytes) -> None:
+        self._unparsed = 0
         if self._head_only:
             return
         self._remaining -= len(body)
@@ -309,7 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = self.complete = self.got_bytes = self.keep_alive = False
         self.codings = b""
         self.on_continue = on_continue
-        self._head_bytes = self._head_raw = self._header_lines = 0
+        self._unparsed = 0
 
     async def drain(self) -> None:
         if self.closed:
@@ -351,3 +350,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         return chunk
+
+
+def _head_size(reason: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a response head: status line and header lines (as llhttp handed them)."""
+    return 15 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers)
