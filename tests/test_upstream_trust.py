@@ -293,3 +293,29 @@ def test_no_assert_statements_on_the_upstream_data_path() -> None:
         tree = ast.parse((root / name).read_text())
         found = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
         assert not found, f"{name}: assert on lines {found}"
+
+
+async def test_an_endless_trailer_section_is_cut_without_being_buffered(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A chunked answer whose trailer section never ends: the caller's connection is cut (its
+    answer cannot be completed) and the upstream could not push more than a few MiB."""
+    pushed = 0
+
+    async def endless(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        nonlocal pushed
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        block = b"a" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(block)
+                await writer.drain()
+                pushed += len(block)
+        return True
+
+    async with scripted_upstream(on_head=endless) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        raw = await exchange(sidecar.proxy_port, b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n", within=5)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert not raw.endswith(b"0\r\n\r\n")  # never completed
+    assert pushed < 16 << 20, f"the upstream pushed {pushed >> 20} MiB"
