@@ -273,8 +273,8 @@ class Proxy:
                     f"request body larger than {limit} bytes", status=413, code="body_too_large"
                 )
             expect = request.header(b"expect")
-            # the caller waits for an interim 100 before sending its body (RFC 9110 10.1.1);
-            # an HTTP/1.0 caller's expectation is ignored (RFC 9110 10.1.1: it cannot have one)
+            # the caller waits for an interim 100 before sending its body; an HTTP/1.0 request's
+            # expectation is ignored, and no 1xx ever goes to an HTTP/1.0 caller (RFC 9110 10.1.1)
             expects = (
                 expect is not None
                 and expect.lower() == b"100-continue"
