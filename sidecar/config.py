@@ -136,7 +136,12 @@ class Timeout(_Model):
     """Seconds allowed for the upstream leg."""
 
     connect: float = Field(5.0, gt=0)
-    total: float = Field(30.0, gt=0)
+    total: float = Field(
+        30.0,
+        gt=0,
+        description="seconds to the response head once the request was sent whole; also the "
+        "longest silence while a body moves, either way",
+    )
 
 
 class TLS(_Model):
@@ -175,6 +180,11 @@ class Upstream(_Model):
     #: request bodies larger than this many bytes are refused with 413 (null: no limit, so
     #: uploads of any size stream through)
     max_request_body: int | None = Field(None, ge=0)
+    rewrite_location: bool = Field(
+        True,
+        description="an absolute Location or Content-Location naming the upstream (origin and "
+        "path prefix) is pointed back at the caller's Host, as nginx's proxy_redirect default",
+    )
 
     @field_validator("url")
     @classmethod

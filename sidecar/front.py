@@ -276,14 +276,29 @@ class FrontProtocol(asyncio.Protocol):
         wake(self._waiter)
 
     def _upgraded(self, rest: bytes) -> None:
-        """llhttp stops at CONNECT and Upgrade: from here on the caller's bytes are raw."""
+        """llhttp stops at CONNECT and Upgrade: from here on the caller's bytes are raw.
+
+        For a WebSocket upgrade they become the tunnel's stream, which the proxy sends upstream
+        only after a 101. Any other Upgrade (h2c, ...) is dropped and its request goes on as plain
+        HTTP: httptools makes llhttp skip the body of an Upgrade request, so a second parser reads
+        that body (llhttp still, framed as the head declared it). Nothing after it is read: the
+        connection closes after the answer.
+        """
         self._parser = None
+        request = self._last
+        if request is not None and not request.wants_websocket():
+            if request.body is not None:
+                self._parsing = request  # a bad body is refused as any request's would be
+                self._parser = _body_parser(self, request)
+                if rest:
+                    self.data_received(rest)
+            return
         tunnel = Body(self)
         if rest:
             tunnel.feed(rest)
         self._tunnel = tunnel
-        if self._last is not None and self._last.wants_websocket():
-            self._last.body = tunnel
+        if request is not None:
+            request.body = tunnel
 
     async def _serve(self) -> None:
         server = self.server
@@ -326,6 +341,11 @@ class FrontProtocol(asyncio.Protocol):
             if self.transport is not None and not self.closed:
                 self.transport.close()
 
+    def _body_done(self) -> None:
+        """The body of an Upgrade request sidecar does not tunnel has been read: stop parsing."""
+        self._parser = None
+        self._parsing = None
+
     def _answer_refusal(self, refusal: _Refusal) -> None:
         status, code = refusal.status, refusal.code
         detail = str(refusal)[:200]
@@ -334,3 +354,34 @@ class FrontProtocol(asyncio.Protocol):
         )
         self.closing_after_response = True
         self.write(self.server.error_bytes(status, code, detail))
+
+
+class _UpgradeBody:
+    """llhttp callbacks for the body of an Upgrade request that is answered as plain HTTP."""
+
+    __slots__ = ("_body", "_front")
+
+    def __init__(self, front: FrontProtocol, body: Body) -> None:
+        self._front = front
+        self._body = body
+
+    def on_body(self, data: bytes) -> None:
+        self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        self._body.finish()
+        self._front._body_done()
+
+
+def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpRequestParser:
+    """A parser that reads only ``request``'s body, framed as its head declared (llhttp checked
+    that framing already), into a fresh body stream for the request."""
+    body = request.body = Body(front)
+    framing = (
+        b"Transfer-Encoding: chunked"
+        if request.length is None
+        else b"Content-Length: %d" % request.length
+    )
+    parser = httptools.HttpRequestParser(_UpgradeBody(front, body))
+    parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+    return parser

@@ -1,17 +1,25 @@
 """The stateless pieces of HTTP the proxy builds or checks: its own error answers, the check of a
-request's target, the upstream's response header lines as passed on, and the size limit for
-chunked uploads. :mod:`sidecar.proxy` decides when each applies.
+request's target, the upstream's response header lines as passed on (Location turned back toward
+the caller), and the size limit for chunked uploads. :mod:`sidecar.proxy` decides when each applies.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from http import HTTPStatus
 from urllib.parse import unquote
 
+from yarl import URL
+
 from sidecar.errors import RefusedRequest
 from sidecar.headers import HOP_BY_HOP
+
+#: the interim answer to ``Expect: 100-continue`` (RFC 9110 15.2.1)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
+CODED = b"Transfer-Encoding: %b, chunked\r\n"
 
 
 def error_parts(
@@ -49,10 +57,19 @@ def check_target(raw_path: str) -> None:
     are meaningless here; ``.`` and ``..`` segments, also percent-encoded, could leave the
     upstream's path prefix once the upstream normalises them.
     """
-    if not raw_path.startswith("/") or raw_path.startswith("//"):
+    if not raw_path.startswith("/"):
         raise RefusedRequest(
             "only origin-form request targets (/path?query) are accepted: sidecar forwards to its "
             "one configured upstream and is not a forward proxy",
+            status=400,
+            code="target_refused",
+        )
+    if raw_path.startswith("//"):
+        # kept refused rather than merged: an upstream (or a redirect built from the path) may
+        # read //name/... as a host; see docs/http-semantics.md
+        raise RefusedRequest(
+            "a path starting with // is refused: usually a client base URL ending in / joined "
+            "with a path starting with / (send /v1/x, not //v1/x)",
             status=400,
             code="target_refused",
         )
@@ -75,9 +92,74 @@ DROP_WITH_LENGTH = DROP | {b"content-length"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 
 
-def response_head(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+class Relocation:
+    """Turns an absolute ``Location``/``Content-Location`` that names the upstream (its origin and
+    path prefix) into the address the caller used, ``http://<caller's Host>`` + the rest, as
+    nginx's ``proxy_redirect default`` does; a client following it comes back through sidecar
+    instead of calling the upstream without the token. Other values pass untouched."""
+
+    __slots__ = ("origins", "prefix")
+
+    def __init__(self, upstream: URL) -> None:
+        host = upstream.raw_host or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        base = f"{upstream.scheme}://{host}".lower()
+        origins = {f"{base}:{upstream.port}"}
+        if upstream.is_default_port():
+            origins.add(base)
+        self.origins = frozenset(o.encode() for o in origins)
+        self.prefix = upstream.raw_path.rstrip("/").encode()
+
+    def head(self, head: bytes, request_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """Header lines (each ending in CRLF) with their Location values pointed back."""
+        lines = head.split(b"\r\n")
+        for i, line in enumerate(lines):
+            name, sep, value = line.partition(b":")
+            if sep and name.lower() in _RELOCATED:
+                lines[i] = name + b": " + self.apply(value.strip(), request_headers)
+        return b"\r\n".join(lines)
+
+    def apply(self, value: bytes, request_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """``value`` pointed back at the caller, or unchanged."""
+        start = value.find(b"://")
+        if start < 0:
+            return value  # relative: already resolves against the caller's address
+        end = len(value)
+        for sep in (b"/", b"?", b"#"):
+            at = value.find(sep, start + 3)
+            if 0 <= at < end:
+                end = at
+        if value[:end].lower() not in self.origins:
+            return value
+        rest = value[end:]
+        prefix = self.prefix
+        if prefix:
+            if not rest.startswith(prefix) or rest[len(prefix) : len(prefix) + 1] not in _AFTER:
+                return value  # the upstream's origin but outside what sidecar forwards to
+            rest = rest[len(prefix) :]
+        host = next((v for n, v in request_headers if n.lower() == b"host"), None)
+        if not host:
+            return value  # no address the caller used to point at
+        if not rest.startswith(b"/"):
+            rest = b"/" + rest
+        return b"http://" + host.strip() + rest
+
+
+#: what may follow the path prefix in a Location that is under it
+_AFTER = frozenset({b"", b"/", b"?", b"#"})
+_RELOCATED = frozenset({b"location", b"content-location"})
+
+
+def response_head(
+    raw: list[tuple[bytes, bytes]],
+    drop: frozenset[bytes],
+    relocation: Relocation | None = None,
+    request_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
     """The upstream's response header lines minus ``drop`` (lower-case names) and minus those the
-    upstream's Connection header names (RFC 9110 7.6.1)."""
+    upstream's Connection header names (RFC 9110 7.6.1); with ``relocation``, Location values
+    naming the upstream point at the caller's Host (from ``request_headers``) instead."""
     lines = []
     listed: set[bytes] | None = None
     for name, value in raw:
@@ -90,8 +172,25 @@ def response_head(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> byt
             continue
         lines.append(name + b": " + value + b"\r\n")
     if listed:
-        return b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
-    return b"".join(lines)
+        head = b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
+    else:
+        head = b"".join(lines)
+    # one search of the whole head rather than a test per header: few answers carry a Location
+    if relocation is not None and b"location:" in head.lower():
+        return relocation.head(head, request_headers)
+    return head
+
+
+#: RFC 6750 3.1: the upstream says the token itself was refused (expired, revoked, malformed)
+_INVALID_TOKEN = re.compile(rb'(?:^|[\s,])error\s*=\s*"?invalid_token"?(?:$|[\s,])', re.IGNORECASE)
+
+
+def says_invalid_token(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True when a ``WWW-Authenticate`` challenge carries ``error="invalid_token"``."""
+    return any(
+        n.lower() == b"www-authenticate" and _INVALID_TOKEN.search(v) is not None
+        for n, v in headers
+    )
 
 
 async def limited(body: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from yarl import URL
@@ -22,18 +23,22 @@ from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.egress import Egress
-from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
+from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
 from sidecar.exchange import Request
 from sidecar.headers import HeaderRules
 from sidecar.http_parts import (
+    CODED,
+    CONTINUE,
     DROP,
     DROP_WITH_LENGTH,
+    Relocation,
     check_target,
     error_parts,
     limited,
     reason_phrase,
     refusal_bytes,
     response_head,
+    says_invalid_token,
 )
 from sidecar.logs import write_access
 from sidecar.metrics import Metrics
@@ -41,6 +46,9 @@ from sidecar.session import Credentials
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
+
+#: RFC 9110 9.2.2: sending these twice means the same as sending them once
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class CredentialSource(Protocol):
@@ -106,6 +114,8 @@ class Proxy:
             host += f":{url.port}"
         self._host = host
         self._rules = rules
+        #: absolute Location values naming the upstream are turned back toward the caller
+        self._relocation = Relocation(url) if upstream.rewrite_location else None
 
     async def reconfigure(self, upstream: Upstream, upstream_url: str, rules: HeaderRules) -> None:
         """Forward with a new upstream section and header rules from the next request on.
@@ -269,13 +279,15 @@ class Proxy:
                 await self._tunnel(request, line, creds)
                 return
             # any other switch (h2c, ...) would carry requests past our header rules: answered
-            # as plain HTTP/1.1 (Upgrade is hop-by-hop, never forwarded), then the connection ends
+            # as plain HTTP/1.1 with its body (Upgrade is hop-by-hop, never forwarded), then the
+            # connection ends (the front read no further than that body)
             request.keep_alive = False
 
         replayable = True
         chunked = False
         body: Any = None
         framing = b""
+        on_continue = None
         stream = request.body
         if stream is not None:
             cfg = self._config
@@ -286,10 +298,17 @@ class Proxy:
                     f"request body larger than {limit} bytes", status=413, code="body_too_large"
                 )
             expect = request.header(b"expect")
-            if expect is not None and expect.lower() == b"100-continue":
-                # the caller waits for this before sending its body (RFC 9110 10.1.1)
-                request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # the caller waits for an interim 100 before sending its body; an HTTP/1.0 request's
+            # expectation is ignored, and no 1xx ever goes to an HTTP/1.0 caller (RFC 9110 10.1.1)
+            expects = (
+                expect is not None
+                and expect.lower() == b"100-continue"
+                and request.version == "1.1"
+                and not stream.done
+            )
             if length is not None and length <= cfg.replay_body_limit:
+                if expects:
+                    request.conn.write(CONTINUE)  # buffered for a replay: we take the body
                 body = await stream.read()
                 framing = b"Content-Length: %d\r\n" % len(body)
             else:
@@ -300,15 +319,32 @@ class Proxy:
                     framing = b"Transfer-Encoding: chunked\r\n"
                 else:
                     framing = b"Content-Length: %d\r\n" % length
+                if expects:
+                    # streamed: the upstream decides, so that its early refusal (413, 401)
+                    # reaches the caller before the body is sent; its 100 is relayed
+                    framing += b"Expect: 100-continue\r\n"
+                    on_continue = partial(request.conn.write, CONTINUE)
         elif method in ("POST", "PUT", "PATCH"):
             framing = b"Content-Length: 0\r\n"
-        upstream = await self._send(request, line, creds, framing, body, chunked)
-        if upstream.status == 401 and replayable:
+        upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
+        if upstream.status == 401 and replayable and self._may_replay(method, upstream):
             fresh = await self._session.reactive_refresh(creds)
             if fresh is not None:
                 upstream.release()
                 upstream = await self._send(request, line, fresh, framing, body, chunked)
         await self._relay(request, upstream)
+
+    @staticmethod
+    def _may_replay(method: str, upstream: UpstreamResponse) -> bool:
+        """Whether a 401 leads to a reactive refresh and a replay with the new token.
+
+        Only when sending the request twice is harmless (an idempotent method), or when the
+        upstream says the token itself was refused (``WWW-Authenticate: Bearer
+        error="invalid_token"``, RFC 6750 3.1), so the first request did nothing. Any other 401
+        (an application's own "not allowed") reaches the caller as it is, and the session keeps
+        its token.
+        """
+        return method in IDEMPOTENT or says_invalid_token(upstream.headers)
 
     async def _send(
         self,
@@ -318,14 +354,22 @@ class Proxy:
         framing: bytes,
         body: Any,
         chunked: bool,
+        on_continue: Callable[[], None] | None = None,
         *,
         upgrade: bool = False,
     ) -> UpstreamResponse:
         head, request_id = self._rules.head(line, request.headers, creds, framing)
         request.request_id = request_id
-        assert self._pool is not None
-        return await self._pool.request(
-            head, body, head_only=request.method == "HEAD", chunked=chunked, upgrade=upgrade
+        pool = self._pool
+        if pool is None:
+            raise UpstreamUnavailable("the proxy is not started")
+        return await pool.request(
+            head,
+            body,
+            head_only=request.method == "HEAD",
+            chunked=chunked,
+            upgrade=upgrade,
+            on_continue=on_continue,
         )
 
     async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
@@ -338,15 +382,29 @@ class Proxy:
             self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
         status = upstream.status
         reason = upstream.reason or reason_phrase(status)
-        body = upstream.body_if_complete()
+        relocation = self._relocation
+        codings = upstream.codings
+        body = None if codings else upstream.body_if_complete()
         if body is not None and request.method != "HEAD":
             upstream.release()
-            request.respond(status, reason, response_head(upstream.headers, DROP_WITH_LENGTH), body)
+            head = response_head(upstream.headers, DROP_WITH_LENGTH, relocation, request.headers)
+            request.respond(status, reason, head, body)
             return
-        head = response_head(upstream.headers, DROP)
+        head = response_head(upstream.headers, DROP, relocation, request.headers)
         if request.method == "HEAD" or status in (204, 304):
             upstream.release()
             request.start(status, reason, head, chunked=False)
+            return
+        if codings:
+            # a body under codings besides chunked (RFC 9112 6.1) keeps them: re-framed chunked
+            # after them; HTTP/1.0 has no transfer codings to carry them
+            if request.version != "1.1":
+                upstream.close()
+                raise UpstreamUnavailable(
+                    "the upstream's answer uses a transfer coding an HTTP/1.0 caller cannot take"
+                )
+            request.start(status, reason, head + CODED % codings, chunked=False)
+            await self._pump(request, upstream, True)
             return
         known = any(n.lower() == b"content-length" for n, _ in upstream.headers)
         # without a length: chunked to an HTTP/1.1 caller, else delimited by closing
@@ -378,12 +436,15 @@ class Proxy:
 
     async def _tunnel(self, request: Request, line: bytes, creds: Credentials) -> None:
         """An ``Upgrade`` (WebSocket): ask the upstream with our headers; after its 101, copy
-        raw bytes both ways until either side closes (RFC 9110 7.8)."""
+        raw bytes both ways until either side closes (RFC 9110 7.8).
+
+        Only the head goes first: the caller's following bytes wait for the 101. Any other
+        answer is relayed and both connections close after it (the upstream's was never pooled):
+        bytes the caller sent behind the head are never sent anywhere, not parsed as requests.
+        """
         protocol = request.header(b"upgrade") or b""
         framing = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
-        upstream = await self._send(
-            request, line, creds, framing, request.body, False, upgrade=True
-        )
+        upstream = await self._send(request, line, creds, framing, None, False, upgrade=True)
         if upstream.status != 101:
             request.keep_alive = False
             await self._relay(request, upstream)
@@ -392,6 +453,7 @@ class Proxy:
         switched = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), protocol)
         head += b"Connection: Upgrade\r\nUpgrade: " + switched + b"\r\n"
         request.start(101, upstream.reason or "Switching Protocols", head, chunked=False)
+        upstream.start_tunnel(request.body)
         try:
             await self._pump(request, upstream, False)
         finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from sidecar.egress import ForwardProxy
@@ -30,7 +30,16 @@ class UpstreamResponse:
     """A response being received; give the connection back with :meth:`release` or
     :meth:`close`."""
 
-    __slots__ = ("_conn", "_pool", "_read_timeout", "_writer", "headers", "reason", "status")
+    __slots__ = (
+        "_conn",
+        "_pool",
+        "_read_timeout",
+        "_writer",
+        "codings",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -46,6 +55,8 @@ class UpstreamResponse:
         self.status = conn.status
         self.reason = conn.reason
         self.headers = conn.headers
+        #: transfer codings besides chunked that the body carries (b"" nearly always)
+        self.codings = conn.codings
 
     @property
     def complete(self) -> bool:
@@ -76,6 +87,13 @@ class UpstreamResponse:
             if chunk is None:
                 return
             yield chunk
+
+    def start_tunnel(self, body: AsyncIterable[bytes] | None) -> None:
+        """After a 101: copy the caller's raw bytes (``body``) to the upstream until the caller
+        half-closes, which is passed on. None of them was sent before the 101."""
+        if body is not None and self._writer is None:
+            conn = self._conn
+            self._writer = conn._loop.create_task(self._pool.send_body(conn, body, tunnel=True))
 
     def release(self) -> None:
         """Return the connection to the pool when the exchange finished cleanly, else close it."""
@@ -183,27 +201,35 @@ class UpstreamPool:
         head_only: bool = False,
         chunked: bool = False,
         upgrade: bool = False,
+        on_continue: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """Send one request and wait for the response head.
 
         ``head`` is the complete request head (request line, headers, blank line). ``body`` is
         bytes (sent with the head in one write), an async iterator of chunks (streamed, framed
         chunked when ``chunked``), or None. A request on a reused connection that the server had
-        already closed is retried once on a fresh one when its body can be sent again. With
-        ``upgrade``, a 101 answer turns the connection into a raw tunnel (``body`` is the caller's
-        side of it; the response's body is the upstream's).
+        already closed is retried once on a fresh one when its body can be sent again.
+
+        With ``upgrade``, a 101 answer turns the connection into a raw tunnel: the caller's side
+        of it starts with :meth:`UpstreamResponse.start_tunnel`, only after the 101, and the
+        response's body is the upstream's. ``on_continue`` is called when the upstream answers
+        ``100 Continue`` to an expectation the head passes on.
+
+        The deadline for the response head starts once the request was sent whole: while a
+        streamed body moves, each chunk sent starts it again (an idle deadline of the same
+        length), so a slow upload that keeps moving is not cut for taking long.
         """
         replayable = not hasattr(body, "__aiter__")
         conn = self._idle_connection()
         if conn is None:
             conn = await self._connect()
         try:
-            return await self._exchange(conn, head, body, head_only, chunked, upgrade)
+            return await self._exchange(conn, head, body, head_only, chunked, upgrade, on_continue)
         except UpstreamUnavailable:
             if not (conn.reused and not conn.got_bytes and replayable):
                 raise
         conn = await self._connect()  # the pooled connection had gone stale
-        return await self._exchange(conn, head, body, head_only, chunked, upgrade)
+        return await self._exchange(conn, head, body, head_only, chunked, upgrade, on_continue)
 
     async def _exchange(
         self,
@@ -213,17 +239,20 @@ class UpstreamPool:
         head_only: bool,
         chunked: bool,
         upgrade: bool,
+        on_continue: Callable[[], None] | None,
     ) -> UpstreamResponse:
-        assert conn.transport is not None
-        conn.begin(head_only, upgrade)
+        transport = conn.transport
+        if transport is None:
+            raise UpstreamUnavailable("upstream connection is not open")
+        conn.begin(head_only, upgrade, on_continue)
         writer: asyncio.Task[None] | None = None
         if body is None:
-            conn.transport.write(head)
+            transport.write(head)
         elif isinstance(body, bytes):
-            conn.transport.write(head + body)
+            transport.write(head + body)
         else:
-            conn.transport.write(head)
-            writer = asyncio.get_running_loop().create_task(_send_body(conn, body, chunked))
+            transport.write(head)
+            writer = conn._loop.create_task(self.send_body(conn, body, chunked=chunked))
         # one sweeping timer for all exchanges rather than a timer each: less work per request
         waiting = self._waiting
         waiting[conn] = conn._loop.time() + self._head_timeout
@@ -240,6 +269,49 @@ class UpstreamPool:
             _abort(conn, writer)
             raise UpstreamUnavailable("sending the request body failed")
         return UpstreamResponse(self, conn, writer, self._head_timeout)
+
+    async def send_body(
+        self,
+        conn: UpstreamConnection,
+        body: AsyncIterable[bytes],
+        *,
+        chunked: bool = False,
+        tunnel: bool = False,
+    ) -> None:
+        """Stream a request body (or a tunnel's caller side) with backpressure, chunked-framed
+        when its length is unknown.
+
+        Each chunk that went out moves the response head's deadline (see :meth:`request`). If
+        the caller's body breaks off, the upstream connection is aborted, so the upstream never
+        takes a truncated body for a complete one. A tunnel's end is passed on as a half-close.
+        """
+        transport = conn.transport
+        if transport is None:
+            return
+        waiting = self._waiting
+        timeout = self._head_timeout
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                await conn.drain()
+                if conn in waiting:
+                    waiting[conn] = conn._loop.time() + timeout
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            elif tunnel and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except RefusedRequest as exc:  # the caller's body broke a rule (too large)
+            conn.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of either side ends this exchange
+            conn.fail(UpstreamUnavailable(f"request body could not be sent: {type(exc).__name__}"))
 
     def _sweep(self) -> None:
         """Fail the exchanges whose response head is overdue (at most a tick late)."""
@@ -272,31 +344,3 @@ def _abort(conn: UpstreamConnection, writer: asyncio.Task[None] | None) -> None:
     conn.closed = True
     if conn.transport is not None:
         conn.transport.abort()
-
-
-async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> None:
-    """Stream a request body with backpressure, chunked-framed when its length is unknown.
-
-    If the caller's body breaks off, the upstream connection is aborted, so the upstream never
-    takes a truncated body for a complete one.
-    """
-    transport = conn.transport
-    assert transport is not None
-    try:
-        async for chunk in body:
-            if not chunk:
-                continue
-            if chunked:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            else:
-                transport.write(chunk)
-            await conn.drain()
-        if chunked:
-            transport.write(b"0\r\n\r\n")
-    except asyncio.CancelledError:
-        transport.abort()
-        raise
-    except RefusedRequest as exc:  # the caller's body broke a rule (too large)
-        conn.fail(exc)
-    except Exception as exc:  # noqa: BLE001 - any failure of either side ends this exchange
-        conn.fail(UpstreamUnavailable(f"request body could not be sent: {type(exc).__name__}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -20,12 +21,21 @@ from sidecar.exchange import wake
 #: pause reading from the upstream while this many body bytes wait for the caller
 HIGH_WATER = 1 << 18
 LOW_WATER = 1 << 16
+#: largest response head accepted (status line and header lines, interim answers included),
+#: whatever the read boundaries: nginx refuses heads past its 4-8 KiB buffer, we allow more
+MAX_HEAD = 64 * 1024
+#: most header lines in one response head
+MAX_HEADERS = 256
 
 
 class UpstreamBroken(UpstreamUnavailable):
     """The upstream failed after its response head was received (mid-body)."""
 
     code = "upstream_broken"
+
+
+class _BadHead(UpstreamUnavailable):
+    """A response head sidecar will not relay (raised inside llhttp callbacks)."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -57,6 +67,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.got_bytes = False
         self.keep_alive = False
+        #: transfer codings of the body besides chunked (e.g. b"gzip"), passed on to the caller
+        self.codings = b""
+        #: writes the upstream's ``100 Continue`` to the caller (set while an expectation is
+        #: passed on)
+        self.on_continue: Callable[[], None] | None = None
+        #: bytes fed to llhttp since it last gave body bytes: what it (and httptools) may hold
+        #: as an unfinished head, trailer or chunk line; bounded by MAX_HEAD
+        self._unparsed = 0
 
     # -- asyncio.Protocol
 
@@ -82,8 +100,16 @@ class UpstreamConnection(asyncio.Protocol):
         if parser is None:  # bytes nobody asked for: the connection cannot be trusted
             self.fail(UpstreamUnavailable("upstream sent data without a request"))
             return
+        self._unparsed += len(data)
         try:
             parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadHead):
+                self.fail(cause)
+            else:
+                self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
+            return
         except httptools.HttpParserUpgrade as exc:
             if not self.tunnel:
                 self.fail(UpstreamUnavailable("upstream switched protocols unexpectedly"))
@@ -94,6 +120,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.on_body(rest)
         except httptools.HttpParserError as exc:
             self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
+            return
+        if self._unparsed > MAX_HEAD:
+            # an unfinished head (or trailer section) growing past the limit, however it was cut
+            # into reads: httptools would hold all of it
+            what = "trailer section" if self.head_done else "response head"
+            self.fail(_BadHead(f"upstream {what} larger than {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -124,11 +156,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: never merged into the head already passed on
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
+        parser = self._parser
+        if parser is None:
+            return
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _BadHead(f"upstream answered with status {status}, outside 100-599")
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
+            raise _BadHead(f"upstream response head has more than {MAX_HEADERS} header lines")
+        if self._unparsed > MAX_HEAD and _head_size(self.reason, headers) > MAX_HEAD:
+            # the reads so far were larger than the limit: measure the head itself (its end
+            # may share a read with body bytes, which do not count)
+            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
         if status == 101 and self._upgrade:
             self.status = status
             self.tunnel = True
@@ -136,21 +181,32 @@ class UpstreamConnection(asyncio.Protocol):
             wake(self._head_waiter)
             return
         if 100 <= status < 200:
+            if status == 100 and self.on_continue is not None:
+                self.on_continue()  # the caller's expectation, met by the upstream
+                self.on_continue = None
             self.headers = []  # informational (100, 103): the final answer follows
             self.reason = ""
             return
         self.status = status
-        self.keep_alive = bool(self._parser.should_keep_alive())
+        # an Upgrade answered without switching: the connection saw a request the upstream may
+        # read differently from us; never use it again
+        self.keep_alive = bool(parser.should_keep_alive()) and not self._upgrade
         lengths: list[bytes] = []
-        encoded = False
+        encoded: list[bytes] = []
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length":
                 lengths.append(value)
             elif lname == b"transfer-encoding":
-                encoded = True
+                encoded.append(value)
         bodiless = status in (204, 304)
         self._until_close = not lengths and not encoded and not bodiless
+        if encoded:
+            codings = [c.strip().lower() for c in b",".join(encoded).split(b",") if c.strip()]
+            if codings and codings[-1] != b"chunked" and not bodiless:
+                # RFC 9112 6.3: a final coding other than chunked is delimited by the close
+                self._until_close = True
+            self.codings = b", ".join(c for c in codings if c != b"chunked")
         if len(lengths) == 1 and not encoded and not bodiless and not self._head_only:
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
             self._remaining = int(lengths[0])
@@ -161,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._message_complete()
 
     def on_body(self, body: bytes) -> None:
+        self._unparsed = 0
         if self._head_only:
             return
         self._remaining -= len(body)
@@ -230,7 +287,12 @@ class UpstreamConnection(asyncio.Protocol):
     def _wake_drain(self) -> None:
         wake(self._drain_waiter)
 
-    def begin(self, head_only: bool, upgrade: bool = False) -> None:
+    def begin(
+        self,
+        head_only: bool,
+        upgrade: bool = False,
+        on_continue: Callable[[], None] | None = None,
+    ) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
@@ -244,6 +306,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
         self.head_done = self.complete = self.got_bytes = self.keep_alive = False
+        self.codings = b""
+        self.on_continue = on_continue
+        self._unparsed = 0
 
     async def drain(self) -> None:
         if self.closed:
@@ -285,3 +350,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         return chunk
+
+
+def _head_size(reason: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a response head: status line and header lines (as llhttp handed them)."""
+    return 15 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers)

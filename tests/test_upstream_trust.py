@@ -1,0 +1,326 @@
+"""The upstream leg holds the data path's promise (issue "Data path trust"): only requests a caller
+sent reach the upstream, an Upgrade's following bytes go upstream only after a 101, and whatever the
+upstream sends back (trailers, huge heads, odd framing, odd status codes) cannot become headers,
+exhaust memory or cut a body short.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import gzip
+import os
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import MakeSidecar, proxy_url
+from tests.fakes.scripted_upstream import RawRequest, Wire, ok, scripted_upstream
+
+
+async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: float = 3) -> bytes:
+    """Send raw bytes to the proxy (then half-close when asked) and read until it closes or
+    ``within`` seconds pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return answer
+
+
+def split_answer(raw: bytes) -> tuple[bytes, bytes]:
+    """A raw answer's head (status line and headers, lower-cased) and the rest."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return head.lower(), rest
+
+
+def dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body (trailers ignored)."""
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += data[:size]
+        data = data[size + 2 :]
+
+
+async def chat_is_plain(request: RawRequest) -> bytes:
+    """/chat answers a plain 200 and keeps the connection; others say what they saw."""
+    if request.target == "/chat":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    return await ok(request)
+
+
+async def test_an_upgrade_not_switched_sends_only_its_head_and_the_connection_is_not_reused(
+    make_sidecar: MakeSidecar, http: aiohttp.ClientSession
+) -> None:
+    """The issue's reproducer: a caller sends an Upgrade head followed by a second request and
+    half-closes; the upstream answers a plain 200 on /chat. The second request never reaches the
+    upstream, the upstream connection is not pooled, the caller's connection closes after the
+    answer, and the next caller gets its own answer (its head, with the token, is nobody's body)."""
+    async with scripted_upstream(chat_is_plain) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        attack = (
+            b"GET /chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"POST /store HTTP/1.1\r\nHost: localhost\r\nContent-Length: 250\r\n\r\n"
+        )
+        answer = await exchange(sidecar.proxy_port, attack, half_close=True)
+        head, body = split_answer(answer)
+        assert head.startswith(b"http/1.1 200"), answer
+        assert body == b"ok"  # one answer, then the connection closed
+        async with http.get(proxy_url(sidecar, "/victim")) as resp:
+            assert resp.status == 200
+            assert await resp.text() == "GET /victim 0"
+        assert [r.target for r in upstream.requests] == ["/chat", "/victim"]
+        assert b"/store" not in b"".join(upstream.received)
+        assert upstream.requests[0].connection != upstream.requests[1].connection
+
+
+async def test_websocket_bytes_go_upstream_only_after_the_101(make_sidecar: MakeSidecar) -> None:
+    """Bytes a caller sends right behind its Upgrade head wait for the upstream's 101; then they
+    pass through the tunnel, and the caller's half-close reaches the upstream."""
+    got_head = asyncio.Event()
+    seen_before_101 = bytearray()
+    tunnelled = bytearray()
+
+    async def on_head(request: RawRequest, reader: Wire, writer: asyncio.StreamWriter) -> bool:
+        got_head.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                seen_before_101.extend(await reader.read(100))
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        while data := await reader.read(65536):
+            tunnelled.extend(data)
+        writer.write(b"bye")
+        return True
+
+    async with scripted_upstream(on_head=on_head) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        answer = await exchange(
+            sidecar.proxy_port,
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"early-bytes",
+            half_close=True,
+        )
+    assert got_head.is_set()
+    assert bytes(seen_before_101) == b""
+    assert bytes(tunnelled) == b"early-bytes"
+    assert answer.startswith(b"HTTP/1.1 101")
+    assert answer.endswith(b"\r\n\r\nbye")
+
+
+async def test_a_non_websocket_upgrade_with_a_body_is_forwarded_as_a_plain_request(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """``curl --http2 -d data``: the h2c Upgrade is dropped and the body, whether framed by
+    Content-Length or chunked, reaches the upstream; then the caller's connection closes."""
+    for framing, body in (
+        (b"Content-Length: 4", b"data"),
+        (b"Transfer-Encoding: chunked", b"2\r\nda\r\n2\r\nta\r\n0\r\n\r\n"),
+    ):
+        async with scripted_upstream() as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            answer = await exchange(
+                sidecar.proxy_port,
+                b"POST /x HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + framing
+                + b"\r\n\r\n"
+                + body
+                + b"GET /next HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            )
+        head, rest = split_answer(answer)
+        assert head.startswith(b"http/1.1 200"), answer
+        assert b"connection: close" in head
+        assert rest == b"POST /x 4"
+        (seen,) = upstream.requests
+        assert seen.body == b"data"
+        assert seen.header("upgrade") is None
+        assert seen.header("http2-settings") is None
+
+
+async def trailer_answer(_request: RawRequest) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: Set-Cookie\r\n\r\n"
+        b"2\r\nok\r\n0\r\nSet-Cookie: stolen=1\r\nX-Late: 1\r\n\r\n"
+    )
+
+
+async def test_upstream_trailers_never_become_headers(make_sidecar: MakeSidecar) -> None:
+    """A trailer field (Set-Cookie) on a chunked answer does not reach the caller as a header,
+    whether the answer arrives in one piece or the trailer comes later."""
+
+    async def late_trailer(request: RawRequest) -> bytes:
+        await asyncio.sleep(0.2)  # the head and first chunk went out already (see on_head)
+        return b"0\r\nSet-Cookie: stolen=1\r\n\r\n"
+
+    async def head_first(request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        await writer.drain()
+        writer.write(await late_trailer(request))
+        return True
+
+    for answer_kind in ("whole", "late"):
+        if answer_kind == "whole":
+            context = scripted_upstream(trailer_answer)
+        else:
+            context = scripted_upstream(on_head=head_first)
+        async with context as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            answer = await exchange(
+                sidecar.proxy_port,
+                b"GET /t HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+        head, body = split_answer(answer)
+        assert head.startswith(b"http/1.1 200"), answer
+        assert b"set-cookie" not in answer.lower(), answer_kind
+        assert b"x-late" not in answer.lower(), answer_kind
+        if b"transfer-encoding: chunked" in head:
+            body = dechunk(body)
+        assert body == b"ok", answer_kind
+
+
+async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A response head larger than the limit, in one write or dribbled, or with too many header
+    lines, is a 502 JSON error; the upstream connection is dropped."""
+    big = b"X-Big: " + b"a" * (80 * 1024) + b"\r\n"
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
+    for name, extra in (("one write", big), ("many lines", many)):
+
+        async def answer(_request: RawRequest, extra: bytes = extra) -> bytes:
+            return b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
+
+        async with scripted_upstream(answer) as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            raw = await exchange(
+                sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
+            )
+        head, body = split_answer(raw)
+        assert head.startswith(b"http/1.1 502"), (name, raw[:200])
+        assert b"x-sidecar-error: 1" in head
+        assert b"response head" in body, body
+
+
+async def test_a_64_mib_upstream_header_is_refused_without_being_buffered(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """An upstream streaming an endless header line gets its connection cut after the limit: the
+    caller has a 502 quickly and the upstream could not push more than a few MiB."""
+    pushed = 0
+
+    async def endless(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        nonlocal pushed
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        block = b"a" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(block)
+                await writer.drain()
+                pushed += len(block)
+        return True
+
+    async with scripted_upstream(on_head=endless) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        raw = await exchange(
+            sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n", within=5
+        )
+    assert raw.startswith(b"HTTP/1.1 502"), raw[:200]
+    assert pushed < 16 << 20, f"the upstream pushed {pushed >> 20} MiB"
+
+
+async def test_a_body_delimited_by_close_under_a_transfer_coding_is_relayed_whole(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """``Transfer-Encoding: gzip`` without chunked: the body runs to the end of the connection
+    (RFC 9112 6.3) and reaches the caller whole, the coding named, re-framed chunked."""
+    payload = os.urandom(200_000)
+    coded = gzip.compress(payload)
+
+    async def answer(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n")
+        for start in range(0, len(coded), 10_000):
+            writer.write(coded[start : start + 10_000])
+            await writer.drain()
+        return True  # closing ends the body
+
+    async with scripted_upstream(on_head=answer) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        raw = await exchange(
+            sidecar.proxy_port, b"GET /z HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+    head, body = split_answer(raw)
+    assert head.startswith(b"http/1.1 200"), raw[:200]
+    assert b"transfer-encoding: gzip, chunked" in head
+    assert gzip.decompress(dechunk(body)) == payload
+
+
+async def test_status_codes_outside_100_to_599_are_502(make_sidecar: MakeSidecar) -> None:
+    """An upstream status such as 600 or 999 is not relayed: the caller gets a 502."""
+    for status in (b"600", b"999", b"099"):
+
+        async def answer(_request: RawRequest, status: bytes = status) -> bytes:
+            return b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
+
+        async with scripted_upstream(answer) as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            raw = await exchange(
+                sidecar.proxy_port, b"GET /s HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
+            )
+        assert raw.startswith(b"HTTP/1.1 502"), (status, raw[:200])
+
+
+def test_no_assert_statements_on_the_upstream_data_path() -> None:
+    """``python -O`` strips asserts: the data path's checks must be real code."""
+    root = Path(__file__).resolve().parent.parent / "sidecar"
+    for name in ("proxy.py", "upstream.py", "upstream_conn.py", "http_parts.py"):
+        tree = ast.parse((root / name).read_text())
+        found = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+        assert not found, f"{name}: assert on lines {found}"
+
+
+async def test_an_endless_trailer_section_is_cut_without_being_buffered(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A chunked answer whose trailer section never ends: the caller's connection is cut (its
+    answer cannot be completed) and the upstream could not push more than a few MiB."""
+    pushed = 0
+
+    async def endless(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        nonlocal pushed
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        block = b"a" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(block)
+                await writer.drain()
+                pushed += len(block)
+        return True
+
+    async with scripted_upstream(on_head=endless) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        raw = await exchange(
+            sidecar.proxy_port, b"GET /t HTTP/1.1\r\nHost: localhost\r\n\r\n", within=5
+        )
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert not raw.endswith(b"0\r\n\r\n")  # never completed
+    assert pushed < 16 << 20, f"the upstream pushed {pushed >> 20} MiB"
