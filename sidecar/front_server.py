@@ -1,15 +1,42 @@
-"""The :8080 listener and its connections (:class:`~sidecar.front.FrontProtocol` each): the idle
-keep-alive sweep, and what a graceful shutdown needs: stop accepting, drain, close.
+"""The :8080 listener and its connections (:class:`~sidecar.front.FrontProtocol` each): the
+deadline sweep (head, body, idle keep-alive), the connection cap, and what a graceful shutdown
+needs: stop accepting, drain, close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import resource
 from collections.abc import Callable
 
-from sidecar import front
 from sidecar.clock import Clock
-from sidecar.front import FrontProtocol, Handler
+from sidecar.config import Listen
+from sidecar.front import FrontProtocol, Handler, Overloaded
+
+log = logging.getLogger(__name__)
+
+#: the sweep looks this many times per shortest deadline (a deadline fires at most 1/5 late)
+TICKS_PER_DEADLINE = 5
+#: descriptors kept back from the caller connections' share: the listening sockets, the admin
+#: port and its callers, the identity provider, the store, log files, the event loop's own
+RESERVED_FDS = 48
+
+
+def default_max_connections() -> int:
+    """``listen.max_connections`` when the config leaves it out: what the descriptor limit allows.
+
+    Every caller connection being answered also holds one upstream connection, so each costs two
+    descriptors; :data:`RESERVED_FDS` (or a quarter of a small limit) stay free for the rest: the
+    admin port answers probes and the identity provider is reachable while callers fill their
+    share. With the usual soft limit of 1024: 488; with 64: 24.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    reserve = min(RESERVED_FDS, soft // 4)
+    return max(1, (soft - reserve) // 2)
 
 
 class FrontServer:
@@ -24,7 +51,9 @@ class FrontServer:
         handler: Handler,
         error_bytes: Callable[[int, str, str], bytes],
         clock: Clock,
+        limits: Listen | None = None,
     ) -> None:
+        limits = limits or Listen()
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.error_bytes = error_bytes
@@ -36,29 +65,52 @@ class FrontServer:
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.max_connections = limits.max_connections or default_max_connections()
+        #: connections turned away with 503 because max_connections were open
+        self.overloaded = 0
+        self.head_timeout = limits.head_timeout
+        self.body_timeout = limits.body_timeout
+        shortest = min(limits.head_timeout, limits.body_timeout, limits.idle_timeout)
+        self.tick_seconds = shortest / TICKS_PER_DEADLINE
+        # each deadline in sweeps; a phase that began between two sweeps gets up to one more
+        self.head_ticks = _ticks(limits.head_timeout, self.tick_seconds)
+        self.body_ticks = _ticks(limits.body_timeout, self.tick_seconds)
+        self.idle_ticks = _ticks(limits.idle_timeout, self.tick_seconds)
+        #: sweeps so far: connections mark when a phase began with it (no clock read per request)
+        self.ticks = 0
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Start accepting on ``host:port`` (0: any free port); returns the port."""
         self._server = await self.loop.create_server(
-            lambda: FrontProtocol(self),
+            self._protocol,
             host,
             port,
             reuse_address=True,
             reuse_port=reuse_port or None,
             backlog=1024,
         )
-        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
+        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _sweep_idle(self) -> None:
-        """Close connections that answered nothing for a while (idle keep-alive, or a head
-        arriving too slowly): one timer for all of them rather than one per request."""
+    def _protocol(self) -> FrontProtocol | Overloaded:
+        """A new caller connection, or, with max_connections open already, one answered 503."""
+        if len(self.connections) >= self.max_connections:
+            self.overloaded += 1
+            log.warning(
+                "proxy.connection_refused",
+                extra={"reason": "max_connections", "max_connections": self.max_connections},
+            )
+            return Overloaded(self)
+        return FrontProtocol(self)
+
+    def _sweep(self) -> None:
+        """Enforce the callers' deadlines (head, body, idle keep-alive): one timer for every
+        connection rather than one per request; connections note the sweep count when a phase
+        begins, and each sweep compares."""
+        self.ticks += 1
         for conn in list(self.connections):
-            if not conn.has_work:
-                conn.idle_ticks += 1
-                if conn.idle_ticks >= front.IDLE_TICKS and conn.transport is not None:
-                    conn.transport.close()
-        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
+            conn.check_deadlines(self.ticks)
+        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
 
     async def stop_accepting(self) -> None:
         """Close the listening socket: new connections are refused; open ones go on."""
@@ -107,6 +159,6 @@ class FrontServer:
                 conn.transport.abort()
 
 
-def _tick() -> float:
-    """Seconds between idle sweeps (read at each sweep: tests shorten the keep-alive timeout)."""
-    return front.KEEPALIVE_TIMEOUT / front.IDLE_TICKS
+def _ticks(seconds: float, tick: float) -> int:
+    """Sweeps that make up ``seconds`` (at least one)."""
+    return max(1, math.ceil(seconds / tick - 1e-9))

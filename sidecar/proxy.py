@@ -18,7 +18,7 @@ from yarl import URL
 from sidecar import tls
 from sidecar.clock import Clock
 from sidecar.config import Upstream
-from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
+from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
 from sidecar.exchange import Request
 from sidecar.headers import HeaderRules
 from sidecar.http_parts import (
@@ -262,7 +262,7 @@ class Proxy:
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue":
                 # the caller waits for this before sending its body (RFC 9110 10.1.1)
-                request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.send_continue()
             if length is not None and length <= cfg.replay_body_limit:
                 body = await stream.read()
                 framing = b"Content-Length: %d\r\n" % len(body)
@@ -297,7 +297,8 @@ class Proxy:
     ) -> UpstreamResponse:
         head, request_id = self._rules.head(line, request.headers, creds, framing)
         request.request_id = request_id
-        assert self._pool is not None
+        if self._pool is None:
+            raise UpstreamUnavailable("the upstream pool is not open")
         return await self._pool.request(
             head, body, head_only=request.method == "HEAD", chunked=chunked, upgrade=upgrade
         )
