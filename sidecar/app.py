@@ -211,7 +211,13 @@ class Sidecar:
         await proxy.start()
         self.proxy = proxy
         self._closers.append(("upstream client", proxy.aclose))
-        front = FrontServer(proxy.handle, refusal_bytes, self.clock, cfg.listen)
+        front = FrontServer(
+            proxy.handle,
+            refusal_bytes,
+            self.clock,
+            cfg.listen,
+            upstream_pool=cfg.upstream.pool_size,
+        )
         self.front = front
         self._closers.append(("proxy", front.close))
         port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)

@@ -66,6 +66,7 @@ class Overloaded(asyncio.Protocol):
 
     def __init__(self, server: FrontServer) -> None:
         self.server = server
+        self._closer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         answer = self.server.error_bytes(
@@ -76,14 +77,24 @@ class Overloaded(asyncio.Protocol):
         )
         writer = cast(asyncio.Transport, transport)
         writer.write(answer)
-        if not writer.can_write_eof():
-            writer.close()
+        server = self.server
+        if not writer.can_write_eof() or server.lingering >= server.max_connections // 4 + 1:
+            writer.close()  # a flood: descriptors matter more than a clean close
             return
-        writer.write_eof()  # then drop what the caller sends, for a moment (see LINGER_TICKS)
-        asyncio.get_running_loop().call_later(OVERLOADED_LINGER, writer.close)
+        # drop what the caller sends for a moment, then close (see LINGER_TICKS); only a few at
+        # once, so that a flood of connections cannot hold the descriptors this way
+        server.lingering += 1
+        writer.write_eof()
+        self._closer = asyncio.get_running_loop().call_later(OVERLOADED_LINGER, writer.close)
 
     def eof_received(self) -> bool | None:
         return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+            self.server.lingering -= 1
 
 
 class FrontProtocol(asyncio.Protocol):

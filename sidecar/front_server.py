@@ -24,18 +24,19 @@ TICKS_PER_DEADLINE = 5
 RESERVED_FDS = 48
 
 
-def default_max_connections() -> int:
+def default_max_connections(upstream_pool: int = 0) -> int:
     """``listen.max_connections`` when the config leaves it out: what the descriptor limit allows.
 
-    Every caller connection being answered also holds one upstream connection, so each costs two
-    descriptors; :data:`RESERVED_FDS` (or a quarter of a small limit) stay free for the rest: the
-    admin port answers probes and the identity provider is reachable while callers fill their
-    share. With the usual soft limit of 1024: 488; with 64: 24.
+    Every caller connection being answered also holds an upstream connection, so each costs two
+    descriptors. Kept back from that share: :data:`RESERVED_FDS` for the rest of the process
+    (the admin port answers probes and the identity provider stays reachable while callers fill
+    their share) plus ``upstream_pool`` idle upstream connections, but never more than a quarter
+    of a small limit. With the soft limit at 1024 and the default pool of 100: 438; at 64: 24.
     """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft > 1 << 20:
         soft = 1 << 20
-    reserve = min(RESERVED_FDS, soft // 4)
+    reserve = min(RESERVED_FDS + upstream_pool, soft // 4)
     return max(1, (soft - reserve) // 2)
 
 
@@ -52,6 +53,8 @@ class FrontServer:
         error_bytes: Callable[[int, str, str], bytes],
         clock: Clock,
         limits: Listen | None = None,
+        *,
+        upstream_pool: int = 0,
     ) -> None:
         limits = limits or Listen()
         self.loop = asyncio.get_running_loop()
@@ -65,9 +68,11 @@ class FrontServer:
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self.max_connections = limits.max_connections or default_max_connections()
+        self.max_connections = limits.max_connections or default_max_connections(upstream_pool)
         #: connections turned away with 503 because max_connections were open
         self.overloaded = 0
+        #: of those, how many are still open (their 503 sent, lingering before the close)
+        self.lingering = 0
         self.head_timeout = limits.head_timeout
         self.body_timeout = limits.body_timeout
         shortest = min(limits.head_timeout, limits.body_timeout, limits.idle_timeout)
