@@ -10,6 +10,11 @@ One task per connection answers its requests in order (keep-alive, pipelining). 
 reach the handler as a :class:`Body` stream; reading from the socket pauses while too much waits
 unread, and writes wait for the transport's buffer to drain, so bodies of any size stream through
 bounded memory. After an ``Upgrade`` the connection's raw bytes feed that same stream.
+
+Each request gets exactly one answer: a body that turns bad once its handler started fails the
+body stream (the handler answers the error, or cuts the connection) instead of queueing a second
+answer. The deadlines of the caller's phases (head, body, idle) are checked by the server's one
+sweep (:meth:`FrontProtocol.check_deadlines`); see docs/security.md for what callers see.
 """
 
 from __future__ import annotations
