@@ -326,6 +326,7 @@ class FrontProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         """llhttp: (part of) the request target; over MAX_LINE is 414."""
         self._url += url
+        self._head_bytes += len(url)
         if len(self._url) > MAX_LINE:
             raise _Refusal(414, "uri_too_long", "uri too long")
 
@@ -352,7 +353,7 @@ class FrontProtocol(asyncio.Protocol):
             request = self._parsing = self._new_request()
         if len(request.headers) >= MAX_HEADERS:
             raise _Refusal(431, "headers_too_large", "too many header fields")
-        if self._head_bytes + len(self._url) > MAX_HEAD:
+        if self._head_bytes > MAX_HEAD:
             raise _Refusal(431, "headers_too_large", "headers too large")
         request.headers.append((name, value))
 
