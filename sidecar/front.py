@@ -51,8 +51,6 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: after its last answer, a connection drops what the caller still sends for this many deadline
 #: sweeps before closing (a close with unread bytes resets it: the caller could lose the answer)
 LINGER_TICKS = 2
-#: seconds an over-the-cap connection lingers after its 503
-OVERLOADED_LINGER = 1.0
 #: answers one request completely; the front closes the connection when it raises
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -64,42 +62,6 @@ class _Refusal(Exception):
         super().__init__(detail)
         self.status = status
         self.code = code
-
-
-class Overloaded(asyncio.Protocol):
-    """A connection beyond ``listen.max_connections``: answered 503 at once, then closed."""
-
-    def __init__(self, server: FrontServer) -> None:
-        self.server = server
-        self._closer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        answer = self.server.error_bytes(
-            503,
-            "too_many_connections",
-            f"the proxy serves at most {self.server.max_connections} connections at once; "
-            "try again shortly",
-        )
-        writer = cast(asyncio.Transport, transport)
-        writer.write(answer)
-        server = self.server
-        if not writer.can_write_eof() or server.lingering >= server.max_connections // 4 + 1:
-            writer.close()  # a flood: descriptors matter more than a clean close
-            return
-        # drop what the caller sends for a moment, then close (see LINGER_TICKS); only a few at
-        # once, so that a flood of connections cannot hold the descriptors this way
-        server.lingering += 1
-        writer.write_eof()
-        self._closer = asyncio.get_running_loop().call_later(OVERLOADED_LINGER, writer.close)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._closer is not None:
-            self._closer.cancel()
-            self._closer = None
-            self.server.lingering -= 1
 
 
 class FrontProtocol(asyncio.Protocol):

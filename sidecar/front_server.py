@@ -6,14 +6,17 @@ needs: stop accepting, drain, close.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
+import os
 import resource
+import socket
 from collections.abc import Callable
 
 from sidecar.clock import Clock
 from sidecar.config import Listen
-from sidecar.front import FrontProtocol, Handler, Overloaded
+from sidecar.front import FrontProtocol, Handler
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,12 @@ TICKS_PER_DEADLINE = 5
 #: descriptors kept back from the caller connections' share: the listening sockets, the admin
 #: port and its callers, the identity provider, the store, log files, the event loop's own
 RESERVED_FDS = 48
+#: connections accepted per readiness of a listening socket before other work gets a turn
+ACCEPT_BURST = 64
+#: seconds accepting pauses after the process ran out of descriptors (as asyncio's own retry)
+ACCEPT_RETRY = 1.0
+#: accept errors that mean "out of resources for now": pause instead of spinning
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def default_max_connections(upstream_pool: int = 0) -> int:
@@ -66,13 +75,14 @@ class FrontServer:
         self.in_flight = 0
         self.idle: asyncio.Future[None] | None = None
         self.draining = False
-        self._server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        #: accepted connections whose transport is still being set up
+        self._starting = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self.max_connections = limits.max_connections or default_max_connections(upstream_pool)
         #: connections turned away with 503 because max_connections were open
         self.overloaded = 0
-        #: of those, how many are still open (their 503 sent, lingering before the close)
-        self.lingering = 0
+        self._overloaded_answer = b""
         self.head_timeout = limits.head_timeout
         self.body_timeout = limits.body_timeout
         shortest = min(limits.head_timeout, limits.body_timeout, limits.idle_timeout)
@@ -85,28 +95,116 @@ class FrontServer:
         self.ticks = 0
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Start accepting on ``host:port`` (0: any free port); returns the port."""
-        self._server = await self.loop.create_server(
-            self._protocol,
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=1024,
-        )
-        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
-        return int(self._server.sockets[0].getsockname()[1])
+        """Start accepting on ``host:port`` (0: any free port; every address of ``host`` gets the
+        same one); returns the port.
 
-    def _protocol(self) -> FrontProtocol | Overloaded:
-        """A new caller connection, or, with max_connections open already, one answered 503."""
-        if len(self.connections) >= self.max_connections:
-            self.overloaded += 1
-            log.warning(
-                "proxy.connection_refused",
-                extra={"reason": "max_connections", "max_connections": self.max_connections},
-            )
-            return Overloaded(self)
-        return FrontProtocol(self)
+        The accepting is ours rather than ``loop.create_server``'s: asyncio accepts as long as
+        connections wait, before any of them is seen, so a flood took every descriptor (the admin
+        port's too) however few connections were then served. Here a connection beyond
+        ``max_connections`` is answered 503 and closed at once, and running out of descriptors
+        pauses accepting for :data:`ACCEPT_RETRY` seconds.
+        """
+        self._overloaded_answer = self.error_bytes(
+            503,
+            "too_many_connections",
+            f"the proxy serves at most {self.max_connections} connections at once; "
+            "try again shortly",
+        )
+        infos = await self.loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen: set[tuple[int, object]] = set()
+        try:
+            for family, kind, proto, _name, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]  # a port 0 chosen once is used for every address
+                sock.listen(1024)
+                sock.setblocking(False)
+        except BaseException:
+            self._close_sockets()
+            raise
+        for sock in self._sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
+        return port
+
+    def _accept(self, sock: socket.socket) -> None:
+        """The listening socket is readable: take up to ACCEPT_BURST connections."""
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause_accepting(sock, exc)
+                    return
+                continue  # ECONNABORTED and the like: that caller is gone already
+            if len(self.connections) + self._starting >= self.max_connections:
+                self._turn_away(conn)
+                continue
+            conn.setblocking(False)
+            self._starting += 1
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: FrontProtocol(self), conn)
+        except (OSError, RuntimeError):
+            conn.close()  # the caller left before the transport was set up, or we are closing
+        finally:
+            self._starting -= 1
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Beyond max_connections: the 503 (it fits any socket buffer) and the close, at once,
+        so the descriptors stay free for the connections being served and for the admin port."""
+        self.overloaded += 1
+        log.warning(
+            "proxy.connection_refused",
+            extra={"reason": "max_connections", "max_connections": self.max_connections},
+        )
+        try:
+            conn.setblocking(False)
+            conn.send(self._overloaded_answer)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the caller is gone already
+        finally:
+            conn.close()
+
+    def _pause_accepting(self, sock: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: stop accepting on ``sock`` for a while instead of spinning."""
+        log.error(
+            "proxy.accept_paused",
+            extra={
+                "error": os.strerror(exc.errno or 0),
+                "retry_in": ACCEPT_RETRY,
+                "connections": len(self.connections),
+            },
+        )
+        self.loop.remove_reader(sock.fileno())
+        self.loop.call_later(ACCEPT_RETRY, self._resume_accepting, sock)
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if sock in self._sockets and sock.fileno() != -1:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() != -1:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sockets.clear()
 
     def _sweep(self) -> None:
         """Enforce the callers' deadlines (head, body, idle keep-alive): one timer for every
@@ -118,9 +216,8 @@ class FrontServer:
         self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
 
     async def stop_accepting(self) -> None:
-        """Close the listening socket: new connections are refused; open ones go on."""
-        if self._server is not None:
-            self._server.close()
+        """Close the listening sockets: new connections are refused; open ones go on."""
+        self._close_sockets()
 
     async def drain(self, within: float) -> None:
         """Let the requests in flight finish for up to ``within`` seconds, then cut the rest.
@@ -154,8 +251,6 @@ class FrontServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._abort_all()
-        if self._server is not None:
-            await self._server.wait_closed()
         await asyncio.sleep(0)  # let the aborted transports report connection_lost
 
     def _abort_all(self) -> None:
