@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 
 import aiohttp
@@ -76,3 +77,54 @@ async def test_stalled_connections_at_the_descriptor_limit_leave_probes_and_requ
         assert proc.stop() == 0
     lines = proc.log_path.read_text().splitlines()
     assert len(lines) < 300, f"{len(lines)} log lines"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(
+    tmp_path: Path, idp_url: str, upstream_url: str, idp: FakeIdP
+) -> None:
+    """With max_connections set above what RLIMIT_NOFILE 64 allows, a flood runs the process out
+    of descriptors: accepting pauses (proxy.accept_paused, about once a second, not once per
+    attempt), the process does not spin meanwhile, and once the stalled connections time out
+    proxied requests are served again."""
+    config = base_config(idp_url, upstream_url, idp)
+    config["listen"] = {
+        **config["listen"],
+        "body_timeout": 2,
+        "head_timeout": 2,
+        "max_connections": 500,
+    }
+    proc = SidecarProcess(config, tmp_path, "emfile")
+    proc.start(nofile=64)
+    clock = asyncio.get_running_loop()
+    writers: list[asyncio.StreamWriter | None] = []
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await proc.wait_ready(http)
+            before = cpu_seconds(proc.pid)
+            writers = list(
+                await asyncio.gather(*(stall(proc.proxy_port, STALLED[i % 2]) for i in range(120)))
+            )
+            await asyncio.sleep(1.5)
+            assert cpu_seconds(proc.pid) - before < 1.0, "the process spun at the fd limit"
+            started = clock.time()
+            status = 0
+            while clock.time() - started < 10 and status != 200:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with asyncio.timeout(3), http.get(proc.url("/status/200")) as resp:
+                        status = resp.status
+                await asyncio.sleep(0.2)
+            assert status == 200
+    finally:
+        for writer in writers:
+            if writer is not None:
+                writer.close()
+        assert proc.stop() == 0
+    paused = [e for e in proc.events() if e["event"] == "proxy.accept_paused"]
+    assert 1 <= len(paused) <= 15
