@@ -46,7 +46,7 @@ MAX_HEAD = 64 * 1024
 #: stop reading from a caller that pipelines more requests than this ahead of the answers
 MAX_QUEUED = 32
 #: methods refused with 405 whatever the upstream: TRACE echoes the request, token included
-#: (TRACK is IIS's name for it; llhttp does not know it, see :meth:`FrontProtocol._bad_method`)
+#: (TRACK is IIS's name for it; llhttp does not know it, see :func:`_bad_method`)
 REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: after its last answer, a connection drops what the caller still sends for this many deadline
 #: sweeps before closing (a close with unread bytes resets it: the caller could lose the answer)
