@@ -234,7 +234,13 @@ class Sidecar:
         self._closers.append(("upstream client", proxy.aclose))
         port = 0
         if cfg.listen.port is not None:
-            front = FrontServer(proxy.handle, proxy.front_refusal, self.clock)
+            front = FrontServer(
+                proxy.handle,
+                proxy.front_refusal,
+                self.clock,
+                cfg.listen,
+                upstream_pool=cfg.upstream.pool_size,
+            )
             self.front = front
             self._closers.append(("proxy", front.close))
             port = await front.listen(cfg.listen.host, cfg.listen.port, reuse_port=reuse_port)
@@ -251,7 +257,11 @@ class Sidecar:
             self._closers.append(("unix socket file", listener.remove))
             sock = listener.sock
         local = FrontServer(
-            functools.partial(proxy.handle, unix=True), proxy.front_refusal, self.clock
+            functools.partial(proxy.handle, unix=True),
+            proxy.front_refusal,
+            self.clock,
+            self.config.listen,
+            upstream_pool=self.config.upstream.pool_size,
         )
         self._closers.append(("proxy on unix socket", local.close))
         await local.listen_on(sock)

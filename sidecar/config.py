@@ -81,6 +81,26 @@ class Listen(_Address):
 
     #: seconds in-flight requests get to finish after SIGTERM before they are cut
     drain_timeout: float = Field(10.0, ge=0)
+    #: seconds a caller gets to send a whole request head, from its first byte (or from
+    #: connecting, for a connection's first request); then 408 and close
+    head_timeout: float = Field(
+        10.0, gt=0, description="seconds to send a whole request head (slowloris); then 408"
+    )
+    #: seconds of silence allowed while a request body is expected (also after 100 Continue)
+    body_timeout: float = Field(
+        30.0, gt=0, description="longest silence while a request body arrives; then 408 and close"
+    )
+    #: seconds an idle keep-alive connection stays open between requests
+    idle_timeout: float = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    #: caller connections served at once; more get 503 and are closed. null: derived from the
+    #: descriptor limit (see sidecar.front_server.default_max_connections)
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="caller connections at once (beyond: 503 and close); null: from the fd limit",
+    )
 
     # -- who may call (sidecar/callers.py; docs/security.md, "Security model")
     # null, unlike the admin port: the proxy may listen on its Unix socket only

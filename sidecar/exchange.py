@@ -34,6 +34,9 @@ class Connection(Protocol):
     def abort(self) -> None:
         """Cut the connection: an answer that cannot be completed must not look complete."""
 
+    def expect_body(self) -> None:
+        """The caller was told to send its body (100 Continue): its deadline starts now."""
+
 
 #: pause reading from the caller while this many body bytes wait for the handler
 HIGH_WATER = 1 << 18
@@ -147,6 +150,13 @@ class Request:
 
     # -- answering: ``head`` is the header lines (each ending in CRLF), without framing
 
+    def send_continue(self, interim: bytes = b"HTTP/1.1 100 Continue\r\n\r\n") -> None:
+        """Tell a caller waiting with ``Expect: 100-continue`` to send its body (RFC 9110
+        10.1.1); an HTTP/1.0 caller is never sent a 1xx (it would take it for the answer)."""
+        if self.version != "1.0" and not self.started:
+            self.conn.write(interim)
+        self.conn.expect_body()
+
     def respond(self, status: int, reason: str, head: bytes, body: bytes) -> None:
         """Answer in one write (one send to the socket), with a Content-Length."""
         if status not in (204, 304):
@@ -172,6 +182,9 @@ class Request:
         ):
             self.keep_alive = False
             head += b"Connection: close\r\n"
+        elif self.version == "1.0" and status != 101:
+            # HTTP/1.0 keeps a connection only when told so (RFC 9112 9.3, appendix C.2.2)
+            head += b"Connection: keep-alive\r\n"
         self.status = status
         self.started = True
         return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, _reason_bytes(reason), head)

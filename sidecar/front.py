@@ -10,6 +10,11 @@ One task per connection answers its requests in order (keep-alive, pipelining). 
 reach the handler as a :class:`Body` stream; reading from the socket pauses while too much waits
 unread, and writes wait for the transport's buffer to drain, so bodies of any size stream through
 bounded memory. After an ``Upgrade`` the connection's raw bytes feed that same stream.
+
+Each request gets exactly one answer: a body that turns bad once its handler started fails the
+body stream (the handler answers the error, or cuts the connection) instead of queueing a second
+answer. The deadlines of the caller's phases (head, body, idle) are checked by the server's one
+sweep (:meth:`FrontProtocol.check_deadlines`); see docs/security.md for what callers see.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
@@ -39,10 +45,12 @@ MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 #: stop reading from a caller that pipelines more requests than this ahead of the answers
 MAX_QUEUED = 32
-#: a connection with no request being answered for about this long is closed (aiohttp's 75 s)
-KEEPALIVE_TIMEOUT = 75.0
-#: the idle sweep looks this many times per KEEPALIVE_TIMEOUT
-IDLE_TICKS = 5
+#: methods refused with 405 whatever the upstream: TRACE echoes the request, token included
+#: (TRACK is IIS's name for it; llhttp does not know it, see :func:`_bad_method`)
+REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
+#: after its last answer, a connection drops what the caller still sends for this many deadline
+#: sweeps before closing (a close with unread bytes resets it: the caller could lose the answer)
+LINGER_TICKS = 2
 #: answers one request completely; the front closes the connection when it raises
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -72,16 +80,24 @@ class FrontProtocol(asyncio.Protocol):
         self._last: Request | None = None
         self._url = b""
         self._head_bytes = 0
+        self._head_read = 0
+        self._trailers = 0
         self._in_head = False
         self._read_paused = False
         self._write_paused = False
         self._tunnel: Body | None = None
+        self._eof = False
+        self._lingering = False
         self.closed = False
         self.closing_after_response = False
         #: the request being answered (None while idle between requests)
         self.current: Request | None = None
-        #: idle sweeps this connection has been through since a request began
-        self.idle_ticks = 0
+        # deadlines: the sweep count (server.ticks) when the phase began; see check_deadlines
+        self._head_since = self._read_since = self._idle_since = server.ticks
+        #: no request has begun on this connection yet (its wait counts as a head's)
+        self._fresh = True
+        #: the body of the request being parsed waits for the caller to be sent 100 Continue
+        self._awaiting_continue = False
 
     @property
     def has_work(self) -> bool:
@@ -107,6 +123,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if self._parser is None:
             return  # refused or upgraded: nothing more is parsed
+        self._read_since = self.server.ticks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -119,19 +136,38 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 self._refuse(_Refusal(400, "bad_request", "malformed request"))
             return
+        except httptools.HttpParserInvalidMethodError:
+            self._refuse(_bad_method(data))
+            return
         except httptools.HttpParserError as exc:
             self._refuse(_Refusal(400, "bad_request", str(exc) or "malformed request"))
             return
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
+            # what llhttp holds of a head still incomplete (a line without its end yet); the
+            # callbacks count the completed lines exactly, whatever the read boundaries
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD:
                 self._refuse(_Refusal(431, "headers_too_large", "headers too large"))
 
     def eof_received(self) -> bool | None:
-        """The caller half-closed: a tunnel passes that on, anything else closes."""
+        """The caller half-closed: a tunnel passes that on; requests received whole are still
+        answered (``printf ... | nc -N``), then the connection closes; anything else closes."""
         if self._tunnel is not None:
             self._tunnel.finish()
             return True  # half-close: the other direction may still flow
+        self._eof = True
+        if self._lingering:
+            return None
+        self._parser = None  # nothing more can arrive
+        request = self._parsing
+        self._parsing = None
+        self.closing_after_response = True
+        if request is not None and request.body is not None:
+            # the body was cut short: its handler fails reading it (the connection is cut)
+            request.body.finish(ConnectionResetError("caller closed before the body ended"))
+        if self.has_work:
+            wake(self._waiter)
+            return True  # keep the connection open to write the answers
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -166,10 +202,52 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read from the caller again."""
+        """Read from the caller again (its deadlines start afresh: it was us who waited)."""
         if self._read_paused and self.transport is not None and not self.closed:
             self._read_paused = False
+            self._head_since = self._read_since = self.server.ticks
             self.transport.resume_reading()
+
+    def expect_body(self) -> None:
+        """The caller was sent ``100 Continue``: the body deadline runs from now."""
+        self._awaiting_continue = False
+        self._read_since = self.server.ticks
+
+    # -- deadlines, enforced by the server's sweep (one timer for all connections)
+
+    def check_deadlines(self, now: int) -> None:
+        """Called by each sweep (``now`` counts sweeps): close or answer 408 what is overdue.
+
+        A head has ``head_timeout`` from its first byte (the first request of a connection: from
+        connecting); a body awaited from the caller ``body_timeout`` of silence (after 100
+        Continue, once it was sent); an idle connection ``idle_timeout``. While reading is
+        paused (the proxy is behind, not the caller), or a request is being answered with
+        nothing expected from the caller, no deadline runs.
+        """
+        server = self.server
+        if self._lingering:
+            if now - self._head_since >= LINGER_TICKS and self.transport is not None:
+                self.transport.close()
+            return
+        if self.closed or self._parser is None or self._read_paused:
+            return  # closing, answering a refusal, a tunnel, or the proxy is the slow one
+        if self._in_head or self._fresh:
+            if now - self._head_since >= server.head_ticks:
+                if self._in_head:
+                    detail = f"request head not received within {server.head_timeout:g} s"
+                    self._refuse(_Refusal(408, "head_timeout", detail))
+                elif self.transport is not None:
+                    self.transport.close()  # connected, sent nothing: closed quietly
+            return
+        request = self._parsing
+        if request is not None and request.body is not None:
+            if not self._awaiting_continue and now - self._read_since >= server.body_ticks:
+                detail = f"request body not received within {server.body_timeout:g} s"
+                self._refuse(_Refusal(408, "body_timeout", detail))
+            return
+        idle = not self.has_work and now - self._idle_since >= server.idle_ticks
+        if idle and self.transport is not None:
+            self.transport.close()
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the caller (dropped once the connection is closed)."""
@@ -198,39 +276,63 @@ class FrontProtocol(asyncio.Protocol):
     # -- llhttp callbacks
 
     def on_message_begin(self) -> None:
-        """llhttp: a new request starts (its head counts toward the limits)."""
-        self.idle_ticks = 0
+        """llhttp: a new request starts (its head counts toward the limits and its deadline)."""
+        self._fresh = False
+        self._head_since = self.server.ticks
         self._url = b""
         self._in_head = True
         self._head_bytes = 0
+        self._head_read = 0
+        self._trailers = 0
 
     def on_url(self, url: bytes) -> None:
         """llhttp: (part of) the request target; over MAX_LINE is 414."""
         self._url += url
+        self._head_bytes += len(url)
         if len(self._url) > MAX_LINE:
             raise _Refusal(414, "uri_too_long", "uri too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """llhttp: one header line; too long or too many is 431."""
+        """llhttp: one header line (or, after the head, a trailer field); a line too long, too
+        many of them or a head over MAX_HEAD in all is 431.
+
+        Trailer fields count toward the same limits but are dropped: they never become headers
+        (the body is forwarded with our own framing, and a trailer was never checked as a head).
+        """
+        size = len(name) + len(value) + 2
+        if size > MAX_LINE:
+            raise _Refusal(431, "headers_too_large", "header line too large")
+        self._head_bytes += size
         request = self._parsing
+        if not self._in_head:  # a trailer field of the request being parsed
+            self._trailers += 1
+            if request is None or len(request.headers) + self._trailers > MAX_HEADERS:
+                raise _Refusal(431, "headers_too_large", "too many header and trailer fields")
+            if self._head_bytes > MAX_HEAD:
+                raise _Refusal(431, "headers_too_large", "headers and trailers too large")
+            return
         if request is None:
-            assert self._parser is not None
-            method = self._parser.get_method().decode("ascii")
-            request = self._parsing = Request(self, method, self._url.decode("latin-1"))
-        if len(name) + len(value) + 2 > MAX_LINE or len(request.headers) >= MAX_HEADERS:
+            request = self._parsing = self._new_request()
+        if len(request.headers) >= MAX_HEADERS:
+            raise _Refusal(431, "headers_too_large", "too many header fields")
+        if self._head_bytes > MAX_HEAD:
             raise _Refusal(431, "headers_too_large", "headers too large")
         request.headers.append((name, value))
+
+    def _new_request(self) -> Request:
+        parser = self._parser
+        if parser is None:  # llhttp calls back only while feeding: a broken invariant
+            raise _Refusal(500, "internal_error", "request parsed without a parser")
+        return Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         """llhttp: the head is complete: queue the request, open its body stream."""
         parser = self._parser
-        assert parser is not None
+        if parser is None:
+            raise _Refusal(500, "internal_error", "request parsed without a parser")
         request = self._parsing
         if request is None:  # a request without any header line
-            request = Request(
-                self, parser.get_method().decode("ascii"), self._url.decode("latin-1")
-            )
-            self._parsing = request
+            request = self._parsing = self._new_request()
         self._in_head = False
         request.version = parser.get_http_version()
         request.keep_alive = bool(parser.should_keep_alive())
@@ -240,6 +342,13 @@ class FrontProtocol(asyncio.Protocol):
             request.length = int(length)
         if (length is not None and request.length) or request.header(b"transfer-encoding"):
             request.body = Body(self)
+            self._read_since = self.server.ticks
+            expect = request.header(b"expect")
+            self._awaiting_continue = (
+                expect is not None
+                and request.version == "1.1"
+                and expect.strip().lower() == b"100-continue"
+            )
         self._queue.append(request)
         if len(self._queue) > MAX_QUEUED:
             self.pause_reading()
@@ -262,16 +371,28 @@ class FrontProtocol(asyncio.Protocol):
     # -- requests in order
 
     def _refuse(self, refusal: _Refusal) -> None:
-        """Stop parsing; the refusal is answered after the requests queued before it."""
+        """Stop parsing; the refusal is answered after the requests queued before it.
+
+        Exactly one answer per request: when the refused part is the body (a bad chunk, too
+        many trailers, a body deadline) of a request whose handler already started, the
+        refusal is not queued; the body stream fails with it instead, and the handler answers
+        it (or, if its answer has begun, cuts the connection).
+        """
         self._parser = None
         self._in_head = False
+        self.closing_after_response = True
         self.pause_reading()
         request = self._parsing
         self._parsing = None
+        if request is not None and request.body is not None and request not in self._queue:
+            if not request.body.done:  # (done: the handler ends it; the connection closes)
+                detail = str(refusal)
+                request.body.finish(
+                    RefusedRequest(detail, status=refusal.status, code=refusal.code)
+                )
+            return
         if request is not None and request in self._queue:
-            self._queue.remove(request)  # half-parsed: never handled
-        elif request is not None and request.body is not None:
-            request.body.finish(RefusedRequest(str(refusal), status=refusal.status))
+            self._queue.remove(request)  # its head or body is bad: never handled
         self._queue.append(refusal)
         wake(self._waiter)
 
@@ -320,6 +441,11 @@ class FrontProtocol(asyncio.Protocol):
                 if isinstance(item, _Refusal):
                     self._answer_refusal(item)
                     break
+                if item.method in REFUSED_METHODS:
+                    self._answer_refusal(
+                        _Refusal(405, "method_refused", f"{item.method} is not forwarded")
+                    )
+                    break
                 self.current = item
                 server.in_flight += 1
                 try:
@@ -327,6 +453,7 @@ class FrontProtocol(asyncio.Protocol):
                 finally:
                     server.in_flight -= 1
                     self.current = None
+                    self._idle_since = server.ticks
                     if server.in_flight == 0:
                         wake(server.idle)
                 body = item.body
@@ -338,8 +465,26 @@ class FrontProtocol(asyncio.Protocol):
                 ):
                     break  # an unread body cannot be skipped safely: close instead
         finally:
-            if self.transport is not None and not self.closed:
-                self.transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Close after the last answer: the end of our side first, then what the caller still
+        sends is read and dropped for a moment before the connection closes (nginx's lingering
+        close: a close with unread bytes resets the connection and the caller may lose the answer
+        it has not read yet)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self._eof or self._tunnel is not None or not transport.can_write_eof():
+            transport.close()
+            return
+        self._parser = None
+        self._lingering = True
+        self._head_since = self.server.ticks
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
 
     def _body_done(self) -> None:
         """The body of an Upgrade request sidecar does not tunnel has been read: stop parsing."""
@@ -385,3 +530,23 @@ def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpReques
     parser = httptools.HttpRequestParser(_UpgradeBody(front, body))
     parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
     return parser
+
+
+#: a request line as far as needed to name its method (only read after llhttp refused one)
+_REQUEST_LINE = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]* HTTP/")
+
+
+def _bad_method(data: bytes) -> _Refusal:
+    """The refusal of a method llhttp does not know: 405 for TRACK (TRACE by another name),
+    501 for other extension methods (llhttp parses only the methods it lists, see docs)."""
+    found = _REQUEST_LINE.findall(data)
+    method = found[-1].decode("ascii") if found else ""
+    if method.upper() in REFUSED_METHODS:
+        return _Refusal(405, "method_refused", f"{method.upper()} is not forwarded")
+    shown = f"{method[:32]} " if method else ""
+    return _Refusal(
+        501,
+        "method_not_implemented",
+        f"the method {shown}is not supported: the proxy's HTTP parser (llhttp) accepts only "
+        "the methods it knows (those of RFC 9110, WebDAV, and a few others)",
+    )

@@ -1,16 +1,52 @@
-"""The :8080 listener and its connections (:class:`~sidecar.front.FrontProtocol` each): the idle
-keep-alive sweep, and what a graceful shutdown needs: stop accepting, drain, close.
+"""The :8080 listener and its connections (:class:`~sidecar.front.FrontProtocol` each): the
+deadline sweep (head, body, idle keep-alive), the connection cap, and what a graceful shutdown
+needs: stop accepting, drain, close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import math
+import os
+import resource
 import socket
 from collections.abc import Callable
 
-from sidecar import front
 from sidecar.clock import Clock
+from sidecar.config import Listen
 from sidecar.front import FrontProtocol, Handler
+
+log = logging.getLogger(__name__)
+
+#: the sweep looks this many times per shortest deadline (a deadline fires at most 1/5 late)
+TICKS_PER_DEADLINE = 5
+#: descriptors kept back from the caller connections' share: the listening sockets, the admin
+#: port and its callers, the identity provider, the store, log files, the event loop's own
+RESERVED_FDS = 48
+#: connections accepted per readiness of a listening socket before other work gets a turn
+ACCEPT_BURST = 64
+#: seconds accepting pauses after the process ran out of descriptors (as asyncio's own retry)
+ACCEPT_RETRY = 1.0
+#: accept errors that mean "out of resources for now": pause instead of spinning
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def default_max_connections(upstream_pool: int = 0) -> int:
+    """``listen.max_connections`` when the config leaves it out: what the descriptor limit allows.
+
+    Every caller connection being answered also holds an upstream connection, so each costs two
+    descriptors. Kept back from that share: :data:`RESERVED_FDS` for the rest of the process
+    (the admin port answers probes and the identity provider stays reachable while callers fill
+    their share) plus ``upstream_pool`` idle upstream connections, but never more than a quarter
+    of a small limit. With the soft limit at 1024 and the default pool of 100: 438; at 64: 24.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    reserve = min(RESERVED_FDS + upstream_pool, soft // 4)
+    return max(1, (soft - reserve) // 2)
 
 
 class FrontServer:
@@ -25,7 +61,11 @@ class FrontServer:
         handler: Handler,
         error_bytes: Callable[[int, str, str], bytes],
         clock: Clock,
+        limits: Listen | None = None,
+        *,
+        upstream_pool: int = 0,
     ) -> None:
+        limits = limits or Listen()
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.error_bytes = error_bytes
@@ -35,44 +75,160 @@ class FrontServer:
         self.in_flight = 0
         self.idle: asyncio.Future[None] | None = None
         self.draining = False
-        self._server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        #: accepted connections whose transport is still being set up
+        self._starting = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self.max_connections = limits.max_connections or default_max_connections(upstream_pool)
+        #: connections turned away with 503 because max_connections were open
+        self.overloaded = 0
+        self.head_timeout = limits.head_timeout
+        self.body_timeout = limits.body_timeout
+        shortest = min(limits.head_timeout, limits.body_timeout, limits.idle_timeout)
+        self.tick_seconds = shortest / TICKS_PER_DEADLINE
+        # each deadline in sweeps; a phase that began between two sweeps gets up to one more
+        self.head_ticks = _ticks(limits.head_timeout, self.tick_seconds)
+        self.body_ticks = _ticks(limits.body_timeout, self.tick_seconds)
+        self.idle_ticks = _ticks(limits.idle_timeout, self.tick_seconds)
+        #: sweeps so far: connections mark when a phase began with it (no clock read per request)
+        self.ticks = 0
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Start accepting on ``host:port`` (0: any free port); returns the port."""
-        self._server = await self.loop.create_server(
-            lambda: FrontProtocol(self),
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=1024,
+        """Start accepting on ``host:port`` (0: any free port; every address of ``host`` gets the
+        same one); returns the port.
+
+        The accepting is ours rather than ``loop.create_server``'s: asyncio accepts as long as
+        connections wait, before any of them is seen, so a flood took every descriptor (the admin
+        port's too) however few connections were then served. Here a connection beyond
+        ``max_connections`` is answered 503 and closed at once, and running out of descriptors
+        pauses accepting for :data:`ACCEPT_RETRY` seconds.
+        """
+        infos = await self.loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
-        return int(self._server.sockets[0].getsockname()[1])
+        seen: set[tuple[int, object]] = set()
+        try:
+            for family, kind, proto, _name, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]  # a port 0 chosen once is used for every address
+                sock.listen(1024)
+                sock.setblocking(False)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._start_accepting()
+        return port
 
     async def listen_on(self, sock: socket.socket) -> None:
-        """Start accepting on a Unix socket already bound and listening (``listen.unix_socket``;
-        whoever bound it removes its file)."""
-        self._server = await self.loop.create_unix_server(
-            lambda: FrontProtocol(self), sock=sock, backlog=1024
-        )
-        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
+        """Start accepting on a socket already bound and listening (``listen.unix_socket``;
+        whoever bound it removes its file), with the same cap and deadlines as :meth:`listen`."""
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self._start_accepting()
 
-    def _sweep_idle(self) -> None:
-        """Close connections that answered nothing for a while (idle keep-alive, or a head
-        arriving too slowly): one timer for all of them rather than one per request."""
+    def _start_accepting(self) -> None:
+        for sock in self._sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
+
+    def _accept(self, sock: socket.socket) -> None:
+        """The listening socket is readable: take up to ACCEPT_BURST connections."""
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause_accepting(sock, exc)
+                    return
+                continue  # ECONNABORTED and the like: that caller is gone already
+            if len(self.connections) + self._starting >= self.max_connections:
+                self._turn_away(conn)
+                continue
+            conn.setblocking(False)
+            self._starting += 1
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: FrontProtocol(self), conn)
+        except (OSError, RuntimeError):
+            conn.close()  # the caller left before the transport was set up, or we are closing
+        finally:
+            self._starting -= 1
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Beyond max_connections: the 503 (it fits any socket buffer) and the close, at once,
+        so the descriptors stay free for the connections being served and for the admin port."""
+        self.overloaded += 1
+        log.warning(
+            "proxy.connection_refused",
+            extra={"reason": "max_connections", "max_connections": self.max_connections},
+        )
+        try:
+            conn.setblocking(False)
+            # made (and counted as a refusal) per connection turned away: a rare path
+            conn.send(
+                self.error_bytes(
+                    503,
+                    "too_many_connections",
+                    f"the proxy serves at most {self.max_connections} connections at once; "
+                    "try again shortly",
+                )
+            )
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the caller is gone already
+        finally:
+            conn.close()
+
+    def _pause_accepting(self, sock: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: stop accepting on ``sock`` for a while instead of spinning."""
+        log.error(
+            "proxy.accept_paused",
+            extra={
+                "error": os.strerror(exc.errno or 0),
+                "retry_in": ACCEPT_RETRY,
+                "connections": len(self.connections),
+            },
+        )
+        self.loop.remove_reader(sock.fileno())
+        self.loop.call_later(ACCEPT_RETRY, self._resume_accepting, sock)
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if sock in self._sockets and sock.fileno() != -1:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() != -1:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sockets.clear()
+
+    def _sweep(self) -> None:
+        """Enforce the callers' deadlines (head, body, idle keep-alive): one timer for every
+        connection rather than one per request; connections note the sweep count when a phase
+        begins, and each sweep compares."""
+        self.ticks += 1
         for conn in list(self.connections):
-            if not conn.has_work:
-                conn.idle_ticks += 1
-                if conn.idle_ticks >= front.IDLE_TICKS and conn.transport is not None:
-                    conn.transport.close()
-        self._sweeper = self.loop.call_later(_tick(), self._sweep_idle)
+            conn.check_deadlines(self.ticks)
+        self._sweeper = self.loop.call_later(self.tick_seconds, self._sweep)
 
     async def stop_accepting(self) -> None:
-        """Close the listening socket: new connections are refused; open ones go on."""
-        if self._server is not None:
-            self._server.close()
+        """Close the listening sockets: new connections are refused; open ones go on."""
+        self._close_sockets()
 
     async def drain(self, within: float) -> None:
         """Let the requests in flight finish for up to ``within`` seconds, then cut the rest.
@@ -106,8 +262,6 @@ class FrontServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._abort_all()
-        if self._server is not None:
-            await self._server.wait_closed()
         await asyncio.sleep(0)  # let the aborted transports report connection_lost
 
     def _abort_all(self) -> None:
@@ -116,6 +270,6 @@ class FrontServer:
                 conn.transport.abort()
 
 
-def _tick() -> float:
-    """Seconds between idle sweeps (read at each sweep: tests shorten the keep-alive timeout)."""
-    return front.KEEPALIVE_TIMEOUT / front.IDLE_TICKS
+def _ticks(seconds: float, tick: float) -> int:
+    """Sweeps that make up ``seconds`` (at least one)."""
+    return max(1, math.ceil(seconds / tick - 1e-9))

@@ -256,7 +256,9 @@ class HeaderRules:
         if "Connection" in incoming:
             dropped = dropped | connection_listed(incoming)
         out: CIMultiDict[str] = CIMultiDict(
-            (name, value) for name, value in incoming.items() if name.lower() not in dropped
+            (name, value)
+            for name, value in incoming.items()
+            if name.lower().replace("_", "-") not in dropped
         )
         out[AUTHORIZATION] = creds.authorization
         for name, getter in self.managed:
@@ -301,7 +303,12 @@ class HeaderRules:
                         text = f"{captured[key]}; {text}"  # several Cookie lines are one list
                     captured[key] = text
                 elif lname == b"connection":
-                    listed = value
+                    # every Connection line counts (RFC 9110 7.6.1: one list over all lines)
+                    listed = value if listed is None else listed + b"," + value
+                continue
+            if b"_" in lname and lname.replace(b"_", b"-") in dropped:
+                # Transfer_Encoding, Content_Length, X_Request_ID...: servers that map "_" to
+                # "-" (CGI, WSGI, some frameworks) would take them for framing or managed headers
                 continue
             append(name + b": " + value + b"\r\n")
         if listed is not None:

@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from http import HTTPStatus
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from yarl import URL
 
@@ -74,13 +74,33 @@ def check_target(raw_path: str) -> None:
             code="target_refused",
         )
     path = raw_path.split("?", 1)[0]
-    if "." not in path and "%" not in path:
+    if "." not in path and "%" not in path and path.isascii():
         return  # no dot segment can hide in it (the common case, checked without decoding)
-    decoded = unquote(unquote(path))  # twice: %252e%252e decodes to .. at a lenient upstream
-    if any(seg in (".", "..") for seg in decoded.replace("\\", "/").split("/")):
-        raise RefusedRequest(
-            "dot segments are not allowed in the path", status=400, code="path_traversal_refused"
-        )
+    # twice: %252e%252e decodes to .. at a lenient upstream; then the overlong UTF-8 forms of
+    # ".", "/" and "\\" (%c0%ae...) that lenient decoders still map to them
+    raw = path.encode("latin-1", "replace")  # the bytes as received (the front decodes latin-1)
+    decoded = _OVERLONG.sub(_shortest, unquote_to_bytes(unquote_to_bytes(raw)))
+    for seg in decoded.replace(b"\\", b"/").split(b"/"):
+        # "..;x" is ".." to servlet containers (Tomcat strips path parameters before resolving)
+        if seg.split(b";", 1)[0] in (b".", b".."):
+            raise RefusedRequest(
+                "dot segments are not allowed in the path",
+                status=400,
+                code="path_traversal_refused",
+            )
+
+
+#: overlong (invalid) UTF-8 encodings of the ASCII characters that make up a dot segment
+_OVERLONG = re.compile(
+    rb"\xc0[\xae\xaf]|\xc1\x9c|\xe0\x80[\xae\xaf]|\xe0\x81\x9c|\xf0\x80\x80[\xae\xaf]|\xf0\x80\x81\x9c"
+)
+
+
+def _shortest(match: re.Match[bytes]) -> bytes:
+    """The ASCII character an overlong sequence stands for (its low six bits, plus the bits the
+    second-to-last byte holds)."""
+    raw = match.group()
+    return bytes([((raw[-2] & 0x03) << 6) | (raw[-1] & 0x3F)])
 
 
 #: response headers never passed on (hop-by-hop), and those too when the answer is re-framed

@@ -74,6 +74,49 @@ class JsonFormatter(logging.Formatter):
         return scrub(json.dumps(out, default=str, separators=(",", ":")))
 
 
+class RateLimit(logging.Filter):
+    """At most ``burst`` records of one event per second; the rest are dropped and counted, and
+    the next record of that event that passes carries ``suppressed``: how many were dropped
+    before it. A flood (a refused request per packet, accept errors at the descriptor limit)
+    then costs a few lines a second instead of filling the disk or the log pipe.
+
+    An event is the logger name and the first line of the message (the stable event name for
+    our own records; asyncio's messages carry details after their first line). The record's own
+    timestamp is the time, so no clock is read here. Access lines do not come through here.
+    """
+
+    #: distinct events remembered; past this, the table starts over (it only bounds a flood)
+    MAX_EVENTS = 1024
+
+    def __init__(self, burst: int = 10) -> None:
+        super().__init__()
+        self.burst = burst
+        # event -> [start of its one-second window, records passed in it, records dropped]
+        self._events: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else str(record.msg)
+        key = (record.name, msg.split("\n", 1)[0][:200])
+        state = self._events.get(key)
+        now = record.created
+        if state is None:
+            if len(self._events) >= self.MAX_EVENTS:
+                self._events.clear()
+            self._events[key] = [now, 1, 0]
+            return True
+        if now - state[0] >= 1.0:
+            dropped = int(state[2])
+            state[0], state[1], state[2] = now, 1, 0
+            if dropped:
+                record.suppressed = dropped
+            return True
+        if state[1] < self.burst:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
+
+
 class _Writer(threading.Thread):
     """Writes log text to a stream from a thread of its own, so that a stalled stderr (a log
     pipe nobody reads, a blocking container log driver) never stops the event loop.
@@ -224,6 +267,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     global _lines
     handler = JsonLinesHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RateLimit())
     _lines = handler
     root = logging.getLogger()
     for old in list(root.handlers):

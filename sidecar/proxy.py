@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 from yarl import URL
@@ -28,7 +27,6 @@ from sidecar.exchange import Request
 from sidecar.headers import HeaderRules
 from sidecar.http_parts import (
     CODED,
-    CONTINUE,
     DROP,
     DROP_WITH_LENGTH,
     Relocation,
@@ -308,7 +306,7 @@ class Proxy:
             )
             if length is not None and length <= cfg.replay_body_limit:
                 if expects:
-                    request.conn.write(CONTINUE)  # buffered for a replay: we take the body
+                    request.send_continue()  # buffered for a replay: we take the body
                 body = await stream.read()
                 framing = b"Content-Length: %d\r\n" % len(body)
             else:
@@ -323,7 +321,7 @@ class Proxy:
                     # streamed: the upstream decides, so that its early refusal (413, 401)
                     # reaches the caller before the body is sent; its 100 is relayed
                     framing += b"Expect: 100-continue\r\n"
-                    on_continue = partial(request.conn.write, CONTINUE)
+                    on_continue = request.send_continue
         elif method in ("POST", "PUT", "PATCH"):
             framing = b"Content-Length: 0\r\n"
         upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -28,8 +29,14 @@ class SidecarProcess:
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, extra_args: list[str] | None = None) -> None:
-        """Start the process; ``extra_args`` go after ``run -c FILE`` (e.g. ``--loop uvloop``)."""
+    def start(self, extra_args: list[str] | None = None, *, nofile: int | None = None) -> None:
+        """Start the process; ``extra_args`` go after ``run -c FILE`` (e.g. ``--loop uvloop``);
+        ``nofile`` lowers its descriptor limit (RLIMIT_NOFILE, soft and hard)."""
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         argv = [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)]
         with self.log_path.open("wb") as log:
@@ -38,6 +45,7 @@ class SidecarProcess:
                 stdout=log,
                 stderr=log,
                 env=env,
+                preexec_fn=limit if nofile is not None else None,
             )
 
     @property

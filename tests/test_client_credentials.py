@@ -20,7 +20,7 @@ from sidecar.errors import ConfigError
 from tests.conftest import MakeSidecar, Serve
 from tests.fakes.clock import FakeClock
 from tests.fakes.oidc import ASSERTION_TYPE, OIDCProvider
-from tests.helpers import events, eventually, sample
+from tests.helpers import advance, events, eventually, sample
 
 NO_SECRET: dict[str, Any] = {"client_secret": None, "revocation_url": None}
 
@@ -173,7 +173,7 @@ async def test_without_an_accepted_secret_the_renewal_fails_and_is_retried(
     assert len(idp.token_calls) == 2
     assert sidecar.session.usable() is None
     idp.client_secret = "new-and-wrong"
-    await clock.advance(1)
+    await advance(clock, 1)  # once the retry sleeps on the clock: a jump before is lost
     await logged_in(sidecar)
 
 
@@ -279,7 +279,7 @@ async def test_a_missing_client_assertion_file_fails_the_renewal_not_the_process
     await eventually(failed, what="the failure logged with its key")
     assert idp.token_calls == []
     projected.write_text(workload_token(key, idp, clock.now))
-    await clock.advance(1)
+    await advance(clock, 1)  # once the retry sleeps on the clock: a jump before is lost
     await logged_in(sidecar)
 
 

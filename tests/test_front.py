@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from sidecar import front
 from sidecar.logs import setup_logging
 from tests.conftest import MakeSidecar, Serve, admin_url, base_config, proxy_url
 from tests.fakes.idp import FakeIdP
@@ -177,13 +176,10 @@ async def test_drain_lets_in_flight_requests_finish_and_refuses_new_connections(
     await draining
 
 
-async def test_idle_keep_alive_connections_are_closed(
-    make_sidecar: MakeSidecar, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A connection that sends nothing after its answer is closed after the keep-alive timeout;
+async def test_idle_keep_alive_connections_are_closed(make_sidecar: MakeSidecar) -> None:
+    """A connection that sends nothing after its answer is closed after listen.idle_timeout;
     one that keeps asking stays open."""
-    monkeypatch.setattr(front, "KEEPALIVE_TIMEOUT", 0.5)
-    sidecar = await make_sidecar()
+    sidecar = await make_sidecar(listen={"idle_timeout": 0.5})
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
     writer.write(b"GET /status/200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await read_response(reader)

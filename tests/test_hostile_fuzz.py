@@ -213,15 +213,19 @@ async def test_fuzzed_header_names_and_values(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     """Any header names and values, smuggling shapes included: the same guarantees; and a value
-    the caller sent is never turned into a header line of its own upstream."""
+    the caller sent is never turned into a header line of its own upstream (a CRLF the caller
+    wrote between two lines is two header lines, not an injection)."""
     attacker = target.attacker_at.encode()
     lines = b"".join(
         n + b": " + v.replace(ATTACKER.encode(), attacker) + b"\r\n" for n, v in headers
     )
     raw = b"POST /x HTTP/1.1\r\nHost: localhost\r\n" + lines + b"Connection: close\r\n\r\n"
+    before = len(target.upstream.seen)
     await target.check(await target.send(raw), http)
-    for seen in target.upstream.seen:
-        assert "X-Injected" not in seen.headers
+    # "a\r\nX-Injected: 1" after a name is a header line of the caller's own: forwarded as such
+    own_line = b"\r\nX-Injected: 1\r\n" in raw
+    for seen in target.upstream.seen[before:]:
+        assert own_line or "X-Injected" not in seen.headers
         sent = [v for k, v in seen.header_list if k.lower() == "authorization"]
         assert sent != ["Bearer stolen"]
     assert_no_secret_logged(log_output, idp)

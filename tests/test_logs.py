@@ -33,6 +33,7 @@ def test_a_pipe_nobody_reads_does_not_block_logging(restore_logging: None) -> No
     read_fd, write_fd = os.pipe()
     stream = os.fdopen(write_fd, "w")
     setup_logging("info", stream)
+    logging.getLogger().handlers[0].filters.clear()  # no rate limit: 3,000 lines of one event
     log = logging.getLogger("sidecar.test")
     payload = "x" * 200
 
@@ -64,3 +65,33 @@ def test_a_pipe_nobody_reads_does_not_block_logging(restore_logging: None) -> No
     assert len(lines) + sum(r["lines"] for r in dropped) == 3000
     numbers = [r["n"] for r in lines]
     assert numbers == sorted(numbers)  # what was written kept its order
+
+
+def test_a_repeated_event_is_rate_limited_and_the_dropped_lines_counted(
+    restore_logging: None,
+) -> None:
+    """The same event logged hundreds of times within a second is written at most 10 times; the
+    next line of that event after the second has passed says how many were dropped; other
+    events are not held back by it."""
+    import io
+    import time
+
+    stream = io.StringIO()
+    setup_logging("info", stream)
+    flood = logging.getLogger("sidecar.front")
+    for _ in range(500):
+        flood.warning("proxy.refused_request", extra={"status": 400})
+    logging.getLogger("sidecar.session").info("session.refreshed")
+    time.sleep(1.05)
+    flood.warning("proxy.refused_request", extra={"status": 400})
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    deadline = time.monotonic() + 5
+    while stream.getvalue().count("\n") < 12 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer thread (none for a StringIO, but cheap to allow)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    refused = [line for line in lines if line["event"] == "proxy.refused_request"]
+    assert len(refused) == 11
+    assert refused[-1]["suppressed"] == 490
+    assert "suppressed" not in refused[0]
+    assert [line["event"] for line in lines].count("session.refreshed") == 1

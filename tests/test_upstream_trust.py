@@ -76,7 +76,8 @@ async def test_an_upgrade_not_switched_sends_only_its_head_and_the_connection_is
     async with scripted_upstream(chat_is_plain) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         attack = (
-            b"GET /chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"GET /chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"
             b"POST /store HTTP/1.1\r\nHost: localhost\r\nContent-Length: 250\r\n\r\n"
         )
         answer = await exchange(sidecar.proxy_port, attack, half_close=True)
@@ -115,7 +116,8 @@ async def test_websocket_bytes_go_upstream_only_after_the_101(make_sidecar: Make
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         answer = await exchange(
             sidecar.proxy_port,
-            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"
             b"early-bytes",
             half_close=True,
         )
