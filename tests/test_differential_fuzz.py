@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 
 from sidecar.app import Sidecar
 from tests.conftest import MakeSidecar
@@ -38,7 +38,13 @@ from tests.fakes.http_sequences import (
 )
 from tests.fakes.idp import FakeIdP
 from tests.fakes.raw_caller import CallerResult, converse, read_answers
-from tests.fakes.raw_upstream import ANSWER_HEADER, RawUpstream, UpstreamRequest, read_back
+from tests.fakes.raw_upstream import (
+    ANSWER_HEADER,
+    RawConnection,
+    RawUpstream,
+    UpstreamRequest,
+    read_back,
+)
 from tests.helpers import eventually
 
 #: examples per test in ``make test`` (each takes some tens of milliseconds)
@@ -103,7 +109,7 @@ class Example:
     def __init__(
         self,
         sequence: Sequence,
-        upstream: RawUpstream,
+        upstream: list[RawConnection],
         caller: CallerResult,
         after: CallerResult,
         tokens: list[str],
@@ -114,7 +120,7 @@ class Example:
         self.after = after
         self.tokens = tokens
         self.upstream_host = upstream_host
-        self.connections = [read_back(r) for r in upstream.connections]
+        self.connections = [read_back(r) for r in upstream]
         complete = [r for c in self.connections for r in c.requests]
         self.requests = sorted(complete, key=lambda r: r.number)
         #: the heads upstream, including that of a truncated request
@@ -305,6 +311,19 @@ def check_still_serves(ex: Example) -> None:
         raise ex.failure(f"the request after the example was answered {answers!r}")
 
 
+def _count_coverage(ex: Example, plan: Plan) -> None:
+    """What the examples exercised, for ``--hypothesis-show-statistics`` (``make fuzz``)."""
+    for sent in ex.sequence.requests:
+        event(f"request kind: {sent.kind}")
+    pieces = len(ex.sequence.pieces)
+    event(f"pieces: {'1' if pieces == 1 else '2-9' if pieces < 10 else '10+'}")
+    event(f"forwarded: {len(plan.forwarded)} of {len(ex.sequence.requests)}")
+    if ex.sequence.half_close:
+        event("half-close")
+    if plan.stopped_at is not None:
+        event(f"not forwarded: {plan.stopped_at.kind}")
+
+
 # -- driving an example
 
 
@@ -332,12 +351,14 @@ async def run_example(target: Target, sequence: Sequence) -> Example:
         await settle(sidecar)
     finally:
         await upstream.close()
-    return Example(sequence, upstream, caller, after, list(idp.issued), url.removeprefix("http://"))
+    host = url.removeprefix("http://")
+    return Example(sequence, upstream.connections, caller, after, list(idp.issued), host)
 
 
 def check_all(ex: Example) -> None:
     """Every invariant, the most telling first."""
     plan = check_forwarded(ex)
+    _count_coverage(ex, plan)
     check_no_stray_bytes(ex)
     check_heads_are_sidecars(ex)
     check_authorization(ex)

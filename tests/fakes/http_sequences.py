@@ -156,7 +156,7 @@ def _draw_chunked(
     draw: st.DrawFn, body: bytes, features: frozenset[str], index: int
 ) -> tuple[bytes, tuple[str, ...]]:
     """``body`` chunked: random chunk sizes and spellings, extensions, trailers."""
-    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=3)))
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=3))))
     bounds = [0, *(c for c in cuts if c < len(body)), len(body)]
     pieces = [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
     out = b""
@@ -383,14 +383,18 @@ def sequences(draw: st.DrawFn, features: frozenset[str], max_requests: int = 5) 
         else:
             requests.append(_plain(draw, index, last, features))
     wire = b"".join(s.wire for s in requests)
-    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(wire) - 1)), max_size=12)))
-    bounds = [0, *cuts, len(wire)]
     pauses: list[float | None] = [None, 0.0]
     if "pauses" in features:
         pauses.append(0.002)
-    pieces = tuple(
-        (wire[a:b], draw(st.sampled_from(pauses))) for a, b in itertools.pairwise(bounds) if b > a
-    )
+    if draw(st.booleans()):
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=12))))
+        bounds = [0, *cuts, len(wire)]
+        pieces = tuple(
+            (wire[a:b], draw(st.sampled_from(pauses))) for a, b in itertools.pairwise(bounds)
+        )
+    else:  # every few bytes, each followed by the same pause: every parser state meets a boundary
+        step, pause = draw(st.integers(1, 8)), draw(st.sampled_from(pauses[:2]))
+        pieces = tuple((wire[a : a + step], pause) for a in range(0, len(wire), step))
     # a request left unfinished ends with a half-close: no proxy can be asked to guess more
     half_close = truncated or ("half_close" in features and draw(st.booleans()))
     return Sequence(tuple(requests), pieces, half_close)
