@@ -311,7 +311,7 @@ def check_still_serves(ex: Example) -> None:
         raise ex.failure(f"the request after the example was answered {answers!r}")
 
 
-def _count_coverage(ex: Example, plan: Plan) -> None:
+def count_coverage(ex: Example, plan: Plan) -> None:
     """What the examples exercised, for ``--hypothesis-show-statistics`` (``make fuzz``)."""
     for sent in ex.sequence.requests:
         event(f"request kind: {sent.kind}")
@@ -355,15 +355,15 @@ async def run_example(target: Target, sequence: Sequence) -> Example:
     return Example(sequence, upstream.connections, caller, after, list(idp.issued), host)
 
 
-def check_all(ex: Example) -> None:
+def check_all(ex: Example) -> Plan:
     """Every invariant, the most telling first."""
     plan = check_forwarded(ex)
-    _count_coverage(ex, plan)
     check_no_stray_bytes(ex)
     check_heads_are_sidecars(ex)
     check_authorization(ex)
     check_answers(ex, plan)
     check_still_serves(ex)
+    return plan
 
 
 @pytest.fixture
@@ -398,7 +398,8 @@ async def test_well_formed_traffic_reaches_the_upstream_exactly(
     HEAD, the caller's own Authorization), cut anywhere, paused, half-closed: every invariant
     holds, and each request arrives upstream exactly once, as sent, with sidecar's token."""
     RUNS["well-formed"] = RUNS.get("well-formed", 0) + 1
-    check_all(await run_example(target, sequence))
+    example = await run_example(target, sequence)
+    count_coverage(example, check_all(example))
 
 
 @FUZZ
@@ -412,4 +413,5 @@ async def test_hostile_traffic_is_refused_or_forwarded_exactly(
     reaches the upstream, nothing is smuggled, the token stays in sidecar's heads, each request
     gets one answer, and sidecar still serves afterwards."""
     RUNS["hostile"] = RUNS.get("hostile", 0) + 1
-    check_all(await run_example(target, sequence))
+    example = await run_example(target, sequence)
+    count_coverage(example, check_all(example))
