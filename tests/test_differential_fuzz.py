@@ -333,7 +333,8 @@ async def settle(sidecar: Sidecar) -> None:
     front = sidecar.front
     assert front is not None
     await eventually(
-        lambda: not front.connections and front.in_flight == 0, what="sidecar idle again"
+        lambda: not front.connections and front.in_flight == 0,
+        what="sidecar to let go of the caller's connection and finish its requests",
     )
     await asyncio.sleep(0.02)
 
