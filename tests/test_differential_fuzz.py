@@ -390,6 +390,42 @@ def report_runs() -> Iterator[None]:
         print(f"\ndifferential fuzz: {name} ran {count} examples")
 
 
+#: issue 14's first reproducer: an Upgrade the upstream answers with a plain 200, a request left
+#: unfinished behind it, then a half-close; the next caller's request must not become its body
+UPGRADE_SMUGGLING = Sequence(
+    (
+        Sent(
+            "upgrade_websocket",
+            head(
+                b"GET /chat HTTP/1.1",
+                [(b"Host", b"localhost"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")],
+            ),
+            Fate.FORWARD,
+            "GET",
+            "/chat",
+            may_close_after=True,
+        ),
+        Sent(
+            "truncated",
+            head(b"POST /store HTTP/1.1", [(b"Host", b"localhost"), (b"Content-Length", b"250")]),
+            Fate.REFUSE,
+            "POST",
+            "/store",
+        ),
+    ),
+    half_close=True,
+)
+
+
+async def test_upgrade_smuggling_reproducer_of_issue_14(target: Target) -> None:
+    """The attack of issue 14 through the same harness, every run: nothing the caller wrote
+    behind the Upgrade reaches the upstream as a request, and the request after it is the
+    upstream's own request, answered with its own answer."""
+    wire = UPGRADE_SMUGGLING.wire
+    sequence = Sequence(UPGRADE_SMUGGLING.requests, ((wire, None),), half_close=True)
+    check_all(await run_example(target, sequence))
+
+
 @FUZZ
 @given(sequence=sequences(selected(WELL_FORMED)))
 async def test_well_formed_traffic_reaches_the_upstream_exactly(
