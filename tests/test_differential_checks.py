@@ -173,7 +173,7 @@ def test_framing_look_alikes_and_trailers_as_headers_are_caught() -> None:
     )
     with pytest.raises(AssertionError, match="look-alike"):
         check_heads_are_sidecars(lookalike)
-    trailer = Sent("plain", b"...", Fate.FORWARD, "GET", "/f/0", trailer_names=("X-Trailer-0",))
+    trailer = Sent("plain", b"...", Fate.FORWARD, "GET", "/f/0", trailers=(("X-Trailer-0", "t0"),))
     merged = evidence(
         [built("GET", "/f/0", b"", (b"X-Trailer-0", b"t0"))],
         answer(1, close=True),

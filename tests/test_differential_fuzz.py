@@ -212,7 +212,7 @@ def check_heads_are_sidecars(ex: Example) -> None:
     """Every request head upstream is one sidecar wrote: one Host (the upstream's), a target
     under the prefix, sidecar's own X-Tenant-ID; no framing look-alike (``Content_Length``) next
     to sidecar's framing, and no caller trailer turned into a header field."""
-    trailer_names = {n.lower() for s in ex.sequence.requests for n in s.trailer_names}
+    trailers = {(n.lower(), v) for s in ex.sequence.requests for n, v in s.trailers}
     for req in ex.heads:
         where = req.describe()
         if req.header("host") != [ex.upstream_host.encode()]:
@@ -223,11 +223,11 @@ def check_heads_are_sidecars(ex: Example) -> None:
             raise ex.failure(
                 f"upstream head {where} lacks sidecar's X-Tenant-ID: not a head it built"
             )
-        for name, _ in req.headers:
+        for name, value in req.headers:
             lname = name.decode("latin-1").lower()
             if lname.replace("_", "-") in FRAMING and lname not in FRAMING:
                 raise ex.failure(f"upstream head {where} carries the framing look-alike {name!r}")
-            if lname in trailer_names:
+            if (lname, value.decode("latin-1")) in trailers:
                 raise ex.failure(
                     f"upstream head {where} carries the caller's trailer {name!r} as a header"
                 )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -103,8 +102,8 @@ class Sent:
     closes: bool = False
     #: after answering it the proxy may close instead of reading on (an Upgrade not switched)
     may_close_after: bool = False
-    #: names of the caller's trailer fields (never to become header fields upstream)
-    trailer_names: tuple[str, ...] = ()
+    #: the caller's trailer fields, name and value (never to become header fields upstream)
+    trailers: tuple[tuple[str, str], ...] = ()
     #: the Authorization value the caller sent itself (never to reach the upstream)
     caller_auth: bytes | None = None
 
@@ -144,8 +143,6 @@ TARGET_TAILS = ("", "?q=1", "/a-b_c~d", "?x=y&z=", "/deep/er/path?k=v&k=w")
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE", "OPTIONS", "GET")
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
-Draw = Callable[..., object]
-
 
 def head(line: bytes, headers: Seq[tuple[bytes, bytes]], eol: bytes = b"\r\n") -> bytes:
     """A request head from its line and header fields."""
@@ -154,7 +151,7 @@ def head(line: bytes, headers: Seq[tuple[bytes, bytes]], eol: bytes = b"\r\n") -
 
 def _draw_chunked(
     draw: st.DrawFn, body: bytes, features: frozenset[str], index: int
-) -> tuple[bytes, tuple[str, ...]]:
+) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     """``body`` chunked: random chunk sizes and spellings, extensions, trailers."""
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=3))))
     bounds = [0, *(c for c in cuts if c < len(body)), len(body)]
@@ -164,22 +161,13 @@ def _draw_chunked(
         size = draw(st.sampled_from(["%x", "%X", "%04x"])) % len(piece)
         out += size.encode() + _draw_extension(draw, features) + b"\r\n" + piece + b"\r\n"
     out += draw(st.sampled_from([b"0", b"000"])) + _draw_extension(draw, features) + b"\r\n"
-    names: tuple[str, ...] = ()
+    fields: tuple[tuple[str, str], ...] = ()
     if "trailers" in features and draw(st.booleans()):
-        names = tuple(
-            draw(
-                st.lists(
-                    st.sampled_from(
-                        [f"X-Trailer-{index}", "X-Forwarded-For", f"X-Checksum-{index}"]
-                    ),
-                    min_size=1,
-                    max_size=2,
-                    unique=True,
-                )
-            )
-        )
-        out += b"".join(n.encode() + b": t" + str(index).encode() + b"\r\n" for n in names)
-    return out + b"\r\n", names
+        names = [f"X-Trailer-{index}", "X-Forwarded-For", f"X-Checksum-{index}"]
+        chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+        fields = tuple((name, f"trailer-value-{index}") for name in chosen)
+        out += b"".join(f"{n}: {v}\r\n".encode() for n, v in fields)
+    return out + b"\r\n", fields
 
 
 def _draw_extension(draw: st.DrawFn, features: frozenset[str]) -> bytes:
@@ -225,7 +213,7 @@ def _plain(draw: st.DrawFn, index: int, last: bool, features: frozenset[str]) ->
         target,
         body,
         closes=last,
-        trailer_names=trailers,
+        trailers=trailers,
         caller_auth=auth,
     )
 
