@@ -62,6 +62,15 @@ system-deps: ## install the system packages the tests need (apt-get, when missin
 test: $(DEV_STAMP) system-deps ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# make test runs the differential fuzz suite with a small budget; this runs it long, shrinks what
+# fails to a minimal reproducer and prints how many examples ran. FUZZ_ONLY / FUZZ_WITHOUT
+# (feature names, see tests/fakes/http_sequences.py) narrow what is generated.
+FUZZ_EXAMPLES ?= 2000
+
+fuzz: $(DEV_STAMP) ## the differential fuzz suite, long: FUZZ_EXAMPLES per test (default 2000)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_differential_fuzz.py --timeout=0 -s \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
+
 lint: $(DEV_STAMP) ## ruff format check, ruff, mypy
 	$(BIN)/ruff format --check sidecar tests bench
 	$(BIN)/ruff check sidecar tests bench
@@ -96,4 +105,4 @@ image: ## build the container image (needs a Docker or Podman engine)
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
 
-.PHONY: help venv lock run test lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image
+.PHONY: help venv lock run test fuzz lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image
