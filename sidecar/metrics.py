@@ -6,6 +6,7 @@ Children used on the hot path are bound once here.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+from sidecar import __version__
 
 #: methods kept as label values; anything else is counted as OTHER (bounded cardinality)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
@@ -107,6 +110,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "sidecar_build_info",
+            "Always 1; the labels name the running sidecar's version and Python",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
         self._request_children: dict[tuple[str, int], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):

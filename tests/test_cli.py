@@ -324,3 +324,15 @@ async def test_run_process_with_missing_config_exits_2(
     proc = spawn(["run", "-c", str(missing)], child_env(), log, child_processes)
     assert await asyncio.to_thread(proc.wait, 10) == 2
     assert str(missing) in log.read_text()
+
+
+# ----------------------------------------------------------------- sidecar --version
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``sidecar --version`` prints the version the package was installed with (pyproject.toml
+    reads it from the one place it is written), and exits 0."""
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sidecar {version('sidecar')}\n"

@@ -59,6 +59,22 @@ def test_dockerfile_passes_hadolint() -> None:
     assert 'ENTRYPOINT ["sidecar", "run"]' in text
 
 
+def test_image_labels_carry_the_one_version() -> None:
+    """The image's OCI labels take the version, commit and time from build arguments, and
+    ``make image`` passes the version the package is installed as (sidecar/__init__.py, which
+    pyproject.toml reads) and tags the image with it."""
+    from importlib.metadata import version
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    for label, arg in (("version", "VERSION"), ("revision", "REVISION"), ("created", "CREATED")):
+        assert f"ARG {arg}" in text
+        assert f'org.opencontainers.image.{label}="${{{arg}}}"' in text
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in text
+    dry = run("make", "--no-print-directory", "-n", "image", cwd=ROOT)
+    assert f"--build-arg VERSION={version('sidecar')} " in dry, dry
+    assert f"-t sidecar:{version('sidecar')} " in dry, dry
+
+
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 #: operator resources: kubernetes-validate bundles no schema for CRDs
 CRD_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
