@@ -246,14 +246,14 @@ class Sidecar:
             client_id=DEMO_CLIENT_ID,
             client_secret=SecretStr(idp.client_secret),
         )
-        return OAuth2Identity(demo_identity, self.clock)
+        return OAuth2Identity(demo_identity, self.clock, metrics=self.metrics)
 
     def _provider(self, identity: Identity) -> IdentityProvider:
         """The provider for an identity section (not the embedded demo's)."""
         if identity.kind == "json_login":
             from sidecar.identity.json_login import JsonLoginIdentity
 
-            return JsonLoginIdentity(identity, self.clock)
+            return JsonLoginIdentity(identity, self.clock, metrics=self.metrics)
         return OAuth2Identity(identity, self.clock, metrics=self.metrics)
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:

@@ -171,6 +171,7 @@ class Proxy:
         metrics = self._metrics
         started = self._clock.monotonic()
         metrics.in_flight.inc()
+        made = False  # the status is sidecar's own answer, not the upstream's
         try:
             await self._forward(request)
         except SidecarError as exc:
@@ -185,17 +186,19 @@ class Proxy:
                     "proxy.refused_request",
                     extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},
                 )
-            self._error(request, exc.http_status, exc.code, str(exc))
+            made = self._error(request, exc.http_status, exc.code, str(exc))
         except ConnectionError:
             request.conn.abort()  # the caller went away
         except Exception:
             log.exception("proxy.internal_error", extra={"request_id": request.request_id})
-            self._error(request, 500, "internal_error", "the proxy failed; see its log")
+            made = self._error(request, 500, "internal_error", "the proxy failed; see its log")
         finally:
             metrics.in_flight.dec()
-            status = request.status or 500
+            # no status: the caller left before any answer (nginx's 499), not a server error
+            status = request.status or 499
             elapsed = self._clock.monotonic() - started
-            metrics.count_request(request.method, status)
+            source = "sidecar" if made or not request.status else "upstream"
+            metrics.count_request(request.method, status, source)
             metrics.observe_duration(elapsed)
             if self.access_log:
                 write_access(
@@ -207,12 +210,14 @@ class Proxy:
                     request.sent,
                 )
 
-    def _error(self, request: Request, status: int, code: str, detail: str) -> None:
+    def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
+        """Answer with sidecar's own error; False when the upstream's answer had begun."""
         if request.started:
             request.conn.abort()  # the answer began: a truncated one must not look complete
-            return
+            return False
         head, body = error_parts(status, code, detail, request.request_id)
         request.respond(status, reason_phrase(status), head, body)
+        return True
 
     async def _credentials(self) -> Credentials:
         """The session snapshot: a plain attribute read while the token is valid."""

@@ -199,7 +199,7 @@ def test_alert_rules_check_and_pass_their_unit_tests() -> None:
 
 def test_dashboard_and_alerts_use_only_real_metrics() -> None:
     """Every sidecar_* name in the dashboard and the alerts is one sidecar exports, and every
-    contract metric appears on the dashboard."""
+    sidecar_* metric appears on the dashboard (process_* and python_* are the standard ones)."""
     import re
 
     exported = set()
@@ -208,6 +208,8 @@ def test_dashboard_and_alerts_use_only_real_metrics() -> None:
         exported.update(s.name for s in family.samples)
         if family.type == "counter":
             exported.add(family.name + "_total")  # labelled counters have no samples yet
+        if family.type == "histogram":  # nor labelled histograms
+            exported.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
     dashboard = (PROM / "grafana-dashboard.json").read_text()
     json.loads(dashboard)
     used = set(
@@ -215,7 +217,8 @@ def test_dashboard_and_alerts_use_only_real_metrics() -> None:
     )
     assert used <= exported, used - exported
     for family in Metrics().registry.collect():
-        assert family.name in dashboard, family.name
+        if family.name.startswith("sidecar_"):
+            assert family.name in dashboard, family.name
 
 
 async def test_live_metrics_pass_promtool_check_metrics(

@@ -18,6 +18,9 @@
   than 408/429 is returned as an :class:`IdentityResponse` too, for the caller to interpret.
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
+* Every attempt is timed into ``sidecar_identity_request_duration_seconds{endpoint,outcome}`` (when
+  given the metrics): ``endpoint`` is the caller's name for the call (``token``, ``login``, ...),
+  ``outcome`` one of :data:`OUTCOMES`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import ssl
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -40,10 +43,26 @@ from sidecar.config import TLS
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 #: an answer larger than this is refused rather than read into memory
 MAX_RESPONSE_BYTES = 1 << 20
+
+#: the ``outcome`` label of an identity call: answered (``success``, ``rejected``: a 4xx), or why
+#: not (``server_error`` is any 5xx)
+OUTCOMES = (
+    "success",
+    "rejected",
+    "server_error",
+    "timeout",
+    "unreachable",
+    "tls",
+    "connection",
+    "malformed_response",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +110,16 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 class IdentityHTTP:
     """The identity provider's HTTP client: TLS, timeouts, backups and error translation."""
 
-    def __init__(self, clock: Clock, *, timeout: float, tls: TLS | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        timeout: float,
+        tls: TLS | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._timeout = timeout
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
@@ -173,11 +200,13 @@ class IdentityHTTP:
         headers: Mapping[str, str] | None = None,
         expect_json: bool = True,
         client_errors: bool = False,
+        endpoint: str = "other",
     ) -> IdentityResponse:
         """Send one request, to the first of ``urls`` that answers; see the module docstring.
 
         ``form`` is sent as ``application/x-www-form-urlencoded``, ``json`` as JSON (give one at
         most). With ``expect_json`` a 2xx whose body is not JSON is a ``malformed_response``.
+        ``endpoint`` names the call in the duration histogram.
         """
         candidates = [urls] if isinstance(urls, str) else list(urls)
         if not candidates:
@@ -186,8 +215,8 @@ class IdentityHTTP:
         last: IdentityUnavailable | None = None
         for index, url in enumerate(ordered):
             try:
-                response = await self._attempt(
-                    method, url, form, json, headers, expect_json, client_errors
+                response = await self._measured(
+                    endpoint, method, url, form, json, headers, expect_json, client_errors
                 )
             except IdentityUnavailable as exc:
                 if not _worth_another_url(exc):
@@ -207,6 +236,29 @@ class IdentityHTTP:
             return response
         assert last is not None
         raise last
+
+    async def _measured(self, endpoint: str, *attempt: Any) -> IdentityResponse:
+        """:meth:`_attempt`, timed by endpoint and outcome (a cancelled call is not counted)."""
+        metrics = self._metrics
+        if metrics is None:
+            return await self._attempt(*attempt)
+        started = self._clock.monotonic()
+        outcome: str | None = None
+        try:
+            response = await self._attempt(*attempt)
+            outcome = "success" if response.status < 300 else "rejected"
+            return response
+        except OAuthError:
+            outcome = "rejected"
+            raise
+        except IdentityUnavailable as exc:
+            outcome = _outcome(exc.reason)
+            raise
+        finally:
+            if outcome is not None:
+                metrics.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(
+                    self._clock.monotonic() - started
+                )
 
     async def _attempt(
         self,
@@ -313,6 +365,14 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
         if len(body) > MAX_RESPONSE_BYTES:
             raise too_large
     return bytes(body)
+
+
+def _outcome(reason: str) -> str:
+    """The outcome label for a failed attempt: a 5xx is ``server_error``, any other status the
+    provider answered with (a 404, 408 or 429) ``rejected``, else the transport's reason."""
+    if reason.startswith("http_5"):
+        return "server_error"
+    return "rejected" if reason.startswith("http_") else reason
 
 
 def _worth_another_url(exc: IdentityUnavailable) -> bool:

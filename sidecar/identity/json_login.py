@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -37,6 +37,9 @@ from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class _Compiled:
 class JsonLoginIdentity:
     """Talks to one vendor session API for one set of credentials."""
 
-    def __init__(self, config: Identity, clock: Clock) -> None:
+    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config
         self._clock = clock
@@ -73,7 +76,7 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls, metrics=metrics)
         # the identity is the login endpoint and the non-secret shape of the credentials: a
         # stored session is reused only by the same one (values of credentials are not hashed
         # in, so that a rotated password keeps the session)
@@ -150,6 +153,7 @@ class JsonLoginIdentity:
             headers=headers,
             expect_json=expect_json,
             client_errors=True,
+            endpoint=call.name,
         )
         if 200 <= answer.status < 300:
             return answer

@@ -56,7 +56,7 @@ class OAuth2Identity:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls)
+        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls, metrics=metrics)
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         ident = "|".join(
@@ -115,7 +115,12 @@ class OAuth2Identity:
             try:
                 headers = await self._client_auth(form)
                 await self._http.request(
-                    "POST", endpoints.revocation, form=form, headers=headers, expect_json=False
+                    "POST",
+                    endpoints.revocation,
+                    form=form,
+                    headers=headers,
+                    expect_json=False,
+                    endpoint="revocation",
                 )
             except IdentityError as exc:
                 log.warning("identity.revocation_failed", extra={"hint": hint, "error": str(exc)})
@@ -131,7 +136,9 @@ class OAuth2Identity:
         endpoints = await self._endpoints.get()
         headers = await self._client_auth(form)
         urls = [endpoints.token, *self._config.backup_token_urls]
-        answer = await self._http.request("POST", urls, form=form, headers=headers)
+        answer = await self._http.request(
+            "POST", urls, form=form, headers=headers, endpoint="token"
+        )
         token = parse_token_response(
             answer.json, self._clock.time(), previous_refresh_token=previous_refresh_token
         )
@@ -156,7 +163,9 @@ class OAuth2Identity:
                 # RFC 7662 2.1: the caller authenticates like at the token endpoint
                 form = {"token": access_token, "token_type_hint": "access_token"}
                 headers = await self._client_auth(form)
-                answer = await self._http.request("POST", endpoint, form=form, headers=headers)
+                answer = await self._http.request(
+                    "POST", endpoint, form=form, headers=headers, endpoint="introspection"
+                )
                 return answer.json if isinstance(answer.json, dict) else {}
 
             self._validator = TokenValidator(
