@@ -305,6 +305,8 @@ class Sidecar:
         ]
         if config.log.access_log != old.log.access_log:
             pending.append("log.access_log")
+        if config.log.format != old.log.format:
+            pending.append("log.format")
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):

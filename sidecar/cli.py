@@ -156,7 +156,7 @@ def _run(
             )
             return EXIT_CONFIG
         run = uvloop.run
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, fmt=config.log.format)
     try:
         if workers > 1:
             from sidecar.workers import serve_workers

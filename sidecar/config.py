@@ -329,6 +329,12 @@ class Log(_Model):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    #: json: one JSON object per line; text: one human-readable line (time, level, event, fields)
+    format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json (one object per line), text (human-readable), or auto: text when "
+        "stderr is a terminal, else json",
+    )
 
 
 class Demo(_Model):

@@ -3,6 +3,8 @@
 Log calls name a stable event (``session.refreshed``) as the message and put details in ``extra``.
 Token objects redact themselves; as a second line of defence, :class:`JsonFormatter` scrubs anything
 that looks like a bearer token, a JWT or a ``secret=...`` pair from every rendered line.
+On a terminal (``log.format: auto``, or ``text``) the same records are human-readable lines,
+:class:`TextFormatter`, scrubbed alike.
 """
 
 from __future__ import annotations
@@ -72,6 +74,38 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return scrub(json.dumps(out, default=str, separators=(",", ":")))
+
+
+class TextFormatter(logging.Formatter):
+    """Renders a record as one human-readable line: local time, level, event, ``key=value``
+    fields (values with spaces or quotes JSON-quoted), then any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(record.created))
+        parts = [f"{when}.{int(record.msecs):03d}", f"{record.levelname:<7}", record.getMessage()]
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                parts.append(f"{key}={_text_value(value)}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\\\n'):
+        return value
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def use_text(fmt: str, stream: TextIO) -> bool:
+    """``log.format``: text when asked for, or for ``auto`` when ``stream`` is a terminal."""
+    if fmt == "auto":
+        try:
+            return stream.isatty()
+        except (OSError, ValueError):
+            return False
+    return fmt == "text"
 
 
 class _Writer(threading.Thread):
@@ -148,6 +182,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
+        #: records render as text: access lines go through the formatter too
+        self.text = False
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writer: _Writer | None = None
@@ -219,11 +255,14 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _lines: JsonLinesHandler | None = None
 
 
-def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Route every log record of the process to ``stream`` (stderr) as JSON lines."""
+def setup_logging(level: str = "info", stream: TextIO | None = None, fmt: str = "json") -> None:
+    """Route every log record of the process to ``stream`` (stderr) as JSON lines, or as text
+    lines (``fmt``: ``json``, ``text``, or ``auto``: text on a terminal)."""
     global _lines
-    handler = JsonLinesHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    stream = stream or sys.stderr
+    handler = JsonLinesHandler(stream)
+    handler.text = use_text(fmt, stream)
+    handler.setFormatter(TextFormatter() if handler.text else JsonFormatter())
     _lines = handler
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -250,7 +289,7 @@ def write_access(
     request id and body bytes sent."""
     path = target.split("?", 1)[0]
     lines = _lines
-    if lines is not None:
+    if lines is not None and not lines.text:
         quoted = _QUOTED_METHODS.get(method) or _quote(method)
         lines.write_line(
             f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
