@@ -258,7 +258,7 @@ class Sidecar:
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:
         cookies = SessionCookies(upstream_url, self.clock) if config.upstream.send_cookies else None
-        return HeaderRules.compile(config.headers, cookies=cookies)
+        return HeaderRules.compile(config.headers, cookies=cookies, sample=config.tracing.sample)
 
     async def _serve_app(self, name: str, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)

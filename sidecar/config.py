@@ -337,6 +337,17 @@ class Log(_Model):
     )
 
 
+class Tracing(_Model):
+    """W3C trace context for the requests sidecar forwards."""
+
+    #: the sampled flag of a traceparent sidecar starts; a caller's own decision is kept
+    sample: bool = Field(
+        True,
+        description="sampled flag of a traceparent sidecar starts when the caller sent none "
+        "(a caller's own flag is kept)",
+    )
+
+
 class Demo(_Model):
     """The embedded demo: an identity provider and an echo upstream inside the process."""
 
@@ -357,6 +368,7 @@ class Config(_Model):
     headers: Headers = Headers()
     session: Session = Session()
     log: Log = Log()
+    tracing: Tracing = Tracing()
     demo: Demo = Demo()
 
     @model_validator(mode="after")

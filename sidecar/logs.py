@@ -283,10 +283,17 @@ _access = logging.getLogger("sidecar.access")
 
 
 def write_access(
-    method: str, target: str, status: int, seconds: float, request_id: str | None, sent: int
+    method: str,
+    target: str,
+    status: int,
+    seconds: float,
+    request_id: str | None,
+    sent: int,
+    trace_id: str | None = None,
 ) -> None:
     """One JSON line per proxied request: method, path (without the query), status, duration,
-    request id and body bytes sent."""
+    request id, body bytes sent and trace id (of the traceparent sent upstream, else the
+    caller's; null without either)."""
     path = target.split("?", 1)[0]
     lines = _lines
     if lines is not None and not lines.text:
@@ -297,7 +304,8 @@ def write_access(
             f'"path":{_json_path(path)},"status":{status},'
             f'"duration_ms":{seconds * 1000:.3f},'
             f'"request_id":{"null" if request_id is None else _quote(request_id)},'
-            f'"bytes":{sent}}}\n'
+            f'"bytes":{sent},'
+            f'"trace_id":{"null" if trace_id is None else _quote(trace_id)}}}\n'
         )
         return
     _access.info(
@@ -309,6 +317,7 @@ def write_access(
             "duration_ms": round(seconds * 1000, 3),
             "request_id": request_id,
             "bytes": sent,
+            "trace_id": trace_id,
         },
     )
 

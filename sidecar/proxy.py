@@ -20,7 +20,7 @@ from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
 from sidecar.exchange import Request
-from sidecar.headers import HeaderRules
+from sidecar.headers import HeaderRules, caller_trace_id
 from sidecar.http_parts import (
     DROP,
     DROP_WITH_LENGTH,
@@ -208,6 +208,7 @@ class Proxy:
                     elapsed,
                     request.request_id,
                     request.sent,
+                    request.trace_id or caller_trace_id(request),
                 )
 
     def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
@@ -300,8 +301,9 @@ class Proxy:
         *,
         upgrade: bool = False,
     ) -> UpstreamResponse:
-        head, request_id = self._rules.head(line, request.headers, creds, framing)
-        request.request_id = request_id
+        head, request.request_id, request.trace_id = self._rules.head(
+            line, request.headers, creds, framing
+        )
         assert self._pool is not None
         return await self._pool.request(
             head, body, head_only=request.method == "HEAD", chunked=chunked, upgrade=upgrade
