@@ -346,6 +346,21 @@ class Tracing(_Model):
         description="sampled flag of a traceparent sidecar starts when the caller sent none "
         "(a caller's own flag is kept)",
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP endpoint (e.g. http://otel-collector:4318) that receives a span "
+        "per proxied request and per identity call, as JSON; null: no export",
+    )
+    service_name: str = Field("sidecar", description="service.name of the exported spans")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and (
+            URL(value).scheme not in ("http", "https") or not URL(value).host
+        ):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
 
 class Demo(_Model):

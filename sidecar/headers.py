@@ -119,14 +119,20 @@ def caller_sampled(value: str | None, default: bool) -> bool:
     return int(value.strip()[53:55], 16) & 1 == 1
 
 
-def caller_trace_id(request: Request) -> str | None:
-    """The trace id of the caller's valid traceparent, if it sent one: what an access line
-    reports for a request that was not forwarded (refused, or no session)."""
+def caller_traceparent(request: Request) -> str | None:
+    """The caller's traceparent when it is a valid one."""
     raw = request.header(b"traceparent")
     if raw is None:
         return None
     value = raw.decode("latin-1").strip()
-    return value[3:35] if valid_traceparent(value) else None
+    return value if valid_traceparent(value) else None
+
+
+def trace_id(request: Request) -> str | None:
+    """The trace id an access line reports: of the traceparent sent upstream, else of the
+    caller's (a request refused, or answered 503 without a session), else None."""
+    sent = request.traceparent or caller_traceparent(request)
+    return sent[3:35] if sent is not None else None
 
 
 def valid_traceparent(value: str) -> bool:
@@ -191,13 +197,20 @@ class HeaderRules:
 
     @classmethod
     def compile(
-        cls, config: Headers, *, cookies: SessionCookies | None = None, sample: bool = True
+        cls,
+        config: Headers,
+        *,
+        cookies: SessionCookies | None = None,
+        sample: bool = True,
+        new_span: bool = False,
     ) -> HeaderRules:
         """Turn the headers section into rules; nothing is decided per request that can be here.
 
         ``cookies`` (when ``upstream.send_cookies`` is on) adds the session's cookies to the
         caller's Cookie header. ``sample`` (``tracing.sample``) is the sampled flag of a
-        traceparent sidecar starts when the caller sent none; a caller's own decision is kept."""
+        traceparent sidecar starts when the caller sent none; a caller's own decision is kept.
+        With ``new_span`` (span export on) a caller's traceparent goes on with sidecar's own span
+        id as the parent id, so the upstream's span is a child of sidecar's."""
         managed: list[tuple[str, Getter]] = []
         dropped = {"host", "authorization", "expect", "content-length", *HOP_BY_HOP}
         captured: set[str] = set()
@@ -238,7 +251,7 @@ class HeaderRules:
                 True,
             )
         elif config.traceparent == "propagate":
-            own(TRACEPARENT, _propagated_traceparent(sample), True)
+            own(TRACEPARENT, _propagated_traceparent(sample, new_span), True)
 
         if config.activity_id == "auto":
             own(ACTIVITY_ID, lambda _h, c: c.activity_id)
@@ -311,8 +324,8 @@ class HeaderRules:
         creds: Credentials,
         framing: bytes,
     ) -> tuple[bytes, str | None, str | None]:
-        """The complete request head for the upstream, the X-Request-ID and the trace id (of
-        its traceparent) it carries.
+        """The complete request head for the upstream, and the X-Request-ID and traceparent it
+        carries.
 
         ``request_line`` holds the request line and the Host header; ``framing`` is the
         Content-Length or Transfer-Encoding line the body needs (or nothing).
@@ -342,14 +355,14 @@ class HeaderRules:
             self._auth_line = f"Authorization: {creds.authorization}\r\n".encode()
             self._auth_for = creds
         append(self._auth_line)
-        request_id = trace_id = None
+        request_id = traceparent = None
         for prefix, getter, kind in self.managed_b:
             made = getter(captured, creds)
             if made is not None:
                 if kind == 1:
                     request_id = made
                 elif kind == 2:
-                    trace_id = made[3:35]
+                    traceparent = made
                 append(prefix + made.encode("latin-1") + b"\r\n")
         append(self.static_block)
         if self.static_session:
@@ -362,7 +375,7 @@ class HeaderRules:
                 append(b"Cookie: " + cookie.encode("latin-1") + b"\r\n")
         append(framing)
         append(b"\r\n")
-        return b"".join(parts), request_id, trace_id
+        return b"".join(parts), request_id, traceparent
 
     @staticmethod
     def _drop_listed(parts: list[bytes], listed: bytes) -> list[bytes]:
@@ -387,13 +400,16 @@ def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
     return otherwise
 
 
-def _propagated_traceparent(sample: bool) -> Getter:
-    """The caller's valid traceparent as it is, else a new one sampled as ``sample`` says."""
+def _propagated_traceparent(sample: bool, new_span: bool) -> Getter:
+    """The caller's valid traceparent (with a new parent id: sidecar's span, when ``new_span``),
+    else a new one sampled as ``sample`` says."""
 
     def getter(incoming: Mapping[str, str], _creds: Credentials) -> str:
         value = incoming.get("traceparent")
-        if value is not None and valid_traceparent(value.strip()):
-            return value.strip()
+        if value is not None and valid_traceparent(value := value.strip()):
+            if new_span:
+                return f"00-{value[3:35]}-{_random(8).hex()}-{value[53:55]}"
+            return value
         return new_traceparent(sample)
 
     return getter

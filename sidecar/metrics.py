@@ -135,6 +135,11 @@ class Metrics:
             "Failed logins or refreshes in a row since the last success (0 while renewals work)",
             registry=r,
         )
+        self.spans_dropped = Counter(
+            "sidecar_spans_dropped_total",
+            "Spans not exported (tracing.otlp_endpoint): the queue was full or the export failed",
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int, str], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):

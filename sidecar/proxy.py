@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from yarl import URL
 
@@ -20,7 +20,7 @@ from sidecar.clock import Clock
 from sidecar.config import Upstream
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError
 from sidecar.exchange import Request
-from sidecar.headers import HeaderRules, caller_trace_id
+from sidecar.headers import HeaderRules, caller_traceparent, trace_id
 from sidecar.http_parts import (
     DROP,
     DROP_WITH_LENGTH,
@@ -34,6 +34,9 @@ from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
+
+if TYPE_CHECKING:
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,15 @@ class Proxy:
         clock: Clock,
         *,
         access_log: bool = True,
+        spans: SpanExporter | None = None,
     ) -> None:
         self._session = session
         self._metrics = metrics
         self._clock = clock
         #: write an access line per request (``log.access_log``)
         self.access_log = access_log
+        #: where a span per request goes (``tracing.otlp_endpoint``), or None
+        self.spans = spans
         self._pool: UpstreamPool | None = None
         #: the upstream TLS files as the current pool read them, and the task that looks again
         self._stamp: tls.Stamp = ()
@@ -208,7 +214,17 @@ class Proxy:
                     elapsed,
                     request.request_id,
                     request.sent,
-                    request.trace_id or caller_trace_id(request),
+                    trace_id(request),
+                )
+            if self.spans is not None:
+                self.spans.proxied(
+                    request.method,
+                    request.raw_path,
+                    status,
+                    source,
+                    request.traceparent,
+                    caller_traceparent(request),
+                    elapsed,
                 )
 
     def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
@@ -301,7 +317,7 @@ class Proxy:
         *,
         upgrade: bool = False,
     ) -> UpstreamResponse:
-        head, request.request_id, request.trace_id = self._rules.head(
+        head, request.request_id, request.traceparent = self._rules.head(
             line, request.headers, creds, framing
         )
         assert self._pool is not None

@@ -45,6 +45,7 @@ from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,11 @@ class IdentityHTTP:
         timeout: float,
         tls: TLS | None = None,
         metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
+        self._spans = spans
         self._timeout = timeout
         self._tls = tls or TLS()
         self._http: aiohttp.ClientSession | None = None
@@ -238,9 +241,10 @@ class IdentityHTTP:
         raise last
 
     async def _measured(self, endpoint: str, *attempt: Any) -> IdentityResponse:
-        """:meth:`_attempt`, timed by endpoint and outcome (a cancelled call is not counted)."""
-        metrics = self._metrics
-        if metrics is None:
+        """:meth:`_attempt`, timed by endpoint and outcome (a cancelled call is not counted),
+        and a span when spans are exported."""
+        metrics, spans = self._metrics, self._spans
+        if metrics is None and spans is None:
             return await self._attempt(*attempt)
         started = self._clock.monotonic()
         outcome: str | None = None
@@ -256,9 +260,13 @@ class IdentityHTTP:
             raise
         finally:
             if outcome is not None:
-                metrics.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(
-                    self._clock.monotonic() - started
-                )
+                seconds = self._clock.monotonic() - started
+                if metrics is not None:
+                    metrics.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(
+                        seconds
+                    )
+                if spans is not None:
+                    spans.identity_call(endpoint, outcome, seconds)
 
     async def _attempt(
         self,

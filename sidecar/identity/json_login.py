@@ -40,6 +40,7 @@ from sidecar.tokens import Token
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,14 @@ class _Compiled:
 class JsonLoginIdentity:
     """Talks to one vendor session API for one set of credentials."""
 
-    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Identity,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
+    ) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config
         self._clock = clock
@@ -76,7 +84,9 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls, metrics=metrics)
+        self._http = IdentityHTTP(
+            clock, timeout=config.timeout, tls=config.tls, metrics=metrics, spans=spans
+        )
         # the identity is the login endpoint and the non-secret shape of the credentials: a
         # stored session is reused only by the same one (values of credentials are not hashed
         # in, so that a rotated password keeps the session)

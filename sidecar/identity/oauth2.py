@@ -35,6 +35,7 @@ from sidecar.tokens import Token, parse_token_response
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,20 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 class OAuth2Identity:
     """Talks to one OAuth2 authorization server for one client."""
 
-    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Identity,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
+    ) -> None:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP(clock, timeout=config.timeout, tls=config.tls, metrics=metrics)
+        self._http = IdentityHTTP(
+            clock, timeout=config.timeout, tls=config.tls, metrics=metrics, spans=spans
+        )
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         ident = "|".join(
