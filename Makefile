@@ -98,9 +98,16 @@ bench-shared: $(DEV_STAMP) system-deps ## how fast a replica sees a token anothe
 chaos: $(DEV_STAMP) ## 60 s of traffic while the identity provider fails and recovers (loopback)
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
-image: ## build the container image (needs a Docker or Podman engine)
+# The one version source (pyproject.toml reads it too); the image's OCI labels take it, the commit
+# and the commit's time (not the build's: two builds of one commit label alike).
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' sidecar/__init__.py)
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+CREATED := $(shell git log -1 --format=%cI 2>/dev/null || echo unknown)
+
+image: ## build the container image sidecar:VERSION (needs a Docker or Podman engine)
 	@engine=$$(command -v docker || command -v podman) || { echo "no docker or podman here"; exit 1; }; \
-	$$engine build -f deploy/Dockerfile -t sidecar:$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) .
+	$$engine build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
+		--build-arg CREATED=$(CREATED) -t sidecar:$(VERSION) .
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar

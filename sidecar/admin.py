@@ -28,7 +28,12 @@ def admin_app(
 ) -> web.Application:
     """Build the admin application. While ``draining()`` (shutting down), /readyz says 503 so
     that traffic is steered elsewhere while the requests in flight finish; so it does until
-    ``listening()`` (the proxy port is open: under --workers, once every worker is)."""
+    ``listening()`` (the proxy port is open: under --workers, once every worker is).
+
+    ``/readyz?outage=keep-serving`` is the readiness a pod's probe uses: ready once the session
+    held a token, and still ready when that token expired while the provider is down (calls get
+    503 ``no_session`` meanwhile), so that an outage of the one provider every replica shares
+    does not take all of them out of service at once."""
 
     async def get_metrics(_request: web.Request) -> web.Response:
         session.update_gauges()
@@ -37,11 +42,17 @@ def admin_app(
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.Response:
+        outage = request.query.get("outage")
+        if outage not in (None, "keep-serving"):
+            return web.json_response(
+                {"error": "bad_query", "detail": "outage may only be keep-serving"}, status=400
+            )
         state = session.state()
         stopping = draining()
         open_ = listening()
-        ready = state is State.VALID and not stopping and open_
+        held = state is State.VALID or (outage is not None and state is State.EXPIRED)
+        ready = held and not stopping and open_
         body: dict[str, object] = {"ready": ready, "state": state.value}
         if stopping:
             body["draining"] = True

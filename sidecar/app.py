@@ -40,13 +40,14 @@ from sidecar.unix_socket import UnixListener
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
     from sidecar.store.crypto import Sealer
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
 Closer = Callable[[], Awaitable[None]]
 
 #: sections whose change a running process cannot apply: SIGHUP logs them as needing a restart
-RESTART_SECTIONS = ("listen", "admin", "session", "demo")
+RESTART_SECTIONS = ("listen", "admin", "session", "demo", "tracing")
 #: keys of those sections that a reload applies all the same
 LIVE_KEYS = ("drain_timeout", "encryption_key_file", "previous_encryption_key_files")
 #: the ``listen`` keys of who may call, applied by a reload (the value file is read again)
@@ -115,6 +116,8 @@ class Sidecar:
     proxy: Proxy | None = field(init=False, default=None)
     #: where the proxy reads its credentials (and hands captured cookies)
     _source: CredentialSource = field(init=False)
+    #: the exporter of ``tracing.otlp_endpoint`` (None without one, or before first use)
+    spans: SpanExporter | None = field(init=False, default=None)
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
     _drain: float = field(init=False)
@@ -226,6 +229,7 @@ class Sidecar:
             self.clock,
             access_log=cfg.log.access_log,
             callers=CallerPolicy.compile(cfg.listen),
+            spans=self.span_exporter(),
         )
         await proxy.start()
         self._source = session
@@ -295,19 +299,50 @@ class Sidecar:
             client_id=DEMO_CLIENT_ID,
             client_secret=SecretStr(idp.client_secret),
         )
-        return OAuth2Identity(demo_identity, self.clock)
+        return OAuth2Identity(
+            demo_identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+        )
 
     def _provider(self, identity: Identity) -> IdentityProvider:
         """The provider for an identity section (not the embedded demo's)."""
         if identity.kind == "json_login":
             from sidecar.identity.json_login import JsonLoginIdentity
 
-            return JsonLoginIdentity(identity, self.clock, metrics=self.metrics)
-        return OAuth2Identity(identity, self.clock, metrics=self.metrics)
+            return JsonLoginIdentity(
+                identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+            )
+        return OAuth2Identity(
+            identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+        )
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:
         cookies = SessionCookies(upstream_url, self.clock) if config.upstream.send_cookies else None
-        return HeaderRules.compile(config.headers, cookies=cookies)
+        return HeaderRules.compile(
+            config.headers,
+            cookies=cookies,
+            # the tracing section as the process started (a change needs a restart)
+            sample=self.config.tracing.sample,
+            new_span=self.span_exporter() is not None,
+        )
+
+    def span_exporter(self) -> SpanExporter | None:
+        """The span exporter of ``tracing.otlp_endpoint`` (made and started at first use), or
+        None without one. Closed with the rest, after the parts that record spans."""
+        endpoint = self.config.tracing.otlp_endpoint
+        if endpoint is None or self.spans is not None:
+            return self.spans
+        from sidecar.tracing import SpanExporter
+
+        self.spans = SpanExporter(
+            endpoint,
+            self.clock,
+            service_name=self.config.tracing.service_name,
+            sample=self.config.tracing.sample,
+            metrics=self.metrics,
+        )
+        self.spans.start()
+        self._closers.append(("span exporter", self.spans.aclose))
+        return self.spans
 
     async def _serve_app(self, name: str, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
@@ -356,6 +391,8 @@ class Sidecar:
         ]
         if config.log.access_log != old.log.access_log:
             pending.append("log.access_log")
+        if config.log.format != old.log.format:
+            pending.append("log.format")
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):

@@ -1,7 +1,9 @@
-"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar status``.
+"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar status``, ``sidecar schema``.
 
-Exit codes: 0 success or clean shutdown; 1 runtime failure (e.g. a port in use, admin unreachable);
-2 bad configuration or usage.
+Exit codes: 0 success or clean shutdown; 1 runtime failure (e.g. a port in use); 2 bad
+configuration or usage. ``sidecar status`` is a probe and says what it found: 0 the session is
+VALID, 1 a sidecar answered and its session is not VALID, 2 no usable answer (the admin port is
+unreachable, or a bad ``--admin``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--admin", default="http://127.0.0.1:8081", help="admin URL (default: %(default)s)"
     )
+    sub.add_parser(
+        "schema",
+        help="print the configuration's JSON Schema (for editors that validate YAML with it)",
+    )
     return parser
 
 
@@ -107,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "status":
         return _status(args.admin)
+    if args.command == "schema":
+        print(json.dumps(config_schema(), indent=2))
+        return EXIT_OK
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -147,7 +156,7 @@ def _run(
             )
             return EXIT_CONFIG
         run = uvloop.run
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, fmt=config.log.format)
     try:
         if workers > 1:
             from sidecar.workers import serve_workers
@@ -174,9 +183,18 @@ def _status(admin: str) -> int:
             summary = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"sidecar: cannot read {url}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG
+    if not isinstance(summary, dict):
+        print(f"sidecar: {url} did not answer a session summary", file=sys.stderr)
+        return EXIT_CONFIG
     print(status_line(summary))
-    return EXIT_OK
+    return EXIT_OK if summary.get("state") == "VALID" else EXIT_FAILURE
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of the YAML configuration (keys as written in YAML)."""
+    schema = Config.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def human_duration(seconds: float | None) -> str:

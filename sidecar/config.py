@@ -470,6 +470,38 @@ class Log(_Model):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    #: json: one JSON object per line; text: one human-readable line (time, level, event, fields)
+    format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json (one object per line), text (human-readable), or auto: text when "
+        "stderr is a terminal, else json",
+    )
+
+
+class Tracing(_Model):
+    """W3C trace context for the requests sidecar forwards."""
+
+    #: the sampled flag of a traceparent sidecar starts; a caller's own decision is kept
+    sample: bool = Field(
+        True,
+        description="sampled flag of a traceparent sidecar starts when the caller sent none "
+        "(a caller's own flag is kept)",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP endpoint (e.g. http://otel-collector:4318) that receives a span "
+        "per proxied request and per identity call, as JSON; null: no export",
+    )
+    service_name: str = Field("sidecar", description="service.name of the exported spans")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and (
+            URL(value).scheme not in ("http", "https") or not URL(value).host
+        ):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
 
 class Demo(_Model):
@@ -492,6 +524,7 @@ class Config(_Model):
     headers: Headers = Headers()
     session: Session = Session()
     log: Log = Log()
+    tracing: Tracing = Tracing()
     demo: Demo = Demo()
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ with its secrets masked; :func:`read_secret` reads a secret's current value when
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -149,7 +150,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         # list items as key[0], as ${VAR} problems and file checks name them
         base = [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]]
         if err["type"] == "extra_forbidden":
-            lines.append(f"{_dotted(base)}: unknown key")
+            lines.append(f"{_dotted(base)}: unknown key{_did_you_mean(err['loc'])}")
             continue
         for part in err["msg"].removeprefix("Value error, ").split("\n"):
             sub, sep, message = part.partition(": ")
@@ -159,6 +160,22 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
                 key, message = _dotted(base) or "(top level)", part
             lines.append(f"{key}: {message}")
     return lines
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """`` (did you mean ...?)`` naming the closest key its section has, or nothing."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list item: its model is the list's
+        field = yaml_keys(model).get(part) if model is not None else None
+        if field is None or model is None:
+            return ""  # below a mapping of free names (headers, credentials): no key list
+        model = submodel(model.model_fields[field].annotation)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(yaml_keys(model)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _dotted(parts: list[str]) -> str:

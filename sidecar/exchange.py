@@ -116,6 +116,7 @@ class Request:
         "sent",
         "started",
         "status",
+        "traceparent",
         "upgrade",
         "version",
     )
@@ -131,6 +132,8 @@ class Request:
         self.upgrade = False
         self.version = "1.1"
         self.request_id: str | None = None
+        #: the traceparent sent upstream (None until the request is forwarded)
+        self.traceparent: str | None = None
         #: the response status once its head was written (0 before), body bytes written so far
         self.status = 0
         self.sent = 0

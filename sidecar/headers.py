@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -20,6 +21,9 @@ from sidecar.config import Headers
 from sidecar.config_headers import header_templates
 from sidecar.header_values import SessionCookies, SessionValues, templated
 from sidecar.session import Credentials
+
+if TYPE_CHECKING:
+    from sidecar.exchange import Request
 
 #: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
 HOP_BY_HOP = frozenset(
@@ -101,10 +105,34 @@ def new_id() -> str:
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
-def new_traceparent() -> str:
-    """A new W3C traceparent with random trace and span ids, sampled flag set."""
+def new_traceparent(sampled: bool = True) -> str:
+    """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
     ids = _random(24).hex()
-    return f"00-{ids[:32]}-{ids[32:]}-01"
+    return f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
+
+
+def caller_sampled(value: str | None, default: bool) -> bool:
+    """The caller's sampling decision (W3C Trace Context 3.2.2.5: bit 0 of the flags) from its
+    traceparent, or ``default`` when it sent no valid one."""
+    if value is None or not valid_traceparent(value.strip()):
+        return default
+    return int(value.strip()[53:55], 16) & 1 == 1
+
+
+def caller_traceparent(request: Request) -> str | None:
+    """The caller's traceparent when it is a valid one."""
+    raw = request.header(b"traceparent")
+    if raw is None:
+        return None
+    value = raw.decode("latin-1").strip()
+    return value if valid_traceparent(value) else None
+
+
+def trace_id(request: Request) -> str | None:
+    """The trace id an access line reports: of the traceparent sent upstream, else of the
+    caller's (a request refused, or answered 503 without a session), else None."""
+    sent = request.traceparent or caller_traceparent(request)
+    return sent[3:35] if sent is not None else None
 
 
 def valid_traceparent(value: str) -> bool:
@@ -153,8 +181,9 @@ class HeaderRules:
         self.dropped = dropped
         self.dropped_b = frozenset(n.encode() for n in dropped)
         self.managed = managed
+        #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0)
         self.managed_b = tuple(
-            (n.encode() + b": ", g, n.lower() == "x-request-id") for n, g in managed
+            (n.encode() + b": ", g, _ID_KINDS.get(n.lower(), 0)) for n, g in managed
         )
         self.static = static
         self.static_block = b"".join(f"{n}: {v}\r\n".encode() for n, v in static)
@@ -167,11 +196,21 @@ class HeaderRules:
         self._auth_line = b""
 
     @classmethod
-    def compile(cls, config: Headers, *, cookies: SessionCookies | None = None) -> HeaderRules:
+    def compile(
+        cls,
+        config: Headers,
+        *,
+        cookies: SessionCookies | None = None,
+        sample: bool = True,
+        new_span: bool = False,
+    ) -> HeaderRules:
         """Turn the headers section into rules; nothing is decided per request that can be here.
 
         ``cookies`` (when ``upstream.send_cookies`` is on) adds the session's cookies to the
-        caller's Cookie header."""
+        caller's Cookie header. ``sample`` (``tracing.sample``) is the sampled flag of a
+        traceparent sidecar starts when the caller sent none; a caller's own decision is kept.
+        With ``new_span`` (span export on) a caller's traceparent goes on with sidecar's own span
+        id as the parent id, so the upstream's span is a child of sidecar's."""
         managed: list[tuple[str, Getter]] = []
         dropped = {"host", "authorization", "expect", "content-length", *HOP_BY_HOP}
         captured: set[str] = set()
@@ -206,9 +245,13 @@ class HeaderRules:
 
         if config.traceparent == "generate":
             dropped.add("tracestate")  # a new trace starts without the caller's vendor state
-            own(TRACEPARENT, lambda _h, _c: new_traceparent())
+            own(
+                TRACEPARENT,
+                lambda h, _c: new_traceparent(caller_sampled(h.get("traceparent"), sample)),
+                True,
+            )
         elif config.traceparent == "propagate":
-            own(TRACEPARENT, _propagated_traceparent, True)
+            own(TRACEPARENT, _propagated_traceparent(sample, new_span), True)
 
         if config.activity_id == "auto":
             own(ACTIVITY_ID, lambda _h, c: c.activity_id)
@@ -282,8 +325,9 @@ class HeaderRules:
         raw_headers: Iterable[tuple[bytes, bytes]],
         creds: Credentials,
         framing: bytes,
-    ) -> tuple[bytes, str | None]:
-        """The complete request head for the upstream, and the X-Request-ID it carries.
+    ) -> tuple[bytes, str | None, str | None]:
+        """The complete request head for the upstream, and the X-Request-ID and traceparent it
+        carries.
 
         ``request_line`` holds the request line and the Host header; ``framing`` is the
         Content-Length or Transfer-Encoding line the body needs (or nothing).
@@ -318,12 +362,14 @@ class HeaderRules:
             self._auth_line = f"Authorization: {creds.authorization}\r\n".encode()
             self._auth_for = creds
         append(self._auth_line)
-        request_id = None
-        for prefix, getter, is_request_id in self.managed_b:
+        request_id = traceparent = None
+        for prefix, getter, kind in self.managed_b:
             made = getter(captured, creds)
             if made is not None:
-                if is_request_id:
+                if kind == 1:
                     request_id = made
+                elif kind == 2:
+                    traceparent = made
                 append(prefix + made.encode("latin-1") + b"\r\n")
         append(self.static_block)
         if self.static_session:
@@ -336,7 +382,7 @@ class HeaderRules:
                 append(b"Cookie: " + cookie.encode("latin-1") + b"\r\n")
         append(framing)
         append(b"\r\n")
-        return b"".join(parts), request_id
+        return b"".join(parts), request_id, traceparent
 
     @staticmethod
     def _drop_listed(parts: list[bytes], listed: bytes) -> list[bytes]:
@@ -361,11 +407,23 @@ def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
     return otherwise
 
 
-def _propagated_traceparent(incoming: Mapping[str, str], _creds: Credentials) -> str:
-    value = incoming.get("traceparent")
-    if value is not None and valid_traceparent(value.strip()):
-        return value.strip()
-    return new_traceparent()
+def _propagated_traceparent(sample: bool, new_span: bool) -> Getter:
+    """The caller's valid traceparent (with a new parent id: sidecar's span, when ``new_span``),
+    else a new one sampled as ``sample`` says."""
+
+    def getter(incoming: Mapping[str, str], _creds: Credentials) -> str:
+        value = incoming.get("traceparent")
+        if value is not None and valid_traceparent(value := value.strip()):
+            if new_span:
+                return f"00-{value[3:35]}-{_random(8).hex()}-{value[53:55]}"
+            return value
+        return new_traceparent(sample)
+
+    return getter
+
+
+#: managed headers whose values the access log reports: 1 X-Request-ID, 2 traceparent
+_ID_KINDS = {"x-request-id": 1, "traceparent": 2}
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], extra: set[str]) -> CIMultiDict[str]:

@@ -3,6 +3,8 @@
 Log calls name a stable event (``session.refreshed``) as the message and put details in ``extra``.
 Token objects redact themselves; as a second line of defence, :class:`JsonFormatter` scrubs anything
 that looks like a bearer token, a JWT or a ``secret=...`` pair from every rendered line.
+On a terminal (``log.format: auto``, or ``text``) the same records are human-readable lines,
+:class:`TextFormatter`, scrubbed alike.
 """
 
 from __future__ import annotations
@@ -117,6 +119,38 @@ class RateLimit(logging.Filter):
         return False
 
 
+class TextFormatter(logging.Formatter):
+    """Renders a record as one human-readable line: local time, level, event, ``key=value``
+    fields (values with spaces or quotes JSON-quoted), then any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(record.created))
+        parts = [f"{when}.{int(record.msecs):03d}", f"{record.levelname:<7}", record.getMessage()]
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                parts.append(f"{key}={_text_value(value)}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\\\n'):
+        return value
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def use_text(fmt: str, stream: TextIO) -> bool:
+    """``log.format``: text when asked for, or for ``auto`` when ``stream`` is a terminal."""
+    if fmt == "auto":
+        try:
+            return stream.isatty()
+        except (OSError, ValueError):
+            return False
+    return fmt == "text"
+
+
 class _Writer(threading.Thread):
     """Writes log text to a stream from a thread of its own, so that a stalled stderr (a log
     pipe nobody reads, a blocking container log driver) never stops the event loop.
@@ -191,6 +225,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
+        #: records render as text: access lines go through the formatter too
+        self.text = False
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writer: _Writer | None = None
@@ -262,11 +298,14 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _lines: JsonLinesHandler | None = None
 
 
-def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Route every log record of the process to ``stream`` (stderr) as JSON lines."""
+def setup_logging(level: str = "info", stream: TextIO | None = None, fmt: str = "json") -> None:
+    """Route every log record of the process to ``stream`` (stderr) as JSON lines, or as text
+    lines (``fmt``: ``json``, ``text``, or ``auto``: text on a terminal)."""
     global _lines
-    handler = JsonLinesHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    stream = stream or sys.stderr
+    handler = JsonLinesHandler(stream)
+    handler.text = use_text(fmt, stream)
+    handler.setFormatter(TextFormatter() if handler.text else JsonFormatter())
     handler.addFilter(RateLimit())
     _lines = handler
     root = logging.getLogger()
@@ -288,13 +327,20 @@ _access = logging.getLogger("sidecar.access")
 
 
 def write_access(
-    method: str, target: str, status: int, seconds: float, request_id: str | None, sent: int
+    method: str,
+    target: str,
+    status: int,
+    seconds: float,
+    request_id: str | None,
+    sent: int,
+    trace_id: str | None = None,
 ) -> None:
     """One JSON line per proxied request: method, path (without the query), status, duration,
-    request id and body bytes sent."""
+    request id, body bytes sent and trace id (of the traceparent sent upstream, else the
+    caller's; null without either)."""
     path = target.split("?", 1)[0]
     lines = _lines
-    if lines is not None:
+    if lines is not None and not lines.text:
         quoted = _QUOTED_METHODS.get(method) or _quote(method)
         lines.write_line(
             f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
@@ -302,7 +348,8 @@ def write_access(
             f'"path":{_json_path(path)},"status":{status},'
             f'"duration_ms":{seconds * 1000:.3f},'
             f'"request_id":{"null" if request_id is None else _quote(request_id)},'
-            f'"bytes":{sent}}}\n'
+            f'"bytes":{sent},'
+            f'"trace_id":{"null" if trace_id is None else _quote(trace_id)}}}\n'
         )
         return
     _access.info(
@@ -314,6 +361,7 @@ def write_access(
             "duration_ms": round(seconds * 1000, 3),
             "request_id": request_id,
             "bytes": sent,
+            "trace_id": trace_id,
         },
     )
 

@@ -6,6 +6,7 @@ Children used on the hot path are bound once here.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +19,15 @@ from prometheus_client.core import (
     Metric,
 )
 
+from sidecar import __version__
+
 #: methods kept as label values; anything else is counted as OTHER (bounded cardinality)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+REQUESTS_HELP = (
+    "Requests answered to callers, by method, status code and who made the status: the upstream, "
+    "or sidecar (its own errors and refusals; 499: the caller left before any answer)"
+)
 
 DURATION_BUCKETS = (
     0.0005,
@@ -87,8 +95,8 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "sidecar_upstream_requests_total",
-            "Requests answered to callers, by method and status code (proxy-made errors included)",
-            ["method", "code"],
+            REQUESTS_HELP,
+            ["method", "code", "source"],
             registry=r,
         )
         self.upstream_duration = Histogram(
@@ -131,17 +139,52 @@ class Metrics:
             "expiries are corrected by it)",
             registry=r,
         )
-        self._request_children: dict[tuple[str, int], Counter] = {}
+        self.build_info = Gauge(
+            "sidecar_build_info",
+            "Always 1; the labels name the running sidecar's version and Python",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+        self._standard_collectors(r)
+        self.identity_duration = Histogram(
+            "sidecar_identity_request_duration_seconds",
+            "Calls to the identity provider (each URL tried counts), by endpoint and outcome",
+            ["endpoint", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.consecutive_failures = Gauge(
+            "sidecar_consecutive_refresh_failures",
+            "Failed logins or refreshes in a row since the last success (0 while renewals work)",
+            registry=r,
+        )
+        self.spans_dropped = Counter(
+            "sidecar_spans_dropped_total",
+            "Spans not exported (tracing.otlp_endpoint): the queue was full or the export failed",
+            registry=r,
+        )
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
         self.observe_duration = self.upstream_duration.observe
         for result in ("success", "failure"):
             self.logins.labels(result=result)
 
-    def count_request(self, method: str, status: int) -> None:
-        """Count one answered request; label children are cached after first use."""
-        key = (method if method in KNOWN_METHODS else "OTHER", status)
+    @staticmethod
+    def _standard_collectors(registry: CollectorRegistry) -> None:
+        """process_* (CPU, memory, file descriptors of this process) and python_* (the
+        interpreter, garbage collection), as every Python exporter has them."""
+        prometheus_client.ProcessCollector(registry=registry)
+        prometheus_client.PlatformCollector(registry=registry)
+        prometheus_client.GCCollector(registry=registry)
+
+    def count_request(self, method: str, status: int, source: str = "upstream") -> None:
+        """Count one answered request; ``source`` says who made the status: ``upstream`` (passed
+        on) or ``sidecar`` (its own answer, or 499: the caller left before any answer). Label
+        children are cached after first use."""
+        key = (method if method in KNOWN_METHODS else "OTHER", status, source)
         child = self._request_children.get(key)
         if child is None:
-            child = self.upstream_requests.labels(method=key[0], code=str(status))
+            child = self.upstream_requests.labels(method=key[0], code=str(status), source=source)
             self._request_children[key] = child
         child.inc()
 
@@ -159,7 +202,7 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """The per-request metrics as plain data, for a worker to report to its supervisor."""
         requests = [
-            [s.labels["method"], s.labels["code"], s.value]
+            [s.labels["method"], s.labels["code"], s.labels["source"], s.value]
             for s in next(iter(self.upstream_requests.collect())).samples
             if s.name.endswith("_total")
         ]
@@ -221,25 +264,24 @@ class WorkerTotals:
         self.live.discard(worker)
 
     def collect(self) -> Iterator[Metric]:
-        requests: dict[tuple[str, str], float] = {}
+        requests: dict[tuple[str, str, str], float] = {}
         buckets: dict[str, float] = {}
         total = 0.0
         in_flight = 0.0
         for worker, report in self.reports.items():
-            for method, code, value in report["requests"]:
-                requests[(method, code)] = requests.get((method, code), 0.0) + value
+            for method, code, source, value in report["requests"]:
+                key = (method, code, source)
+                requests[key] = requests.get(key, 0.0) + value
             for le, value in report["buckets"]:
                 buckets[le] = buckets.get(le, 0.0) + value
             total += report["sum"]
             if worker in self.live:
                 in_flight += report["in_flight"]
         family = CounterMetricFamily(
-            "sidecar_upstream_requests",
-            "Requests answered to callers, by method and status code (proxy-made errors included)",
-            labels=["method", "code"],
+            "sidecar_upstream_requests", REQUESTS_HELP, labels=["method", "code", "source"]
         )
-        for (method, code), value in sorted(requests.items()):
-            family.add_metric([method, code], value)
+        for labels, value in sorted(requests.items()):
+            family.add_metric(list(labels), value)
         yield family
         ordered = [f"{b:g}" for b in DURATION_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from yarl import URL
 
@@ -24,7 +24,7 @@ from sidecar.config import Upstream
 from sidecar.egress import Egress
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
 from sidecar.exchange import Request
-from sidecar.headers import HeaderRules
+from sidecar.headers import HeaderRules, caller_traceparent, trace_id
 from sidecar.http_parts import (
     CODED,
     DROP,
@@ -42,6 +42,9 @@ from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.session import Credentials
 from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
+
+if TYPE_CHECKING:
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Proxy:
         access_log: bool = True,
         callers: CallerPolicy,
         egress: Egress | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         #: who may call (the ``listen`` rules); a reload replaces it
         self.callers = callers
@@ -92,6 +96,8 @@ class Proxy:
         self._clock = clock
         #: write an access line per request (``log.access_log``)
         self.access_log = access_log
+        #: where a span per request goes (``tracing.otlp_endpoint``), or None
+        self.spans = spans
         self._pool: UpstreamPool | None = None
         #: the upstream TLS files as the current pool read them, and the task that looks again
         self._stamp: tls.Stamp = ()
@@ -197,6 +203,7 @@ class Proxy:
         metrics = self._metrics
         started = self._clock.monotonic()
         metrics.in_flight.inc()
+        made = False  # the status is sidecar's own answer, not the upstream's
         try:
             await self._forward(request, unix)
         except SidecarError as exc:
@@ -212,17 +219,19 @@ class Proxy:
                     "proxy.refused_request",
                     extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},
                 )
-            self._error(request, exc.http_status, exc.code, str(exc))
+            made = self._error(request, exc.http_status, exc.code, str(exc))
         except ConnectionError:
             request.conn.abort()  # the caller went away
         except Exception:
             log.exception("proxy.internal_error", extra={"request_id": request.request_id})
-            self._error(request, 500, "internal_error", "the proxy failed; see its log")
+            made = self._error(request, 500, "internal_error", "the proxy failed; see its log")
         finally:
             metrics.in_flight.dec()
-            status = request.status or 500
+            # no status: the caller left before any answer (nginx's 499), not a server error
+            status = request.status or 499
             elapsed = self._clock.monotonic() - started
-            metrics.count_request(request.method, status)
+            source = "sidecar" if made or not request.status else "upstream"
+            metrics.count_request(request.method, status, source)
             metrics.observe_duration(elapsed)
             if self.access_log:
                 write_access(
@@ -232,6 +241,17 @@ class Proxy:
                     elapsed,
                     request.request_id,
                     request.sent,
+                    trace_id(request),
+                )
+            if self.spans is not None:
+                self.spans.proxied(
+                    request.method,
+                    request.raw_path,
+                    status,
+                    source,
+                    request.traceparent,
+                    caller_traceparent(request),
+                    elapsed,
                 )
 
     def front_refusal(self, status: int, code: str, detail: str) -> bytes:
@@ -240,12 +260,14 @@ class Proxy:
         self._metrics.count_refusal(code)
         return refusal_bytes(status, code, detail)
 
-    def _error(self, request: Request, status: int, code: str, detail: str) -> None:
+    def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
+        """Answer with sidecar's own error; False when the upstream's answer had begun."""
         if request.started:
             request.conn.abort()  # the answer began: a truncated one must not look complete
-            return
+            return False
         head, body = error_parts(status, code, detail, request.request_id)
         request.respond(status, reason_phrase(status), head, body)
+        return True
 
     async def _credentials(self) -> Credentials:
         """The session snapshot: a plain attribute read while the token is valid."""
@@ -356,8 +378,9 @@ class Proxy:
         *,
         upgrade: bool = False,
     ) -> UpstreamResponse:
-        head, request_id = self._rules.head(line, request.headers, creds, framing)
-        request.request_id = request_id
+        head, request.request_id, request.traceparent = self._rules.head(
+            line, request.headers, creds, framing
+        )
         pool = self._pool
         if pool is None:
             raise UpstreamUnavailable("the proxy is not started")

@@ -444,6 +444,7 @@ class SessionManager:
         self.metrics.session_valid.set(1 if valid else 0)
         record = self._record
         self.metrics.token_expiry.set(record.token.expires_at if record is not None else 0)
+        self.metrics.consecutive_failures.set(self._schedule.failures)
 
     def summary(self) -> dict[str, Any]:
         """A redacted summary for /session: state, expiry, ages, counts. Never a token."""

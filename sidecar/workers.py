@@ -143,7 +143,7 @@ async def _worker_main(fd: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     first = json.loads(await reader.readline())
     config = Config.model_validate(first["config"])
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, fmt=config.log.format)
     clock = SystemClock()
     session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=clock)
     sidecar = Sidecar(config, clock=clock, serve_proxy=False)

@@ -24,11 +24,26 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: s
 
 
 def sample(metric_text: str, name: str) -> float | None:
-    """The value of one sample line (``name`` including labels) in Prometheus text."""
+    """The value of ``name`` (with labels, as ``x{a="1",b="2"}``) in Prometheus text, as PromQL
+    selects it: the sum of every series of that name carrying at least those labels (so a label
+    added later, such as ``source``, does not break a test that does not ask for it); None when
+    no series matches."""
+    wanted_name, _, rest = name.partition("{")
+    wanted = set(_labels(rest.rstrip("}")))
+    total: float | None = None
     for line in metric_text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return None
+        if line.startswith("#") or not line.startswith(wanted_name):
+            continue
+        series, _, value = line.rpartition(" ")
+        series_name, _, labels = series.partition("{")
+        if series_name == wanted_name and wanted <= set(_labels(labels.rstrip("}"))):
+            total = (total or 0.0) + float(value)
+    return total
+
+
+def _labels(text: str) -> list[str]:
+    """``a="1",b="2"`` as ``['a="1"', 'b="2"']`` (label values here hold no commas)."""
+    return [part for part in text.split(",") if part]
 
 
 async def advance(clock: FakeClock, seconds: float) -> None:

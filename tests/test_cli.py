@@ -19,6 +19,7 @@ import pytest
 from sidecar.cli import human_duration, main, status_line, usable_cpus
 from sidecar.session import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
+from tests.fakes.idp import FakeIdP
 from tests.helpers import eventually
 
 
@@ -145,13 +146,32 @@ async def test_status_admin_url_with_trailing_slash(
     assert capsys.readouterr().out.startswith("session: VALID |")
 
 
-def test_status_against_a_closed_port_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    """With nothing listening on the admin port, status exits 1 with a message naming the URL."""
+def test_status_against_a_closed_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """With nothing listening on the admin port, status exits 2 (no answer: not the same as a
+    sidecar saying its session is not valid) with a message naming the URL."""
     port = free_port()
-    assert main(["status", "--admin", f"http://127.0.0.1:{port}"]) == 1
+    assert main(["status", "--admin", f"http://127.0.0.1:{port}"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert f"http://127.0.0.1:{port}/session" in captured.err
+
+
+async def test_status_exits_1_while_the_session_is_not_valid(
+    make_sidecar: MakeSidecar, idp: FakeIdP, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While the identity provider is down and no token was ever had, ``sidecar status`` still
+    prints its line (state NONE, the last error) and exits 1, so an exec probe or a script sees
+    the session is not usable; once the session is VALID it exits 0."""
+    idp.down = "503"
+    sidecar = await make_sidecar()
+    await eventually(lambda: len(idp.token_calls) >= 1, what="a failed login")
+    assert await asyncio.to_thread(main, ["status", "--admin", admin_url(sidecar)]) == 1
+    line = capsys.readouterr().out
+    assert line.startswith("session: NONE | no token |"), line
+    assert "last error:" in line
+    idp.down = None
+    await eventually(lambda: sidecar.session.state() is State.VALID, what="recovery")
+    assert await asyncio.to_thread(main, ["status", "--admin", admin_url(sidecar)]) == 0
 
 
 def test_status_refuses_a_non_http_admin_url(capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,3 +344,68 @@ async def test_run_process_with_missing_config_exits_2(
     proc = spawn(["run", "-c", str(missing)], child_env(), log, child_processes)
     assert await asyncio.to_thread(proc.wait, 10) == 2
     assert str(missing) in log.read_text()
+
+
+# ----------------------------------------------------------------- sidecar --version
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``sidecar --version`` prints the version the package was installed with (pyproject.toml
+    reads it from the one place it is written), and exits 0."""
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sidecar {version('sidecar')}\n"
+
+
+# ----------------------------------------------------------------- sidecar schema
+
+
+def test_schema_is_a_json_schema_that_shipped_configs_pass_and_typos_fail(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``sidecar schema`` prints a JSON Schema (2020-12) of the YAML configuration: the demo and
+    every config shipped under deploy/ validate against it, and a misspelt key or a wrong type
+    does not, as ``sidecar check-config`` would refuse them."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    root = Path(__file__).resolve().parent.parent
+    configs = [yaml.safe_load((root / "sidecar" / "demo.yaml").read_text())]
+    for path in sorted((root / "deploy" / "kubernetes").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "ConfigMap" and "config.yaml" in doc.get("data", {}):
+                configs.append(yaml.safe_load(doc["data"]["config.yaml"]))
+    assert len(configs) >= 4
+    for config in configs:
+        validator.validate(config)
+    assert not validator.is_valid({"upstream": {"url": "https://api.example.com", "timout": {}}})
+    assert not validator.is_valid({"listen": {"port": "not a port"}})
+    assert not validator.is_valid({"identity": {"kind": "kerberos"}})
+
+
+def test_an_unknown_key_names_the_key_it_probably_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt key is refused with the closest key of its own section as a suggestion, at any
+    depth; a key like nothing in its section gets no suggestion."""
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        "upstream: {url: https://api.example.com, timout: {total: 3}, tls: {verfy: false}}\n"
+        "identity: {kind: oauth2, token_url: https://idp.example.com/t, client_id: x,\n"
+        "           client_secert: y, zzz: 1}\n"
+        "sesion: {store: memory}\n"
+    )
+    assert main(["check-config", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "upstream.timout: unknown key (did you mean timeout?)" in err
+    assert "upstream.tls.verfy: unknown key (did you mean verify?)" in err
+    assert "identity.client_secert: unknown key (did you mean client_secret?)" in err
+    assert "sesion: unknown key (did you mean session?)" in err
+    assert "identity.zzz: unknown key\n" in err

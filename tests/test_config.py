@@ -250,9 +250,9 @@ def test_unknown_yaml_keys_are_rejected_by_dotted_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(path, env={})
     lines = problems(exc)
-    assert "session.stor: unknown key" in lines
-    assert "upstream.timeout.totl: unknown key" in lines
-    assert "listn: unknown key" in lines
+    assert "session.stor: unknown key (did you mean store?)" in lines
+    assert "upstream.timeout.totl: unknown key (did you mean total?)" in lines
+    assert "listn: unknown key (did you mean listen?)" in lines
 
 
 @pytest.mark.parametrize("section", ["listen", "admin"])

@@ -59,13 +59,40 @@ def test_dockerfile_passes_hadolint() -> None:
     assert 'ENTRYPOINT ["sidecar", "run"]' in text
 
 
+def test_image_labels_carry_the_one_version() -> None:
+    """The image's OCI labels take the version, commit and time from build arguments, and
+    ``make image`` passes the version the package is installed as (sidecar/__init__.py, which
+    pyproject.toml reads) and tags the image with it."""
+    from importlib.metadata import version
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    for label, arg in (("version", "VERSION"), ("revision", "REVISION"), ("created", "CREATED")):
+        assert f"ARG {arg}" in text
+        assert f'org.opencontainers.image.{label}="${{{arg}}}"' in text
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in text
+    dry = run("make", "--no-print-directory", "-n", "image", cwd=ROOT)
+    assert f"--build-arg VERSION={version('sidecar')} " in dry, dry
+    assert f"-t sidecar:{version('sidecar')} " in dry, dry
+
+
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+COMPONENT = K8S / "components" / "sidecar"
 #: operator resources: kubernetes-validate bundles no schema for CRDs
 CRD_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+#: the oldest Kubernetes with native sidecars on by default (init containers with restartPolicy)
+OLDEST_KUBERNETES = (1, 29)
+
+
+def kubernetes_versions() -> list[str]:
+    """Every Kubernetes version kubernetes-validate has schemas for, from 1.29 to its newest."""
+    from kubernetes_validate import utils
+
+    found = {tuple(int(n) for n in v.split(".")[:2]) for v in utils.all_versions()}
+    return [f"{major}.{minor}.0" for major, minor in sorted(found) if (major, minor) >= (1, 29)]
 
 
 def kustomize(overlay: Path) -> list[dict[str, Any]]:
-    """What ``kubectl kustomize`` renders for an overlay, as documents."""
+    """What ``kubectl kustomize`` renders for a kustomization directory, as documents."""
     out = subprocess.run(  # noqa: S603
         [tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, check=False
     )
@@ -73,38 +100,164 @@ def kustomize(overlay: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
-def test_kustomize_output_matches_the_kubernetes_schemas(overlay: Path, tmp_path: Path) -> None:
-    """Each overlay renders with kustomize, and every rendered resource other than the operator's
-    CRDs validates strictly against the Kubernetes schemas, so a patch cannot break the result."""
-    rendered = kustomize(overlay)
-    kinds = {d["kind"] for d in rendered}
-    assert {"Deployment", "ConfigMap", "Secret", "PodMonitor"} <= kinds, kinds
+def assert_valid_for_every_kubernetes(rendered: list[dict[str, Any]]) -> None:
+    """Every rendered resource but the operator's CRDs validates strictly (unknown fields are
+    errors) against the schemas of every Kubernetes from 1.29 to the newest known."""
+    from kubernetes_validate import utils
+
+    versions = kubernetes_versions()
+    assert versions[0] == "1.29.0"
+    assert len(versions) >= 2, versions
     checked = [d for d in rendered if d["kind"] not in CRD_KINDS]
-    target = tmp_path / "rendered.yaml"
-    target.write_text(yaml.safe_dump_all(checked))
-    out = run(tool("kubernetes-validate"), "--strict", str(target))
-    assert out.count("passed") == len(checked), out
+    assert checked
+    for version in versions:
+        for doc in checked:
+            try:
+                utils.validate(doc, version, strict=True)
+            except utils.ValidationError as exc:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']} on {version}: {exc}")
+
+
+def attach(tmp_path: Path, workloads: str, config: str = "listen: {port: 8080}\n") -> Path:
+    """A kustomization of the user's own, holding ``workloads`` and the Component."""
+    (tmp_path / "workloads.yaml").write_text(workloads)
+    (tmp_path / "config.yaml").write_text(config)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["workloads.yaml"],
+                "components": [os.path.relpath(COMPONENT, tmp_path)],
+                "configMapGenerator": [{"name": "sidecar-config", "files": ["config.yaml"]}],
+            }
+        )
+    )
+    return tmp_path
+
+
+#: two workloads of someone else's, nothing alike: kinds, names, labels, selectors, volumes
+USER_WORKLOADS = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: checkout, labels: {team: shop}}
+spec:
+  selector: {matchLabels: {run: checkout-web}}
+  template:
+    metadata: {labels: {run: checkout-web, tier: front}}
+    spec:
+      containers:
+        - {name: web, image: "shop/checkout:7", ports: [{name: http, containerPort: 8000}]}
+      volumes:
+        - {name: cache, emptyDir: {}}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: ledger, labels: {app.kubernetes.io/name: ledger}}
+spec:
+  serviceName: ledger
+  replicas: 3
+  selector: {matchLabels: {app.kubernetes.io/name: ledger}}
+  template:
+    metadata: {labels: {app.kubernetes.io/name: ledger}}
+    spec:
+      initContainers:
+        - {name: migrate, image: "bank/ledger:2", command: [ledger, migrate]}
+      containers:
+        - {name: ledger, image: "bank/ledger:2"}
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec:
+        accessModes: [ReadWriteOnce]
+        resources: {requests: {storage: 1Gi}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: batch, annotations: {sidecar/attach: "false"}}
+spec:
+  selector: {matchLabels: {job: batch}}
+  template:
+    metadata: {labels: {job: batch}}
+    spec:
+      containers: [{name: batch, image: "ops/batch:1"}]
+"""
+
+
+def pod_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc["spec"]["template"]["spec"])
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
+    (sidecar,) = [c for c in pod.get("initContainers", []) if c["name"] == "sidecar"]
+    return dict(sidecar)
+
+
+def test_the_component_attaches_to_any_deployment_or_statefulset(tmp_path: Path) -> None:
+    """The Component, added to a kustomization of someone else's workloads (a Deployment and a
+    StatefulSet with different names, labels and selectors), gives each a native sidecar with
+    its volumes, keeps every one of their own containers, volumes, labels and selectors, adds
+    one label the PodMonitor selects by and no app label of ours, leaves a workload annotated
+    ``sidecar/attach: "false"`` alone, and the result is valid on Kubernetes 1.29 to the newest."""
+    original = {d["metadata"]["name"]: d for d in yaml.safe_load_all(USER_WORKLOADS)}
+    rendered = kustomize(attach(tmp_path, USER_WORKLOADS))
+    by_name = {d["metadata"]["name"]: d for d in rendered}
+    for name in ("checkout", "ledger"):
+        before, after = original[name], by_name[name]
+        assert after["metadata"] == before["metadata"]
+        assert after["spec"]["selector"] == before["spec"]["selector"]
+        labels = dict(after["spec"]["template"]["metadata"]["labels"])
+        assert labels.pop("sidecar/attached") == "true"
+        assert labels == before["spec"]["template"]["metadata"]["labels"]
+        pod, was = pod_of(after), pod_of(before)
+        assert pod["containers"] == was["containers"]
+        assert [c for c in pod.get("initContainers", []) if c["name"] != "sidecar"] == was.get(
+            "initContainers", []
+        )
+        volumes = {v["name"] for v in pod["volumes"]}
+        assert {v["name"] for v in was.get("volumes", [])} <= volumes
+        sidecar = sidecar_of(pod)
+        assert {m["name"] for m in sidecar["volumeMounts"]} <= volumes
+        config = next(v for v in pod["volumes"] if v["name"] == "sidecar-config")
+        assert config["configMap"]["name"] == by_name_kind(rendered, "ConfigMap")
+    assert by_name["batch"] == original["batch"]
+    (monitor,) = [d for d in rendered if d["kind"] == "PodMonitor"]
+    assert monitor["spec"]["selector"] == {"matchLabels": {"sidecar/attached": "true"}}
+    assert_valid_for_every_kubernetes(rendered)
+
+
+def by_name_kind(rendered: list[dict[str, Any]], kind: str) -> str:
+    (name,) = [d["metadata"]["name"] for d in rendered if d["kind"] == kind]
+    return str(name)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_each_overlay_is_valid_for_every_kubernetes(overlay: Path) -> None:
+    """Each shipped overlay renders with kustomize and every resource other than the operator's
+    CRDs validates strictly against the schemas of Kubernetes 1.29 to the newest."""
+    rendered = kustomize(overlay)
+    assert {"Deployment", "ConfigMap", "PodMonitor"} <= {d["kind"] for d in rendered}
+    assert_valid_for_every_kubernetes(rendered)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
-    """In each rendered overlay the pod's ConfigMap and Secret volumes name resources that exist,
-    the sidecar config inside passes sidecar's own validation, and every secret file it reads
-    lies under a mounted Secret that has that key, or a projected service-account token."""
+    """In each rendered overlay the pod's ConfigMap volumes and its required Secret volumes name
+    resources that exist, the sidecar config inside passes sidecar's own validation, and every
+    secret file it reads lies under a mounted Secret that has that key, or a projected
+    service-account token."""
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for doc in kustomize(overlay):
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     (deployment,) = by_kind["Deployment"].values()
-    pod = deployment["spec"]["template"]["spec"]
-    (sidecar,) = pod["initContainers"]
+    pod = pod_of(deployment)
+    sidecar = sidecar_of(pod)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in sidecar["volumeMounts"]}
     for volume in volumes.values():
         if "configMap" in volume:
             assert volume["configMap"]["name"] in by_kind["ConfigMap"], volume
-        if "secret" in volume:
-            assert volume["secret"]["secretName"] in by_kind["Secret"], volume
+        if "secret" in volume and not volume["secret"].get("optional"):
+            assert volume["secret"]["secretName"] in by_kind.get("Secret", {}), volume
     config_map = by_kind["ConfigMap"][mounts["/etc/sidecar"]["configMap"]["name"]]
     config = Config.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
     secret_files = [
@@ -131,24 +284,47 @@ def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
         assert path.name in keys, (path, keys)
 
 
-def test_the_pod_is_a_native_sidecar_with_a_restrictive_security_context() -> None:
-    """sidecar runs as an init container with restartPolicy Always, probes on /healthz and
-    /readyz, a read-only root, no capabilities and RuntimeDefault seccomp."""
-    deployment = documents(K8S / "base" / "deployment.yaml")[0]
-    pod = deployment["spec"]["template"]["spec"]
-    assert pod["enableServiceLinks"] is False
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    (sidecar,) = pod["initContainers"]
+def test_the_token_exchange_overlay_creates_no_secret() -> None:
+    """The token-exchange overlay promises no stored secret: it renders no Secret at all, and
+    the pod still starts (the credentials volume is optional)."""
+    rendered = kustomize(K8S / "overlays" / "token-exchange")
+    assert "Secret" not in {d["kind"] for d in rendered}
+    (deployment,) = [d for d in rendered if d["kind"] == "Deployment"]
+    for volume in pod_of(deployment)["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["optional"] is True, volume
+
+
+def test_the_sidecar_probes_cannot_crash_loop_and_outlast_an_outage() -> None:
+    """The native sidecar's startup and liveness probes are /healthz (the process answers), so a
+    provider outage at rollout cannot make the kubelet restart it; readiness is
+    /readyz?outage=keep-serving, so an outage longer than a token's life does not take every
+    replica out of service; the container is locked down (read-only root, no capabilities,
+    non-root, RuntimeDefault seccomp) with a memory limit."""
+    (patch,) = documents(COMPONENT / "sidecar.yaml")
+    sidecar = sidecar_of(pod_of(patch))
     assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz?outage=keep-serving"
     context = sidecar["securityContext"]
     assert context["readOnlyRootFilesystem"] is True
     assert context["runAsNonRoot"] is True
     assert context["capabilities"]["drop"] == ["ALL"]
     assert context["allowPrivilegeEscalation"] is False
-    assert "limits" in sidecar["resources"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert "memory" in sidecar["resources"]["limits"]
+
+
+def test_every_shipped_image_tag_is_the_version() -> None:
+    """The sidecar image the Component and the overlays name carries the one version."""
+    from importlib.metadata import version
+
+    (patch,) = documents(COMPONENT / "sidecar.yaml")
+    assert sidecar_of(pod_of(patch))["image"].endswith(f":{version('sidecar')}")
+    for overlay in OVERLAYS:
+        for image in documents(overlay / "kustomization.yaml")[0].get("images", []):
+            assert image["newTag"] == version("sidecar"), overlay
 
 
 @pytest.mark.parametrize(
@@ -167,13 +343,17 @@ def test_shipped_sidecar_configs_are_valid(path: Path) -> None:
 
 
 def test_operator_resources_have_their_required_fields() -> None:
-    """PodMonitor and PrometheusRule (CRDs, no bundled schema) carry what the operator needs, and
-    the PrometheusRule holds exactly the rule file's groups."""
-    monitor = documents(K8S / "base" / "podmonitor.yaml")[0]
+    """PodMonitor and PrometheusRule (CRDs, no bundled schema) carry what the operator needs and
+    the same selection labels (an operator that picks one picks the other); the PodMonitor's port
+    is the sidecar's; the PrometheusRule holds exactly the rule file's groups."""
+    monitor = documents(COMPONENT / "podmonitor.yaml")[0]
     assert monitor["kind"] == "PodMonitor"
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
+    (patch,) = documents(COMPONENT / "sidecar.yaml")
+    ports = [p["name"] for p in sidecar_of(pod_of(patch))["ports"]]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
     rule = documents(PROM / "prometheusrule.yaml")[0]
     assert rule["kind"] == "PrometheusRule"
+    assert rule["metadata"]["labels"] == monitor["metadata"]["labels"]
     assert rule["spec"]["groups"] == documents(PROM / "sidecar-rules.yaml")[0]["groups"]
 
 
@@ -187,7 +367,7 @@ def test_alert_rules_check_and_pass_their_unit_tests() -> None:
 
 def test_dashboard_and_alerts_use_only_real_metrics() -> None:
     """Every sidecar_* name in the dashboard and the alerts is one sidecar exports, and every
-    contract metric appears on the dashboard."""
+    sidecar_* metric appears on the dashboard (process_* and python_* are the standard ones)."""
     import re
 
     exported = set()
@@ -196,6 +376,8 @@ def test_dashboard_and_alerts_use_only_real_metrics() -> None:
         exported.update(s.name for s in family.samples)
         if family.type == "counter":
             exported.add(family.name + "_total")  # labelled counters have no samples yet
+        if family.type == "histogram":  # nor labelled histograms
+            exported.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
     dashboard = (PROM / "grafana-dashboard.json").read_text()
     json.loads(dashboard)
     used = set(
@@ -203,7 +385,8 @@ def test_dashboard_and_alerts_use_only_real_metrics() -> None:
     )
     assert used <= exported, used - exported
     for family in Metrics().registry.collect():
-        assert family.name in dashboard, family.name
+        if family.name.startswith("sidecar_"):
+            assert family.name in dashboard, family.name
 
 
 async def test_live_metrics_pass_promtool_check_metrics(

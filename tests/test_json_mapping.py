@@ -171,7 +171,7 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
     assert (full["X-Tenant-ID"], full["X-C"]) == ("7", "c-9")
     bare = Credentials(without, "Bearer at2", "s", "a", NOW + 60)
     for _ in range(3):
-        head, _rid = rules.head(b"GET / HTTP/1.1\r\nHost: h\r\n", [], bare, b"")
+        head, _rid, _trace = rules.head(b"GET / HTTP/1.1\r\nHost: h\r\n", [], bare, b"")
         assert b"X-Tenant-ID" not in head
         assert b"X-C:" not in head
     warnings = [r for r in caplog.records if r.getMessage() == "headers.value_unavailable"]

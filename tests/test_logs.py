@@ -95,3 +95,64 @@ def test_a_repeated_event_is_rate_limited_and_the_dropped_lines_counted(
     assert refused[-1]["suppressed"] == 490
     assert "suppressed" not in refused[0]
     assert [line["event"] for line in lines].count("session.refreshed") == 1
+
+
+def _read_all(fd: int, until: bytes) -> bytes:
+    """What arrives on ``fd`` until ``until`` was seen (the writer thread writes soon)."""
+    import select
+
+    data = b""
+    while until not in data:
+        ready, _, _ = select.select([fd], [], [], 5.0)
+        assert ready, f"nothing more arrived; got {data!r}"
+        data += os.read(fd, 65536)
+    return data
+
+
+def test_auto_format_is_text_on_a_terminal(restore_logging: None) -> None:
+    """With ``log.format: auto`` and stderr on a terminal, records and access lines are
+    human-readable: time, level, event name, then ``key=value`` fields (quoted when they hold
+    spaces), secrets still scrubbed; no JSON."""
+    from sidecar.logs import write_access
+
+    controller, terminal = os.openpty()
+    stream = os.fdopen(terminal, "w")
+    try:
+        setup_logging("info", stream, fmt="auto")
+        logging.getLogger("sidecar.session").warning(
+            "session.refresh_failed",
+            extra={"error": "provider answered HTTP 503", "attempt": 2, "sent": "Bearer abc"},
+        )
+        write_access("GET", "/v1/orders?page=2", 200, 0.0125, "req-1", 42)
+        logging.getLogger("sidecar.test").info("test.done")
+        text = _read_all(controller, b"test.done").decode()
+    finally:
+        stream.close()
+        os.close(controller)
+    lines = [line for line in text.replace("\r\n", "\n").splitlines() if line]
+    assert len(lines) == 3, lines
+    assert " WARNING session.refresh_failed " in lines[0]
+    assert 'error="provider answered HTTP 503" attempt=2 sent="Bearer [REDACTED]"' in lines[0]
+    assert " INFO    http.access method=GET path=/v1/orders status=200 " in lines[1]
+    assert "request_id=req-1 bytes=42" in lines[1]
+    assert not any(line.lstrip().startswith("{") for line in lines)
+
+
+@pytest.mark.parametrize(("fmt", "json_lines"), [("auto", True), ("json", True), ("text", False)])
+def test_auto_format_is_json_on_a_pipe(restore_logging: None, fmt: str, json_lines: bool) -> None:
+    """Off a terminal (a pipe, as a container runtime gives), ``auto`` writes JSON lines as
+    ``json`` does; ``text`` writes text there too, when asked for."""
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    try:
+        setup_logging("info", stream, fmt=fmt)
+        logging.getLogger("sidecar.test").info("test.done", extra={"n": 1})
+        text = _read_all(read_fd, b"test.done").decode()
+    finally:
+        stream.close()
+        os.close(read_fd)
+    line = text.splitlines()[0]
+    if json_lines:
+        assert json.loads(line)["event"] == "test.done"
+    else:
+        assert line.endswith(" INFO    test.done n=1"), line

@@ -68,7 +68,7 @@ class EndpointResolver:
         cfg = self._config
         issuer = cfg.issuer or ""
         url = issuer.rstrip("/") + WELL_KNOWN
-        answer = await self._http.request("GET", url)
+        answer = await self._http.request("GET", url, endpoint="discovery")
         doc = answer.json
         if not isinstance(doc, dict):
             raise _invalid(url, "not a JSON object")

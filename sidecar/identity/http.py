@@ -22,6 +22,9 @@
   noted in :attr:`IdentityHTTP.secrets` and bounded (:mod:`sidecar.identity.provider_text`).
 * Every attempt carries a fresh uuid4 ``X-Request-ID``; redirects are not followed; no cookie jar
   is kept (``Set-Cookie`` headers are handed back raw, for the caller to keep with the session).
+* Every attempt is timed into ``sidecar_identity_request_duration_seconds{endpoint,outcome}`` (when
+  given the metrics): ``endpoint`` is the caller's name for the call (``token``, ``login``, ...),
+  ``outcome`` one of :data:`OUTCOMES`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import ssl
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -48,10 +51,27 @@ from sidecar.identity.provider_text import SecretValues
 from sidecar.identity.skew import ClockSkew
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
+
 log = logging.getLogger(__name__)
 
 #: an answer larger than this is refused rather than read into memory
 MAX_RESPONSE_BYTES = 1 << 20
+
+#: the ``outcome`` label of an identity call: answered (``success``, ``rejected``: a 4xx), or why
+#: not (``server_error`` is any 5xx)
+OUTCOMES = (
+    "success",
+    "rejected",
+    "server_error",
+    "timeout",
+    "unreachable",
+    "tls",
+    "connection",
+    "malformed_response",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +129,12 @@ class IdentityHTTP:
         tls: TLS | None = None,
         egress: Egress | None = None,
         secrets: SecretValues | None = None,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics
+        self._spans = spans
         #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, the process environment's unless given
         self._egress = egress if egress is not None else Egress(os.environ)
         #: the credential values the provider's error text is scrubbed of
@@ -205,11 +229,13 @@ class IdentityHTTP:
         headers: Mapping[str, str] | None = None,
         expect_json: bool = True,
         client_errors: bool = False,
+        endpoint: str = "other",
     ) -> IdentityResponse:
         """Send one request, to the first of ``urls`` that answers; see the module docstring.
 
         ``form`` is sent as ``application/x-www-form-urlencoded``, ``json`` as JSON (give one at
         most). With ``expect_json`` a 2xx whose body is not JSON is a ``malformed_response``.
+        ``endpoint`` names the call in the duration histogram.
         """
         candidates = [urls] if isinstance(urls, str) else list(urls)
         if not candidates:
@@ -218,8 +244,8 @@ class IdentityHTTP:
         last: IdentityUnavailable | None = None
         for index, url in enumerate(ordered):
             try:
-                response = await self._attempt(
-                    method, url, form, json, headers, expect_json, client_errors
+                response = await self._measured(
+                    endpoint, method, url, form, json, headers, expect_json, client_errors
                 )
             except IdentityUnavailable as exc:
                 if not _worth_another_url(exc):
@@ -239,6 +265,34 @@ class IdentityHTTP:
             return response
         assert last is not None
         raise last
+
+    async def _measured(self, endpoint: str, *attempt: Any) -> IdentityResponse:
+        """:meth:`_attempt`, timed by endpoint and outcome (a cancelled call is not counted),
+        and a span when spans are exported."""
+        metrics, spans = self._metrics, self._spans
+        if metrics is None and spans is None:
+            return await self._attempt(*attempt)
+        started = self._clock.monotonic()
+        outcome: str | None = None
+        try:
+            response = await self._attempt(*attempt)
+            outcome = "success" if response.status < 300 else "rejected"
+            return response
+        except OAuthError:
+            outcome = "rejected"
+            raise
+        except IdentityUnavailable as exc:
+            outcome = _outcome(exc.reason)
+            raise
+        finally:
+            if outcome is not None:
+                seconds = self._clock.monotonic() - started
+                if metrics is not None:
+                    metrics.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(
+                        seconds
+                    )
+                if spans is not None:
+                    spans.identity_call(endpoint, outcome, seconds)
 
     async def _attempt(
         self,
@@ -350,6 +404,14 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
         if len(body) > MAX_RESPONSE_BYTES:
             raise too_large
     return bytes(body)
+
+
+def _outcome(reason: str) -> str:
+    """The outcome label for a failed attempt: a 5xx is ``server_error``, any other status the
+    provider answered with (a 404, 408 or 429) ``rejected``, else the transport's reason."""
+    if reason.startswith("http_5"):
+        return "server_error"
+    return "rejected" if reason.startswith("http_") else reason
 
 
 def _worth_another_url(exc: IdentityUnavailable) -> bool:

@@ -43,6 +43,7 @@ from sidecar.tokens import Token
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,14 @@ class _Compiled:
 class JsonLoginIdentity:
     """Talks to one vendor session API for one set of credentials."""
 
-    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Identity,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
+    ) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config
         self._clock = clock
@@ -84,7 +92,12 @@ class JsonLoginIdentity:
         #: every credential and session token sent, scrubbed from the provider's error text
         self._secrets = SecretValues()
         self._http = IdentityHTTP(
-            clock, timeout=config.timeout, tls=config.tls, secrets=self._secrets
+            clock,
+            timeout=config.timeout,
+            tls=config.tls,
+            secrets=self._secrets,
+            metrics=metrics,
+            spans=spans,
         )
         if metrics is not None:
             self._http.skew.report = metrics.identity_clock_skew.set
@@ -192,6 +205,7 @@ class JsonLoginIdentity:
             headers=headers,
             expect_json=expect_json,
             client_errors=True,
+            endpoint=call.name,
         )
         if 200 <= answer.status < 300:
             return answer

@@ -40,6 +40,7 @@ from sidecar.tokens import Token, parse_token_response
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
+    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,26 @@ _CREDENTIAL_FIELDS = (
 class OAuth2Identity:
     """Talks to one OAuth2 authorization server for one client."""
 
-    def __init__(self, config: Identity, clock: Clock, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Identity,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
+    ) -> None:
         self._config = config
         self._clock = clock
         self._metrics = metrics
         #: every credential value read or sent, scrubbed from the provider's error text
         self._secrets = SecretValues()
         self._http = IdentityHTTP(
-            clock, timeout=config.timeout, tls=config.tls, secrets=self._secrets
+            clock,
+            timeout=config.timeout,
+            tls=config.tls,
+            secrets=self._secrets,
+            metrics=metrics,
+            spans=spans,
         )
         if metrics is not None:
             self._http.skew.report = metrics.identity_clock_skew.set
@@ -121,7 +134,7 @@ class OAuth2Identity:
 
         async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
             return await self._http.request(
-                "POST", url, form=signed, headers=headers, expect_json=False
+                "POST", url, form=signed, headers=headers, expect_json=False, endpoint="revocation"
             )
 
         failure: IdentityError | None = None
@@ -147,7 +160,9 @@ class OAuth2Identity:
         urls = [endpoints.token, *self._config.backup_token_urls]
 
         async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
-            return await self._http.request("POST", urls, form=signed, headers=headers)
+            return await self._http.request(
+                "POST", urls, form=signed, headers=headers, endpoint="token"
+            )
 
         answer = await self._authenticated(form, send)
         token = parse_token_response(
@@ -178,7 +193,9 @@ class OAuth2Identity:
                 form = {"token": access_token, "token_type_hint": "access_token"}
 
                 async def send(signed: dict[str, str], headers: dict[str, str]) -> IdentityResponse:
-                    return await self._http.request("POST", endpoint, form=signed, headers=headers)
+                    return await self._http.request(
+                        "POST", endpoint, form=signed, headers=headers, endpoint="introspection"
+                    )
 
                 answer = await self._authenticated(form, send)
                 return answer.json if isinstance(answer.json, dict) else {}

@@ -190,7 +190,7 @@ class TokenValidator:
                 reason="jwks_invalid",
             )
         self._tried_at = self._clock.monotonic()
-        answer = await self._http.request("GET", url)
+        answer = await self._http.request("GET", url, endpoint="jwks")
         keys = _parse_jwks(answer.json)
         if not keys:
             raise IdentityUnavailable(
