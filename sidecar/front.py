@@ -124,13 +124,15 @@ class FrontProtocol(asyncio.Protocol):
         if self._parser is None:
             return  # refused or upgraded: nothing more is parsed
         self._read_since = self.server.ticks
+        upgraded_at = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._upgraded(data[int(exc.args[0]) :])
-            return
+            upgraded_at = int(exc.args[0])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _BodyEnd):
+                return  # the bytes behind an untunnelled Upgrade's body are never read
             if isinstance(cause, _Refusal):
                 self._refuse(cause)
             else:
@@ -141,6 +143,11 @@ class FrontProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             self._refuse(_Refusal(400, "bad_request", str(exc) or "malformed request"))
+            return
+        if upgraded_at >= 0:
+            # outside the except block: errors of the body parser it starts must not be chained
+            # to the Upgrade exception (their cause is how they are told apart)
+            self._upgraded(data[upgraded_at:])
             return
         if self._in_head:
             # what llhttp holds of a head still incomplete (a line without its end yet); the
@@ -516,6 +523,13 @@ class _UpgradeBody:
     def on_message_complete(self) -> None:
         self._body.finish()
         self._front._body_done()
+        # stop llhttp here: it would go on to parse what follows in the same read as a request
+        # of its own (and a malformed one would refuse the requests queued before it)
+        raise _BodyEnd
+
+
+class _BodyEnd(Exception):
+    """Raised by :class:`_UpgradeBody` to end parsing at the end of the body."""
 
 
 def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpRequestParser:

@@ -426,6 +426,45 @@ async def test_upgrade_smuggling_reproducer_of_issue_14(target: Target) -> None:
     check_all(await run_example(target, sequence))
 
 
+#: found by `make fuzz`: what follows an h2c Upgrade's body in the same read was parsed as a
+#: request of its own, and a malformed one (CL+TE here) refused the requests queued before it
+H2C_THEN_BAD_FRAMING = (
+    Sent("plain", b"HEAD /f/0 HTTP/1.1\r\nHost: localhost\r\n\r\n", Fate.FORWARD, "HEAD", "/f/0"),
+    Sent(
+        "upgrade_other",
+        b"POST /h2c/1 HTTP/1.1\r\nUpgrade: h2c\r\nHost: localhost\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+        b"Content-Length: 3\r\n\r\nl\x00x",
+        Fate.FORWARD,
+        "POST",
+        "/h2c/1",
+        body=b"l\x00x",
+        may_close_after=True,
+    ),
+    Sent(
+        "cl_te",
+        b"POST /bad/2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n1\r\nl\r\n0\r\n\r\n",
+        Fate.EITHER,
+        "POST",
+        "/bad/2",
+        body=b"l",
+        closes=True,
+    ),
+)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 10_000], ids=["bytewise", "7-byte pieces", "one write"])
+async def test_bytes_behind_an_h2c_body_do_not_refuse_what_came_before(
+    target: Target, piece: int
+) -> None:
+    """A HEAD, an h2c Upgrade with a body, then bad framing in the same reads: the HEAD and the
+    h2c request are both forwarded and answered; the bytes behind the h2c body are never read."""
+    wire = b"".join(sent.wire for sent in H2C_THEN_BAD_FRAMING)
+    pieces = tuple((wire[i : i + piece], None) for i in range(0, len(wire), piece))
+    check_all(await run_example(target, Sequence(H2C_THEN_BAD_FRAMING, pieces)))
+
+
 @FUZZ
 @given(sequence=sequences(selected(WELL_FORMED)))
 async def test_well_formed_traffic_reaches_the_upstream_exactly(
