@@ -47,8 +47,9 @@ lock: ## refresh the lock files on purpose: the newest releases pyproject.toml a
 run: $(RUN_STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
 	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
 
-# System packages the tests run for real (Debian names), installed only when missing.
-APT_NEEDS := redis-server:redis-server promtool:prometheus
+# System packages the tests run for real (Debian names), installed only when missing: Redis,
+# promtool, and the real upstream and clients of the compatibility suite (nginx, curl, ab).
+APT_NEEDS := redis-server:redis-server promtool:prometheus nginx:nginx-light ab:apache2-utils curl:curl
 
 system-deps: ## install the system packages the tests need (apt-get, when missing)
 	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
