@@ -260,6 +260,8 @@ async def test_a_caller_that_half_closes_after_its_request_gets_the_answer(
     writer.write(b"GET /files/hello.txt HTTP/1.1\r\nHost: localhost\r\n\r\n")
     writer.write_eof()
     answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(HELLO.encode())
 
@@ -302,3 +304,25 @@ def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines) if k
     ]
+
+
+@pytest.mark.parametrize(
+    ("method", "status"), [("BAN", 501), ("TRACE", 405), ("TRACK", 405)], ids=str
+)
+async def test_methods_sidecar_refuses_by_design(
+    nginx: Nginx, through: Sidecar, method: str, status: int
+) -> None:
+    """Differences by design (docs/http-semantics.md, docs/security.md): TRACE and TRACK are
+    refused with 405 (an echo of the request would hand the caller the token); a method llhttp
+    does not know (``BAN``, which nginx serves) gets sidecar's 501 naming it, not a bare 400."""
+    case = Case(method, "raw", method, "/method")
+    direct = await _raw(case, nginx.url + case.path)
+    assert direct.status in (200, 405)  # nginx serves any token method; it refuses TRACE itself
+    reader, writer = await asyncio.open_connection("127.0.0.1", through.proxy_port)
+    writer.write(f"{method} /method HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.split(b"\r\n", 1)[0].split(b" ")[1] == str(status).encode(), answer
+    assert b"X-Sidecar-Error: 1" in head
