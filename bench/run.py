@@ -296,12 +296,16 @@ def measure(
 
 
 #: the targets measured again in alternation, all running at once, for the ratios that matter
-PAIRED = ("nginx", "sidecar", "sidecar_workers2")
+#: (sidecar_before: another build, with ``--against``)
+PAIRED = ("nginx", "sidecar", "sidecar_workers2", "sidecar_before")
 #: (figure, target, base target, wrk path, connections) of the paired rounds
 RATIOS = (
     ("sidecar/nginx req/s", "sidecar", "nginx", "/", 50),
     ("workers2/sidecar req/s", "sidecar_workers2", "sidecar", "/", 50),
     ("sidecar/nginx 1 MiB MB/s", "sidecar", "nginx", "/big", 4),
+    ("sidecar_before/nginx req/s", "sidecar_before", "nginx", "/", 50),
+    ("sidecar/sidecar_before req/s", "sidecar", "sidecar_before", "/", 50),
+    ("sidecar/sidecar_before 1 MiB MB/s", "sidecar", "sidecar_before", "/big", 4),
 )
 
 
@@ -401,6 +405,12 @@ def main() -> int:
     parser.add_argument("--only", default="")
     parser.add_argument("--rounds", type=int, default=8, help="paired rounds (0: none)")
     parser.add_argument("--round-seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--against",
+        default="",
+        help="another checkout of sidecar, with its own .venv (e.g. a git worktree of an older "
+        "commit): measured as sidecar_before, in the paired rounds too (an A/B of two builds)",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -470,6 +480,20 @@ def main() -> int:
                 port,
             )
         )
+        envs: dict[str, dict[str, str]] = {}
+        if args.against:
+            before = Path(args.against).resolve()
+            port = free_port()
+            cfg = sidecar_config(work, port, up_port, idp_port, True)
+            python = str(before / ".venv" / "bin" / "python")
+            targets.append(
+                (
+                    "sidecar_before",
+                    [*taskset(PROXY_CORE), python, "-m", "sidecar", "run", "-c", str(cfg)],
+                    port,
+                )
+            )
+            envs["sidecar_before"] = {**env, "PYTHONPATH": str(before)}
         print(f"upstream direct ({upstream})")
         if not only or "direct" in only:
             results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
@@ -477,7 +501,7 @@ def main() -> int:
             if only and name not in only:
                 continue
             assert argv is not None
-            with process(argv, port, env) as pid:
+            with process(argv, port, envs.get(name, env)) as pid:
                 time.sleep(0.5)
                 results["targets"][name] = measure(
                     name, f"http://127.0.0.1:{port}", pid, args.seconds, rss=name != "nginx"
@@ -485,9 +509,9 @@ def main() -> int:
         if args.rounds and not only:
             paired = [t for t in targets if t[0] in PAIRED]
             with contextlib.ExitStack() as running:
-                for _, argv, port in paired:
+                for name, argv, port in paired:
                     assert argv is not None
-                    running.enter_context(process(argv, port, env))
+                    running.enter_context(process(argv, port, envs.get(name, env)))
                 time.sleep(1.0)
                 speeds = core_speeds()
                 results["paired"] = paired_rounds(
