@@ -387,11 +387,14 @@ class FrontProtocol(asyncio.Protocol):
         """
         self._parser = None
         self._in_head = False
-        self.closing_after_response = True
         self.pause_reading()
         request = self._parsing
         self._parsing = None
         if request is not None and request.body is not None and request not in self._queue:
+            # the request being answered is the last this connection gets (nothing after its
+            # body was read); a queued refusal closes the connection when its turn comes, so
+            # the requests queued before it are answered as usual
+            self.closing_after_response = True
             if not request.body.done:  # (done: the handler ends it; the connection closes)
                 detail = str(refusal)
                 request.body.finish(

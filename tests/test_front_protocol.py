@@ -215,3 +215,29 @@ def test_no_assert_on_the_callers_data_path(module: str) -> None:
         tree = ast.parse(file.read())
     found = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
     assert found == [], f"sidecar/{module}.py: assert on lines {found}"
+
+
+async def test_requests_queued_before_a_refused_one_are_all_answered_first(
+    make_sidecar: MakeSidecar, upstream: FakeUpstream
+) -> None:
+    """Two good requests and a third with a bad chunk, pipelined in one write: the refusal is
+    parsed before the first answer goes out, yet both good requests are forwarded and answered
+    (neither announces a close), then the 400, then the connection closes (found by make fuzz)."""
+    sidecar = await make_sidecar()
+    reader, writer = await connect(sidecar.proxy_port)
+    writer.write(
+        b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"POST /c HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5 5\r\n"
+    )
+    answers = [await one_response(reader) for _ in range(3)]
+    rest = await until_closed(reader)
+    writer.close()
+    assert [head.split(b"\r\n", 1)[0] for head, _ in answers] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 400 Bad Request",
+    ]
+    assert [b"Connection: close" in head for head, _ in answers] == [False, False, True]
+    assert rest == b""
+    assert [seen.path_qs for seen in upstream.seen] == ["/a", "/b"]
