@@ -168,6 +168,20 @@ async def test_save_then_load_returns_an_equal_record(backend: Backend) -> None:
     assert await backend.open(IDENTITY, None).load() == minimal()
 
 
+async def test_a_saved_record_is_a_snapshot(backend: Backend) -> None:
+    """What is loaded is what was saved at the time of the save: changing the saved record's
+    mutable parts afterwards (its extra data, its token's fields) changes nothing stored."""
+    store = backend.open(IDENTITY, None)
+    saved = record(extra={"note": "as saved"})
+    await store.save(saved)
+    saved.extra["note"] = "changed after the save"
+    saved.token.fields["tenant_id"] = "changed"  # type: ignore[index]
+    loaded = await store.load()
+    assert loaded is not None
+    assert loaded.extra == {"note": "as saved"}
+    assert loaded.token.fields == {"tenant_id": "1234567"}
+
+
 async def test_a_second_save_replaces_the_first(backend: Backend) -> None:
     """A second save replaces the first record entirely (no field of the first survives)."""
     store = backend.open(IDENTITY, None)
