@@ -11,6 +11,7 @@ tested in that store's own file.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -207,10 +208,10 @@ async def test_clear_removes_the_record(backend: Backend) -> None:
 async def test_a_sealed_record_round_trips_and_another_key_cannot_read_it(
     backend: Backend,
 ) -> None:
-    """With an encryption key the record loads back equal, nothing at rest shows the token, and
-    a store opened with another key reports StoreUnreadable instead of returning garbage. The
-    memory store keeps nothing at rest: the key plays no part, and the record it holds is the
-    one saved, whatever key the store is given."""
+    """With an encryption key the record loads back equal, nothing at rest shows the token or
+    the key, and a store opened with another key (or with none) reports StoreUnreadable instead
+    of returning garbage. The memory store keeps nothing at rest: the key plays no part, and the
+    record it holds is the one saved, whatever key the store is given."""
     key, other = os.urandom(32), os.urandom(32)
     saved = record()
     await backend.open(IDENTITY, sealer(key)).save(saved)
@@ -224,6 +225,8 @@ async def test_a_sealed_record_round_trips_and_another_key_cannot_read_it(
     assert raw is not None
     for secret in (b"at-secret-value", b"rt-secret-value", b"cookie-secret", b"1234567"):
         assert secret not in raw
+    assert key not in raw
+    assert base64.b64encode(key) not in raw
     with pytest.raises(StoreUnreadable, match="wrong encryption key"):
         await backend.open(IDENTITY, sealer(other)).load()
     await backend.open(IDENTITY, None).save(saved)
