@@ -1,4 +1,5 @@
-"""The Redis store with a real redis-server: conformance, fencing, locks, encryption."""
+"""The Redis store with a real redis-server: fencing, locks, outages, Sentinel, URLs. What every
+store does (round trip, clear, sealing, identities) is in test_store_conformance.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,17 +33,6 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 def record(obtained_at: float = 1000.0, access: str = "at-secret-value") -> SessionRecord:
     """The file store's complete record (fields and cookies included), under the id "sid"."""
     return file_record(obtained_at, access, session_id="sid", identity="test-identity")
-
-
-async def test_round_trip_and_clear(store: RedisStore) -> None:
-    """What is saved is loaded back equal; clear removes it."""
-    assert await store.load() is None
-    await store.save(record())
-    loaded = await store.load()
-    assert loaded is not None
-    assert loaded.to_dict() == record().to_dict()
-    await store.clear()
-    assert await store.load() is None
 
 
 async def test_fenced_write_refuses_an_older_fence(store: RedisStore) -> None:
@@ -80,31 +69,6 @@ async def test_unreachable_redis_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="redis read failed"):
         await dead.load()
     await dead.aclose()
-
-
-async def test_encrypted_record_hides_the_token_and_needs_the_right_key(
-    redis_server: RedisServer,
-) -> None:
-    """With a key the stored bytes contain no token; another key cannot read them."""
-    import redis.asyncio as aioredis
-
-    key = Sealer(os.urandom(32), "test-identity")
-    sealed = RedisStore(redis_server.url, "test-identity", key)
-    await sealed.save(record())
-    raw_client = aioredis.from_url(redis_server.url)
-    raw = await raw_client.get("sidecar:test-identity:session")
-    await raw_client.aclose()
-    assert raw is not None
-    assert b"at-secret-value" not in raw
-    assert b"rt-secret-value" not in raw
-    loaded = await sealed.load()
-    assert loaded is not None
-    assert loaded.token.access_token == "at-secret-value"
-    wrong = RedisStore(redis_server.url, "test-identity", Sealer(os.urandom(32), "test-identity"))
-    with pytest.raises(StoreError, match="wrong encryption key"):
-        await wrong.load()
-    await sealed.aclose()
-    await wrong.aclose()
 
 
 def test_key_file_must_be_32_bytes_of_base64(tmp_path: Path) -> None:
