@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -62,3 +63,25 @@ def new_key(path: Path) -> Path:
     """Write a fresh session encryption key (32 random bytes, base64) to ``path``."""
     path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     return path
+
+
+async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: float = 3) -> bytes:
+    """Send raw bytes to the proxy (then half-close when asked) and read until it closes or
+    ``within`` seconds pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return answer
