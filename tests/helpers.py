@@ -85,3 +85,13 @@ async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: f
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     return answer
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response with a Content-Length: its head and its body (each read within 5 s)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await asyncio.wait_for(reader.readexactly(length), 5)
