@@ -42,15 +42,12 @@ HOP_BY_HOP = frozenset(
 )
 
 AUTHORIZATION = istr("Authorization")
-HOST = istr("Host")
 REQUEST_ID = istr("X-Request-ID")
 CORRELATION_ID = istr("X-Correlation-ID")
 TRACEPARENT = istr("traceparent")
-TRACESTATE = istr("tracestate")
 ACTIVITY_ID = istr("X-Activity-ID")
 SESSION_ID = istr("X-Session-ID")
 TENANT_ID = istr("X-Tenant-ID")
-EXPECT = istr("Expect")
 COOKIE = istr("Cookie")
 
 # W3C Trace Context level 1, section 3.2: version-traceid-parentid-flags, lower-case hex
