@@ -11,6 +11,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from multidict import CIMultiDict
+
+from sidecar.headers import HeaderRules
+from sidecar.session import Credentials
 from tests.fakes.clock import FakeClock
 
 
@@ -95,3 +99,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
     return head, await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+def upstream_headers(
+    rules: HeaderRules, raw: list[tuple[bytes, bytes]], creds: Credentials
+) -> CIMultiDict[str]:
+    """The header fields ``rules.head`` sends upstream for a GET whose caller sent ``raw`` (the
+    proxy's own Host line is left out, so every field listed came through the rules)."""
+    head, _request_id, _traceparent = rules.head(b"GET / HTTP/1.1\r\n", raw, creds, b"")
+    fields = [line.decode("latin-1").split(": ", 1) for line in head.split(b"\r\n")[1:] if line]
+    return CIMultiDict((name, value) for name, value in fields)
