@@ -41,6 +41,19 @@ class Endless:
         return True
 
 
+async def relayed(make_sidecar: MakeSidecar, answer: bytes, path: bytes) -> bytes:
+    """What a caller's GET ``path`` gets back (within 1 s) through a new sidecar whose upstream
+    answers it with the bytes ``answer``."""
+
+    async def canned(_request: RawRequest) -> bytes:
+        return answer
+
+    async with scripted_upstream(canned) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        request = b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        return await exchange(sidecar.proxy_port, request, within=1)
+
+
 def split_answer(raw: bytes) -> tuple[bytes, bytes]:
     """A raw answer's head (status line and headers, lower-cased) and the rest."""
     head, _, rest = raw.partition(b"\r\n\r\n")
@@ -208,15 +221,8 @@ async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     big = b"X-Big: " + b"a" * (80 * 1024) + b"\r\n"
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
     for name, extra in (("one write", big), ("many lines", many)):
-
-        async def answer(_request: RawRequest, extra: bytes = extra) -> bytes:
-            return b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
-
-        async with scripted_upstream(answer) as upstream:
-            sidecar = await make_sidecar(upstream={"url": upstream.url})
-            raw = await exchange(
-                sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
-            )
+        answer = b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
+        raw = await relayed(make_sidecar, answer, b"/h")
         head, body = split_answer(raw)
         assert head.startswith(b"http/1.1 502"), (name, raw[:200])
         assert b"x-sidecar-error: 1" in head
@@ -267,15 +273,8 @@ async def test_a_body_delimited_by_close_under_a_transfer_coding_is_relayed_whol
 async def test_status_codes_outside_100_to_599_are_502(make_sidecar: MakeSidecar) -> None:
     """An upstream status such as 600 or 999 is not relayed: the caller gets a 502."""
     for status in (b"600", b"999", b"099"):
-
-        async def answer(_request: RawRequest, status: bytes = status) -> bytes:
-            return b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
-
-        async with scripted_upstream(answer) as upstream:
-            sidecar = await make_sidecar(upstream={"url": upstream.url})
-            raw = await exchange(
-                sidecar.proxy_port, b"GET /s HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
-            )
+        answer = b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
+        raw = await relayed(make_sidecar, answer, b"/s")
         assert raw.startswith(b"HTTP/1.1 502"), (status, raw[:200])
 
 
