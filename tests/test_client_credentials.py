@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar.app import Sidecar
 from sidecar.config_load import load_config
 from sidecar.errors import ConfigError
-from tests.conftest import MakeSidecar, Serve
+from tests.conftest import MakeSidecar
 from tests.fakes.clock import FakeClock
 from tests.fakes.oidc import ASSERTION_TYPE, NO_SECRET, OIDCProvider, write_key
 from tests.helpers import advance, events, eventually, sample
@@ -23,16 +23,9 @@ from tests.helpers import advance, events, eventually, sample
 
 @pytest.fixture
 def idp() -> OIDCProvider:
-    """The provider every sidecar of this module talks to (conftest's fixtures serve it and give
-    it their fake clock, the one to pass to make_sidecar)."""
+    """The provider every sidecar of this module talks to (conftest's fixtures serve it, naming
+    its issuer, and give it their fake clock, the one to pass to make_sidecar)."""
     return OIDCProvider()
-
-
-@pytest.fixture
-async def idp_url(serve: Serve, idp: OIDCProvider) -> str:
-    url = await serve(idp.app())
-    idp.issuer = url
-    return url
 
 
 async def logged_in(sidecar: Sidecar) -> None:

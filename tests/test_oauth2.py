@@ -31,16 +31,9 @@ from tests.helpers import eventually, sample
 
 @pytest.fixture
 def idp() -> OIDCProvider:
-    """The provider every sidecar of this module talks to (conftest's fixtures serve it and give
-    it their fake clock, the one to pass to make_sidecar)."""
+    """The provider every sidecar of this module talks to (conftest's fixtures serve it, naming
+    its issuer, and give it their fake clock, the one to pass to make_sidecar)."""
     return OIDCProvider()
-
-
-@pytest.fixture
-async def idp_url(serve: Serve, idp: OIDCProvider) -> str:
-    url = await serve(idp.app())
-    idp.issuer = url
-    return url
 
 
 def private_key_jwt(
