@@ -80,8 +80,6 @@ class FrontServer:
         self._starting = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self.max_connections = limits.max_connections or default_max_connections(upstream_pool)
-        #: connections turned away with 503 because max_connections were open
-        self.overloaded = 0
         self.head_timeout = limits.head_timeout
         self.body_timeout = limits.body_timeout
         shortest = min(limits.head_timeout, limits.body_timeout, limits.idle_timeout)
@@ -171,7 +169,6 @@ class FrontServer:
     def _turn_away(self, conn: socket.socket) -> None:
         """Beyond max_connections: the 503 (it fits any socket buffer) and the close, at once,
         so the descriptors stay free for the connections being served and for the admin port."""
-        self.overloaded += 1
         log.warning(
             "proxy.connection_refused",
             extra={"reason": "max_connections", "max_connections": self.max_connections},

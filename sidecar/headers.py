@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import istr
 
 from sidecar.config import Headers
 from sidecar.config_headers import header_templates
@@ -41,17 +41,12 @@ HOP_BY_HOP = frozenset(
     )
 )
 
-AUTHORIZATION = istr("Authorization")
-HOST = istr("Host")
 REQUEST_ID = istr("X-Request-ID")
 CORRELATION_ID = istr("X-Correlation-ID")
 TRACEPARENT = istr("traceparent")
-TRACESTATE = istr("tracestate")
 ACTIVITY_ID = istr("X-Activity-ID")
 SESSION_ID = istr("X-Session-ID")
 TENANT_ID = istr("X-Tenant-ID")
-EXPECT = istr("Expect")
-COOKIE = istr("Cookie")
 
 # W3C Trace Context level 1, section 3.2: version-traceid-parentid-flags, lower-case hex
 _TRACEPARENT = re.compile(
@@ -140,14 +135,6 @@ def valid_traceparent(value: str) -> bool:
     return _TRACEPARENT.fullmatch(value) is not None
 
 
-def connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
-    """Header names that the Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
-    listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        listed.update(name.strip().lower() for name in value.split(",") if name.strip())
-    return listed
-
-
 class HeaderRules:
     """The compiled rules: which caller headers to drop (lower-case names), which caller values
     the managed headers read, and how to build each managed header."""
@@ -158,11 +145,8 @@ class HeaderRules:
         "_cookies",
         "_values",
         "captured",
-        "dropped",
         "dropped_b",
-        "managed",
         "managed_b",
-        "static",
         "static_block",
         "static_session",
     )
@@ -178,14 +162,11 @@ class HeaderRules:
         static_session: tuple[tuple[str, str], ...] = (),
         cookies: SessionCookies | None = None,
     ) -> None:
-        self.dropped = dropped
         self.dropped_b = frozenset(n.encode() for n in dropped)
-        self.managed = managed
         #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0)
         self.managed_b = tuple(
             (n.encode() + b": ", g, _ID_KINDS.get(n.lower(), 0)) for n, g in managed
         )
-        self.static = static
         self.static_block = b"".join(f"{n}: {v}\r\n".encode() for n, v in static)
         self.captured = frozenset(n.encode() for n in captured)
         #: static headers whose values come from the session: (name, template key)
@@ -290,35 +271,6 @@ class HeaderRules:
                 out.append((name, value))
         return out
 
-    def apply(
-        self, incoming: CIMultiDictProxy[str], creds: Credentials, path: str = "/"
-    ) -> CIMultiDict[str]:
-        """The headers to send upstream for one request to ``path``, as a multidict (WebSocket
-        leg)."""
-        dropped = self.dropped
-        if "Connection" in incoming:
-            dropped = dropped | connection_listed(incoming)
-        out: CIMultiDict[str] = CIMultiDict(
-            (name, value)
-            for name, value in incoming.items()
-            if name.lower().replace("_", "-") not in dropped
-        )
-        out[AUTHORIZATION] = creds.authorization
-        for name, getter in self.managed:
-            value = getter(incoming, creds)
-            if value is not None:
-                out[name] = value
-        if self.static:
-            out.extend(self.static)
-        if self.static_session:
-            out.extend(self._session_static(creds))
-        if self._cookies is not None:
-            caller = "; ".join(incoming.getall(COOKIE, ())) or None
-            cookie = self._cookies.header(caller, creds, path)
-            if cookie is not None:
-                out[COOKIE] = cookie
-        return out
-
     def head(
         self,
         request_line: bytes,
@@ -398,7 +350,7 @@ def _fixed(value: str) -> Getter:
 
 
 def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
-    """``name`` is the lower-case header name (lookups work on multidicts and on our dict);
+    """``name`` is the lower-case header name (the caller's values are looked up by it);
     ``otherwise`` builds a value that is neither mode."""
     if mode == "propagate":
         return lambda h, _c: h.get(name) or new_id()
@@ -424,10 +376,3 @@ def _propagated_traceparent(sample: bool, new_span: bool) -> Getter:
 
 #: managed headers whose values the access log reports: 1 X-Request-ID, 2 traceparent
 _ID_KINDS = {"x-request-id": 1, "traceparent": 2}
-
-
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]], extra: set[str]) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop headers and without ``extra`` (lower-case) names."""
-    return CIMultiDict(
-        (n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in extra
-    )

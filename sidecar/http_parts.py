@@ -16,8 +16,6 @@ from yarl import URL
 from sidecar.errors import RefusedRequest
 from sidecar.headers import HOP_BY_HOP
 
-#: the interim answer to ``Expect: 100-continue`` (RFC 9110 15.2.1)
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
 CODED = b"Transfer-Encoding: %b, chunked\r\n"
 

@@ -24,6 +24,7 @@ from sidecar.logs import setup_logging
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import FinHub
 from tests.fakes.idp import FakeIdP
+from tests.fakes.oidc import OIDCProvider
 from tests.fakes.upstream import FakeUpstream
 from tests.redis_server import RedisServer
 
@@ -112,7 +113,10 @@ def upstream(idp: FakeIdP) -> FakeUpstream:
 
 @pytest.fixture
 async def idp_url(serve: Serve, idp: FakeIdP) -> str:
-    return await serve(idp.app())
+    url = await serve(idp.app())
+    if isinstance(idp, OIDCProvider):
+        idp.issuer = url  # its discovery document and tokens name where it is served
+    return url
 
 
 @pytest.fixture

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from multidict import CIMultiDict
+
+from sidecar.headers import HeaderRules
+from sidecar.session import Credentials
 from tests.fakes.clock import FakeClock
 
 
@@ -62,3 +67,45 @@ def new_key(path: Path) -> Path:
     """Write a fresh session encryption key (32 random bytes, base64) to ``path``."""
     path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     return path
+
+
+async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: float = 3) -> bytes:
+    """Send raw bytes to the proxy (then half-close when asked) and read until it closes or
+    ``within`` seconds pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return answer
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response with a Content-Length: its head and its body (each read within 5 s)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+def upstream_headers(
+    rules: HeaderRules, raw: list[tuple[bytes, bytes]], creds: Credentials
+) -> CIMultiDict[str]:
+    """The header fields ``rules.head`` sends upstream for a GET whose caller sent ``raw`` (the
+    proxy's own Host line is left out, so every field listed came through the rules)."""
+    head, _request_id, _traceparent = rules.head(b"GET / HTTP/1.1\r\n", raw, creds, b"")
+    fields = [line.decode("latin-1").split(": ", 1) for line in head.split(b"\r\n")[1:] if line]
+    return CIMultiDict((name, value) for name, value in fields)

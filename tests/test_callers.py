@@ -29,7 +29,13 @@ from tests.processes import SidecarProcess
 async def exchange(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send one raw request (``head`` without the blank line) and read its answer: status,
     headers (lower-case names) and body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return await converse(*await asyncio.open_connection("127.0.0.1", port), head)
+
+
+async def converse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """:func:`exchange` on a connection already open (closed afterwards)."""
     try:
         writer.write(head + b"\r\n")
         await writer.drain()
@@ -68,6 +74,22 @@ async def refused_count(sidecar: Sidecar, http: aiohttp.ClientSession, reason: s
     return sample(text, f'sidecar_refused_requests_total{{reason="{reason}"}}') or 0.0
 
 
+async def assert_refused_once(
+    sidecar: Sidecar,
+    upstream: FakeUpstream,
+    http: aiohttp.ClientSession,
+    head: bytes,
+    expected: int,
+    code: str,
+) -> None:
+    """``head``, sent to a fresh sidecar, is refused (see :func:`assert_refusal`), nothing reached
+    the upstream, and the refusal is counted once under ``code``."""
+    answer = await exchange(sidecar.proxy_port, head)
+    assert_refusal(*answer, expected, code)
+    assert upstream.seen == []
+    assert await refused_count(sidecar, http, code) == 1
+
+
 FOREIGN_HOSTS = [
     b"evil.example",
     b"evil.example:8080",
@@ -90,10 +112,8 @@ async def test_a_foreign_host_is_refused_with_421(
     """A Host that is not a loopback name (what a page sends after rebinding its own name to
     127.0.0.1) is 421 with a JSON error; nothing reaches the upstream and sidecar keeps serving."""
     sidecar = await make_sidecar()
-    answer = await exchange(sidecar.proxy_port, b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n")
-    assert_refusal(*answer, 421, "host_not_allowed")
-    assert upstream.seen == []
-    assert await refused_count(sidecar, http, "host_not_allowed") == 1
+    head = b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n"
+    await assert_refused_once(sidecar, upstream, http, head, 421, "host_not_allowed")
     status, _, _ = await exchange(sidecar.proxy_port, b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
     assert status == 200
 
@@ -179,12 +199,8 @@ async def test_browser_requests_from_unlisted_origins_are_403(
     """A request that a web page made (Origin, or Sec-Fetch-Site other than none) is 403 unless
     its origin is listed: a page must not spend the service's token (CSRF)."""
     sidecar = await make_sidecar()
-    answer = await exchange(
-        sidecar.proxy_port, b"POST /x HTTP/1.1\r\nHost: localhost\r\n" + line + b"\r\n"
-    )
-    assert_refusal(*answer, 403, "origin_not_allowed")
-    assert upstream.seen == []
-    assert await refused_count(sidecar, http, "origin_not_allowed") == 1
+    head = b"POST /x HTTP/1.1\r\nHost: localhost\r\n" + line + b"\r\n"
+    await assert_refused_once(sidecar, upstream, http, head, 403, "origin_not_allowed")
 
 
 async def test_listed_origins_and_own_navigation_are_forwarded(
@@ -369,13 +385,7 @@ async def test_workers_refusals_reach_the_supervisors_metrics(
 
 async def unix_exchange(path: Path, head: bytes) -> tuple[int, dict[str, str], bytes]:
     """``exchange`` over a Unix socket."""
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        writer.write(head + b"\r\n")
-        await writer.drain()
-        return await read_answer(reader)
-    finally:
-        writer.close()
+    return await converse(*await asyncio.open_unix_connection(str(path)), head)
 
 
 async def test_the_unix_socket_serves_beside_tcp_with_the_same_checks(

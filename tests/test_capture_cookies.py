@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
-from tests.conftest import MakeSidecar, Serve, base_config, merge, proxy_url
+from tests.conftest import MakeSidecar, base_config, merge, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream, header_values
 from tests.helpers import eventually
@@ -100,7 +100,8 @@ def test_capture_cookies_needs_send_cookies() -> None:
 
 
 async def test_workers_hand_captured_cookies_to_the_one_session(
-    serve: Serve,
+    idp_url: str,
+    upstream_url: str,
     idp: FakeIdP,
     upstream: FakeUpstream,
     tmp_path: Path,
@@ -108,7 +109,6 @@ async def test_workers_hand_captured_cookies_to_the_one_session(
 ) -> None:
     """Under ``--workers 2`` the cookie a worker captures goes to the supervisor's jar and comes
     back to every worker: requests on fresh connections (spread over both) all carry it."""
-    idp_url, upstream_url = await serve(idp.app()), await serve(upstream.app())
     config = merge(base_config(idp_url, upstream_url, idp), {"upstream": CAPTURE})
     proc = SidecarProcess(config, tmp_path, "workers")
     proc.start(["--workers", "2"])

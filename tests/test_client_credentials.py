@@ -7,53 +7,25 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.app import Sidecar
 from sidecar.config_load import load_config
 from sidecar.errors import ConfigError
-from tests.conftest import MakeSidecar, Serve
+from tests.conftest import MakeSidecar
 from tests.fakes.clock import FakeClock
-from tests.fakes.oidc import ASSERTION_TYPE, OIDCProvider
+from tests.fakes.oidc import ASSERTION_TYPE, NO_SECRET, OIDCProvider, write_key
 from tests.helpers import advance, events, eventually, sample
-
-NO_SECRET: dict[str, Any] = {"client_secret": None, "revocation_url": None}
 
 
 @pytest.fixture
 def idp() -> OIDCProvider:
-    """The provider every sidecar of this module talks to (conftest's fixtures serve it)."""
+    """The provider every sidecar of this module talks to (conftest's fixtures serve it, naming
+    its issuer, and give it their fake clock, the one to pass to make_sidecar)."""
     return OIDCProvider()
-
-
-@pytest.fixture
-def clock(idp: OIDCProvider) -> FakeClock:
-    """One fake clock for the sidecar and the provider."""
-    fake = FakeClock()
-    idp.clock = fake
-    return fake
-
-
-@pytest.fixture
-async def idp_url(serve: Serve, idp: OIDCProvider) -> str:
-    url = await serve(idp.app())
-    idp.issuer = url
-    return url
-
-
-def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.write_bytes(pem)
-    return path
 
 
 async def logged_in(sidecar: Sidecar) -> None:

@@ -19,18 +19,8 @@ from sidecar.logs import setup_logging
 from tests.conftest import MakeSidecar, Serve, admin_url, base_config, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually, sample
+from tests.helpers import eventually, read_response, sample
 from tests.processes import SidecarProcess
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One response with a Content-Length: its head and its body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await reader.readexactly(length)
 
 
 async def test_pipelined_requests_are_answered_in_order_on_one_connection(

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -33,6 +35,47 @@ async def stall(port: int, raw: bytes) -> asyncio.StreamWriter | None:
     return writer
 
 
+Stalled = list[asyncio.StreamWriter | None]
+
+
+@contextlib.asynccontextmanager
+async def at_64_descriptors(
+    config: dict[str, Any], tmp_path: Path, name: str, *args: str
+) -> AsyncIterator[tuple[SidecarProcess, aiohttp.ClientSession, Stalled]]:
+    """Sidecar as a process under RLIMIT_NOFILE 64 (``args`` after ``run``), ready; a client that
+    opens a connection per request; a list for the stalled connections. Afterwards those are
+    closed and the process stopped, which must exit 0."""
+    proc = SidecarProcess(config, tmp_path, name)
+    proc.start(list(args), nofile=64)
+    writers: Stalled = []
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await proc.wait_ready(http)
+            yield proc, http, writers
+    finally:
+        for writer in writers:
+            if writer is not None:
+                writer.close()
+        assert proc.stop() == 0
+
+
+async def proxied_status(proc: SidecarProcess, http: aiohttp.ClientSession) -> int:
+    """Ask for /status/200 through the proxy (3 s a try) until it answers 200 or 10 s pass: the
+    last status it answered (0 if none)."""
+    clock = asyncio.get_running_loop()
+    started = clock.time()
+    status = 0
+    while clock.time() - started < 10:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(3), http.get(proc.url("/status/200")) as resp:
+                status = resp.status
+        if status == 200:
+            break
+        await asyncio.sleep(0.2)
+    return status
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_stalled_connections_at_the_descriptor_limit_leave_probes_and_requests_served(
     tmp_path: Path, idp_url: str, upstream_url: str, idp: FakeIdP, loop: str
@@ -45,36 +88,18 @@ async def test_stalled_connections_at_the_descriptor_limit_leave_probes_and_requ
         pytest.importorskip("uvloop")
     config = base_config(idp_url, upstream_url, idp)
     config["listen"] = {**config["listen"], "body_timeout": 2, "head_timeout": 2}
-    proc = SidecarProcess(config, tmp_path, "fds")
-    proc.start(["--loop", loop], nofile=64)
     clock = asyncio.get_running_loop()
-    writers: list[asyncio.StreamWriter | None] = []
-    try:
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as http:
-            await proc.wait_ready(http)
-            writers = list(
-                await asyncio.gather(*(stall(proc.proxy_port, STALLED[i % 3]) for i in range(150)))
-            )
-            started = clock.time()
-            async with asyncio.timeout(5):
-                async with http.get(proc.admin("/readyz")) as resp:
-                    assert resp.status == 200
-            status = 0
-            while clock.time() - started < 10:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with asyncio.timeout(3), http.get(proc.url("/status/200")) as resp:
-                        status = resp.status
-                if status == 200:
-                    break
-                await asyncio.sleep(0.2)
-            assert status == 200, "no proxied request answered within the body deadline"
-            assert clock.time() - started < 8
-    finally:
-        for writer in writers:
-            if writer is not None:
-                writer.close()
-        assert proc.stop() == 0
+    async with at_64_descriptors(config, tmp_path, "fds", "--loop", loop) as (proc, http, writers):
+        writers += await asyncio.gather(
+            *(stall(proc.proxy_port, STALLED[i % 3]) for i in range(150))
+        )
+        started = clock.time()
+        async with asyncio.timeout(5):
+            async with http.get(proc.admin("/readyz")) as resp:
+                assert resp.status == 200
+        status = await proxied_status(proc, http)
+        assert status == 200, "no proxied request answered within the body deadline"
+        assert clock.time() - started < 8
     lines = proc.log_path.read_text().splitlines()
     assert len(lines) < 300, f"{len(lines)} log lines"
 
@@ -99,32 +124,13 @@ async def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(
         "head_timeout": 2,
         "max_connections": 500,
     }
-    proc = SidecarProcess(config, tmp_path, "emfile")
-    proc.start(nofile=64)
-    clock = asyncio.get_running_loop()
-    writers: list[asyncio.StreamWriter | None] = []
-    try:
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as http:
-            await proc.wait_ready(http)
-            before = cpu_seconds(proc.pid)
-            writers = list(
-                await asyncio.gather(*(stall(proc.proxy_port, STALLED[i % 2]) for i in range(120)))
-            )
-            await asyncio.sleep(1.5)
-            assert cpu_seconds(proc.pid) - before < 1.0, "the process spun at the fd limit"
-            started = clock.time()
-            status = 0
-            while clock.time() - started < 10 and status != 200:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with asyncio.timeout(3), http.get(proc.url("/status/200")) as resp:
-                        status = resp.status
-                await asyncio.sleep(0.2)
-            assert status == 200
-    finally:
-        for writer in writers:
-            if writer is not None:
-                writer.close()
-        assert proc.stop() == 0
+    async with at_64_descriptors(config, tmp_path, "emfile") as (proc, http, writers):
+        before = cpu_seconds(proc.pid)
+        writers += await asyncio.gather(
+            *(stall(proc.proxy_port, STALLED[i % 2]) for i in range(120))
+        )
+        await asyncio.sleep(1.5)
+        assert cpu_seconds(proc.pid) - before < 1.0, "the process spun at the fd limit"
+        assert await proxied_status(proc, http) == 200
     paused = [e for e in proc.events() if e["event"] == "proxy.accept_paused"]
     assert 1 <= len(paused) <= 15

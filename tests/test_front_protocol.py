@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import MakeSidecar
 from tests.fakes.upstream import FakeUpstream, header_values
-from tests.helpers import eventually
+from tests.helpers import eventually, read_response
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -20,16 +20,6 @@ async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 async def until_closed(reader: asyncio.StreamReader, within: float = 5) -> bytes:
     return await asyncio.wait_for(reader.read(), within)
-
-
-async def one_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One response with a Content-Length: its head and its body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await asyncio.wait_for(reader.readexactly(length), 5)
 
 
 async def test_request_trailers_never_become_headers(
@@ -43,7 +33,7 @@ async def test_request_trailers_never_become_headers(
         b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Trailer: t\r\n\r\n"
     )
-    head, body = await one_response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200")
     assert json.loads(body)["body"] == "abc"
@@ -121,7 +111,7 @@ async def test_http10_keep_alive_is_announced_and_honoured(make_sidecar: MakeSid
     reader, writer = await connect(sidecar.proxy_port)
     for _ in range(2):
         writer.write(b"GET /status/200 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        head, _ = await one_response(reader)
+        head, _ = await read_response(reader)
         assert head.startswith(b"HTTP/1.1 200")
         assert b"Connection: keep-alive" in head
     writer.close()
@@ -170,7 +160,7 @@ async def test_every_connection_line_is_honoured_and_look_alike_names_are_droppe
         b"X_Request_ID: forged\r\nAuthorization_: x\r\nX_Custom: kept\r\n"
         b"Content-Length: 3\r\n\r\nabc"
     )
-    head, body = await one_response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200")
     names = {k.lower() for k, _ in upstream.seen[-1].header_list}
@@ -192,7 +182,7 @@ async def test_disguised_dot_segments_are_refused(
     sidecar = await make_sidecar()
     reader, writer = await connect(sidecar.proxy_port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-    head, body = await one_response(reader)
+    head, body = await read_response(reader)
     writer.close()
     assert head.startswith(b"HTTP/1.1 400"), path
     assert json.loads(body)["error"] == "path_traversal_refused"

@@ -9,8 +9,6 @@ derandomized (fixed seed) and bounded, so the suite cannot flake and stays well 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 from typing import Any
@@ -30,7 +28,7 @@ from sidecar.tokens import Token, parse_token_response
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually
+from tests.helpers import eventually, exchange
 
 FUZZ = settings(
     max_examples=150,
@@ -60,21 +58,7 @@ class Target:
     async def send(self, raw: bytes) -> bytes:
         """Send raw bytes and collect whatever comes back until the proxy closes (the requests
         ask it to) or a short time passes (a request that waits for a body it never gets)."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.proxy_port)
-        answer = b""
-        try:
-            writer.write(raw)
-            await writer.drain()
-            async with asyncio.timeout(0.5):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        return answer
+        return await exchange(self.sidecar.proxy_port, raw, within=0.5)
 
     async def check(self, answer: bytes, http: aiohttp.ClientSession) -> None:
         for secret in self.secrets():

@@ -13,11 +13,19 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.scripted_upstream import RawRequest, Wire, ok, scripted_upstream
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import sample
+
+
+def every_path(handle: Handler) -> web.Application:
+    """An upstream app that answers every method on every path with ``handle``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
 
 
 def redirecting_app(seen: list[str]) -> web.Application:
@@ -46,9 +54,7 @@ def redirecting_app(seen: list[str]) -> web.Application:
             raise web.HTTPFound(f"{own}/basement/x")
         return web.Response(text=f"at {request.path_qs}")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    return every_path(handle)
 
 
 async def test_redirects_naming_the_upstream_come_back_through_sidecar(
@@ -142,8 +148,12 @@ async def test_an_upload_that_stalls_still_meets_the_idle_deadline(
         stop.set()
 
 
-async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port)
+async def open_raw(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to the proxy that has sent ``head``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
 
 
 async def test_an_expectation_on_a_streamed_body_gets_the_upstreams_early_refusal(
@@ -162,12 +172,11 @@ async def test_an_expectation_on_a_streamed_body_gets_the_upstreams_early_refusa
 
     async with scripted_upstream(on_head=refuse) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
-        reader, writer = await open_raw(sidecar.proxy_port)
-        writer.write(
+        reader, writer = await open_raw(
+            sidecar.proxy_port,
             b"PUT /big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n"
-            b"Expect: 100-continue\r\n\r\n"
+            b"Expect: 100-continue\r\n\r\n",
         )
-        await writer.drain()
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         writer.close()
     assert first.startswith(b"HTTP/1.1 413"), first
@@ -191,12 +200,11 @@ async def test_the_upstreams_100_continue_is_relayed_and_the_body_follows(
 
     async with scripted_upstream(on_head=continue_then_read) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url, "replay_body_limit": 10})
-        reader, writer = await open_raw(sidecar.proxy_port)
-        writer.write(
+        reader, writer = await open_raw(
+            sidecar.proxy_port,
             b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
-            b"Expect: 100-continue\r\n\r\n"
+            b"Expect: 100-continue\r\n\r\n",
         )
-        await writer.drain()
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"b" * 100)
@@ -215,11 +223,10 @@ async def test_an_http_1_0_caller_never_gets_an_interim_answer(
     """HTTP/1.0 has no 1xx answers (RFC 9110 15.2): an HTTP/1.0 request carrying
     ``Expect: 100-continue`` gets only its final answer."""
     sidecar = await make_sidecar()
-    reader, writer = await open_raw(sidecar.proxy_port)
-    writer.write(
-        b"POST /x HTTP/1.0\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    reader, writer = await open_raw(
+        sidecar.proxy_port,
+        b"POST /x HTTP/1.0\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
     )
-    await writer.drain()
     with contextlib.suppress(TimeoutError):
         early = await asyncio.wait_for(reader.read(100), 0.3)
         assert early == b"", early
@@ -248,9 +255,7 @@ def counting_401_app(calls: Counter[str]) -> web.Application:
             )
         return web.Response(text="done")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    return every_path(handle)
 
 
 async def test_a_401_is_replayed_only_for_idempotent_methods_or_a_refused_token(
@@ -287,9 +292,9 @@ async def test_a_double_slash_path_is_refused_with_a_detail_naming_the_likely_mi
     """``//v1/x`` (a base URL ending in ``/`` joined with ``/v1/x``) stays refused, with a detail
     that names that mistake rather than calling sidecar a forward proxy."""
     sidecar = await make_sidecar()
-    reader, writer = await open_raw(sidecar.proxy_port)
-    writer.write(b"GET //v1/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    await writer.drain()
+    reader, writer = await open_raw(
+        sidecar.proxy_port, b"GET //v1/x HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    )
     answer = await asyncio.wait_for(reader.readuntil(b"}"), 3)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer

@@ -12,6 +12,7 @@ from sidecar.errors import IdentityUnavailable
 from sidecar.identity.json_mapping import lookup, parse_session
 from sidecar.store import SessionRecord
 from sidecar.tokens import DEFAULT_LIFETIME, Token
+from tests.helpers import upstream_headers
 
 NOW = 1_800_000_000.0
 
@@ -155,8 +156,6 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
 ) -> None:
     """{{ session.tenant_id }} for a session without that field: X-Tenant-ID is not sent (rather
     than every request failing), and one warning names the key, not a value."""
-    from multidict import CIMultiDict, CIMultiDictProxy
-
     from sidecar.config import Headers
     from sidecar.headers import HeaderRules
     from sidecar.session import Credentials
@@ -166,8 +165,7 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
     )
     with_fields = Token("at", NOW + 60, NOW, fields={"tenant_id": "7", "customer": "9"})
     without = Token("at2", NOW + 60, NOW)
-    incoming = CIMultiDictProxy(CIMultiDict())
-    full = rules.apply(incoming, Credentials(with_fields, "Bearer at", "s", "a", NOW + 60))
+    full = upstream_headers(rules, [], Credentials(with_fields, "Bearer at", "s", "a", NOW + 60))
     assert (full["X-Tenant-ID"], full["X-C"]) == ("7", "c-9")
     bare = Credentials(without, "Bearer at2", "s", "a", NOW + 60)
     for _ in range(3):

@@ -11,49 +11,29 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.app import Sidecar
 from tests.conftest import MakeSidecar, Serve, admin_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.idp import FakeIdP
-from tests.fakes.oidc import ASSERTION_TYPE, JWT_BEARER, JWT_TYPE, TOKEN_EXCHANGE, OIDCProvider
+from tests.fakes.oidc import (
+    ASSERTION_TYPE,
+    JWT_BEARER,
+    JWT_TYPE,
+    NO_SECRET,
+    TOKEN_EXCHANGE,
+    OIDCProvider,
+    write_key,
+)
 from tests.helpers import eventually, sample
-
-NO_SECRET: dict[str, Any] = {"client_secret": None, "revocation_url": None}
 
 
 @pytest.fixture
 def idp() -> OIDCProvider:
-    """The provider every sidecar of this module talks to (conftest's fixtures serve it)."""
+    """The provider every sidecar of this module talks to (conftest's fixtures serve it, naming
+    its issuer, and give it their fake clock, the one to pass to make_sidecar)."""
     return OIDCProvider()
-
-
-@pytest.fixture
-def clock(idp: OIDCProvider) -> FakeClock:
-    """One fake clock for the sidecar and the provider (pass it to make_sidecar too)."""
-    fake = FakeClock()
-    idp.clock = fake
-    return fake
-
-
-@pytest.fixture
-async def idp_url(serve: Serve, idp: OIDCProvider) -> str:
-    url = await serve(idp.app())
-    idp.issuer = url
-    return url
-
-
-def write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
 
 
 def private_key_jwt(

@@ -6,7 +6,6 @@ import random
 
 import jwt
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Headers, Refresh, Retry
 from sidecar.errors import IdentityUnavailable
@@ -14,6 +13,7 @@ from sidecar.headers import HeaderRules, valid_traceparent
 from sidecar.refresh import backoff_delay, refresh_at, refresh_lead
 from sidecar.session import Credentials
 from sidecar.tokens import DEFAULT_LIFETIME, Token, parse_token_response
+from tests.helpers import upstream_headers
 
 NOW = 1_800_000_000.0
 
@@ -136,21 +136,17 @@ def test_compiled_rules_drop_connection_listed_and_managed_headers() -> None:
         activity_id="aid",
         expires_at=NOW + 60,
     )
-    incoming = CIMultiDictProxy(
-        CIMultiDict(
-            [
-                ("Host", "localhost:8080"),
-                ("Connection", "close, X-Hop"),
-                ("X-Hop", "1"),
-                ("x-tenant-id", "spoof"),
-                ("X-Static", "caller"),
-                ("x-session-id", "spoof"),
-                ("Upgrade", "h2c"),
-                ("Accept", "application/json"),
-            ]
-        )
-    )
-    out = rules.apply(incoming, creds)
+    incoming = [
+        (b"Host", b"localhost:8080"),
+        (b"Connection", b"close, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"x-tenant-id", b"spoof"),
+        (b"X-Static", b"caller"),
+        (b"x-session-id", b"spoof"),
+        (b"Upgrade", b"h2c"),
+        (b"Accept", b"application/json"),
+    ]
+    out = upstream_headers(rules, incoming, creds)
     assert out.getall("X-Tenant-ID") == ["t1"]
     assert out.getall("X-Static") == ["s"]
     assert out.getall("X-Session-ID") == ["sid"]

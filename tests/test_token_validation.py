@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.app import Sidecar
-from tests.conftest import MakeSidecar, Serve
+from tests.conftest import MakeSidecar
 from tests.fakes.clock import FakeClock
 from tests.fakes.oidc import OIDCProvider
 from tests.helpers import advance, eventually, sample
@@ -24,15 +24,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def idp(clock: FakeClock) -> OIDCProvider:
-    """The provider of this module, on the sidecar's fake clock."""
+    """The provider of this module, on the sidecar's fake clock (conftest's idp_url serves it,
+    naming its issuer)."""
     return OIDCProvider(clock=clock)
-
-
-@pytest.fixture
-async def idp_url(serve: Serve, idp: OIDCProvider) -> str:
-    url = await serve(idp.app())
-    idp.issuer = url
-    return url
 
 
 def validating(idp_url: str, **validate: Any) -> dict[str, Any]:

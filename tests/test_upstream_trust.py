@@ -17,28 +17,41 @@ import aiohttp
 
 from tests.conftest import MakeSidecar, proxy_url
 from tests.fakes.scripted_upstream import RawRequest, Wire, ok, scripted_upstream
+from tests.helpers import exchange
 
 
-async def exchange(port: int, raw: bytes, *, half_close: bool = False, within: float = 3) -> bytes:
-    """Send raw bytes to the proxy (then half-close when asked) and read until it closes or
-    ``within`` seconds pass."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    answer = b""
-    try:
-        writer.write(raw)
-        await writer.drain()
-        if half_close:
-            writer.write_eof()
-        async with asyncio.timeout(within):
-            while chunk := await reader.read(65536):
-                answer += chunk
-    except (TimeoutError, OSError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    return answer
+class Endless:
+    """An upstream's ``on_head`` that writes ``start`` and then pushes 64 MiB of ``a`` for as long
+    as the connection takes it; :attr:`pushed` counts what was taken."""
+
+    def __init__(self, start: bytes) -> None:
+        self.start = start
+        self.pushed = 0
+
+    async def __call__(
+        self, _request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(self.start)
+        block = b"a" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(block)
+                await writer.drain()
+                self.pushed += len(block)
+        return True
+
+
+async def relayed(make_sidecar: MakeSidecar, answer: bytes, path: bytes) -> bytes:
+    """What a caller's GET ``path`` gets back (within 1 s) through a new sidecar whose upstream
+    answers it with the bytes ``answer``."""
+
+    async def canned(_request: RawRequest) -> bytes:
+        return answer
+
+    async with scripted_upstream(canned) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        request = b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        return await exchange(sidecar.proxy_port, request, within=1)
 
 
 def split_answer(raw: bytes) -> tuple[bytes, bytes]:
@@ -208,15 +221,8 @@ async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     big = b"X-Big: " + b"a" * (80 * 1024) + b"\r\n"
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
     for name, extra in (("one write", big), ("many lines", many)):
-
-        async def answer(_request: RawRequest, extra: bytes = extra) -> bytes:
-            return b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
-
-        async with scripted_upstream(answer) as upstream:
-            sidecar = await make_sidecar(upstream={"url": upstream.url})
-            raw = await exchange(
-                sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
-            )
+        answer = b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
+        raw = await relayed(make_sidecar, answer, b"/h")
         head, body = split_answer(raw)
         assert head.startswith(b"http/1.1 502"), (name, raw[:200])
         assert b"x-sidecar-error: 1" in head
@@ -228,26 +234,14 @@ async def test_a_64_mib_upstream_header_is_refused_without_being_buffered(
 ) -> None:
     """An upstream streaming an endless header line gets its connection cut after the limit: the
     caller has a 502 quickly and the upstream could not push more than a few MiB."""
-    pushed = 0
-
-    async def endless(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
-        nonlocal pushed
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: ")
-        block = b"a" * (1 << 20)
-        with contextlib.suppress(ConnectionError):
-            for _ in range(64):
-                writer.write(block)
-                await writer.drain()
-                pushed += len(block)
-        return True
-
+    endless = Endless(b"HTTP/1.1 200 OK\r\nX-Huge: ")
     async with scripted_upstream(on_head=endless) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         raw = await exchange(
             sidecar.proxy_port, b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n", within=5
         )
     assert raw.startswith(b"HTTP/1.1 502"), raw[:200]
-    assert pushed < 16 << 20, f"the upstream pushed {pushed >> 20} MiB"
+    assert endless.pushed < 16 << 20, f"the upstream pushed {endless.pushed >> 20} MiB"
 
 
 async def test_a_body_delimited_by_close_under_a_transfer_coding_is_relayed_whole(
@@ -279,15 +273,8 @@ async def test_a_body_delimited_by_close_under_a_transfer_coding_is_relayed_whol
 async def test_status_codes_outside_100_to_599_are_502(make_sidecar: MakeSidecar) -> None:
     """An upstream status such as 600 or 999 is not relayed: the caller gets a 502."""
     for status in (b"600", b"999", b"099"):
-
-        async def answer(_request: RawRequest, status: bytes = status) -> bytes:
-            return b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
-
-        async with scripted_upstream(answer) as upstream:
-            sidecar = await make_sidecar(upstream={"url": upstream.url})
-            raw = await exchange(
-                sidecar.proxy_port, b"GET /s HTTP/1.1\r\nHost: localhost\r\n\r\n", within=1
-            )
+        answer = b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
+        raw = await relayed(make_sidecar, answer, b"/s")
         assert raw.startswith(b"HTTP/1.1 502"), (status, raw[:200])
 
 
@@ -305,19 +292,7 @@ async def test_an_endless_trailer_section_is_cut_without_being_buffered(
 ) -> None:
     """A chunked answer whose trailer section never ends: the caller's connection is cut (its
     answer cannot be completed) and the upstream could not push more than a few MiB."""
-    pushed = 0
-
-    async def endless(_request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
-        nonlocal pushed
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
-        block = b"a" * (1 << 20)
-        with contextlib.suppress(ConnectionError):
-            for _ in range(64):
-                writer.write(block)
-                await writer.drain()
-                pushed += len(block)
-        return True
-
+    endless = Endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
     async with scripted_upstream(on_head=endless) as upstream:
         sidecar = await make_sidecar(upstream={"url": upstream.url})
         raw = await exchange(
@@ -325,4 +300,4 @@ async def test_an_endless_trailer_section_is_cut_without_being_buffered(
         )
     assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     assert not raw.endswith(b"0\r\n\r\n")  # never completed
-    assert pushed < 16 << 20, f"the upstream pushed {pushed >> 20} MiB"
+    assert endless.pushed < 16 << 20, f"the upstream pushed {endless.pushed >> 20} MiB"

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
 
 from sidecar.clock import SystemClock
-from tests.conftest import Serve, base_config, merge
+from tests.conftest import base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import eventually, sample
@@ -28,19 +31,29 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+@contextlib.asynccontextmanager
+async def two_workers(
+    config: dict[str, Any], tmp_path: Path, name: str, http: aiohttp.ClientSession, *args: str
+) -> AsyncIterator[SidecarProcess]:
+    """``run --workers 2`` (then ``args``), ready and with both workers up; stopped afterwards,
+    which must exit 0."""
+    proc = SidecarProcess(config, tmp_path, name)
+    proc.start(["--workers", "2", *args])
+    try:
+        await proc.wait_ready(http)
+        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
 async def test_two_workers_share_one_session_and_sum_their_metrics(
-    serve: Serve,
-    idp: FakeIdP,
-    upstream: FakeUpstream,
-    tmp_path: Path,
-    http: aiohttp.ClientSession,
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     """Under steady traffic with 2 s tokens, the provider sees the calls of one session (not one
     per worker), every request succeeds, /metrics on the one admin port counts every request,
     and a killed worker is replaced."""
     idp.lifetime = 2.0
-    idp_url = await serve(idp.app())
-    upstream_url = await serve(upstream.app())
     port, admin = free_port(), free_port()
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -134,11 +147,7 @@ async def test_sighup_reloads_the_supervisor_and_every_worker(
     """Under --workers, SIGHUP applies a header change in both workers (and in a worker started
     after it) without a new login; a bad file is refused and the running config stays."""
     config = merge(base_config(idp_url, upstream_url, idp), {"log": {"access_log": False}})
-    proc = SidecarProcess(config, tmp_path, "workers")
-    proc.start(["--workers", "2"])
-    try:
-        await proc.wait_ready(http)
-        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+    async with two_workers(config, tmp_path, "workers", http) as proc:
 
         async def tenants(count: int) -> set[str]:
             """X-Tenant-ID as the upstream saw it, over fresh connections (both workers)."""
@@ -170,8 +179,6 @@ async def test_sighup_reloads_the_supervisor_and_every_worker(
         await eventually(lambda: len(events("sidecar.worker_ready")) == 3, within=10, what="ready")
         assert await tenants(20) == {"after-reload"}
         assert idp.grants() == ["client_credentials"]  # one login, kept through the reloads
-    finally:
-        assert proc.stop() == 0
 
 
 async def test_workers_run_on_the_loop_the_supervisor_was_given(
@@ -179,18 +186,19 @@ async def test_workers_run_on_the_loop_the_supervisor_was_given(
 ) -> None:
     """``run --workers 2 --loop uvloop``: every worker process has uvloop loaded and answers
     (before, only the supervisor ran on uvloop and the workers on asyncio)."""
-    proc = SidecarProcess(base_config(idp_url, upstream_url, idp), tmp_path, "uvloop-workers")
-    proc.start(["--workers", "2", "--loop", "uvloop"])
-    try:
-        await proc.wait_ready(http)
-        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+    async with two_workers(
+        base_config(idp_url, upstream_url, idp),
+        tmp_path,
+        "uvloop-workers",
+        http,
+        "--loop",
+        "uvloop",
+    ) as proc:
         for pid in children(proc.pid):
             maps = await asyncio.to_thread(Path(f"/proc/{pid}/maps").read_text)
             assert "/uvloop/" in maps, f"worker {pid} has not loaded uvloop"
         async with http.get(proc.url("/x")) as resp:
             assert resp.status == 200
-    finally:
-        assert proc.stop() == 0
 
 
 async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
@@ -207,11 +215,7 @@ async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
             "log": {"access_log": False},
         },
     )
-    proc = SidecarProcess(config, tmp_path, "margin")
-    proc.start(["--workers", "2"])
-    try:
-        await proc.wait_ready(http)
-        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+    async with two_workers(config, tmp_path, "margin", http) as proc:
         idp.down = "503"
         expires = max(idp.issued.values())
         wall = SystemClock()
@@ -221,8 +225,6 @@ async def test_workers_stop_forwarding_a_token_at_its_expiry_margin(
             async with aiohttp.ClientSession() as one, one.get(proc.url("/x")) as resp:
                 answers.append((sent, resp.status))
             await asyncio.sleep(0.02)
-    finally:
-        assert proc.stop() == 0
     usable_until = expires - 0.6
     late = [status for sent, status in answers if sent >= usable_until + 0.05]
     early = [status for sent, status in answers if sent < usable_until - 0.3]
@@ -245,11 +247,7 @@ async def test_sigterm_under_workers_drains_like_one_process(
     request in flight is answered 200 within listen.drain_timeout, none is logged as a 500, and
     the process exits 0."""
     config = merge(base_config(idp_url, upstream_url, idp), {"listen": {"drain_timeout": 10}})
-    proc = SidecarProcess(config, tmp_path, "drain")
-    proc.start(["--workers", "2"])
-    try:
-        await proc.wait_ready(http)
-        await eventually(lambda: len(children(proc.pid)) == 2, what="two workers")
+    async with two_workers(config, tmp_path, "drain", http) as proc:
         clients = [aiohttp.ClientSession() for _ in range(6)]
 
         async def slow(client: aiohttp.ClientSession) -> tuple[int, object]:
@@ -283,8 +281,6 @@ async def test_sigterm_under_workers_drains_like_one_process(
         assert loop.time() - signalled < 10
         assert proc.process is not None
         assert await asyncio.to_thread(proc.process.wait, 15) == 0
-    finally:
-        proc.stop()
     accessed = [e for e in proc.events() if e.get("event") == "http.access"]
     assert {e["status"] for e in accessed if e["path"] == "/slow/2"} == {200}
     assert [e for e in accessed if e["status"] == 500] == []

@@ -44,7 +44,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from sidecar.clock import Clock
-from sidecar.config import TLS
+from sidecar.config import TLS, Identity
 from sidecar.egress import Egress
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.provider_text import SecretValues
@@ -152,6 +152,29 @@ class IdentityHTTP:
         self._preferred: dict[tuple[str, ...], str] = {}
         #: the provider's clock minus ours, from the Date header of every answer
         self.skew = ClockSkew()
+
+    @classmethod
+    def for_identity(
+        cls,
+        config: Identity,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        spans: SpanExporter | None = None,
+    ) -> IdentityHTTP:
+        """The client an identity kind talks through: ``identity.timeout`` and ``identity.tls``,
+        its own :attr:`secrets` to note credentials in, and the provider's clock skew reported
+        into ``sidecar_identity_clock_skew_seconds`` when given the metrics."""
+        http = cls(
+            clock,
+            timeout=config.timeout,
+            tls=config.tls,
+            metrics=metrics,
+            spans=spans,
+        )
+        if metrics is not None:
+            http.skew.report = metrics.identity_clock_skew.set
+        return http
 
     async def aclose(self) -> None:
         """Close the connection pool (idempotent)."""

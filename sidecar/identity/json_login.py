@@ -89,18 +89,9 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
+        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
         #: every credential and session token sent, scrubbed from the provider's error text
-        self._secrets = SecretValues()
-        self._http = IdentityHTTP(
-            clock,
-            timeout=config.timeout,
-            tls=config.tls,
-            secrets=self._secrets,
-            metrics=metrics,
-            spans=spans,
-        )
-        if metrics is not None:
-            self._http.skew.report = metrics.identity_clock_skew.set
+        self._secrets = self._http.secrets
         self.fingerprint = json_login_principal(config)
 
     async def aclose(self) -> None:

@@ -34,7 +34,6 @@ from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
-from sidecar.identity.provider_text import SecretValues
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -80,18 +79,9 @@ class OAuth2Identity:
         self._config = config
         self._clock = clock
         self._metrics = metrics
+        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
         #: every credential value read or sent, scrubbed from the provider's error text
-        self._secrets = SecretValues()
-        self._http = IdentityHTTP(
-            clock,
-            timeout=config.timeout,
-            tls=config.tls,
-            secrets=self._secrets,
-            metrics=metrics,
-            spans=spans,
-        )
-        if metrics is not None:
-            self._http.skew.report = metrics.identity_clock_skew.set
+        self._secrets = self._http.secrets
         self._endpoints = EndpointResolver(config, self._http)
         self._validator: TokenValidator | None = None
         self.fingerprint = oauth2_principal(config)

@@ -13,11 +13,13 @@ import asyncio
 import json
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm
 
 from tests.fakes.idp import SIGNING_KEY, Call, FakeIdP
@@ -26,6 +28,22 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+#: identity settings for a client that has no secret (and a provider without revocation)
+NO_SECRET: dict[str, Any] = {"client_secret": None, "revocation_url": None}
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> Path:
+    """Write ``key`` to ``path`` as an unencrypted PKCS#8 PEM (a client's private_key_file)."""
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
 
 #: bad token-endpoint answers, by mode name: (status, content type, body)
 BAD_ANSWERS: dict[str, tuple[int, str, str]] = {
