@@ -3,8 +3,8 @@ buffer, responses parsed by llhttp (:mod:`sidecar.upstream_conn`), bodies stream
 backpressure.
 
 Why not ``aiohttp.ClientSession``: two thirds of a minimal aiohttp proxy's per-request cost is its
-client side (see PERFORMANCE.md). This module does only what a reverse proxy to one origin needs,
-and never parses HTTP by hand: framing errors from the upstream are llhttp's to find.
+client side (see docs/performance.md). This module does only what a reverse proxy to one origin
+needs, and never parses HTTP by hand: framing errors from the upstream are llhttp's to find.
 
 Error mapping (at this one boundary): refused/reset/garbled → :class:`UpstreamUnavailable` (502),
 no response head in time → :class:`UpstreamTimeout` (504), a failure after the head was passed on

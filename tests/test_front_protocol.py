@@ -220,7 +220,7 @@ async def test_requests_queued_before_a_refused_one_are_all_answered_first(
         b"GET /b HTTP/1.1\r\nHost: localhost\r\n\r\n"
         b"POST /c HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5 5\r\n"
     )
-    answers = [await one_response(reader) for _ in range(3)]
+    answers = [await read_response(reader) for _ in range(3)]
     rest = await until_closed(reader)
     writer.close()
     assert [head.split(b"\r\n", 1)[0] for head, _ in answers] == [
