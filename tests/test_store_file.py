@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -417,3 +418,31 @@ async def test_restart_with_a_rotated_key_keeps_the_session(
     assert third.session.state() is State.VALID
     assert await session_id_of_a_request(proxy_url(third, "/c"), http, upstream) == session_id
     assert idp.grants() == ["client_credentials"]
+
+
+async def test_a_cancelled_save_lands_before_the_next_write(tmp_path: Path) -> None:
+    """A save cancelled while its thread writes (a stop cancelling the refresh loop mid-save)
+    returns only once that write landed, so the next save (the one at stop) is the one kept; a
+    removal waits the same way, so a logged-out session never comes back."""
+    path = tmp_path / "s" / "session.json"
+    store = FileStore(path)
+    write = store._save
+    started = threading.Event()
+
+    def slow_save(payload: bytes) -> None:
+        started.set()
+        time.sleep(0.3)
+        write(payload)
+
+    store._save = slow_save  # type: ignore[method-assign]
+    older = asyncio.ensure_future(store.save(record(session_id="older")))
+    await asyncio.to_thread(started.wait, 5)
+    older.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await older
+    store._save = write  # type: ignore[method-assign]
+    await store.save(record(session_id="newer"))
+    await asyncio.sleep(0.5)  # long past the slow write's end, had it still been running
+    loaded = await store.load()
+    assert loaded is not None
+    assert loaded.session_id == "newer"

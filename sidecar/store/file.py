@@ -20,8 +20,9 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError, StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
@@ -160,8 +161,21 @@ class FileStore:
         payload = json.dumps(record.to_dict()).encode()
         if self._sealer is not None:
             payload = self._sealer.seal(payload)
+        await self._write(self._save, payload)
+
+    async def _write(self, change: Callable[..., None], *args: Any) -> None:
+        """Run one change of the file in a thread, one at a time. A cancelled caller still
+        waits for its thread to finish (the thread cannot be stopped): otherwise a later write,
+        the one at stop or a logout's removal, could land before this older one and be undone
+        by it."""
         async with self._save_lock:
-            await asyncio.to_thread(self._save, payload)
+            running = asyncio.ensure_future(asyncio.to_thread(change, *args))
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                with contextlib.suppress(StoreError):
+                    await running
+                raise
 
     def _save(self, payload: bytes) -> None:
         directory = self.path.parent
@@ -191,7 +205,7 @@ class FileStore:
             raise StoreError(f"cannot write session file {self.path}: {exc.strerror}") from exc
 
     async def clear(self) -> None:
-        await asyncio.to_thread(self._clear)
+        await self._write(self._clear)
 
     def _clear(self) -> None:
         try:
