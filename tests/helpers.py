@@ -13,6 +13,7 @@ from pathlib import Path
 
 from multidict import CIMultiDict
 
+from sidecar.app import Sidecar
 from sidecar.headers import HeaderRules
 from sidecar.session import Credentials
 from tests.fakes.clock import FakeClock
@@ -109,3 +110,14 @@ def upstream_headers(
     head, _request_id, _traceparent = rules.head(b"GET / HTTP/1.1\r\n", raw, creds, b"")
     fields = [line.decode("latin-1").split(": ", 1) for line in head.split(b"\r\n")[1:] if line]
     return CIMultiDict((name, value) for name, value in fields)
+
+
+async def logged_in(sidecar: Sidecar) -> None:
+    """Wait for a token, and for the login task to be over (a force_refresh would join it)."""
+    await eventually(
+        lambda: (
+            sidecar.session.usable() is not None
+            and not sidecar.session.summary()["refresh_in_progress"]
+        ),
+        what="a token",
+    )

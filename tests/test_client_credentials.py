@@ -18,7 +18,7 @@ from sidecar.errors import ConfigError
 from tests.conftest import MakeSidecar
 from tests.fakes.clock import FakeClock
 from tests.fakes.oidc import ASSERTION_TYPE, NO_SECRET, OIDCProvider, write_key
-from tests.helpers import advance, events, eventually, sample
+from tests.helpers import advance, events, eventually, logged_in, sample
 
 
 @pytest.fixture
@@ -26,17 +26,6 @@ def idp() -> OIDCProvider:
     """The provider every sidecar of this module talks to (conftest's fixtures serve it, naming
     its issuer, and give it their fake clock, the one to pass to make_sidecar)."""
     return OIDCProvider()
-
-
-async def logged_in(sidecar: Sidecar) -> None:
-    """Wait for a token, and for the login task to be over."""
-    await eventually(
-        lambda: (
-            sidecar.session.usable() is not None
-            and not sidecar.session.summary()["refresh_in_progress"]
-        ),
-        what="a token",
-    )
 
 
 def used(sidecar: Sidecar, index: int) -> float:

@@ -13,7 +13,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.app import Sidecar
 from tests.conftest import MakeSidecar, Serve, admin_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.idp import FakeIdP
@@ -26,7 +25,7 @@ from tests.fakes.oidc import (
     OIDCProvider,
     write_key,
 )
-from tests.helpers import eventually, sample
+from tests.helpers import eventually, logged_in, sample
 
 
 @pytest.fixture
@@ -58,17 +57,6 @@ def logged(caplog: pytest.LogCaptureFixture, event: str, **fields: str) -> bool:
         r.getMessage() == event
         and all(text in str(getattr(r, k, "")) for k, text in fields.items())
         for r in caplog.records
-    )
-
-
-async def logged_in(sidecar: Sidecar) -> None:
-    """Wait for a token, and for the login task to be over (a force_refresh would join it)."""
-    await eventually(
-        lambda: (
-            sidecar.session.usable() is not None
-            and not sidecar.session.summary()["refresh_in_progress"]
-        ),
-        what="a token",
     )
 
 
