@@ -153,6 +153,10 @@ class SessionManager:
                     await task
         self._loop_task = None
         await self._persist.save_at_stop()
+        if self._shared is not None:
+            # a renewal cancelled above may have stopped before giving the lock back: peers
+            # must not wait out the lease for a replica that is leaving
+            await self._shared.release()
         if self.sink is not None:
             await self.sink.flush()
 

@@ -101,9 +101,10 @@ class SessionPersistence:
         save.add_done_callback(self._saves.discard)
 
     async def flush(self) -> None:
-        """Wait for background saves to finish."""
+        """Wait for background saves to finish; a waiter cancelled here (a renewal cancelled by
+        the stop) leaves the saves running, and the stop waits for them again."""
         if self._saves:
-            await asyncio.gather(*self._saves)
+            await asyncio.wait(self._saves)
 
     async def save_at_stop(self) -> None:
         """Wait for background saves, then write the record again with its last-call time."""

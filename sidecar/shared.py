@@ -67,10 +67,14 @@ class SharedSession:
                 await manager.flush_saves()
                 manager.fence = None
         finally:
-            try:
-                await self.store.unlock(self.owner)
-            except StoreError as exc:
-                self._note_down(exc)  # the lease expires on its own
+            await self.release()
+
+    async def release(self) -> None:
+        """Give the renewal lock back if this process holds it (the store checks the owner)."""
+        try:
+            await self.store.unlock(self.owner)
+        except StoreError as exc:
+            self._note_down(exc)  # the lease expires on its own
 
     async def _lead_or_follow(
         self, manager: SessionManager, before: SessionRecord | None

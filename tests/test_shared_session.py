@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Serve
+from sidecar.store.redis import RedisStore
+from tests.conftest import MakeSidecar, Serve
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import eventually
@@ -276,3 +277,33 @@ async def test_redis_url_with_a_password_read_from_a_file(
         assert password not in proc.log_path.read_text()
     finally:
         guarded.stop()
+
+
+async def test_a_replica_that_stops_mid_release_still_gives_the_renewal_lock_back(
+    make_sidecar: MakeSidecar, redis_server: RedisServer
+) -> None:
+    """A replica stopped (a rolling update) while its renewal was on the way to giving the shared
+    lock back (the unlock still waiting for a Redis connection when the stop cancels it) releases
+    the lock on the way out: the next replica logs in at once, not after the lease runs out."""
+    session = {"store": "redis", "redis_url": redis_server.url, "lock_lease": 60}
+    first = await make_sidecar(session=session)
+    shared = first.session._shared
+    assert shared is not None
+    unlock = shared.store.unlock
+    stalled = asyncio.Event()
+
+    async def stalled_once(owner: str) -> None:  # the fault: the first release never gets out
+        if not stalled.is_set():
+            stalled.set()
+            await asyncio.Event().wait()
+        await unlock(owner)
+
+    shared.store.unlock = stalled_once  # type: ignore[method-assign]
+    await eventually(stalled.is_set, what="the login done, its release stalled")
+    store = RedisStore(redis_server.url, first.session.identity.fingerprint)
+    try:
+        assert await store.lock_owner() == shared.owner
+        await first.stop()
+        assert await store.lock_owner() is None
+    finally:
+        await store.aclose()
