@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from sidecar.config import is_loopback
+from sidecar.config.models import is_loopback
 from sidecar.errors import NoSessionError
 from sidecar.metrics import Metrics
-from sidecar.session import SessionManager, State
+from sidecar.session.manager import SessionManager, State
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

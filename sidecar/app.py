@@ -20,27 +20,27 @@ from typing import TYPE_CHECKING, Protocol, cast
 from aiohttp import web
 from pydantic import SecretStr
 
-from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock, SystemClock
-from sidecar.config import Config, Identity, is_loopback
+from sidecar.config.models import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
-from sidecar.front_server import FrontServer
-from sidecar.header_values import CookieCapture, SessionCookies
-from sidecar.headers import HeaderRules
+from sidecar.http.server import FrontServer
+from sidecar.http.unix_socket import UnixListener
 from sidecar.identity import IdentityProvider
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
-from sidecar.proxy import CredentialSource, Proxy
-from sidecar.session import SessionManager
-from sidecar.sink import TokenSink
+from sidecar.proxy.callers import CallerPolicy
+from sidecar.proxy.forward import CredentialSource, Proxy
+from sidecar.proxy.header_values import CookieCapture, SessionCookies
+from sidecar.proxy.headers import HeaderRules
+from sidecar.session.manager import SessionManager
+from sidecar.session.sink import TokenSink
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
-from sidecar.unix_socket import UnixListener
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
+    from sidecar.proxy.tracing import SpanExporter
     from sidecar.store.crypto import Sealer
-    from sidecar.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Sidecar:
             raise
         shared = None
         if store.shared:
-            from sidecar.shared import SharedSession
+            from sidecar.session.shared import SharedSession
 
             shared = SharedSession(
                 store,  # type: ignore[arg-type]
@@ -331,7 +331,7 @@ class Sidecar:
         endpoint = self.config.tracing.otlp_endpoint
         if endpoint is None or self.spans is not None:
             return self.spans
-        from sidecar.tracing import SpanExporter
+        from sidecar.proxy.tracing import SpanExporter
 
         self.spans = SpanExporter(
             endpoint,

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from sidecar import __version__
-from sidecar.config import Config
-from sidecar.config_load import load_config, redacted
+from sidecar.config.load import load_config, redacted
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError, SidecarError
 
 EXIT_OK = 0

@@ -13,7 +13,7 @@ in by one of three paths, and each path calls :func:`header_value_problem` befor
   fails is unreadable, never installed;
 * the configuration (``headers.*`` values, json_login call headers), checked when it is loaded.
 
-The rendered result of a header template is checked once more (:mod:`sidecar.header_values`).
+The rendered result of a header template is checked once more (:mod:`sidecar.proxy.header_values`).
 Refusals name what is wrong, never the value: it may be a secret, and it may be an attack.
 """
 

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError, StoreError
 
 log = logging.getLogger("sidecar.app")  # the lifecycle's events keep the logger they always had

@@ -37,14 +37,14 @@ from yarl import URL
 
 from sidecar.app import Sidecar
 from sidecar.clock import Clock, SystemClock
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError, NoSessionError, SidecarError
+from sidecar.http.unix_socket import UnixListener
 from sidecar.lifecycle import Reloads, freeze_startup_objects
 from sidecar.metrics import Metrics, WorkerTotals
-from sidecar.session import Credentials
+from sidecar.session.manager import Credentials
 from sidecar.tls import tls_context
 from sidecar.tokens import Token
-from sidecar.unix_socket import UnixListener
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.clock import Clock
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.logs import setup_logging
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import FinHub

@@ -14,8 +14,8 @@ from pathlib import Path
 from multidict import CIMultiDict
 
 from sidecar.app import Sidecar
-from sidecar.headers import HeaderRules
-from sidecar.session import Credentials
+from sidecar.proxy.headers import HeaderRules
+from sidecar.session.manager import Credentials
 from tests.fakes.clock import FakeClock
 
 

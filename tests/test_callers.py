@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 from tests.conftest import MakeSidecar, admin_url, base_config, merge
 from tests.fakes.idp import FakeIdP

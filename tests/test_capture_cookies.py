@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
+from sidecar.config.models import Config
 from tests.conftest import MakeSidecar, base_config, merge, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream, header_values

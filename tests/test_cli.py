@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from sidecar.cli import human_duration, main, status_line, usable_cpus
-from sidecar.session import State
+from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.helpers import eventually

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.app import Sidecar
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
 from sidecar.errors import ConfigError
 from tests.conftest import MakeSidecar
 from tests.fakes.clock import FakeClock

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from sidecar.cli import main
-from sidecar.config import Config
-from sidecar.config_load import DEMO_SOURCE, load_config, read_secret, redacted
+from sidecar.config.load import DEMO_SOURCE, load_config, read_secret, redacted
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 
 SECRET = "s3cret-client-value-4242"

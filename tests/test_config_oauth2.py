@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.cli import main
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
 from sidecar.errors import ConfigError
 from tests.test_config import oauth2_config, problems, write
 
@@ -174,7 +174,7 @@ def test_the_documented_oauth2_variants_are_valid_configs() -> None:
     configuration."""
     import yaml
 
-    from sidecar.config import Config
+    from sidecar.config.models import Config
 
     readme = (ROOT / "docs" / "identity-providers.md").read_text()
     section = readme.split("## OAuth2 and OpenID Connect", 1)[1].split("\n## ", 1)[0]

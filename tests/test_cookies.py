@@ -139,8 +139,8 @@ def test_merge_with_the_callers_cookie_header() -> None:
 async def test_upstream_cookie_header_follows_expiry_and_new_snapshots() -> None:
     """SessionCookies remembers the header per path, yet a cookie stops being sent the moment it
     expires on the injected clock, and a new credentials snapshot brings its own jar."""
-    from sidecar.header_values import SessionCookies
-    from sidecar.session import Credentials
+    from sidecar.proxy.header_values import SessionCookies
+    from sidecar.session.manager import Credentials
     from sidecar.tokens import Token
     from tests.fakes.clock import FakeClock
 

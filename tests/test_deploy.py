@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.metrics import Metrics
 from tests.conftest import MakeSidecar, admin_url
 from tests.helpers import eventually
@@ -464,10 +464,12 @@ async def test_a_real_prometheus_scrapes_sidecar_session_valid(
 def test_documented_config_reference_equals_the_model() -> None:
     """docs/config-reference.md is exactly what the config model generates, and every key in it
     has a meaning."""
-    from sidecar.reference import generate
+    from sidecar.config.reference import generate
 
     committed = (ROOT / "docs" / "config-reference.md").read_text()
-    assert committed == generate(), "run: python -m sidecar.reference > docs/config-reference.md"
+    assert committed == generate(), (
+        "run: python -m sidecar.config.reference > docs/config-reference.md"
+    )
     for line in committed.splitlines():
         if line.startswith("| `") and "| section |" not in line:
             assert not line.rstrip().endswith("|  |"), line

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import trustme
 
-from sidecar.egress import Egress
 from sidecar.errors import ConfigError
+from sidecar.http.egress import Egress
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.forward_proxy import ForwardProxy
 from tests.fakes.idp import FakeIdP

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
+from sidecar.config.models import Config
 from tests.conftest import proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import PREFIX, FinHub

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sidecar.app import Sidecar
 from sidecar.clock import SystemClock
-from sidecar.config import Identity
+from sidecar.config.models import Identity
 from sidecar.errors import IdentityError, IdentityUnavailable
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.tokens import Token, parse_token_response

@@ -17,7 +17,7 @@ import pytest
 from sidecar import cli
 from sidecar.app import Sidecar
 from sidecar.identity.provider_text import MAX_PROVIDER_TEXT, SecretValues
-from sidecar.session import State
+from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.finhub import PREFIX, FinHub
 from tests.fakes.idp import FakeIdP

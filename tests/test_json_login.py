@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
+from sidecar.config.models import Config
 from tests.conftest import Serve, admin_url, merge, proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import PREFIX, FinHub
@@ -171,7 +171,7 @@ async def test_header_values_are_rendered_once_per_session_not_per_request(
 ) -> None:
     """Fifty requests on one token render the session header templates once; a refresh (a new
     credentials snapshot) renders them once more."""
-    from sidecar.header_values import SessionValues
+    from sidecar.proxy.header_values import SessionValues
 
     renders: list[object] = []
     original = SessionValues._render

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sidecar.config_json_login import JsonResponse
+from sidecar.config.json_login import JsonResponse
 from sidecar.errors import IdentityUnavailable
 from sidecar.identity.json_mapping import lookup, parse_session
 from sidecar.store import SessionRecord
@@ -131,7 +131,7 @@ def test_workers_receive_fields_and_cookies_but_not_the_refresh_token() -> None:
     """--workers N: the credentials sent to a worker carry the session fields and cookies (for
     headers and send_cookies), never the refresh token."""
     from sidecar.cookies import Cookie
-    from sidecar.session import Credentials
+    from sidecar.session.manager import Credentials
     from sidecar.workers import creds_from_dict, creds_to_dict
 
     token = Token(
@@ -156,9 +156,9 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
 ) -> None:
     """{{ session.tenant_id }} for a session without that field: X-Tenant-ID is not sent (rather
     than every request failing), and one warning names the key, not a value."""
-    from sidecar.config import Headers
-    from sidecar.headers import HeaderRules
-    from sidecar.session import Credentials
+    from sidecar.config.models import Headers
+    from sidecar.proxy.headers import HeaderRules
+    from sidecar.session.manager import Credentials
 
     rules = HeaderRules.compile(
         Headers(tenant_id="{{ session.tenant_id }}", static={"X-C": "c-{{ session.customer }}"})

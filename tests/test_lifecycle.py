@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.config import Config
+from sidecar.config.models import Config
 from tests.conftest import MakeSidecar, Serve, admin_url, base_config, merge, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream

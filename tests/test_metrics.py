@@ -12,7 +12,7 @@ from importlib.metadata import version
 
 import aiohttp
 
-from sidecar.session import State
+from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.idp import FakeIdP
 from tests.helpers import eventually, sample

@@ -13,7 +13,7 @@ import yaml
 
 from sidecar.app import Sidecar
 from sidecar.cli import main
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.logs import JsonFormatter, scrub
 from tests.conftest import MakeSidecar, Serve, admin_url, merge, proxy_url
 from tests.fakes.finhub import PREFIX, FinHub

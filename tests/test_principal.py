@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.app import Sidecar
-from sidecar.config import Config, Identity
+from sidecar.config.models import Config, Identity
 from sidecar.identity.principal import is_secret_name, json_login_principal, oauth2_principal
 from tests.conftest import merge, proxy_url
 from tests.fakes.clock import FakeClock

@@ -8,7 +8,7 @@ from __future__ import annotations
 import aiohttp
 
 from sidecar.app import Sidecar
-from sidecar.session import State
+from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.idp import FakeIdP

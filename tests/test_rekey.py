@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.config import Config
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError, StoreError
 from sidecar.store.crypto import Sealer
 from tests.conftest import MakeSidecar, base_config, merge

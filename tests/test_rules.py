@@ -7,11 +7,11 @@ import random
 import jwt
 import pytest
 
-from sidecar.config import Headers, Refresh, Retry
+from sidecar.config.models import Headers, Refresh, Retry
 from sidecar.errors import IdentityUnavailable
-from sidecar.headers import HeaderRules, valid_traceparent
-from sidecar.refresh import backoff_delay, refresh_at, refresh_lead
-from sidecar.session import Credentials
+from sidecar.proxy.headers import HeaderRules, valid_traceparent
+from sidecar.session.manager import Credentials
+from sidecar.session.timing import backoff_delay, refresh_at, refresh_lead
 from sidecar.tokens import DEFAULT_LIFETIME, Token, parse_token_response
 from tests.helpers import upstream_headers
 

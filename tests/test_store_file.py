@@ -20,7 +20,7 @@ import pytest
 
 from sidecar.cookies import Cookie
 from sidecar.errors import StoreError
-from sidecar.session import State
+from sidecar.session.manager import State
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
 from sidecar.store.file import MAX_FILE_BYTES, FileStore

@@ -120,8 +120,8 @@ def test_malformed_sentinel_urls_are_refused(url: str) -> None:
 
 def test_redis_password_is_redacted_in_check_config() -> None:
     """check-config masks the password inside redis_url (plain and Sentinel forms)."""
-    from sidecar.config import Config
-    from sidecar.config_load import redacted
+    from sidecar.config.load import redacted
+    from sidecar.config.models import Config
 
     for url in (
         "redis://:hunter2@127.0.0.1:6379/0",

@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from sidecar.app import Sidecar
-from sidecar.config_json_login import JsonResponse
-from sidecar.config_load import load_config
+from sidecar.config.json_login import JsonResponse
+from sidecar.config.load import load_config
 from sidecar.cookies import Cookie, parse_set_cookie
 from sidecar.errors import ConfigError, IdentityUnavailable, StoreUnreadable
 from sidecar.field_values import header_value_problem
 from sidecar.identity.json_mapping import parse_session
-from sidecar.session import State
+from sidecar.session.manager import State
 from sidecar.store import SessionRecord
 from sidecar.store.file import FileStore
 from sidecar.store.redis import RedisStore

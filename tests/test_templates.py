@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import Config
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 from sidecar.templates import MissingValue, compile_text, compile_tree
 from tests.test_config import write

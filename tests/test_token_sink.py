@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.config_load import load_config
+from sidecar.config.load import load_config
 from sidecar.errors import ConfigError
 from tests.conftest import MakeSidecar, admin_url
 from tests.fakes.clock import FakeClock

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from sidecar.session import State
+from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, Serve, admin_url, proxy_url
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import events, eventually, sample
@@ -201,7 +201,7 @@ def test_otlp_endpoint_must_be_an_http_url() -> None:
     """``tracing.otlp_endpoint`` is refused unless it is an http(s) URL with a host."""
     from pydantic import ValidationError
 
-    from sidecar.config import Tracing
+    from sidecar.config.models import Tracing
 
     assert Tracing(otlp_endpoint="http://collector:4318").otlp_endpoint is not None
     for bad in ("collector:4318", "grpc://collector:4317", "http://"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from sidecar.config import Identity
+from sidecar.config.models import Identity
 from sidecar.errors import IdentityUnavailable
 from sidecar.identity.http import IdentityHTTP
 

@@ -44,16 +44,16 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from sidecar.clock import Clock
-from sidecar.config import TLS, Identity
-from sidecar.egress import Egress
+from sidecar.config.models import TLS, Identity
 from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.http.egress import Egress
 from sidecar.identity.provider_text import SecretValues
 from sidecar.identity.skew import ClockSkew
 from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
-    from sidecar.tracing import SpanExporter
+    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.config import Identity
-from sidecar.config_json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
-from sidecar.config_load import read_secret
+from sidecar.config.json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
+from sidecar.config.load import read_secret
+from sidecar.config.models import Identity
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.field_values import header_value_problem
@@ -43,7 +43,7 @@ from sidecar.tokens import Token
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
-    from sidecar.tracing import SpanExporter
+    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 

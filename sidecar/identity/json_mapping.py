@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.config_json_login import JsonResponse
+from sidecar.config.json_login import JsonResponse
 from sidecar.cookies import Cookie
 from sidecar.errors import IdentityUnavailable
 from sidecar.field_values import header_value_problem

@@ -28,8 +28,8 @@ from urllib.parse import quote
 from pydantic import SecretStr
 
 from sidecar.clock import Clock
-from sidecar.config import Identity
-from sidecar.config_load import read_secret
+from sidecar.config.load import read_secret
+from sidecar.config.models import Identity
 from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
@@ -39,7 +39,7 @@ from sidecar.tokens import Token, parse_token_response
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
-    from sidecar.tracing import SpanExporter
+    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sidecar.tokens import jwt_claims
 
 if TYPE_CHECKING:
-    from sidecar.config import Identity
+    from sidecar.config.models import Identity
 
 #: the HMAC key: separates this use of the hash from any other (see the module docstring for
 #: why it is not the session encryption key)

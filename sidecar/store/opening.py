@@ -15,7 +15,7 @@ from sidecar.store.file import FileStore
 from sidecar.store.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from sidecar.config import Session
+    from sidecar.config.models import Session
     from sidecar.store.crypto import Sealer
 
 

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from sidecar.errors import RefusedRequest
-from sidecar.exchange import Body, Request, wake
+from sidecar.http.exchange import Body, Request, wake
 
 if TYPE_CHECKING:
-    from sidecar.front_server import FrontServer
+    from sidecar.http.server import FrontServer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.http")
 
 #: longest request line and header line accepted (as aiohttp's and nginx's defaults, ~8 KiB)
 MAX_LINE = 8190

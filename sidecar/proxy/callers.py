@@ -26,10 +26,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from sidecar.config import Listen
-from sidecar.config_callers import read_caller_secret
+from sidecar.config.callers import read_caller_secret
+from sidecar.config.models import Listen
 from sidecar.errors import RefusedRequest
-from sidecar.exchange import Request
+from sidecar.http.exchange import Request
 
 #: Host names that always reach this machine (RFC 6761 6.3, RFC 5735 3, RFC 4291 2.5.3)
 LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})

@@ -5,12 +5,13 @@ Session continuity (what keeps X-Session-ID):
   valid (grants without refresh tokens), continues the session;
 * a login after the session expired, was logged out, or had its refresh token rejected
   (``invalid_grant``) starts a new session with a new id; so does a login after a refresh failed
-  in the second half of the refresh lead (:func:`sidecar.refresh.login_instead`): a refresh
+  in the second half of the refresh lead (:func:`sidecar.session.timing.login_instead`): a refresh
   endpoint that is down cannot let the token run out while the login endpoint works.
 
 Every outcome is counted and logged; a failure schedules the next attempt with backoff
-(:meth:`sidecar.session_schedule.RefreshSchedule.failed`). :class:`~sidecar.session.SessionManager`
-runs each renewal as its one login/refresh in flight.
+(:meth:`sidecar.session.schedule.RefreshSchedule.failed`).
+:class:`~sidecar.session.manager.SessionManager` runs each renewal as its one login/refresh in
+flight.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sidecar.errors import IdentityError, OAuthError
-from sidecar.refresh import login_instead
-from sidecar.session_persist import SessionPersistence
-from sidecar.session_schedule import RefreshSchedule
+from sidecar.session.persist import SessionPersistence
+from sidecar.session.schedule import RefreshSchedule
+from sidecar.session.timing import login_instead
 from sidecar.store import SessionRecord
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
-    from sidecar.session import Credentials, SessionManager
+    from sidecar.session.manager import Credentials, SessionManager
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from sidecar.config import Refresh, Retry
+from sidecar.config.models import Refresh, Retry
 from sidecar.tokens import Token
 
 #: the refresh never happens earlier than this fraction of the lifetime after issue, so that a

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sidecar.config_json_login import session_names
+from sidecar.config.json_login import session_names
 from sidecar.templates import compile_text, unknown
 
 if TYPE_CHECKING:
-    from sidecar.config import Headers, Identity
+    from sidecar.config.models import Headers, Identity
 
 
 def header_templates(headers: Headers) -> dict[str, str]:

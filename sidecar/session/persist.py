@@ -18,7 +18,7 @@ from sidecar.errors import StoreError
 from sidecar.store import SessionRecord
 
 if TYPE_CHECKING:
-    from sidecar.session import Credentials, SessionManager
+    from sidecar.session.manager import Credentials, SessionManager
     from sidecar.store.crypto import Sealer
 
 # the session's events, under the session's logger name whichever module emits them

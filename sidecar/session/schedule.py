@@ -1,9 +1,10 @@
 """The session's refresh schedule and the background loop that keeps it.
 
-When the next login or refresh is due: ahead of expiry (:func:`sidecar.refresh.refresh_at`, with
-jitter) and, after a failure, not before the backoff (:func:`sidecar.refresh.backoff_delay`) has
-passed. The loop sleeps only on the injected Clock, and wakes early whenever the session changes.
-:class:`~sidecar.session.SessionManager` owns the session; the loop only asks it to renew.
+When the next login or refresh is due: ahead of expiry (:func:`sidecar.session.timing.refresh_at`,
+with jitter) and, after a failure, not before the backoff
+(:func:`sidecar.session.timing.backoff_delay`) has passed. The loop sleeps only on the injected
+Clock, and wakes early whenever the session changes.
+:class:`~sidecar.session.manager.SessionManager` owns the session; the loop only asks it to renew.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import IdentityError
-from sidecar.refresh import backoff_delay, refresh_at
+from sidecar.session.timing import backoff_delay, refresh_at
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
-    from sidecar.session import Credentials, SessionManager
+    from sidecar.session.manager import Credentials, SessionManager
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")

@@ -1,6 +1,6 @@
 """The configuration reference, generated from the config model so that it cannot drift.
 
-``python -m sidecar.reference > docs/config-reference.md`` writes it; a test checks that the
+``python -m sidecar.config.reference > docs/config-reference.md`` writes it; a test checks that the
 committed file equals what this module generates.
 """
 
@@ -13,13 +13,13 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from sidecar.config import Config
-from sidecar.config_load import submodel
+from sidecar.config.load import submodel
+from sidecar.config.models import Config
 
 HEADER = """# Configuration reference
 
-Generated from `sidecar/config.py` by `python -m sidecar.reference`; do not edit by hand.
-Every key may be set in the YAML file, or overridden by `SIDECAR_<SECTION>_<KEY>`
+Generated from `sidecar/config/models.py` by `python -m sidecar.config.reference`; do not edit by
+hand. Every key may be set in the YAML file, or overridden by `SIDECAR_<SECTION>_<KEY>`
 (for example `SIDECAR_UPSTREAM_TIMEOUT_TOTAL=10`). Secrets print as `**********`.
 
 | key | type | default | meaning |

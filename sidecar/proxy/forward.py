@@ -3,8 +3,9 @@
 The proxy reads the session's current credentials and never talks to the identity provider or the
 store itself. Every error it makes is JSON ``{"error": ..., "detail": ...}`` with
 ``X-Sidecar-Error: 1``: 503 without a valid session, 502 when the upstream refuses or resets, 504
-on timeout, 4xx for requests it refuses. HTTP on the caller's side is :mod:`sidecar.front`'s, on
-the upstream's side :mod:`sidecar.upstream`'s; this module decides what goes from one to the other.
+on timeout, 4xx for requests it refuses. HTTP on the caller's side is
+:mod:`sidecar.http.connection`'s, on the upstream's side :mod:`sidecar.http.client`'s; this module
+decides what goes from one to the other.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from yarl import URL
 
 from sidecar import tls
-from sidecar.callers import CallerPolicy
 from sidecar.clock import Clock
-from sidecar.config import Upstream
-from sidecar.egress import Egress
+from sidecar.config.models import Upstream
 from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
-from sidecar.exchange import Request
-from sidecar.headers import HeaderRules, caller_traceparent, trace_id
-from sidecar.http_parts import (
+from sidecar.http.client import UpstreamBroken, UpstreamPool, UpstreamResponse
+from sidecar.http.egress import Egress
+from sidecar.http.exchange import Request
+from sidecar.http.wire import (
     CODED,
     DROP,
     DROP_WITH_LENGTH,
@@ -40,13 +40,14 @@ from sidecar.http_parts import (
 )
 from sidecar.logs import write_access
 from sidecar.metrics import Metrics
-from sidecar.session import Credentials
-from sidecar.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
+from sidecar.proxy.callers import CallerPolicy
+from sidecar.proxy.headers import HeaderRules, caller_traceparent, trace_id
+from sidecar.session.manager import Credentials
 
 if TYPE_CHECKING:
-    from sidecar.tracing import SpanExporter
+    from sidecar.proxy.tracing import SpanExporter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.proxy")
 
 #: RFC 9110 9.2.2: sending these twice means the same as sending them once
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -199,7 +200,7 @@ class Proxy:
 
     async def handle(self, request: Request, *, unix: bool = False) -> None:
         """Answer one request: measure, count, log, and turn our errors into responses.
-        ``unix``: it came over the Unix socket (no Host check, see :mod:`sidecar.callers`)."""
+        ``unix``: it came over the Unix socket (no Host check, see :mod:`sidecar.proxy.callers`)."""
         metrics = self._metrics
         started = self._clock.monotonic()
         metrics.in_flight.inc()

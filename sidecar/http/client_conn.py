@@ -1,7 +1,7 @@
 """One pooled keep-alive HTTP/1.1 connection to the upstream: an ``asyncio.Protocol`` that feeds
 llhttp (through ``httptools``) and holds the response's head and body chunks for one exchange.
 
-:mod:`sidecar.upstream` pools these and turns them into responses; a failure here becomes the
+:mod:`sidecar.http.client` pools these and turns them into responses; a failure here becomes the
 error that module maps (:class:`UpstreamBroken` once the head was passed on).
 """
 
@@ -16,7 +16,7 @@ from typing import cast
 import httptools
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.exchange import wake
+from sidecar.http.exchange import wake
 
 #: pause reading from the upstream while this many body bytes wait for the caller
 HIGH_WATER = 1 << 18

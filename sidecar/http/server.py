@@ -1,5 +1,5 @@
-"""The :8080 listener and its connections (:class:`~sidecar.front.FrontProtocol` each): the
-deadline sweep (head, body, idle keep-alive), the connection cap, and what a graceful shutdown
+"""The :8080 listener and its connections (:class:`~sidecar.http.connection.FrontProtocol` each):
+the deadline sweep (head, body, idle keep-alive), the connection cap, and what a graceful shutdown
 needs: stop accepting, drain, close.
 """
 
@@ -15,10 +15,10 @@ import socket
 from collections.abc import Callable
 
 from sidecar.clock import Clock
-from sidecar.config import Listen
-from sidecar.front import FrontProtocol, Handler
+from sidecar.config.models import Listen
+from sidecar.http.connection import FrontProtocol, Handler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.http")
 
 #: the sweep looks this many times per shortest deadline (a deadline fires at most 1/5 late)
 TICKS_PER_DEADLINE = 5

@@ -23,12 +23,12 @@ import aiohttp
 
 from sidecar import __version__
 from sidecar.clock import Clock
-from sidecar.headers import new_traceparent, valid_traceparent
+from sidecar.proxy.headers import new_traceparent, valid_traceparent
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.proxy")
 
 #: seconds between two exports
 EXPORT_EVERY = 2.0

@@ -25,7 +25,7 @@ from sidecar.field_values import checked
 from sidecar.templates import compile_text, names_by_key, unknown
 
 if TYPE_CHECKING:
-    from sidecar.config_oauth2 import Validate
+    from sidecar.config.oauth2 import Validate
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -1,5 +1,5 @@
 """The lean upstream leg: pooled keep-alive HTTP/1.1 connections, the request head written in one
-buffer, responses parsed by llhttp (:mod:`sidecar.upstream_conn`), bodies streamed with
+buffer, responses parsed by llhttp (:mod:`sidecar.http.client_conn`), bodies streamed with
 backpressure.
 
 Why not ``aiohttp.ClientSession``: two thirds of a minimal aiohttp proxy's per-request cost is its
@@ -19,9 +19,9 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
-from sidecar.egress import ForwardProxy
 from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
-from sidecar.upstream_conn import UpstreamBroken, UpstreamConnection
+from sidecar.http.client_conn import UpstreamBroken, UpstreamConnection
+from sidecar.http.egress import ForwardProxy
 
 __all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamResponse"]
 

@@ -1,9 +1,9 @@
 """Configuration of who may call the proxy (``listen.allowed_hosts``, ``allowed_origins``,
 ``require_header``): the entries' checks and their normal forms, and the caller secret's file.
 
-The fields live on :class:`sidecar.config.Listen`; :mod:`sidecar.callers` compiles them into the
-per-request check. Entries are kept in the form the check compares with: lower case, a host
-without its trailing dot, an origin without a default port.
+The fields live on :class:`sidecar.config.models.Listen`; :mod:`sidecar.proxy.callers` compiles
+them into the per-request check. Entries are kept in the form the check compares with: lower case,
+a host without its trailing dot, an origin without a default port.
 """
 
 from __future__ import annotations

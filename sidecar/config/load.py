@@ -1,8 +1,9 @@
 """Loading the configuration: YAML file and environment in, a validated Config out.
 
 :func:`load_config` reads a YAML file (or the embedded demo), fills ``${VAR}`` from the environment,
-applies ``SIDECAR_<SECTION>_<KEY>`` overrides and validates against :class:`sidecar.config.Config`.
-Every problem is reported at once, each naming its dotted key and the file, as a
+applies ``SIDECAR_<SECTION>_<KEY>`` overrides and validates against
+:class:`sidecar.config.models.Config`. Every problem is reported at once, each naming its dotted
+key and the file, as a
 :class:`~sidecar.errors.ConfigError` (exit code 2). :func:`redacted` shows a loaded configuration
 with its secrets masked; :func:`read_secret` reads a secret's current value when it is needed.
 """
@@ -20,10 +21,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from sidecar.config import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
-from sidecar.config_callers import read_caller_secret
-from sidecar.config_json_login import credential_files
-from sidecar.config_oauth2 import check_private_key
+from sidecar.config.callers import read_caller_secret
+from sidecar.config.json_login import credential_files
+from sidecar.config.models import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
+from sidecar.config.oauth2 import check_private_key
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"

@@ -4,7 +4,7 @@
 ``"key: message"`` line per problem (the loader prefixes ``identity.``), so every missing key is
 named: ``subject_token_file: required for grant token_exchange``. :func:`check_private_key`
 runs at load time, when the files are read. The fields themselves live on
-:class:`sidecar.config.Identity`.
+:class:`sidecar.config.models.Identity`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 if TYPE_CHECKING:
-    from sidecar.config import Identity
+    from sidecar.config.models import Identity
 
 #: asymmetric JWS algorithms (RFC 7518, RFC 8037) sidecar signs or accepts; never ``none`` or HS*
 JWSAlgorithm = Literal[

@@ -1,8 +1,8 @@
 """Header parts that come from the session: ``{{ session.* }}`` values and the session's cookies.
 
 Both are worked out once per credentials snapshot (a new token, fields or cookie jar is a new
-:class:`~sidecar.session.Credentials` object), never per request: the per-request work is one
-identity comparison, plus a path-match over the few cookies kept for the upstream's host.
+:class:`~sidecar.session.manager.Credentials` object), never per request: the per-request work is
+one identity comparison, plus a path-match over the few cookies kept for the upstream's host.
 
 * :class:`SessionValues` renders the header templates (``tenant_id: "{{ session.tenant_id }}"``)
   with ``session.access_token`` and the session's fields. A value that cannot be rendered (a field
@@ -32,9 +32,9 @@ from sidecar.field_values import checked
 from sidecar.templates import MissingValue, Text, compile_text
 
 if TYPE_CHECKING:
-    from sidecar.session import Credentials
+    from sidecar.session.manager import Credentials
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.proxy")
 
 
 def templated(values: Mapping[str, str]) -> dict[str, Text]:

@@ -1,6 +1,7 @@
 """The stateless pieces of HTTP the proxy builds or checks: its own error answers, the check of a
 request's target, the upstream's response header lines as passed on (Location turned back toward
-the caller), and the size limit for chunked uploads. :mod:`sidecar.proxy` decides when each applies.
+the caller), and the size limit for chunked uploads. :mod:`sidecar.proxy.forward` decides when each
+applies.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 from yarl import URL
 
 from sidecar.errors import RefusedRequest
-from sidecar.headers import HOP_BY_HOP
+from sidecar.proxy.headers import HOP_BY_HOP
 
 #: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
 CODED = b"Transfer-Encoding: %b, chunked\r\n"

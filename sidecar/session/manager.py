@@ -7,9 +7,9 @@ loop, a request that found no token, an upstream 401, an operator), runs as one 
 however many callers wait, the identity provider sees one call.
 
 The manager holds the session and owns single flight; its parts, one module each, do the rest:
-when to renew and the background loop (:mod:`sidecar.session_schedule`), the calls to the identity
-provider and which of them keep X-Session-ID (:mod:`sidecar.session_renew`), the store
-(:mod:`sidecar.session_persist`) and the /session summary (:mod:`sidecar.session_report`).
+when to renew and the background loop (:mod:`sidecar.session.schedule`), the calls to the identity
+provider and which of them keep X-Session-ID (:mod:`sidecar.session.renew`), the store
+(:mod:`sidecar.session.persist`) and the /session summary (:mod:`sidecar.session.report`).
 """
 
 from __future__ import annotations
@@ -26,24 +26,24 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sidecar.clock import Clock
-from sidecar.config import Refresh
+from sidecar.config.models import Refresh
 from sidecar.cookies import store_cookies
 from sidecar.errors import IdentityError, NoSessionError
 from sidecar.identity import IdentityProvider
 from sidecar.metrics import Metrics
-from sidecar.session_persist import SessionPersistence
-from sidecar.session_renew import Renewer
-from sidecar.session_report import summarize
-from sidecar.session_schedule import RefreshSchedule
+from sidecar.session.persist import SessionPersistence
+from sidecar.session.renew import Renewer
+from sidecar.session.report import summarize
+from sidecar.session.schedule import RefreshSchedule
 from sidecar.store import SessionRecord, SessionStore
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
-    from sidecar.shared import SharedSession
-    from sidecar.sink import TokenSink
+    from sidecar.session.shared import SharedSession
+    from sidecar.session.sink import TokenSink
     from sidecar.store.crypto import Sealer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.session")
 
 
 class State(StrEnum):

@@ -1,11 +1,11 @@
 """Configuration: pydantic models mirroring the YAML (frozen, unknown keys refused).
 
 Each model validates its own keys. Cross-field validators raise all their problems at once, one
-``"sub.key: message"`` line each, which :mod:`sidecar.config_load` turns into dotted keys. Reading
+``"sub.key: message"`` line each, which :mod:`sidecar.config.load` turns into dotted keys. Reading
 the file, the environment and the secret files is that module's job.
 
 Secrets are :class:`pydantic.SecretStr` (they print as ``**********``) or ``<key>_file`` paths whose
-content is read when needed (:func:`sidecar.config_load.read_secret`), so a rotated Kubernetes
+content is read when needed (:func:`sidecar.config.load.read_secret`), so a rotated Kubernetes
 Secret is picked up at the next login.
 """
 
@@ -26,16 +26,16 @@ from pydantic import (
 )
 from yarl import URL
 
-from sidecar.config_callers import CallerHeader, host_entry, origin_entry
-from sidecar.config_headers import header_placeholder_problems
-from sidecar.config_json_login import (
+from sidecar.config.callers import CallerHeader, host_entry, origin_entry
+from sidecar.config.headers import header_placeholder_problems
+from sidecar.config.json_login import (
     JsonCall,
     JsonRefreshCall,
     JsonResponse,
     json_login_problems,
     json_login_validate_problems,
 )
-from sidecar.config_oauth2 import (
+from sidecar.config.oauth2 import (
     TOKEN_TYPE_JWT,
     JWSAlgorithm,
     Validate,
@@ -95,14 +95,14 @@ class Listen(_Address):
         75.0, gt=0, description="seconds an idle keep-alive connection stays open"
     )
     #: caller connections served at once; more get 503 and are closed. null: derived from the
-    #: descriptor limit (see sidecar.front_server.default_max_connections)
+    #: descriptor limit (see sidecar.http.server.default_max_connections)
     max_connections: int | None = Field(
         None,
         ge=1,
         description="caller connections at once (beyond: 503 and close); null: from the fd limit",
     )
 
-    # -- who may call (sidecar/callers.py; docs/security.md, "Security model")
+    # -- who may call (sidecar/proxy/callers.py; docs/security.md, "Security model")
     # null, unlike the admin port: the proxy may listen on its Unix socket only
     port: int | None = Field(  # type: ignore[assignment]
         8080,
@@ -288,7 +288,7 @@ class Identity(_Model):
     timeout: float = Field(10.0, gt=0)
     #: TLS toward the identity provider, the same model as upstream.tls
     tls: TLS = TLS()
-    # kind json_login (sidecar/config_json_login.py): each credential may be <name>_file instead
+    # kind json_login (sidecar/config/json_login.py): each credential may be <name>_file instead
     credentials: dict[str, SecretStr] = Field(default_factory=dict)
     login: JsonCall | None = None
     refresh: JsonRefreshCall | None = None

@@ -19,10 +19,10 @@ import socket
 import uuid
 
 from sidecar.errors import StoreError, StoreUnreadable
-from sidecar.session import Credentials, SessionManager
+from sidecar.session.manager import Credentials, SessionManager
 from sidecar.store import SessionRecord, SharedStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.session")
 
 #: seconds between looks at the shared record while a peer holds the lock
 PEER_POLL = 0.05

@@ -4,7 +4,8 @@ Outgoing headers = the caller's headers, minus hop-by-hop headers (RFC 9110 7.6.
 Host and Authorization and every header the sidecar manages, plus the managed headers:
 Authorization, X-Request-ID, X-Correlation-ID, traceparent, X-Activity-ID, X-Session-ID,
 X-Tenant-ID and the static extras. Values may use ``{{ session.<field> }}``: those are rendered once
-per credentials snapshot (see :mod:`sidecar.header_values`), as is the session's Cookie header when
+per credentials snapshot (see :mod:`sidecar.proxy.header_values`), as is the session's Cookie
+header when
 ``upstream.send_cookies`` is on.
 """
 
@@ -17,13 +18,13 @@ from typing import TYPE_CHECKING
 
 from multidict import istr
 
-from sidecar.config import Headers
-from sidecar.config_headers import header_templates
-from sidecar.header_values import SessionCookies, SessionValues, templated
-from sidecar.session import Credentials
+from sidecar.config.headers import header_templates
+from sidecar.config.models import Headers
+from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
+from sidecar.session.manager import Credentials
 
 if TYPE_CHECKING:
-    from sidecar.exchange import Request
+    from sidecar.http.exchange import Request
 
 #: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
 HOP_BY_HOP = frozenset(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sidecar.session import SessionManager
-    from sidecar.session_schedule import RefreshSchedule
+    from sidecar.session.manager import SessionManager
+    from sidecar.session.schedule import RefreshSchedule
 
 
 def summarize(manager: SessionManager, schedule: RefreshSchedule, renewing: bool) -> dict[str, Any]:

@@ -1,0 +1,4 @@
+"""The session wing: the manager (``manager``) that owns one identity's session, its refresh
+schedule (``schedule``) and timing maths (``timing``), the renewal (``renew``), persistence
+(``persist``), the status report (``report``), coordination between replicas (``shared``) and the
+token file sink (``sink``)."""
