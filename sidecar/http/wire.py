@@ -15,7 +15,22 @@ from urllib.parse import unquote_to_bytes
 from yarl import URL
 
 from sidecar.errors import RefusedRequest
-from sidecar.proxy.headers import HOP_BY_HOP
+
+#: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
 
 #: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
 CODED = b"Transfer-Encoding: %b, chunked\r\n"

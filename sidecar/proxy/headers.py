@@ -20,27 +20,12 @@ from multidict import istr
 
 from sidecar.config.headers import header_templates
 from sidecar.config.models import Headers
+from sidecar.http.wire import HOP_BY_HOP
 from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
 from sidecar.session.manager import Credentials
 
 if TYPE_CHECKING:
     from sidecar.http.exchange import Request
-
-#: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
 
 REQUEST_ID = istr("X-Request-ID")
 CORRELATION_ID = istr("X-Correlation-ID")
