@@ -19,11 +19,11 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
-from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
-from sidecar.http.client_conn import UpstreamBroken, UpstreamConnection
+from sidecar.errors import RefusedRequest, UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from sidecar.http.client_conn import UpstreamConnection
 from sidecar.http.egress import ForwardProxy
 
-__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["UpstreamPool", "UpstreamResponse"]
 
 
 class UpstreamResponse:

@@ -21,8 +21,14 @@ from yarl import URL
 from sidecar import tls
 from sidecar.clock import Clock
 from sidecar.config.models import Upstream
-from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
-from sidecar.http.client import UpstreamBroken, UpstreamPool, UpstreamResponse
+from sidecar.errors import (
+    RefusedRequest,
+    SidecarError,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from sidecar.http.client import UpstreamPool, UpstreamResponse
 from sidecar.http.egress import Egress
 from sidecar.http.exchange import Request
 from sidecar.http.wire import (
