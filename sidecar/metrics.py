@@ -188,7 +188,7 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
 
-    def count_refusal(self, reason: str) -> None:
+    def request_refused(self, reason: str) -> None:
         """Count one request refused by the proxy (``reason``: the refusal's error code)."""
         child = self._refusal_children.get(reason)
         if child is None:

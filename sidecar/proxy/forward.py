@@ -220,12 +220,7 @@ class Proxy:
                     extra={"error": str(exc), "code": exc.code, "request_id": request.request_id},
                 )
             elif isinstance(exc, RefusedRequest):
-                metrics.count_refusal(exc.code)
-                # the same one quiet line as the front's own refusals (docs/operations.md)
-                log.warning(
-                    "proxy.refused_request",
-                    extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},
-                )
+                self._refused(exc)
             made = self._error(request, exc.http_status, exc.code, str(exc))
         except ConnectionError:
             request.conn.abort()  # the caller went away
@@ -261,11 +256,23 @@ class Proxy:
                     elapsed,
                 )
 
-    def front_refusal(self, status: int, code: str, detail: str) -> bytes:
-        """The whole answer to a request the front refused before it was handled (malformed,
-        too large...), counted as refused like the proxy's own refusals."""
-        self._metrics.count_refusal(code)
-        return refusal_bytes(status, code, detail)
+    def front_refusal(self, refused: RefusedRequest) -> bytes:
+        """The whole answer to a request (or connection) the front refused before it was handled
+        (malformed, too large, too many connections...); the connection closes after it."""
+        detail = self._refused(refused)
+        return refusal_bytes(refused.http_status, refused.code, detail)
+
+    def _refused(self, refused: RefusedRequest) -> str:
+        """Count and log a refusal, the front's and the proxy's alike: one quiet line each
+        (``proxy.refused_request``, docs/operations.md), never a traceback. Returns the detail
+        as shown (bounded: it may quote what the caller sent)."""
+        detail = str(refused)[:200]
+        self._metrics.request_refused(refused.code)
+        log.warning(
+            "proxy.refused_request",
+            extra={"status": refused.http_status, "code": refused.code, "detail": detail},
+        )
+        return detail
 
     def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
         """Answer with sidecar's own error; False when the upstream's answer had begun."""
