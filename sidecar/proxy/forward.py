@@ -209,7 +209,7 @@ class Proxy:
         ``unix``: it came over the Unix socket (no Host check, see :mod:`sidecar.proxy.callers`)."""
         metrics = self._metrics
         started = self._clock.monotonic()
-        metrics.in_flight.inc()
+        metrics.request_started()
         made = False  # the status is sidecar's own answer, not the upstream's
         try:
             await self._forward(request, unix)
@@ -228,13 +228,11 @@ class Proxy:
             log.exception("proxy.internal_error", extra={"request_id": request.request_id})
             made = self._error(request, 500, "internal_error", "the proxy failed; see its log")
         finally:
-            metrics.in_flight.dec()
             # no status: the caller left before any answer (nginx's 499), not a server error
             status = request.status or 499
             elapsed = self._clock.monotonic() - started
             source = "sidecar" if made or not request.status else "upstream"
-            metrics.count_request(request.method, status, source)
-            metrics.observe_duration(elapsed)
+            metrics.request_finished(request.method, status, source, elapsed)
             if self.access_log:
                 write_access(
                     request.method,
