@@ -349,10 +349,10 @@ class FrontProtocol(asyncio.Protocol):
         if length is not None:
             request.length = int(length)
         if (length is not None and request.length) or request.header(b"transfer-encoding"):
-            request.body = Body(self)
+            request.body = body = Body(self)
             self._read_since = self.server.ticks
             expect = request.header(b"expect")
-            self._awaiting_continue = (
+            body.expects_continue = self._awaiting_continue = (
                 expect is not None
                 and request.version == "1.1"
                 and expect.strip().lower() == b"100-continue"

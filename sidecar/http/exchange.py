@@ -46,7 +46,7 @@ LOW_WATER = 1 << 16
 class Body:
     """A request body (or, after an upgrade, the caller's raw bytes) as it arrives."""
 
-    __slots__ = ("_chunks", "_conn", "_error", "_waiter", "buffered", "done")
+    __slots__ = ("_chunks", "_conn", "_error", "_waiter", "buffered", "done", "expects_continue")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -55,6 +55,9 @@ class Body:
         self._error: Exception | None = None
         self.buffered = 0
         self.done = False
+        #: the caller holds the body back until it is sent ``100 Continue`` (an HTTP/1.1
+        #: request with ``Expect: 100-continue``, RFC 9110 10.1.1)
+        self.expects_continue = False
 
     def feed(self, data: bytes) -> None:
         """Add bytes; reading from the caller pauses while too many wait."""

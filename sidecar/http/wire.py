@@ -1,7 +1,12 @@
-"""The stateless pieces of HTTP the proxy builds or checks: its own error answers, the check of a
-request's target, the upstream's response header lines as passed on (Location turned back toward
-the caller), and the size limit for chunked uploads. :mod:`sidecar.proxy.forward` decides when each
-applies.
+"""HTTP/1.1 framing as bytes, and the stateless pieces of HTTP the proxy builds or checks.
+
+Framing: the request line, the fields that delimit a body (Content-Length, chunked
+Transfer-Encoding, the last chunk), ``Expect: 100-continue``, the protocol switch (Upgrade), and
+the hop-by-hop fields with those a Connection header lists, which are never passed on. The other
+pieces: the proxy's own error answers, the check of a request's target, the upstream's response
+header lines as passed on (Location turned back toward the caller), and the size limit for
+chunked uploads. :mod:`sidecar.proxy.forward` decides when each applies and names no framing bytes
+itself.
 """
 
 from __future__ import annotations
@@ -32,8 +37,42 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+#: a body's framing line: its length (``% length``), streamed chunked, or none (RFC 9112 6)
+CONTENT_LENGTH = b"Content-Length: %d\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+NO_BODY = CONTENT_LENGTH % 0
 #: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
 CODED = b"Transfer-Encoding: %b, chunked\r\n"
+#: the end of a chunked body (RFC 9112 7.1), no trailer fields
+LAST_CHUNK = b"0\r\n\r\n"
+#: RFC 9110 10.1.1: the upstream is asked to say whether it wants the body before it is sent
+EXPECT_CONTINUE = b"Expect: 100-continue\r\n"
+#: RFC 9110 7.8: the fields asking for (or confirming) a switch to another protocol
+UPGRADE_TO = b"Connection: Upgrade\r\nUpgrade: %b\r\n"
+
+
+def request_line(prefix: str, host: str) -> str:
+    """The request line and Host field toward one upstream as a ``%`` template of the method and
+    the target (``template % (method, target)``, then encoded latin-1): built once per upstream,
+    filled per request. ``prefix`` is the upstream's path prefix the target is appended to."""
+    prefix, host = prefix.replace("%", "%%"), host.replace("%", "%%")
+    return f"%s {prefix}%s HTTP/1.1\r\nHost: {host}\r\n"
+
+
+def has_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The head declares the body's length (a Content-Length field)."""
+    for name, _ in headers:  # noqa: SIM110 - no generator object per streamed answer
+        if name.lower() == b"content-length":
+            return True
+    return False
+
+
+def upgrade_protocol(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The protocol an Upgrade field names (the first one), or None."""
+    for name, value in headers:
+        if name.lower() == b"upgrade":
+            return value
+    return None
 
 
 def error_parts(
