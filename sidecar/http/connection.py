@@ -31,6 +31,7 @@ import httptools
 
 from sidecar.errors import RefusedRequest
 from sidecar.http.exchange import Body, Request, wake
+from sidecar.http.wire import body_head
 
 if TYPE_CHECKING:
     from sidecar.http.server import FrontServer
@@ -536,13 +537,8 @@ def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpReques
     """A parser that reads only ``request``'s body, framed as its head declared (llhttp checked
     that framing already), into a fresh body stream for the request."""
     body = request.body = Body(front)
-    framing = (
-        b"Transfer-Encoding: chunked"
-        if request.length is None
-        else b"Content-Length: %d" % request.length
-    )
     parser = httptools.HttpRequestParser(_UpgradeBody(front, body))
-    parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+    parser.feed_data(body_head(request.length))
     return parser
 
 
