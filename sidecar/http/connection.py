@@ -25,16 +25,13 @@ import collections
 import re
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from sidecar.errors import RefusedRequest
 from sidecar.http.exchange import Body, Request, wake
 from sidecar.http.wire import body_head
-
-if TYPE_CHECKING:
-    from sidecar.http.server import FrontServer
 
 #: longest request line and header line accepted (as aiohttp's and nginx's defaults, ~8 KiB)
 MAX_LINE = 8190
@@ -54,10 +51,34 @@ LINGER_TICKS = 2
 Handler = Callable[[Request], Awaitable[None]]
 
 
+class Listener(Protocol):
+    """What a connection needs of the server that accepted it
+    (:class:`~sidecar.http.server.FrontServer`): the handler, the refusal answer, the deadline
+    sweep's count and limits, and the bookkeeping a graceful shutdown reads."""
+
+    loop: asyncio.AbstractEventLoop
+    #: answers one request
+    handler: Handler
+    #: the whole answer to a refused request (counted and logged by whoever builds it)
+    refusal: Callable[[RefusedRequest], bytes]
+    connections: set[FrontProtocol]
+    #: requests being answered right now, and who waits for that to reach 0
+    in_flight: int
+    idle: asyncio.Future[None] | None
+    draining: bool
+    #: deadline sweeps so far, and each deadline in sweeps (the timeouts: for messages)
+    ticks: int
+    head_ticks: int
+    body_ticks: int
+    idle_ticks: int
+    head_timeout: float
+    body_timeout: float
+
+
 class FrontProtocol(asyncio.Protocol):
     """One caller's connection: parse, queue requests in order, answer them one at a time."""
 
-    def __init__(self, server: FrontServer) -> None:
+    def __init__(self, server: Listener) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
