@@ -11,7 +11,9 @@
     ├── NoSessionError              no valid token can be had right now (HTTP 503)
     ├── UpstreamError               the upstream leg failed
     │   ├── UpstreamUnavailable     refused or reset (HTTP 502)
-    │   └── UpstreamTimeout         connect or total timeout (HTTP 504)
+    │   ├── UpstreamTimeout         connect or total timeout (HTTP 504)
+    │   └── UpstreamBroken          failed mid-body, after its head was passed on (no answer can
+    │                               be made: the caller's connection is cut)
     ├── RefusedRequest              a caller's request we will not forward (HTTP 4xx)
     └── StoreError                  the session store could not be read or written
         └── StoreUnreadable         it answered, but what it holds cannot be read
@@ -137,6 +139,13 @@ class UpstreamTimeout(UpstreamError):
 
     http_status = 504
     code = "upstream_timeout"
+
+
+class UpstreamBroken(UpstreamError):
+    """The upstream failed after its response head was received (mid-body): the caller already
+    has the head, so the proxy cuts the connection rather than answer an error."""
+
+    code = "upstream_broken"
 
 
 class RefusedRequest(SidecarError):

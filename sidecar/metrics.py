@@ -159,13 +159,16 @@ class Metrics:
             "Failed logins or refreshes in a row since the last success (0 while renewals work)",
             registry=r,
         )
-        self.spans_dropped = Counter(
+        self._spans_dropped = Counter(
             "sidecar_spans_dropped_total",
             "Spans not exported (tracing.otlp_endpoint): the queue was full or the export failed",
             registry=r,
         )
         self._request_children: dict[tuple[str, int, str], Counter] = {}
-        self.observe_duration = self.upstream_duration.observe
+        self._observe_duration = self.upstream_duration.observe
+        #: a request began: counted in flight until :meth:`request_finished` (the gauge's own
+        #: method, bound once: no call of ours in between on the hot path)
+        self.request_started = self.in_flight.inc
         for result in ("success", "failure"):
             self.logins.labels(result=result)
 
@@ -177,23 +180,30 @@ class Metrics:
         prometheus_client.PlatformCollector(registry=registry)
         prometheus_client.GCCollector(registry=registry)
 
-    def count_request(self, method: str, status: int, source: str = "upstream") -> None:
-        """Count one answered request; ``source`` says who made the status: ``upstream`` (passed
-        on) or ``sidecar`` (its own answer, or 499: the caller left before any answer). Label
-        children are cached after first use."""
+    def request_finished(self, method: str, status: int, source: str, seconds: float) -> None:
+        """A request :meth:`request_started` counted is over: no longer in flight, counted by
+        method, status and ``source`` (who made the status: ``upstream``, passed on, or
+        ``sidecar``: its own answer, or 499, the caller left before any answer), and its
+        duration observed. Label children are cached after first use."""
+        self.in_flight.dec()
         key = (method if method in KNOWN_METHODS else "OTHER", status, source)
         child = self._request_children.get(key)
         if child is None:
             child = self.upstream_requests.labels(method=key[0], code=str(status), source=source)
             self._request_children[key] = child
         child.inc()
+        self._observe_duration(seconds)
 
-    def count_refusal(self, reason: str) -> None:
+    def request_refused(self, reason: str) -> None:
         """Count one request refused by the proxy (``reason``: the refusal's error code)."""
         child = self._refusal_children.get(reason)
         if child is None:
             child = self._refusal_children[reason] = self.refused_requests.labels(reason=reason)
         child.inc()
+
+    def spans_dropped(self, count: int = 1) -> None:
+        """``count`` spans were not exported (a full queue, or a failed export)."""
+        self._spans_dropped.inc(count)
 
     def in_flight_now(self) -> float:
         """Requests being proxied right now (the gauge's value)."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
 from tests.conftest import MakeSidecar
 from tests.fakes.upstream import FakeUpstream
+from tests.helpers import sample
+
+REFUSED = 'sidecar_refused_requests_total{reason="%s"}'
 
 FAST = {"head_timeout": 0.4, "body_timeout": 0.4, "idle_timeout": 5}
 
@@ -118,11 +122,12 @@ async def test_a_body_that_keeps_moving_is_not_cut(
 
 
 async def test_connections_beyond_max_connections_get_503_and_stalled_ones_give_way(
-    make_sidecar: MakeSidecar, upstream: FakeUpstream
+    make_sidecar: MakeSidecar, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With listen.max_connections open (stalled mid-body), another connection is answered 503
-    with the JSON error and closed; once the body deadline frees the stalled ones, new requests
-    are served again."""
+    with the JSON error and closed, counted and logged once as a refusal like any other; once the
+    body deadline frees the stalled ones, new requests are served again."""
+    caplog.set_level(logging.WARNING, logger="sidecar")
     sidecar = await make_sidecar(listen={**FAST, "body_timeout": 1.0, "max_connections": 2})
     stalled = []
     for _ in range(2):
@@ -136,6 +141,10 @@ async def test_connections_beyond_max_connections_get_503_and_stalled_ones_give_
     assert head.startswith(b"HTTP/1.1 503")
     assert b"X-Sidecar-Error: 1" in head
     assert json.loads(body)["error"] == "too_many_connections"
+    refused = [r for r in caplog.records if r.getMessage() == "proxy.refused_request"]
+    assert [getattr(r, "code", None) for r in refused] == ["too_many_connections"]
+    counted = sample(sidecar.metrics.render().decode(), REFUSED % "too_many_connections")
+    assert counted == 1.0
     for r, w in stalled:
         head, _ = await answer(r)
         assert head.startswith(b"HTTP/1.1 408")

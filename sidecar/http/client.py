@@ -19,11 +19,12 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
-from sidecar.errors import RefusedRequest, UpstreamTimeout, UpstreamUnavailable
-from sidecar.http.client_conn import UpstreamBroken, UpstreamConnection
+from sidecar.errors import RefusedRequest, UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from sidecar.http.client_conn import UpstreamConnection
 from sidecar.http.egress import ForwardProxy
+from sidecar.http.wire import CHUNK, LAST_CHUNK
 
-__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["UpstreamPool", "UpstreamResponse"]
 
 
 class UpstreamResponse:
@@ -295,14 +296,14 @@ class UpstreamPool:
                 if not chunk:
                     continue
                 if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    transport.write(CHUNK % (len(chunk), chunk))
                 else:
                     transport.write(chunk)
                 await conn.drain()
                 if conn in waiting:
                     waiting[conn] = conn._loop.time() + timeout
             if chunked:
-                transport.write(b"0\r\n\r\n")
+                transport.write(LAST_CHUNK)
             elif tunnel and not transport.is_closing() and transport.can_write_eof():
                 transport.write_eof()
         except asyncio.CancelledError:

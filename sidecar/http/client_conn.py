@@ -15,7 +15,7 @@ from typing import cast
 
 import httptools
 
-from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 from sidecar.http.exchange import wake
 
 #: pause reading from the upstream while this many body bytes wait for the caller
@@ -26,12 +26,6 @@ LOW_WATER = 1 << 16
 MAX_HEAD = 64 * 1024
 #: most header lines in one response head
 MAX_HEADERS = 256
-
-
-class UpstreamBroken(UpstreamUnavailable):
-    """The upstream failed after its response head was received (mid-body)."""
-
-    code = "upstream_broken"
 
 
 class _BadHead(UpstreamUnavailable):

@@ -3,8 +3,9 @@
 Why not aiohttp's ``web.Server``: its server side was most of what a request cost once the upstream
 leg was lean (see docs/performance.md). This module does only what a reverse proxy needs and never
 parses HTTP by hand: framing, smuggling shapes (CL+TE, duplicate CL, obfuscated TE) and bad
-characters are llhttp's to find. On top of llhttp it enforces the size limits (431, 414), answers
-every refusal with a JSON error and one warning log line, and closes the connection after it.
+characters are llhttp's to find. On top of llhttp it enforces the size limits (431, 414), turns
+every refusal into a :class:`~sidecar.errors.RefusedRequest` (raised from the llhttp callbacks
+too), answers it with the server's ``refusal`` bytes, and closes the connection after it.
 
 One task per connection answers its requests in order (keep-alive, pipelining). Request bodies
 reach the handler as a :class:`Body` stream; reading from the socket pauses while too much waits
@@ -21,21 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from sidecar.errors import RefusedRequest
 from sidecar.http.exchange import Body, Request, wake
-
-if TYPE_CHECKING:
-    from sidecar.http.server import FrontServer
-
-log = logging.getLogger("sidecar.http")
+from sidecar.http.wire import body_head
 
 #: longest request line and header line accepted (as aiohttp's and nginx's defaults, ~8 KiB)
 MAX_LINE = 8190
@@ -55,24 +51,39 @@ LINGER_TICKS = 2
 Handler = Callable[[Request], Awaitable[None]]
 
 
-class _Refusal(Exception):
-    """A request the front refuses before it is handled (raised inside llhttp callbacks)."""
+class Listener(Protocol):
+    """What a connection needs of the server that accepted it
+    (:class:`~sidecar.http.server.FrontServer`): the handler, the refusal answer, the deadline
+    sweep's count and limits, and the bookkeeping a graceful shutdown reads."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
+    loop: asyncio.AbstractEventLoop
+    #: answers one request
+    handler: Handler
+    #: the whole answer to a refused request (counted and logged by whoever builds it)
+    refusal: Callable[[RefusedRequest], bytes]
+    connections: set[FrontProtocol]
+    #: requests being answered right now, and who waits for that to reach 0
+    in_flight: int
+    idle: asyncio.Future[None] | None
+    draining: bool
+    #: deadline sweeps so far, and each deadline in sweeps (the timeouts: for messages)
+    ticks: int
+    head_ticks: int
+    body_ticks: int
+    idle_ticks: int
+    head_timeout: float
+    body_timeout: float
 
 
 class FrontProtocol(asyncio.Protocol):
     """One caller's connection: parse, queue requests in order, answer them one at a time."""
 
-    def __init__(self, server: FrontServer) -> None:
+    def __init__(self, server: Listener) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self._queue: collections.deque[Request | _Refusal] = collections.deque()
+        self._queue: collections.deque[Request | RefusedRequest] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -133,16 +144,18 @@ class FrontProtocol(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _BodyEnd):
                 return  # the bytes behind an untunnelled Upgrade's body are never read
-            if isinstance(cause, _Refusal):
+            if isinstance(cause, RefusedRequest):
                 self._refuse(cause)
             else:
-                self._refuse(_Refusal(400, "bad_request", "malformed request"))
+                self._refuse(RefusedRequest("malformed request", status=400, code="bad_request"))
             return
         except httptools.HttpParserInvalidMethodError:
             self._refuse(_bad_method(data))
             return
         except httptools.HttpParserError as exc:
-            self._refuse(_Refusal(400, "bad_request", str(exc) or "malformed request"))
+            self._refuse(
+                RefusedRequest(str(exc) or "malformed request", status=400, code="bad_request")
+            )
             return
         if upgraded_at >= 0:
             # outside the except block: errors of the body parser it starts must not be chained
@@ -154,7 +167,9 @@ class FrontProtocol(asyncio.Protocol):
             # callbacks count the completed lines exactly, whatever the read boundaries
             self._head_read += len(data)
             if self._head_read > MAX_HEAD:
-                self._refuse(_Refusal(431, "headers_too_large", "headers too large"))
+                self._refuse(
+                    RefusedRequest("headers too large", status=431, code="headers_too_large")
+                )
 
     def eof_received(self) -> bool | None:
         """The caller half-closed: a tunnel passes that on; requests received whole are still
@@ -242,7 +257,7 @@ class FrontProtocol(asyncio.Protocol):
             if now - self._head_since >= server.head_ticks:
                 if self._in_head:
                     detail = f"request head not received within {server.head_timeout:g} s"
-                    self._refuse(_Refusal(408, "head_timeout", detail))
+                    self._refuse(RefusedRequest(detail, status=408, code="head_timeout"))
                 elif self.transport is not None:
                     self.transport.close()  # connected, sent nothing: closed quietly
             return
@@ -250,7 +265,7 @@ class FrontProtocol(asyncio.Protocol):
         if request is not None and request.body is not None:
             if not self._awaiting_continue and now - self._read_since >= server.body_ticks:
                 detail = f"request body not received within {server.body_timeout:g} s"
-                self._refuse(_Refusal(408, "body_timeout", detail))
+                self._refuse(RefusedRequest(detail, status=408, code="body_timeout"))
             return
         idle = not self.has_work and now - self._idle_since >= server.idle_ticks
         if idle and self.transport is not None:
@@ -297,7 +312,7 @@ class FrontProtocol(asyncio.Protocol):
         self._url += url
         self._head_bytes += len(url)
         if len(self._url) > MAX_LINE:
-            raise _Refusal(414, "uri_too_long", "uri too long")
+            raise RefusedRequest("uri too long", status=414, code="uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """llhttp: one header line (or, after the head, a trailer field); a line too long, too
@@ -308,35 +323,43 @@ class FrontProtocol(asyncio.Protocol):
         """
         size = len(name) + len(value) + 2
         if size > MAX_LINE:
-            raise _Refusal(431, "headers_too_large", "header line too large")
+            raise RefusedRequest("header line too large", status=431, code="headers_too_large")
         self._head_bytes += size
         request = self._parsing
         if not self._in_head:  # a trailer field of the request being parsed
             self._trailers += 1
             if request is None or len(request.headers) + self._trailers > MAX_HEADERS:
-                raise _Refusal(431, "headers_too_large", "too many header and trailer fields")
+                raise RefusedRequest(
+                    "too many header and trailer fields", status=431, code="headers_too_large"
+                )
             if self._head_bytes > MAX_HEAD:
-                raise _Refusal(431, "headers_too_large", "headers and trailers too large")
+                raise RefusedRequest(
+                    "headers and trailers too large", status=431, code="headers_too_large"
+                )
             return
         if request is None:
             request = self._parsing = self._new_request()
         if len(request.headers) >= MAX_HEADERS:
-            raise _Refusal(431, "headers_too_large", "too many header fields")
+            raise RefusedRequest("too many header fields", status=431, code="headers_too_large")
         if self._head_bytes > MAX_HEAD:
-            raise _Refusal(431, "headers_too_large", "headers too large")
+            raise RefusedRequest("headers too large", status=431, code="headers_too_large")
         request.headers.append((name, value))
 
     def _new_request(self) -> Request:
         parser = self._parser
         if parser is None:  # llhttp calls back only while feeding: a broken invariant
-            raise _Refusal(500, "internal_error", "request parsed without a parser")
+            raise RefusedRequest(
+                "request parsed without a parser", status=500, code="internal_error"
+            )
         return Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         """llhttp: the head is complete: queue the request, open its body stream."""
         parser = self._parser
         if parser is None:
-            raise _Refusal(500, "internal_error", "request parsed without a parser")
+            raise RefusedRequest(
+                "request parsed without a parser", status=500, code="internal_error"
+            )
         request = self._parsing
         if request is None:  # a request without any header line
             request = self._parsing = self._new_request()
@@ -348,10 +371,10 @@ class FrontProtocol(asyncio.Protocol):
         if length is not None:
             request.length = int(length)
         if (length is not None and request.length) or request.header(b"transfer-encoding"):
-            request.body = Body(self)
+            request.body = body = Body(self)
             self._read_since = self.server.ticks
             expect = request.header(b"expect")
-            self._awaiting_continue = (
+            body.expects_continue = self._awaiting_continue = (
                 expect is not None
                 and request.version == "1.1"
                 and expect.strip().lower() == b"100-continue"
@@ -377,7 +400,7 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- requests in order
 
-    def _refuse(self, refusal: _Refusal) -> None:
+    def _refuse(self, refusal: RefusedRequest) -> None:
         """Stop parsing; the refusal is answered after the requests queued before it.
 
         Exactly one answer per request: when the refused part is the body (a bad chunk, too
@@ -396,10 +419,7 @@ class FrontProtocol(asyncio.Protocol):
             # the requests queued before it are answered as usual
             self.closing_after_response = True
             if not request.body.done:  # (done: the handler ends it; the connection closes)
-                detail = str(refusal)
-                request.body.finish(
-                    RefusedRequest(detail, status=refusal.status, code=refusal.code)
-                )
+                request.body.finish(refusal)
             return
         if request is not None and request in self._queue:
             self._queue.remove(request)  # its head or body is bad: never handled
@@ -448,12 +468,14 @@ class FrontProtocol(asyncio.Protocol):
                 item = queue.popleft()
                 if self._read_paused and len(queue) < MAX_QUEUED // 2 and self._parser is not None:
                     self.resume_reading()
-                if isinstance(item, _Refusal):
+                if isinstance(item, RefusedRequest):
                     self._answer_refusal(item)
                     break
                 if item.method in REFUSED_METHODS:
                     self._answer_refusal(
-                        _Refusal(405, "method_refused", f"{item.method} is not forwarded")
+                        RefusedRequest(
+                            f"{item.method} is not forwarded", status=405, code="method_refused"
+                        )
                     )
                     break
                 self.current = item
@@ -501,14 +523,11 @@ class FrontProtocol(asyncio.Protocol):
         self._parser = None
         self._parsing = None
 
-    def _answer_refusal(self, refusal: _Refusal) -> None:
-        status, code = refusal.status, refusal.code
-        detail = str(refusal)[:200]
-        log.warning(
-            "proxy.refused_request", extra={"status": status, "code": code, "detail": detail}
-        )
+    def _answer_refusal(self, refusal: RefusedRequest) -> None:
+        """Answer a request refused before it was handled; the connection closes after it.
+        The server's ``refusal`` counts and logs it with the proxy's own refusals."""
         self.closing_after_response = True
-        self.write(self.server.error_bytes(status, code, detail))
+        self.write(self.server.refusal(refusal))
 
 
 class _UpgradeBody:
@@ -539,13 +558,8 @@ def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpReques
     """A parser that reads only ``request``'s body, framed as its head declared (llhttp checked
     that framing already), into a fresh body stream for the request."""
     body = request.body = Body(front)
-    framing = (
-        b"Transfer-Encoding: chunked"
-        if request.length is None
-        else b"Content-Length: %d" % request.length
-    )
     parser = httptools.HttpRequestParser(_UpgradeBody(front, body))
-    parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+    parser.feed_data(body_head(request.length))
     return parser
 
 
@@ -553,17 +567,19 @@ def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpReques
 _REQUEST_LINE = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]* HTTP/")
 
 
-def _bad_method(data: bytes) -> _Refusal:
+def _bad_method(data: bytes) -> RefusedRequest:
     """The refusal of a method llhttp does not know: 405 for TRACK (TRACE by another name),
     501 for other extension methods (llhttp parses only the methods it lists, see docs)."""
     found = _REQUEST_LINE.findall(data)
     method = found[-1].decode("ascii") if found else ""
     if method.upper() in REFUSED_METHODS:
-        return _Refusal(405, "method_refused", f"{method.upper()} is not forwarded")
+        return RefusedRequest(
+            f"{method.upper()} is not forwarded", status=405, code="method_refused"
+        )
     shown = f"{method[:32]} " if method else ""
-    return _Refusal(
-        501,
-        "method_not_implemented",
+    return RefusedRequest(
         f"the method {shown}is not supported: the proxy's HTTP parser (llhttp) accepts only "
         "the methods it knows (those of RFC 9110, WebDAV, and a few others)",
+        status=501,
+        code="method_not_implemented",
     )

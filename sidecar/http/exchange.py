@@ -11,6 +11,16 @@ import collections
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from sidecar.http.wire import (
+    CHUNK,
+    CHUNKED,
+    CLOSE,
+    CONTENT_LENGTH,
+    CONTINUE,
+    KEEP_ALIVE,
+    STATUS_HEAD,
+)
+
 
 class Connection(Protocol):
     """What an exchange needs from the caller's connection (``front.FrontProtocol``)."""
@@ -46,7 +56,7 @@ LOW_WATER = 1 << 16
 class Body:
     """A request body (or, after an upgrade, the caller's raw bytes) as it arrives."""
 
-    __slots__ = ("_chunks", "_conn", "_error", "_waiter", "buffered", "done")
+    __slots__ = ("_chunks", "_conn", "_error", "_waiter", "buffered", "done", "expects_continue")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -55,6 +65,9 @@ class Body:
         self._error: Exception | None = None
         self.buffered = 0
         self.done = False
+        #: the caller holds the body back until it is sent ``100 Continue`` (an HTTP/1.1
+        #: request with ``Expect: 100-continue``, RFC 9110 10.1.1)
+        self.expects_continue = False
 
     def feed(self, data: bytes) -> None:
         """Add bytes; reading from the caller pauses while too many wait."""
@@ -153,7 +166,7 @@ class Request:
 
     # -- answering: ``head`` is the header lines (each ending in CRLF), without framing
 
-    def send_continue(self, interim: bytes = b"HTTP/1.1 100 Continue\r\n\r\n") -> None:
+    def send_continue(self, interim: bytes = CONTINUE) -> None:
         """Tell a caller waiting with ``Expect: 100-continue`` to send its body (RFC 9110
         10.1.1); an HTTP/1.0 caller is never sent a 1xx (it would take it for the answer)."""
         if self.version != "1.0" and not self.started:
@@ -163,7 +176,7 @@ class Request:
     def respond(self, status: int, reason: str, head: bytes, body: bytes) -> None:
         """Answer in one write (one send to the socket), with a Content-Length."""
         if status not in (204, 304):
-            head += b"Content-Length: %d\r\n" % len(body)
+            head += CONTENT_LENGTH % len(body)
         if self.method == "HEAD":
             body = b""
         self.sent = len(body)
@@ -172,7 +185,7 @@ class Request:
     def start(self, status: int, reason: str, head: bytes, *, chunked: bool) -> None:
         """Write the response head of a streamed answer (chunked when asked and possible)."""
         if chunked:
-            head += b"Transfer-Encoding: chunked\r\n"
+            head += CHUNKED
         self.conn.write(self._head(status, reason, head))
 
     def _head(self, status: int, reason: str, head: bytes) -> bytes:
@@ -184,19 +197,19 @@ class Request:
             or (body is not None and not body.done)
         ):
             self.keep_alive = False
-            head += b"Connection: close\r\n"
+            head += CLOSE
         elif self.version == "1.0" and status != 101:
             # HTTP/1.0 keeps a connection only when told so (RFC 9112 9.3, appendix C.2.2)
-            head += b"Connection: keep-alive\r\n"
+            head += KEEP_ALIVE
         self.status = status
         self.started = True
-        return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, _reason_bytes(reason), head)
+        return STATUS_HEAD % (status, _reason_bytes(reason), head)
 
     async def send(self, data: bytes, chunked: bool = False) -> None:
         """Write body bytes (as one chunk when ``chunked``), waiting while the caller's side is
         backed up."""
         self.sent += len(data)
-        self.conn.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        self.conn.write(CHUNK % (len(data), data) if chunked else data)
         await self.conn.drain()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from sidecar.clock import Clock
 from sidecar.config.models import Listen
+from sidecar.errors import RefusedRequest
 from sidecar.http.connection import FrontProtocol, Handler
 
 log = logging.getLogger("sidecar.http")
@@ -59,7 +60,7 @@ class FrontServer:
     def __init__(
         self,
         handler: Handler,
-        error_bytes: Callable[[int, str, str], bytes],
+        refusal: Callable[[RefusedRequest], bytes],
         clock: Clock,
         limits: Listen | None = None,
         *,
@@ -68,7 +69,9 @@ class FrontServer:
         limits = limits or Listen()
         self.loop = asyncio.get_running_loop()
         self.handler = handler
-        self.error_bytes = error_bytes
+        #: the whole answer to a refused request or connection (counted and logged by the
+        #: proxy, with its own refusals); the connection closes after it
+        self.refusal = refusal
         self.clock = clock
         self.connections: set[FrontProtocol] = set()
         #: requests being answered right now
@@ -169,21 +172,16 @@ class FrontServer:
     def _turn_away(self, conn: socket.socket) -> None:
         """Beyond max_connections: the 503 (it fits any socket buffer) and the close, at once,
         so the descriptors stay free for the connections being served and for the admin port."""
-        log.warning(
-            "proxy.connection_refused",
-            extra={"reason": "max_connections", "max_connections": self.max_connections},
+        refused = RefusedRequest(
+            f"the proxy serves at most {self.max_connections} connections at once; "
+            "try again shortly",
+            status=503,
+            code="too_many_connections",
         )
         try:
             conn.setblocking(False)
-            # made (and counted as a refusal) per connection turned away: a rare path
-            conn.send(
-                self.error_bytes(
-                    503,
-                    "too_many_connections",
-                    f"the proxy serves at most {self.max_connections} connections at once; "
-                    "try again shortly",
-                )
-            )
+            # made (and counted and logged as a refusal) per connection turned away: a rare path
+            conn.send(self.refusal(refused))
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the caller is gone already

@@ -1,7 +1,12 @@
-"""The stateless pieces of HTTP the proxy builds or checks: its own error answers, the check of a
-request's target, the upstream's response header lines as passed on (Location turned back toward
-the caller), and the size limit for chunked uploads. :mod:`sidecar.proxy.forward` decides when each
-applies.
+"""HTTP/1.1 framing as bytes, and the stateless pieces of HTTP the proxy builds or checks.
+
+Framing: the request line, the fields that delimit a body (Content-Length, chunked
+Transfer-Encoding, the last chunk), ``Expect: 100-continue``, the protocol switch (Upgrade), and
+the hop-by-hop fields with those a Connection header lists, which are never passed on. The other
+pieces: the proxy's own error answers, the check of a request's target, the upstream's response
+header lines as passed on (Location turned back toward the caller), and the size limit for
+chunked uploads. :mod:`sidecar.proxy.forward` decides when each applies and names no framing bytes
+itself.
 """
 
 from __future__ import annotations
@@ -15,10 +20,92 @@ from urllib.parse import unquote_to_bytes
 from yarl import URL
 
 from sidecar.errors import RefusedRequest
-from sidecar.proxy.headers import HOP_BY_HOP
 
+#: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+
+#: a response's status line and header lines: ``% (status, reason, header lines)``
+STATUS_HEAD = b"HTTP/1.1 %d %b\r\n%b\r\n"
+#: a body's framing line: its length (``% length``), streamed chunked, or none (RFC 9112 6)
+CONTENT_LENGTH = b"Content-Length: %d\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+NO_BODY = CONTENT_LENGTH % 0
 #: the framing line of a body relayed under the upstream's other transfer codings (``% codings``)
 CODED = b"Transfer-Encoding: %b, chunked\r\n"
+#: one chunk of a chunked body, ``% (len(data), data)``, and the last (no trailer fields),
+#: RFC 9112 7.1
+CHUNK = b"%x\r\n%b\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+#: whether the connection stays open after an answer (RFC 9112 9.3; HTTP/1.0 keeps it only
+#: when told so, appendix C.2.2)
+CLOSE = b"Connection: close\r\n"
+KEEP_ALIVE = b"Connection: keep-alive\r\n"
+#: RFC 9110 10.1.1: the upstream is asked to say whether it wants the body before it is sent,
+#: and the interim answer that tells a waiting caller to send its body
+EXPECT_CONTINUE = b"Expect: 100-continue\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: RFC 9110 7.8: the fields asking for (or confirming) a switch to another protocol
+UPGRADE_TO = b"Connection: Upgrade\r\nUpgrade: %b\r\n"
+
+
+def request_line(prefix: str, host: str) -> str:
+    """The request line and Host field toward one upstream as a ``%`` template of the method and
+    the target (``template % (method, target)``, then encoded latin-1): built once per upstream,
+    filled per request. ``prefix`` is the upstream's path prefix the target is appended to."""
+    prefix, host = prefix.replace("%", "%%"), host.replace("%", "%%")
+    return f"%s {prefix}%s HTTP/1.1\r\nHost: {host}\r\n"
+
+
+def body_head(length: int | None) -> bytes:
+    """A request head that carries only the framing of a body of ``length`` bytes (None:
+    chunked): fed to a parser of its own, it makes it read just such a body."""
+    framing = CHUNKED if length is None else CONTENT_LENGTH % length
+    return b"POST / HTTP/1.1\r\n" + framing + b"\r\n"
+
+
+def listed_fields(connection: bytes) -> set[bytes]:
+    """The field names a Connection value lists (lower case): hop-by-hop like Connection itself,
+    never passed on (RFC 9110 7.6.1). ``close`` and ``keep-alive`` name no field."""
+    names = set()
+    for token in connection.split(b","):
+        name = token.strip().lower()
+        if name not in _PLAIN_CONNECTION:
+            names.add(name)
+    return names
+
+
+def without_fields(lines: Iterable[bytes], names: set[bytes]) -> list[bytes]:
+    """Header lines (``name: value``, each ending in CRLF) except those named in ``names``."""
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
+
+
+def has_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The head declares the body's length (a Content-Length field)."""
+    for name, _ in headers:  # noqa: SIM110 - no generator object per streamed answer
+        if name.lower() == b"content-length":
+            return True
+    return False
+
+
+def upgrade_protocol(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The protocol an Upgrade field names (the first one), or None."""
+    for name, value in headers:
+        if name.lower() == b"upgrade":
+            return value
+    return None
 
 
 def error_parts(
@@ -185,15 +272,12 @@ def response_head(
         lname = name.lower()
         if lname in drop:
             if lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")} - _PLAIN_CONNECTION
+                tokens = listed_fields(value)
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
             continue
         lines.append(name + b": " + value + b"\r\n")
-    if listed:
-        head = b"".join(line for line in lines if line.split(b":", 1)[0].lower() not in listed)
-    else:
-        head = b"".join(lines)
+    head = b"".join(without_fields(lines, listed) if listed else lines)
     # one search of the whole head rather than a test per header: few answers carry a Location
     if relocation is not None and b"location:" in head.lower():
         return relocation.head(head, request_headers)

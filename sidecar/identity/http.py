@@ -38,7 +38,7 @@ import ssl
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -53,9 +53,17 @@ from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
-    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
+
+
+class CallSpans(Protocol):
+    """Where a span per identity call goes (``tracing.otlp_endpoint``): the proxy's span
+    exporter, named here by what identity needs of it so that identity does not name the proxy."""
+
+    def identity_call(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """Record one call to the identity provider: its endpoint, outcome and duration."""
+
 
 #: an answer larger than this is refused rather than read into memory
 MAX_RESPONSE_BYTES = 1 << 20
@@ -130,7 +138,7 @@ class IdentityHTTP:
         egress: Egress | None = None,
         secrets: SecretValues | None = None,
         metrics: Metrics | None = None,
-        spans: SpanExporter | None = None,
+        spans: CallSpans | None = None,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
@@ -160,7 +168,7 @@ class IdentityHTTP:
         clock: Clock,
         *,
         metrics: Metrics | None = None,
-        spans: SpanExporter | None = None,
+        spans: CallSpans | None = None,
     ) -> IdentityHTTP:
         """The client an identity kind talks through: ``identity.timeout`` and ``identity.tls``,
         its own :attr:`secrets` to note credentials in, and the provider's clock skew reported

@@ -33,7 +33,7 @@ from sidecar.config.models import Identity
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.field_values import header_value_problem
-from sidecar.identity.http import IdentityHTTP, IdentityResponse
+from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.identity.principal import json_login_principal
 from sidecar.identity.provider_text import SecretValues
@@ -43,7 +43,6 @@ from sidecar.tokens import Token
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
-    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class JsonLoginIdentity:
         clock: Clock,
         *,
         metrics: Metrics | None = None,
-        spans: SpanExporter | None = None,
+        spans: CallSpans | None = None,
     ) -> None:
         assert config.login is not None  # the config validator requires it for this kind
         self._config = config

@@ -32,14 +32,13 @@ from sidecar.config.load import read_secret
 from sidecar.config.models import Identity
 from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
-from sidecar.identity.http import IdentityHTTP, IdentityResponse
+from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
     from sidecar.identity.validation import TokenValidator
     from sidecar.metrics import Metrics
-    from sidecar.proxy.tracing import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class OAuth2Identity:
         clock: Clock,
         *,
         metrics: Metrics | None = None,
-        spans: SpanExporter | None = None,
+        spans: CallSpans | None = None,
     ) -> None:
         self._config = config
         self._clock = clock

@@ -21,22 +21,37 @@ from yarl import URL
 from sidecar import tls
 from sidecar.clock import Clock
 from sidecar.config.models import Upstream
-from sidecar.errors import RefusedRequest, SidecarError, UpstreamError, UpstreamUnavailable
-from sidecar.http.client import UpstreamBroken, UpstreamPool, UpstreamResponse
+from sidecar.errors import (
+    RefusedRequest,
+    SidecarError,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from sidecar.http.client import UpstreamPool, UpstreamResponse
 from sidecar.http.egress import Egress
 from sidecar.http.exchange import Request
 from sidecar.http.wire import (
+    CHUNKED,
     CODED,
+    CONTENT_LENGTH,
     DROP,
     DROP_WITH_LENGTH,
+    EXPECT_CONTINUE,
+    LAST_CHUNK,
+    NO_BODY,
+    UPGRADE_TO,
     Relocation,
     check_target,
     error_parts,
+    has_length,
     limited,
     reason_phrase,
     refusal_bytes,
+    request_line,
     response_head,
     says_invalid_token,
+    upgrade_protocol,
 )
 from sidecar.logs import write_access
 from sidecar.metrics import Metrics
@@ -117,7 +132,8 @@ class Proxy:
             host = f"[{host}]"  # an IPv6 literal
         if not url.is_default_port():
             host += f":{url.port}"
-        self._host = host
+        #: the request line and Host field, filled with each request's method and target
+        self._line = request_line(self._prefix, host)
         self._rules = rules
         #: absolute Location values naming the upstream are turned back toward the caller
         self._relocation = Relocation(url) if upstream.rewrite_location else None
@@ -203,7 +219,7 @@ class Proxy:
         ``unix``: it came over the Unix socket (no Host check, see :mod:`sidecar.proxy.callers`)."""
         metrics = self._metrics
         started = self._clock.monotonic()
-        metrics.in_flight.inc()
+        metrics.request_started()
         made = False  # the status is sidecar's own answer, not the upstream's
         try:
             await self._forward(request, unix)
@@ -214,12 +230,7 @@ class Proxy:
                     extra={"error": str(exc), "code": exc.code, "request_id": request.request_id},
                 )
             elif isinstance(exc, RefusedRequest):
-                metrics.count_refusal(exc.code)
-                # the same one quiet line as the front's own refusals (docs/operations.md)
-                log.warning(
-                    "proxy.refused_request",
-                    extra={"status": exc.http_status, "code": exc.code, "detail": str(exc)[:200]},
-                )
+                self._refused(exc)
             made = self._error(request, exc.http_status, exc.code, str(exc))
         except ConnectionError:
             request.conn.abort()  # the caller went away
@@ -227,13 +238,11 @@ class Proxy:
             log.exception("proxy.internal_error", extra={"request_id": request.request_id})
             made = self._error(request, 500, "internal_error", "the proxy failed; see its log")
         finally:
-            metrics.in_flight.dec()
             # no status: the caller left before any answer (nginx's 499), not a server error
             status = request.status or 499
             elapsed = self._clock.monotonic() - started
             source = "sidecar" if made or not request.status else "upstream"
-            metrics.count_request(request.method, status, source)
-            metrics.observe_duration(elapsed)
+            metrics.request_finished(request.method, status, source, elapsed)
             if self.access_log:
                 write_access(
                     request.method,
@@ -255,11 +264,23 @@ class Proxy:
                     elapsed,
                 )
 
-    def front_refusal(self, status: int, code: str, detail: str) -> bytes:
-        """The whole answer to a request the front refused before it was handled (malformed,
-        too large...), counted as refused like the proxy's own refusals."""
-        self._metrics.count_refusal(code)
-        return refusal_bytes(status, code, detail)
+    def front_refusal(self, refused: RefusedRequest) -> bytes:
+        """The whole answer to a request (or connection) the front refused before it was handled
+        (malformed, too large, too many connections...); the connection closes after it."""
+        detail = self._refused(refused)
+        return refusal_bytes(refused.http_status, refused.code, detail)
+
+    def _refused(self, refused: RefusedRequest) -> str:
+        """Count and log a refusal, the front's and the proxy's alike: one quiet line each
+        (``proxy.refused_request``, docs/operations.md), never a traceback. Returns the detail
+        as shown (bounded: it may quote what the caller sent)."""
+        detail = str(refused)[:200]
+        self._metrics.request_refused(refused.code)
+        log.warning(
+            "proxy.refused_request",
+            extra={"status": refused.http_status, "code": refused.code, "detail": detail},
+        )
+        return detail
 
     def _error(self, request: Request, status: int, code: str, detail: str) -> bool:
         """Answer with sidecar's own error; False when the upstream's answer had begun."""
@@ -292,9 +313,7 @@ class Proxy:
         raw_path = request.raw_path
         check_target(raw_path)
         creds = await self._credentials()
-        line = f"{method} {self._prefix}{raw_path} HTTP/1.1\r\nHost: {self._host}\r\n".encode(
-            "latin-1"
-        )
+        line = (self._line % (method, raw_path)).encode("latin-1")
         if request.upgrade:
             if request.wants_websocket():
                 await self._tunnel(request, line, creds)
@@ -318,35 +337,29 @@ class Proxy:
                 raise RefusedRequest(
                     f"request body larger than {limit} bytes", status=413, code="body_too_large"
                 )
-            expect = request.header(b"expect")
-            # the caller waits for an interim 100 before sending its body; an HTTP/1.0 request's
-            # expectation is ignored, and no 1xx ever goes to an HTTP/1.0 caller (RFC 9110 10.1.1)
-            expects = (
-                expect is not None
-                and expect.lower() == b"100-continue"
-                and request.version == "1.1"
-                and not stream.done
-            )
+            # the caller waits for an interim 100 before sending its body (an HTTP/1.0
+            # request's expectation is ignored: no 1xx ever goes to it, RFC 9110 10.1.1)
+            expects = stream.expects_continue and not stream.done
             if length is not None and length <= cfg.replay_body_limit:
                 if expects:
                     request.send_continue()  # buffered for a replay: we take the body
                 body = await stream.read()
-                framing = b"Content-Length: %d\r\n" % len(body)
+                framing = CONTENT_LENGTH % len(body)
             else:
                 body = stream if limit is None or length is not None else limited(stream, limit)
                 replayable = False
                 if length is None:
                     chunked = True
-                    framing = b"Transfer-Encoding: chunked\r\n"
+                    framing = CHUNKED
                 else:
-                    framing = b"Content-Length: %d\r\n" % length
+                    framing = CONTENT_LENGTH % length
                 if expects:
                     # streamed: the upstream decides, so that its early refusal (413, 401)
                     # reaches the caller before the body is sent; its 100 is relayed
-                    framing += b"Expect: 100-continue\r\n"
+                    framing += EXPECT_CONTINUE
                     on_continue = request.send_continue
         elif method in ("POST", "PUT", "PATCH"):
-            framing = b"Content-Length: 0\r\n"
+            framing = NO_BODY
         upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
         if upstream.status == 401 and replayable and self._may_replay(method, upstream):
             fresh = await self._session.reactive_refresh(creds)
@@ -428,7 +441,7 @@ class Proxy:
             request.start(status, reason, head + CODED % codings, chunked=False)
             await self._pump(request, upstream, True)
             return
-        known = any(n.lower() == b"content-length" for n, _ in upstream.headers)
+        known = has_length(upstream.headers)
         # without a length: chunked to an HTTP/1.1 caller, else delimited by closing
         chunked = not known and request.version == "1.1"
         if not known and not chunked:
@@ -454,7 +467,7 @@ class Proxy:
             raise
         upstream.release()
         if chunked:
-            request.conn.write(b"0\r\n\r\n")
+            request.conn.write(LAST_CHUNK)
 
     async def _tunnel(self, request: Request, line: bytes, creds: Credentials) -> None:
         """An ``Upgrade`` (WebSocket): ask the upstream with our headers; after its 101, copy
@@ -464,16 +477,15 @@ class Proxy:
         answer is relayed and both connections close after it (the upstream's was never pooled):
         bytes the caller sent behind the head are never sent anywhere, not parsed as requests.
         """
-        protocol = request.header(b"upgrade") or b""
-        framing = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
+        protocol = upgrade_protocol(request.headers) or b""
+        framing = UPGRADE_TO % protocol
         upstream = await self._send(request, line, creds, framing, None, False, upgrade=True)
         if upstream.status != 101:
             request.keep_alive = False
             await self._relay(request, upstream)
             return
         head = response_head(upstream.headers, DROP)
-        switched = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), protocol)
-        head += b"Connection: Upgrade\r\nUpgrade: " + switched + b"\r\n"
+        head += UPGRADE_TO % (upgrade_protocol(upstream.headers) or protocol)
         request.start(101, upstream.reason or "Switching Protocols", head, chunked=False)
         upstream.start_tunnel(request.body)
         try:

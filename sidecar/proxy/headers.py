@@ -20,27 +20,12 @@ from multidict import istr
 
 from sidecar.config.headers import header_templates
 from sidecar.config.models import Headers
+from sidecar.http.wire import HOP_BY_HOP, listed_fields, without_fields
 from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
 from sidecar.session.manager import Credentials
 
 if TYPE_CHECKING:
     from sidecar.http.exchange import Request
-
-#: RFC 9110 7.6.1 and RFC 9112: meaningful for one connection only, never forwarded
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
 
 REQUEST_ID = istr("X-Request-ID")
 CORRELATION_ID = istr("X-Correlation-ID")
@@ -308,8 +293,10 @@ class HeaderRules:
                 # "-" (CGI, WSGI, some frameworks) would take them for framing or managed headers
                 continue
             append(name + b": " + value + b"\r\n")
-        if listed is not None:
-            parts = self._drop_listed(parts, listed)
+        if listed is not None and (names := listed_fields(listed)):
+            # the caller's Connection header names more hop-by-hop fields (RFC 9110 7.6.1); the
+            # first part, the request line and Host, is ours
+            parts = [parts[0], *without_fields(parts[1:], names)]
             append = parts.append
         if creds is not self._auth_for:
             self._auth_line = f"Authorization: {creds.authorization}\r\n".encode()
@@ -336,14 +323,6 @@ class HeaderRules:
         append(framing)
         append(b"\r\n")
         return b"".join(parts), request_id, traceparent
-
-    @staticmethod
-    def _drop_listed(parts: list[bytes], listed: bytes) -> list[bytes]:
-        """Remove header lines named in the caller's Connection header (RFC 9110 7.6.1)."""
-        names = {n.strip().lower() for n in listed.split(b",")} - {b"", b"close", b"keep-alive"}
-        if not names:
-            return parts
-        return [parts[0]] + [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in names]
 
 
 def _fixed(value: str) -> Getter:

@@ -135,7 +135,7 @@ class SpanExporter:
     ) -> None:
         if len(self._spans) >= MAX_QUEUED:
             if self._metrics is not None:
-                self._metrics.spans_dropped.inc()
+                self._metrics.spans_dropped()
             return
         end = self._clock.time()
         span: dict[str, Any] = {
@@ -189,7 +189,7 @@ class SpanExporter:
                     )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if self._metrics is not None:
-                self._metrics.spans_dropped.inc(len(batch))
+                self._metrics.spans_dropped(len(batch))
             if not self._failing:
                 log.warning(
                     "tracing.export_failed",
