@@ -42,9 +42,8 @@ from sidecar.errors import ConfigError, NoSessionError, SidecarError
 from sidecar.http.unix_socket import UnixListener
 from sidecar.lifecycle import Reloads, freeze_startup_objects
 from sidecar.metrics import Metrics, WorkerTotals
-from sidecar.session.manager import Credentials
 from sidecar.tls import tls_context
-from sidecar.tokens import Token
+from sidecar.tokens import Credentials, Token
 
 log = logging.getLogger(__name__)
 

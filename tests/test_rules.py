@@ -10,9 +10,8 @@ import pytest
 from sidecar.config.models import Headers, Refresh, Retry
 from sidecar.errors import IdentityUnavailable
 from sidecar.proxy.headers import HeaderRules, valid_traceparent
-from sidecar.session.manager import Credentials
 from sidecar.session.timing import backoff_delay, refresh_at, refresh_lead
-from sidecar.tokens import DEFAULT_LIFETIME, Token, parse_token_response
+from sidecar.tokens import DEFAULT_LIFETIME, Credentials, Token, parse_token_response
 from tests.helpers import upstream_headers
 
 NOW = 1_800_000_000.0

@@ -21,7 +21,7 @@ from multidict import istr
 from sidecar.config.headers import header_templates
 from sidecar.config.models import Headers
 from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
-from sidecar.session.manager import Credentials
+from sidecar.tokens import Credentials
 
 if TYPE_CHECKING:
     from sidecar.http.exchange import Request

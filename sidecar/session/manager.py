@@ -21,7 +21,6 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +34,8 @@ from sidecar.session.persist import SessionPersistence
 from sidecar.session.renew import Renewer
 from sidecar.session.report import summarize
 from sidecar.session.schedule import RefreshSchedule
-from sidecar.store import SessionRecord, SessionStore
-from sidecar.tokens import Token
+from sidecar.store import SessionStore
+from sidecar.tokens import Credentials, SessionRecord, Token
 
 if TYPE_CHECKING:
     from sidecar.session.shared import SharedSession
@@ -53,27 +52,6 @@ class State(StrEnum):
     VALID = "VALID"
     EXPIRED = "EXPIRED"  # the token expired with no replacement; requests get 503
     LOGGED_OUT = "LOGGED_OUT"
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What the proxy needs for one request, precomputed once per token."""
-
-    token: Token
-    authorization: str
-    session_id: str
-    activity_id: str
-    #: when requests stop using it: the token's expiry less the expiry margin
-    expires_at: float
-
-    def usable_at(self, now: float) -> bool:
-        """True while requests may use the token at ``now`` (the wall clock): before its expiry
-        less ``refresh.expiry_margin``. The one judgment of a token wherever it is made (the
-        proxy, the session, a worker), so none of them forwards a token in its last seconds."""
-        return now < self.expires_at
-
-    def __repr__(self) -> str:
-        return f"Credentials(session_id={self.session_id}, token={self.token!r})"
 
 
 class SessionManager:
@@ -411,12 +389,12 @@ class SessionManager:
 
     def adopt(self, record: SessionRecord | None) -> Credentials | None:
         """Install a record another process wrote, when it is newer than ours and usable."""
-        if record is None or record.identity != self.identity.fingerprint:
+        if record is None:
             return None
         ours = self._record
         if ours is not None and record.token.obtained_at <= ours.token.obtained_at:
             return None
-        if not record.token.is_valid(self.clock.time()) and record.token.refresh_token is None:
+        if record.unusable_because(self.identity.fingerprint, self.clock.time()) is not None:
             return None
         creds = self._install(record)
         log.info(

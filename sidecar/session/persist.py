@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import StoreError
-from sidecar.store import SessionRecord
+from sidecar.tokens import SessionRecord
 
 if TYPE_CHECKING:
-    from sidecar.session.manager import Credentials, SessionManager
+    from sidecar.session.manager import SessionManager
     from sidecar.store.crypto import Sealer
+    from sidecar.tokens import Credentials
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")
@@ -54,16 +55,9 @@ class SessionPersistence:
         if record is None:
             return
         now = manager.clock.time()
-        if record.identity != manager.identity.fingerprint:
-            log.info(
-                "session.store_ignored", extra={"why": "stored session belongs to another identity"}
-            )
-            return
-        if not record.token.is_valid(now) and record.token.refresh_token is None:
-            log.info(
-                "session.store_ignored",
-                extra={"why": "stored token expired and cannot be refreshed"},
-            )
+        why = record.unusable_because(manager.identity.fingerprint, now)
+        if why is not None:
+            log.info("session.store_ignored", extra={"why": why})
             return
         manager.last_api_call_at = record.last_api_call_at
         self._install(record)

@@ -27,11 +27,11 @@ from sidecar.errors import IdentityError, OAuthError
 from sidecar.session.persist import SessionPersistence
 from sidecar.session.schedule import RefreshSchedule
 from sidecar.session.timing import login_instead
-from sidecar.store import SessionRecord
-from sidecar.tokens import Token
+from sidecar.tokens import SessionRecord, Token
 
 if TYPE_CHECKING:
-    from sidecar.session.manager import Credentials, SessionManager
+    from sidecar.session.manager import SessionManager
+    from sidecar.tokens import Credentials
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")

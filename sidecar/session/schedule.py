@@ -22,7 +22,8 @@ from sidecar.session.timing import backoff_delay, refresh_at
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
-    from sidecar.session.manager import Credentials, SessionManager
+    from sidecar.session.manager import SessionManager
+    from sidecar.tokens import Credentials
 
 # the session's events, under the session's logger name whichever module emits them
 log = logging.getLogger("sidecar.session")

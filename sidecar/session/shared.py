@@ -19,8 +19,9 @@ import socket
 import uuid
 
 from sidecar.errors import StoreError, StoreUnreadable
-from sidecar.session.manager import Credentials, SessionManager
-from sidecar.store import SessionRecord, SharedStore
+from sidecar.session.manager import SessionManager
+from sidecar.store import SharedStore
+from sidecar.tokens import Credentials, SessionRecord
 
 log = logging.getLogger("sidecar.session")
 
