@@ -166,6 +166,7 @@ class Sidecar:
                 store,  # type: ignore[arg-type]
                 cfg.session.lock_lease,
                 cfg.session.poll_interval,
+                self.clock,
             )
         self.session = SessionManager(
             identity,

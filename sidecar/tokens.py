@@ -265,6 +265,11 @@ class SessionRecord:
     refresh_count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def newer_than(self, other: SessionRecord | None) -> bool:
+        """True when this record's token was obtained after ``other``'s (any record beats none):
+        of two copies of a session, the newer one wins."""
+        return other is None or self.token.obtained_at > other.token.obtained_at
+
     def unusable_because(self, identity: str, now: float) -> str | None:
         """Why this (stored or shared) record cannot be the session of ``identity`` (its
         fingerprint) at ``now``; None when it can. The one judgment, for a record restored at
