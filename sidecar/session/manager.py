@@ -282,9 +282,7 @@ class SessionManager:
         if task is not None:
             with contextlib.suppress(IdentityError):
                 await asyncio.shield(task)
-        record = self._record
-        self._record = None
-        self._set_current(None)
+        record = self._forget()
         if record is not None:
             await revoke(self.identity, record.token, self.logout_timeout)
         await self._persist.clear(self.store)
@@ -297,15 +295,20 @@ class SessionManager:
     def drop(self, why: str) -> None:
         """End this process's copy of the session without calling the provider (a peer logged
         out); POST /session/refresh, or a peer's next login, starts a new one."""
-        record = self._record
-        self._logged_out = True
-        self._record = None
-        self._set_current(None)
+        record = self._forget()
         if self.sink is not None:
             self.sink.discard()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
         self._wakeup.set()
+
+    def _forget(self) -> SessionRecord | None:
+        """Logged out: no record, no credentials for requests; returns the record that was."""
+        record = self._record
+        self._logged_out = True
+        self._record = None
+        self._set_current(None)
+        return record
 
     async def reconfigure(
         self, identity: IdentityProvider, rules: Refresh, store: SessionStore | None = None
