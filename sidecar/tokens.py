@@ -63,6 +63,11 @@ class Token:
         """True while the token has not expired."""
         return now < self.expires_at
 
+    def renewable_at(self, now: float) -> bool:
+        """True when a session can go on from this token at ``now`` without a new login: with
+        its refresh token, or, until it expires, by a re-issue with the credentials."""
+        return self.refresh_token is not None or self.is_valid(now)
+
     def __repr__(self) -> str:
         return (
             f"Token(fingerprint={self.fingerprint}, expires_at={self.expires_at:.0f}, "
@@ -276,7 +281,7 @@ class SessionRecord:
         start and one a peer wrote alike."""
         if self.identity != identity:
             return "stored session belongs to another identity"
-        if not self.token.is_valid(now) and self.token.refresh_token is None:
+        if not self.token.renewable_at(now):
             return "stored token expired and cannot be refreshed"
         return None
 

@@ -68,7 +68,7 @@ class Renewer:
         snapshot requests use now. The caller holds single flight, and the shared lock when the
         store is shared. Raises IdentityError when no new token was had."""
         now = self._clock.time()
-        if record is not None and (record.token.refresh_token or record.token.is_valid(now)):
+        if record is not None and record.token.renewable_at(now):
             refreshable = record.token.refresh_token is not None
             try:
                 # without a refresh token, a re-issue with the credentials continues the session
