@@ -166,6 +166,7 @@ class Sidecar:
                 store,  # type: ignore[arg-type]
                 cfg.session.lock_lease,
                 cfg.session.poll_interval,
+                self.clock,
             )
         self.session = SessionManager(
             identity,
@@ -251,7 +252,7 @@ class Sidecar:
             self._fronts.append(front)
         if cfg.listen.unix_socket is not None:
             await self._open_unix(proxy, cfg.listen.unix_socket, unix_sock)
-        self.listening = True
+        self.mark_listening()
         return port
 
     async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
@@ -433,6 +434,25 @@ class Sidecar:
         )
         if pending:
             log.warning("sidecar.reload_needs_restart", extra={"keys": pending})
+
+    def use_upstream(self, url: str) -> None:
+        """Proxy to ``url`` (a worker's, before :meth:`open_proxy`: the supervisor's upstream,
+        which may be the demo's echo upstream)."""
+        self.upstream_url = url
+
+    def mark_listening(self) -> None:
+        """The proxy port accepts connections: /readyz may say ready. :meth:`open_proxy` marks it
+        itself; under ``--workers``, the supervisor does once every worker accepts."""
+        self.listening = True
+
+    async def reload_proxy(self, config: Config, upstream_url: str) -> None:
+        """A worker's share of a reload (SIGHUP): the proxy's sections
+        (:meth:`reconfigure_proxy`, proxying to ``upstream_url``, the supervisor's) and the log
+        level; ``config`` is the running config from then on. What reconfigure_proxy raises
+        leaves everything as it was."""
+        await self.reconfigure_proxy(config, upstream_url)
+        logging.getLogger().setLevel(config.log.level.upper())
+        self.config = config
 
     async def reconfigure_proxy(self, config: Config, upstream_url: str | None = None) -> None:
         """The proxy's share of a reload, and all of a worker's: the upstream section (a new

@@ -205,6 +205,42 @@ class Metrics:
         """``count`` spans were not exported (a full queue, or a failed export)."""
         self._spans_dropped.inc(count)
 
+    # ------------------------------------------------------------- the session's events
+
+    def logged_in(self) -> None:
+        """A login with the configured credentials succeeded."""
+        self.logins.labels(result="success").inc()
+
+    def login_failed(self, reason: str) -> None:
+        """A login failed (``reason``: the error's code)."""
+        self.logins.labels(result="failure").inc()
+        self.login_failures.labels(reason=reason).inc()
+
+    def session_refreshed(self, trigger: str) -> None:
+        """A refresh (or re-issue) succeeded; ``trigger`` says who asked for it."""
+        self.refreshes.labels(result="success", reason=trigger).inc()
+
+    def refresh_failed(self, reason: str) -> None:
+        """A refresh (or re-issue) failed (``reason``: the error's code)."""
+        self.refreshes.labels(result="failure", reason=reason).inc()
+
+    def token_rejected(self) -> None:
+        """An upstream's 401 to a token believed valid started a reactive refresh."""
+        self.reactive_refreshes.inc()
+
+    def session_installed(self, started_at: float, renewed_at: float) -> None:
+        """A session's token became the current one: its session was created at ``started_at``
+        (a login) and its token obtained at ``renewed_at``. The one writer of both gauges."""
+        self.session_started.set(started_at)
+        self.last_refresh_success.set(renewed_at)
+
+    def session_status(self, valid: bool, expires_at: float, failures: int) -> None:
+        """The session's state now: a usable token or not, its expiry (0 without one), failed
+        renewals in a row."""
+        self.session_valid.set(1 if valid else 0)
+        self.token_expiry.set(expires_at)
+        self.consecutive_failures.set(failures)
+
     def in_flight_now(self) -> float:
         """Requests being proxied right now (the gauge's value)."""
         return float(next(iter(self.in_flight.collect())).samples[0].value)

@@ -1,4 +1,5 @@
-"""The Token value object and the parsing of RFC 6749 token responses.
+"""The values every role shares: the :class:`Token` and the parsing of RFC 6749 token responses,
+the :class:`SessionRecord` a store keeps, and the :class:`Credentials` snapshot requests use.
 
 A :class:`Token` never shows its secrets: ``repr`` and ``str`` print a fingerprint only, so a token
 that slips into a log line or an exception message leaks nothing.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.cookies import Cookie
-from sidecar.errors import IdentityUnavailable
+from sidecar.errors import IdentityUnavailable, StoreUnreadable
 from sidecar.field_values import checked, header_value_problem
 
 #: tokens without ``expires_in`` and without a JWT ``exp`` are assumed to live this long (seconds);
@@ -61,6 +62,11 @@ class Token:
     def is_valid(self, now: float) -> bool:
         """True while the token has not expired."""
         return now < self.expires_at
+
+    def renewable_at(self, now: float) -> bool:
+        """True when a session can go on from this token at ``now`` without a new login: with
+        its refresh token, or, until it expires, by a re-issue with the credentials."""
+        return self.refresh_token is not None or self.is_valid(now)
 
     def __repr__(self) -> str:
         return (
@@ -244,3 +250,119 @@ def parse_token_response(
         obtained_at=now,
         scope=scope if isinstance(scope, str) else None,
     )
+
+
+#: the record format this build writes; a record with a newer version is refused, not misread
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One identity's session: the token and the metadata the seeds ask us to keep."""
+
+    identity: str
+    session_id: str
+    activity_id: str
+    token: Token
+    created_at: float
+    last_refreshed_at: float | None = None
+    last_api_call_at: float | None = None
+    refresh_count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def newer_than(self, other: SessionRecord | None) -> bool:
+        """True when this record's token was obtained after ``other``'s (any record beats none):
+        of two copies of a session, the newer one wins."""
+        return other is None or self.token.obtained_at > other.token.obtained_at
+
+    def unusable_because(self, identity: str, now: float) -> str | None:
+        """Why this (stored or shared) record cannot be the session of ``identity`` (its
+        fingerprint) at ``now``; None when it can. The one judgment, for a record restored at
+        start and one a peer wrote alike."""
+        if self.identity != identity:
+            return "stored session belongs to another identity"
+        if not self.token.renewable_at(now):
+            return "stored token expired and cannot be refreshed"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "identity": self.identity,
+            "session_id": self.session_id,
+            "activity_id": self.activity_id,
+            "token": self.token.to_dict(),
+            "created_at": self.created_at,
+            "last_refreshed_at": self.last_refreshed_at,
+            "last_api_call_at": self.last_api_call_at,
+            "refresh_count": self.refresh_count,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SessionRecord:
+        """Parse stored data; raises StoreUnreadable naming what is wrong."""
+        if not isinstance(data, dict):
+            raise StoreUnreadable("session record is not a JSON object")
+        version = data.get("version")
+        if not isinstance(version, int):
+            raise StoreUnreadable("session record has no version")
+        if version > RECORD_VERSION:
+            raise StoreUnreadable(
+                f"session record version {version} is newer than this sidecar understands "
+                f"({RECORD_VERSION}); refusing to misread it"
+            )
+        try:
+            return cls(
+                identity=str(data["identity"]),
+                session_id=str(data["session_id"]),
+                activity_id=str(data["activity_id"]),
+                token=Token.from_dict(data["token"]),
+                created_at=float(data["created_at"]),
+                last_refreshed_at=_opt_float(data.get("last_refreshed_at")),
+                last_api_call_at=_opt_float(data.get("last_api_call_at")),
+                refresh_count=int(data.get("refresh_count", 0)),
+                extra=dict(data.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreUnreadable(
+                f"session record is malformed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the proxy needs for one request, precomputed once per token: the session's snapshot,
+    replaced whole, never mutated."""
+
+    token: Token
+    authorization: str
+    session_id: str
+    activity_id: str
+    #: when requests stop using it: the token's expiry less the expiry margin
+    expires_at: float
+
+    @classmethod
+    def of(cls, record: SessionRecord, margin: float) -> Credentials:
+        """The snapshot of ``record``, usable until its token's expiry less ``margin`` seconds."""
+        token = record.token
+        return cls(
+            token=token,
+            authorization=f"Bearer {token.access_token}",
+            session_id=record.session_id,
+            activity_id=record.activity_id,
+            expires_at=token.expires_at - margin,
+        )
+
+    def usable_at(self, now: float) -> bool:
+        """True while requests may use the token at ``now`` (the wall clock): before its expiry
+        less ``refresh.expiry_margin``. The one judgment of a token wherever it is made (the
+        proxy, the session, a worker), so none of them forwards a token in its last seconds."""
+        return now < self.expires_at
+
+    def __repr__(self) -> str:
+        return f"Credentials(session_id={self.session_id}, token={self.token!r})"

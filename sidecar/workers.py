@@ -42,9 +42,8 @@ from sidecar.errors import ConfigError, NoSessionError, SidecarError
 from sidecar.http.unix_socket import UnixListener
 from sidecar.lifecycle import Reloads, freeze_startup_objects
 from sidecar.metrics import Metrics, WorkerTotals
-from sidecar.session.manager import Credentials
 from sidecar.tls import tls_context
-from sidecar.tokens import Token
+from sidecar.tokens import Credentials, Token
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ async def _worker_main(fd: int) -> int:
     clock = SystemClock()
     session = RemoteSession(writer, wait=config.identity.timeout * 2 + 1, clock=clock)
     sidecar = Sidecar(config, clock=clock, serve_proxy=False)
-    sidecar.upstream_url = first["upstream_url"]
+    sidecar.use_upstream(first["upstream_url"])
     # the supervisor's listen.unix_socket, inherited: every worker accepts on the one socket
     unix_fd = first.get("unix_fd")
     unix_sock = None if unix_fd is None else socket.socket(fileno=unix_fd)
@@ -211,15 +210,13 @@ async def _worker_reload(sidecar: Sidecar, message: dict[str, Any], lock: asynci
     async with lock:
         try:
             config = Config.model_validate(message["reload"])
-            await sidecar.reconfigure_proxy(config, message["upstream_url"])
+            await sidecar.reload_proxy(config, message["upstream_url"])
         except (ValidationError, ConfigError, OSError) as exc:
             log.error(
                 "sidecar.reload_failed",
                 extra={"error": str(exc), "kept": "running config", "worker": os.getpid()},
             )
             return
-        logging.getLogger().setLevel(config.log.level.upper())
-        sidecar.config = config
         log.info("sidecar.worker_reloaded", extra={"worker": os.getpid()})
 
 
@@ -276,7 +273,7 @@ class Supervisor:
         async with asyncio.timeout(30):
             for worker in self.workers:
                 await worker.ready.wait()
-        self.sidecar.listening = True  # /readyz: every worker accepts on the port
+        self.sidecar.mark_listening()  # /readyz: every worker accepts on the port
         log.info(
             "sidecar.workers_started",
             extra={"workers": self.count, "port": self.config.listen.port},
@@ -313,9 +310,8 @@ class Supervisor:
                 if "metrics" in message:
                     self.totals.update(pid, message["metrics"])
                     last_call = message.get("last_api_call_at")
-                    session = self.sidecar.session
-                    if last_call is not None and last_call > (session.last_api_call_at or 0):
-                        session.last_api_call_at = last_call
+                    if last_call is not None:
+                        self.sidecar.session.note_api_call(last_call)
                 elif message.get("ready"):
                     worker.ready.set()
                     log.info("sidecar.worker_ready", extra={"worker": worker.index, "pid": pid})

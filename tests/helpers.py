@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from sidecar.app import Sidecar
 from sidecar.proxy.headers import HeaderRules
-from sidecar.session.manager import Credentials
+from sidecar.tokens import Credentials
 from tests.fakes.clock import FakeClock
 
 

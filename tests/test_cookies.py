@@ -140,8 +140,7 @@ async def test_upstream_cookie_header_follows_expiry_and_new_snapshots() -> None
     """SessionCookies remembers the header per path, yet a cookie stops being sent the moment it
     expires on the injected clock, and a new credentials snapshot brings its own jar."""
     from sidecar.proxy.header_values import SessionCookies
-    from sidecar.session.manager import Credentials
-    from sidecar.tokens import Token
+    from sidecar.tokens import Credentials, Token
     from tests.fakes.clock import FakeClock
 
     clock = FakeClock(NOW)

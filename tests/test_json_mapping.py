@@ -131,7 +131,7 @@ def test_workers_receive_fields_and_cookies_but_not_the_refresh_token() -> None:
     """--workers N: the credentials sent to a worker carry the session fields and cookies (for
     headers and send_cookies), never the refresh token."""
     from sidecar.cookies import Cookie
-    from sidecar.session.manager import Credentials
+    from sidecar.tokens import Credentials
     from sidecar.workers import creds_from_dict, creds_to_dict
 
     token = Token(
@@ -158,7 +158,7 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
     than every request failing), and one warning names the key, not a value."""
     from sidecar.config.models import Headers
     from sidecar.proxy.headers import HeaderRules
-    from sidecar.session.manager import Credentials
+    from sidecar.tokens import Credentials
 
     rules = HeaderRules.compile(
         Headers(tenant_id="{{ session.tenant_id }}", static={"X-C": "c-{{ session.customer }}"})

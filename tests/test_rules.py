@@ -10,9 +10,15 @@ import pytest
 from sidecar.config.models import Headers, Refresh, Retry
 from sidecar.errors import IdentityUnavailable
 from sidecar.proxy.headers import HeaderRules, valid_traceparent
-from sidecar.session.manager import Credentials
+from sidecar.session.schedule import RefreshSchedule
 from sidecar.session.timing import backoff_delay, refresh_at, refresh_lead
-from sidecar.tokens import DEFAULT_LIFETIME, Token, parse_token_response
+from sidecar.tokens import (
+    DEFAULT_LIFETIME,
+    Credentials,
+    SessionRecord,
+    Token,
+    parse_token_response,
+)
 from tests.helpers import upstream_headers
 
 NOW = 1_800_000_000.0
@@ -42,6 +48,56 @@ def test_refresh_at_with_jitter_stays_in_bounds() -> None:
     assert min(moments) >= 1800 - 360 * 1.1
     assert max(moments) <= 1800 - 360
     assert max(moments) - min(moments) > 20  # jitter really spreads replicas
+
+
+def snapshot(tok: Token, margin: float = 0.0) -> Credentials:
+    record = SessionRecord("id", "session", "activity", tok, created_at=tok.obtained_at)
+    return Credentials.of(record, margin)
+
+
+def test_schedule_steps_from_startup_to_refresh_to_expiry() -> None:
+    """The schedule's state machine over plain values: no session is a login due now
+    (``startup``); a fresh token means waiting until its refresh moment; past it, a proactive
+    refresh; once the token is unusable, an ``expired`` renewal, announced once; a logout waits
+    until woken."""
+    rules = Refresh(lead_time=300, lead_fraction=0.0, jitter=0.0, expiry_margin=10)
+    schedule = RefreshSchedule(rules, random.Random(1))
+    assert schedule.step(NOW, None, logged_out=False).trigger == "startup"
+    tok = token(1800)
+    current = snapshot(tok, margin=10)
+    schedule.installed(tok)
+    assert schedule.refresh_at == NOW + 1500
+    step = schedule.step(NOW, current, logged_out=False)
+    assert (step.trigger, step.wait, step.expired) == (None, 1500, False)
+    assert not schedule.due(NOW + 1499, current)
+    assert schedule.step(NOW + 1500, current, logged_out=False).trigger == "proactive"
+    late = schedule.step(NOW + 1790, current, logged_out=False)
+    assert (late.trigger, late.expired) == ("expired", True)
+    assert not schedule.step(NOW + 1791, current, logged_out=False).expired, "announced once"
+    assert schedule.step(NOW, current, logged_out=True).wait is None
+
+
+def test_schedule_backs_off_after_a_failure_until_the_next_attempt() -> None:
+    """After a failure the loop waits for the backoff (before the token runs out), counts the
+    failures in a row, and an installed token forgets them; an operator's retry_now makes the
+    next attempt due at once and keeps the count."""
+    rules = Refresh(lead_time=300, lead_fraction=0.0, jitter=0.0, retry=Retry(initial=1, max=60))
+    schedule = RefreshSchedule(rules, random.Random(3))
+    tok = token(1800)
+    current = snapshot(tok)
+    schedule.installed(tok)
+    now = NOW + 1600
+    schedule.failed(IdentityUnavailable("down"), "session.refresh_failed", now, current)
+    assert schedule.failures == 1
+    assert now <= schedule.next_attempt_at <= now + 2
+    step = schedule.step(now, current, logged_out=False)
+    assert step.trigger is None
+    assert step.wait == pytest.approx(schedule.next_attempt_at - now)
+    schedule.retry_now()
+    assert schedule.step(now, current, logged_out=False).trigger == "proactive"
+    assert schedule.failures == 1
+    schedule.installed(token(1800))
+    assert (schedule.failures, schedule.last_error) == (0, None)
 
 
 def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:

@@ -57,7 +57,7 @@ from sidecar.logs import write_access
 from sidecar.metrics import Metrics
 from sidecar.proxy.callers import CallerPolicy
 from sidecar.proxy.headers import HeaderRules, caller_traceparent, trace_id
-from sidecar.session.manager import Credentials
+from sidecar.tokens import Credentials
 
 if TYPE_CHECKING:
     from sidecar.proxy.tracing import SpanExporter

@@ -32,7 +32,7 @@ from sidecar.field_values import checked
 from sidecar.templates import MissingValue, Text, compile_text
 
 if TYPE_CHECKING:
-    from sidecar.session.manager import Credentials
+    from sidecar.tokens import Credentials
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -22,7 +22,7 @@ from sidecar.config.headers import header_templates
 from sidecar.config.models import Headers
 from sidecar.http.wire import HOP_BY_HOP, listed_fields, without_fields
 from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
-from sidecar.session.manager import Credentials
+from sidecar.tokens import Credentials
 
 if TYPE_CHECKING:
     from sidecar.http.exchange import Request

@@ -6,10 +6,13 @@ snapshot is missing or expired. Every login or refresh, whoever asks for it (the
 loop, a request that found no token, an upstream 401, an operator), runs as one shared task:
 however many callers wait, the identity provider sees one call.
 
-The manager holds the session and owns single flight; its parts, one module each, do the rest:
-when to renew and the background loop (:mod:`sidecar.session.schedule`), the calls to the identity
-provider and which of them keep X-Session-ID (:mod:`sidecar.session.renew`), the store
-(:mod:`sidecar.session.persist`) and the /session summary (:mod:`sidecar.session.report`).
+The manager holds the session, owns single flight and runs the refresh loop; its parts, one
+module each, hold no manager: they are given plain values and return them. The schedule says when
+to renew (:mod:`sidecar.session.schedule`); the renewer calls the identity provider and returns
+the next record (:mod:`sidecar.session.renew`), which the manager installs and persists
+(:mod:`sidecar.session.persist`); the /session summary is made from a snapshot
+(:mod:`sidecar.session.report`); between replicas, the coordinator wraps the manager's renewal and
+calls back with the records it reads (:mod:`sidecar.session.shared`).
 """
 
 from __future__ import annotations
@@ -21,22 +24,21 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sidecar.clock import Clock
 from sidecar.config.models import Refresh
 from sidecar.cookies import store_cookies
-from sidecar.errors import IdentityError, NoSessionError
+from sidecar.errors import IdentityError, IdentityUnavailable, NoSessionError
 from sidecar.identity import IdentityProvider
 from sidecar.metrics import Metrics
 from sidecar.session.persist import SessionPersistence
-from sidecar.session.renew import Renewer
-from sidecar.session.report import summarize
-from sidecar.session.schedule import RefreshSchedule
-from sidecar.store import SessionRecord, SessionStore
-from sidecar.tokens import Token
+from sidecar.session.renew import Renewer, revoke
+from sidecar.session.report import Snapshot, summarize
+from sidecar.session.schedule import RefreshSchedule, Wakeup
+from sidecar.store import SessionStore
+from sidecar.tokens import Credentials, SessionRecord, Token
 
 if TYPE_CHECKING:
     from sidecar.session.shared import SharedSession
@@ -53,27 +55,6 @@ class State(StrEnum):
     VALID = "VALID"
     EXPIRED = "EXPIRED"  # the token expired with no replacement; requests get 503
     LOGGED_OUT = "LOGGED_OUT"
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What the proxy needs for one request, precomputed once per token."""
-
-    token: Token
-    authorization: str
-    session_id: str
-    activity_id: str
-    #: when requests stop using it: the token's expiry less the expiry margin
-    expires_at: float
-
-    def usable_at(self, now: float) -> bool:
-        """True while requests may use the token at ``now`` (the wall clock): before its expiry
-        less ``refresh.expiry_margin``. The one judgment of a token wherever it is made (the
-        proxy, the session, a worker), so none of them forwards a token in its last seconds."""
-        return now < self.expires_at
-
-    def __repr__(self) -> str:
-        return f"Credentials(session_id={self.session_id}, token={self.token!r})"
 
 
 class SessionManager:
@@ -97,7 +78,6 @@ class SessionManager:
         self.store = store
         self.clock = clock
         self.metrics = metrics
-        self.rules = rules
         self._on_change = on_change
         #: real seconds the provider gets to revoke at logout, so a hanging revocation endpoint
         #: cannot hold up a shutdown (a bound on I/O, not a schedule: hence not the Clock)
@@ -110,19 +90,31 @@ class SessionManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._logged_out = False
         self._last_reactive_at = -math.inf
-        #: the schedule (refresh moment, backoff) and the background loop that keeps it
-        self._schedule = RefreshSchedule(self, rng)
-        self._persist = SessionPersistence(self, self._install)
-        self._renewer = Renewer(self, self._schedule, self._persist, self._install)
+        #: the schedule (refresh moment, backoff), the loop's alarm, the renewals, the store
+        self._schedule = RefreshSchedule(rules, rng)
+        self._wakeup = Wakeup(clock)
+        self._renewer = Renewer(clock, metrics, self._schedule)
+        self._persist = SessionPersistence()
         #: set when the store is shared: the coordination of renewals between processes
         self._shared = shared
         self._watch_task: asyncio.Task[None] | None = None
-        #: the fencing token of the shared lock while this process holds it
-        self.fence: int | None = None
-        self.login_count = 0
-        self.refresh_failures = 0
         #: session.token_sink: every new token is written to a file, removed at logout
         self.sink = sink
+
+    @property
+    def rules(self) -> Refresh:
+        """The refresh rules in force (a reload replaces them)."""
+        return self._schedule.rules
+
+    @property
+    def login_count(self) -> int:
+        """Successful logins since start."""
+        return self._renewer.logins
+
+    @property
+    def refresh_failures(self) -> int:
+        """Failed refreshes since start."""
+        return self._renewer.refresh_failures
 
     def notify(self, callback: Callable[[Credentials | None], None]) -> None:
         """Call ``callback`` with the new credentials (or None) whenever they change."""
@@ -138,11 +130,16 @@ class SessionManager:
 
     async def start(self) -> None:
         """Restore a stored session when there is a usable one, then start the refresh loop."""
-        await self._persist.restore()
+        now = self.clock.time()
+        record = await self._persist.restore(self.store, self.identity.fingerprint, now)
+        if record is not None:
+            self.last_api_call_at = record.last_api_call_at
+            self._install(record)
         loop = asyncio.get_running_loop()
         if self._shared is not None:
-            self._watch_task = loop.create_task(self._shared.watch(self), name="session-watch")
-        self._loop_task = loop.create_task(self._schedule.run(self._renew), name="session-refresh")
+            watch = self._shared.watch(self._held, self._adopted, self.drop)
+            self._watch_task = loop.create_task(watch, name="session-watch")
+        self._loop_task = loop.create_task(self._keep_fresh(), name="session-refresh")
 
     async def stop(self) -> None:
         """Stop refreshing and persist the session (with its last-call time)."""
@@ -152,7 +149,12 @@ class SessionManager:
                 with contextlib.suppress(asyncio.CancelledError, IdentityError):
                     await task
         self._loop_task = None
-        await self._persist.save_at_stop()
+        await self._persist.flush()
+        record = self._record
+        # a shared record may already hold a peer's newer token: only a private one is rewritten
+        if record is not None and not self.store.shared:
+            last_call = dataclasses.replace(record, last_api_call_at=self.last_api_call_at)
+            await self._persist.save(self.store, last_call)
         if self._shared is not None:
             # a renewal cancelled above may have stopped before giving the lock back: peers
             # must not wait out the lease for a replica that is leaving
@@ -214,7 +216,7 @@ class SessionManager:
             if now - self._last_reactive_at < self.rules.reactive_min_interval:
                 return None
             self._last_reactive_at = now
-            self.metrics.reactive_refreshes.inc()
+            self.metrics.token_rejected()
             log.warning(
                 "session.token_rejected",
                 extra={"session_id": used.session_id, "token": used.token.fingerprint},
@@ -247,19 +249,20 @@ class SessionManager:
         self._set_current(dataclasses.replace(creds, token=token))
         log.debug("session.cookies_captured", extra={"session_id": record.session_id})
         if not self.store.shared:
-            self._persist.save_soon(record)
+            self._persist.save_soon(self.store, record)
 
     # ----------------------------------------------------------------- operator actions
 
     async def force_refresh(self) -> Credentials:
         """POST /session/refresh: refresh (or log in) now, even after a logout."""
         self._logged_out = False
-        self._schedule.next_attempt_at = 0.0
+        self._schedule.retry_now()
         held = self._record
         joined = self._inflight
         try:
             creds = await asyncio.shield(joined or self._renew("manual"))
-            if joined is not None and self._inflight is None and not _newer(self._record, held):
+            newer = self._record is not None and self._record.newer_than(held)
+            if joined is not None and self._inflight is None and not newer:
                 # the renewal we joined was asked for before this call and ended without a newer
                 # token (a follower that found the record it waited for): the operator asked for
                 # a token newer than the one held when they asked
@@ -279,30 +282,33 @@ class SessionManager:
         if task is not None:
             with contextlib.suppress(IdentityError):
                 await asyncio.shield(task)
-        record = self._record
-        self._record = None
-        self._set_current(None)
+        record = self._forget()
         if record is not None:
-            await self._renewer.revoke(record.token)
-        await self._persist.clear()
+            await revoke(self.identity, record.token, self.logout_timeout)
+        await self._persist.clear(self.store)
         if self.sink is not None:
             await self.sink.remove()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id})
-        self._schedule.wake()
+        self._wakeup.set()
 
     def drop(self, why: str) -> None:
         """End this process's copy of the session without calling the provider (a peer logged
         out); POST /session/refresh, or a peer's next login, starts a new one."""
-        record = self._record
-        self._logged_out = True
-        self._record = None
-        self._set_current(None)
+        record = self._forget()
         if self.sink is not None:
             self.sink.discard()
         if record is not None:
             log.info("session.terminated", extra={"session_id": record.session_id, "why": why})
-        self._schedule.wake()
+        self._wakeup.set()
+
+    def _forget(self) -> SessionRecord | None:
+        """Logged out: no record, no credentials for requests; returns the record that was."""
+        record = self._record
+        self._logged_out = True
+        self._record = None
+        self._set_current(None)
+        return record
 
     async def reconfigure(
         self, identity: IdentityProvider, rules: Refresh, store: SessionStore | None = None
@@ -322,7 +328,7 @@ class SessionManager:
         old = self.identity
         changed = identity.fingerprint != old.fingerprint
         self.identity = identity
-        self.rules = rules
+        self._schedule.rules = rules
         if store is not None:
             self.store = store
         if changed:
@@ -335,7 +341,7 @@ class SessionManager:
                 self._renew("reload")
         elif self._record is not None:
             self._schedule.plan(self._record.token)
-        self._schedule.wake()
+        self._wakeup.set()
         return old
 
     # ----------------------------------------------------------------- single flight
@@ -355,38 +361,86 @@ class SessionManager:
         self._inflight = None
         if not task.cancelled():
             task.exception()  # retrieved here; waiters re-raise their own copy
-        self._schedule.wake()
+        self._wakeup.set()
 
     async def _do_renew(self, trigger: str) -> Credentials:
-        if self._shared is not None:
-            return await self._shared.renew(self, trigger)
-        return await self.renew_with_identity(trigger)
+        shared = self._shared
+        if shared is None:
+            return await self._renew_with_identity(trigger, None)
 
-    async def renew_with_identity(self, trigger: str) -> Credentials:
-        """Refresh (or re-issue, or log in) with the identity provider; the caller holds single
-        flight, and the shared lock when the store is shared."""
-        return await self._renewer.renew(trigger)
+        async def renew(fence: int | None) -> None:
+            try:
+                await self._renew_with_identity(trigger, fence)
+            finally:
+                if fence is not None:  # the lock is given back once the record is written
+                    await self._persist.flush()
+
+        await shared.renew(renew, self._held, self._adopted)
+        creds = self.current
+        if creds is None:  # a peer's logout arrived while the lock was given back
+            raise IdentityUnavailable("the session ended during its renewal", reason="ended")
+        return creds
+
+    async def _renew_with_identity(self, trigger: str, fence: int | None) -> Credentials:
+        """Refresh (or re-issue, or log in) with the identity provider, install the record and
+        write it (fenced with ``fence``, the shared lock's); the caller holds single flight, and
+        the shared lock when the store is shared."""
+        # a stale identity: the session belongs to the identity the config replaced, a login is next
+        record = None if self._schedule.stale_identity else self._record
+        renewal = await self._renewer.renew(
+            self.identity, self.rules, record, self.current, trigger
+        )
+        creds = self._install(renewal.record)
+        if renewal.created:
+            await self._persist.save(self.store, renewal.record, fence)
+        else:
+            # persisted in the background: callers waiting for the token need not wait for the disk
+            self._persist.save_soon(self.store, renewal.record, fence)
+        return creds
 
     def _install(self, record: SessionRecord) -> Credentials:
         """Make ``record`` the session: snapshot for requests, schedule, gauges."""
         self._record = record
         self._logged_out = False
-        token = record.token
-        self._schedule.installed(token)
-        creds = Credentials(
-            token=token,
-            authorization=f"Bearer {token.access_token}",
-            session_id=record.session_id,
-            activity_id=record.activity_id,
-            expires_at=token.expires_at - self._margin(token),
-        )
+        self._schedule.installed(record.token)
+        creds = Credentials.of(record, self._margin(record.token))
         self._set_current(creds)
         if self.sink is not None:
-            self.sink.offer(token)
-        self.metrics.session_started.set(record.created_at)
-        self.metrics.last_refresh_success.set(record.last_refreshed_at or record.created_at)
-        self._schedule.wake()
+            self.sink.offer(record.token)
+        self.metrics.session_installed(
+            record.created_at, record.last_refreshed_at or record.created_at
+        )
+        self._wakeup.set()
         return creds
+
+    # ----------------------------------------------------------------- the refresh loop
+
+    async def _keep_fresh(self) -> None:
+        """Refresh ahead of expiry; after failures, retry with backoff until a token is had
+        (:meth:`RefreshSchedule.step` decides, on the injected clock)."""
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session.loop_error")
+                await self.clock.sleep(self.rules.retry.initial)
+
+    async def _step(self) -> None:
+        step = self._schedule.step(self.clock.time(), self.current, self._logged_out)
+        record = self._record
+        if step.expired and record is not None:
+            self.update_gauges()
+            log.warning(
+                "session.expired",
+                extra={"session_id": record.session_id, "last_error": self._schedule.last_error},
+            )
+        if step.trigger is None:
+            await self._wakeup.wait(step.wait)
+        else:
+            with contextlib.suppress(IdentityError):
+                await asyncio.shield(self._renew(step.trigger))
 
     def _margin(self, token: Token) -> float:
         return min(self.rules.expiry_margin, 0.1 * token.lifetime)
@@ -399,7 +453,7 @@ class SessionManager:
 
     async def use_sealer(self, sealer: Sealer | None, running: Sealer | None) -> bool:
         """New encryption keys for the store (a reload); see SessionPersistence.use_sealer."""
-        return await self._persist.use_sealer(sealer, running)
+        return await self._persist.use_sealer(self.store, sealer, running, self._record)
 
     async def flush_saves(self) -> None:
         """Wait for background saves to finish."""
@@ -407,16 +461,13 @@ class SessionManager:
 
     def due(self) -> bool:
         """True when the current token should be renewed now (or there is none)."""
-        return self._schedule.due()
+        return self._schedule.due(self.clock.time(), self.current)
 
     def adopt(self, record: SessionRecord | None) -> Credentials | None:
         """Install a record another process wrote, when it is newer than ours and usable."""
-        if record is None or record.identity != self.identity.fingerprint:
+        if record is None or not record.newer_than(self._record):
             return None
-        ours = self._record
-        if ours is not None and record.token.obtained_at <= ours.token.obtained_at:
-            return None
-        if not record.token.is_valid(self.clock.time()) and record.token.refresh_token is None:
+        if record.unusable_because(self.identity.fingerprint, self.clock.time()) is not None:
             return None
         creds = self._install(record)
         log.info(
@@ -425,10 +476,22 @@ class SessionManager:
         )
         return creds
 
+    def _adopted(self, record: SessionRecord | None) -> bool:
+        return self.adopt(record) is not None
+
+    def _held(self) -> SessionRecord | None:
+        return self._record
+
     @property
     def record(self) -> SessionRecord | None:
         """The current session record (holds secrets: for stores only)."""
         return self._record
+
+    def note_api_call(self, at: float) -> None:
+        """A request used the session at ``at`` (a worker's, reported later): the latest is
+        kept, and written with the record at stop."""
+        if at > (self.last_api_call_at or 0):
+            self.last_api_call_at = at
 
     # ----------------------------------------------------------------- observation
 
@@ -445,18 +508,26 @@ class SessionManager:
         """Bring the session gauges up to date (validity changes with time, not only on events)."""
         creds = self.current
         valid = creds is not None and creds.usable_at(self.clock.time())
-        self.metrics.session_valid.set(1 if valid else 0)
         record = self._record
-        self.metrics.token_expiry.set(record.token.expires_at if record is not None else 0)
-        self.metrics.consecutive_failures.set(self._schedule.failures)
+        expires_at = record.token.expires_at if record is not None else 0
+        self.metrics.session_status(valid, expires_at, self._schedule.failures)
 
     def summary(self) -> dict[str, Any]:
         """A redacted summary for /session: state, expiry, ages, counts. Never a token."""
-        return summarize(self, self._schedule, self._inflight is not None)
-
-
-def _newer(record: SessionRecord | None, than: SessionRecord | None) -> bool:
-    """True when ``record`` holds a token obtained after ``than``'s (any record beats none)."""
-    if record is None:
-        return False
-    return than is None or record.token.obtained_at > than.token.obtained_at
+        schedule = self._schedule
+        return summarize(
+            Snapshot(
+                now=self.clock.time(),
+                state=self.state().value,
+                store=self.store.kind,
+                renewing=self._inflight is not None,
+                logins=self.login_count,
+                refresh_failures=self.refresh_failures,
+                consecutive_failures=schedule.failures,
+                last_error=schedule.last_error,
+                next_attempt_at=schedule.next_attempt_at,
+                refresh_at=schedule.refresh_at,
+                last_api_call_at=self.last_api_call_at,
+                record=self._record,
+            )
+        )

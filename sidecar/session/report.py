@@ -1,36 +1,55 @@
 """What the session reports about itself at GET /session: state, expiry, ages, counts, last error.
 
-Redacted by construction: a token appears only as its fingerprint, session fields and cookies
-only as names and counts.
+:func:`summarize` takes a :class:`Snapshot`, a plain value the manager takes of itself. Redacted by
+construction: a token appears only as its fingerprint, session fields and cookies only as names
+and counts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from sidecar.session.manager import SessionManager
-    from sidecar.session.schedule import RefreshSchedule
+from sidecar.tokens import SessionRecord
 
 
-def summarize(manager: SessionManager, schedule: RefreshSchedule, renewing: bool) -> dict[str, Any]:
-    """The /session summary of ``manager``, whose refresh schedule is ``schedule``; ``renewing``
-    says whether a login or refresh is in flight. Never a token."""
-    now = manager.clock.time()
-    record = manager.record
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The session at ``now``, as /session shows it."""
+
+    now: float
+    state: str
+    store: str
+    #: a login or refresh is in flight
+    renewing: bool
+    logins: int
+    refresh_failures: int
+    consecutive_failures: int
+    last_error: str | None
+    next_attempt_at: float
+    refresh_at: float
+    last_api_call_at: float | None
+    #: the session record (holds secrets: only its fingerprint and metadata are reported)
+    record: SessionRecord | None
+
+
+def summarize(snapshot: Snapshot) -> dict[str, Any]:
+    """The /session summary of ``snapshot``. Never a token."""
+    now = snapshot.now
+    record = snapshot.record
     out: dict[str, Any] = {
-        "state": manager.state().value,
-        "store": manager.store.kind,
-        "refresh_in_progress": renewing,
-        "logins": manager.login_count,
-        "refresh_failures": manager.refresh_failures,
-        "consecutive_failures": schedule.failures,
-        "last_error": schedule.last_error,
-        "next_attempt_in": round(max(0.0, schedule.next_attempt_at - now), 3)
-        if schedule.failures
+        "state": snapshot.state,
+        "store": snapshot.store,
+        "refresh_in_progress": snapshot.renewing,
+        "logins": snapshot.logins,
+        "refresh_failures": snapshot.refresh_failures,
+        "consecutive_failures": snapshot.consecutive_failures,
+        "last_error": snapshot.last_error,
+        "next_attempt_in": round(max(0.0, snapshot.next_attempt_at - now), 3)
+        if snapshot.consecutive_failures
         else None,
-        "last_api_call_at": manager.last_api_call_at,
-        "last_api_call_ago": _ago(now, manager.last_api_call_at),
+        "last_api_call_at": snapshot.last_api_call_at,
+        "last_api_call_ago": _ago(now, snapshot.last_api_call_at),
     }
     if record is not None:
         token = record.token
@@ -41,7 +60,7 @@ def summarize(manager: SessionManager, schedule: RefreshSchedule, renewing: bool
             refreshable=token.refresh_token is not None,
             expires_at=token.expires_at,
             expires_in=round(token.expires_at - now, 3),
-            next_refresh_in=round(max(0.0, schedule.refresh_at - now), 3),
+            next_refresh_in=round(max(0.0, snapshot.refresh_at - now), 3),
             created_at=record.created_at,
             age=round(now - record.created_at, 3),
             last_refreshed_at=record.last_refreshed_at,

@@ -8,6 +8,10 @@ watches the record (pub/sub, with polling as fallback) and adopts newer tokens a
 
 When the store is unreachable, each process renews on its own and keeps serving; once the store
 answers again, the newest record wins.
+
+:class:`SharedSession` holds no session: it wraps the session's ``renew(fence)`` callable, reads
+the session's record through ``held()`` and calls back with the records it reads (``adopt``,
+which says whether it installed one) or with a peer's logout (``drop``).
 """
 
 from __future__ import annotations
@@ -17,55 +21,63 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 
+from sidecar.clock import Clock
 from sidecar.errors import StoreError, StoreUnreadable
-from sidecar.session.manager import Credentials, SessionManager
-from sidecar.store import SessionRecord, SharedStore
+from sidecar.store import SharedStore
+from sidecar.tokens import SessionRecord
 
 log = logging.getLogger("sidecar.session")
 
 #: seconds between looks at the shared record while a peer holds the lock
 PEER_POLL = 0.05
 
+#: the session's record now (None without a session)
+Held = Callable[[], SessionRecord | None]
+#: offer a record read from the store; True when the session installed it (newer and usable)
+Adopt = Callable[[SessionRecord | None], bool]
+
 
 class SharedSession:
     """Leader election per renewal, and adoption of peers' tokens."""
 
-    def __init__(self, store: SharedStore, lease: float, poll_interval: float) -> None:
+    def __init__(
+        self, store: SharedStore, lease: float, poll_interval: float, clock: Clock
+    ) -> None:
         self.store = store
         self.lease = lease
         self.poll_interval = poll_interval
+        self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._store_down = False
         #: the last unreadable-record problem logged (logged again only when it changes)
         self._unreadable = ""
 
-    async def renew(self, manager: SessionManager, trigger: str) -> Credentials:
-        """Renew once for every process: lead the renewal, or wait for the peer who does.
+    async def renew(
+        self, renew: Callable[[int | None], Awaitable[object]], held: Held, adopt: Adopt
+    ) -> None:
+        """Renew once for every process: lead the renewal (``renew(fence)``, with the lock's
+        fencing token), or wait for the peer who does and ``adopt`` its record. With the store
+        unreachable, ``renew(None)``: this process renews on its own.
 
         "A peer renewed" means the session record became newer than the one we had when this
         renewal was asked for, whichever way it arrived (this wait, or the watcher).
         """
-        before = manager.record
+        before = held()
         try:
-            fence = await self._lead_or_follow(manager, before)
+            fence = await self._lead_or_follow(held, adopt, before)
         except StoreError as exc:
             self._note_down(exc)
-            return await manager.renew_with_identity(trigger)
-        if isinstance(fence, Credentials):
-            return fence
+            await renew(None)
+            return
+        if fence is None:
+            return  # a peer renewed
         try:
             with contextlib.suppress(StoreError):
-                manager.adopt(await self.store.load())
-            renewed = _renewed_since(manager, before)
-            if renewed is not None:
-                return renewed  # a peer renewed between our decision and the lock
-            manager.fence = fence
-            try:
-                return await manager.renew_with_identity(trigger)
-            finally:
-                await manager.flush_saves()
-                manager.fence = None
+                adopt(await self.store.load())
+            if not _newer(held(), before):  # else a peer renewed between our decision and the lock
+                await renew(fence)
         finally:
             await self.release()
 
@@ -77,9 +89,9 @@ class SharedSession:
             self._note_down(exc)  # the lease expires on its own
 
     async def _lead_or_follow(
-        self, manager: SessionManager, before: SessionRecord | None
-    ) -> int | Credentials:
-        """The fencing token when we lead; a peer's credentials when a peer renewed.
+        self, held: Held, adopt: Adopt, before: SessionRecord | None
+    ) -> int | None:
+        """The fencing token when we lead; None when a peer renewed.
 
         While a peer holds the lock we look for its result and retry the lock; a holder that
         died frees it when its lease runs out, and one of the waiters takes over.
@@ -88,21 +100,20 @@ class SharedSession:
             fence = await self.store.try_lock(self.owner, self.lease)
             if fence is not None:
                 return fence
-            await manager.clock.sleep(PEER_POLL)
+            await self.clock.sleep(PEER_POLL)
             try:
-                manager.adopt(await self.store.load())
+                adopt(await self.store.load())
             except StoreUnreadable as exc:  # not a peer's result we could use: wait for the lock
                 self._note_unreadable(exc)
-            renewed = _renewed_since(manager, before)
-            if renewed is not None:
-                return renewed
+            if _newer(held(), before):
+                return None
 
-    async def watch(self, manager: SessionManager) -> None:
+    async def watch(self, held: Held, adopt: Adopt, drop: Callable[[str], None]) -> None:
         """Adopt peers' newer records; after an outage, publish ours if it is the newest.
 
         A record that disappears while the store stayed reachable was logged out by a peer: this
-        process ends its copy too (without revoking again). After an outage, a missing or older
-        record is replaced by ours instead (Redis may have restarted empty).
+        process ends its copy too (``drop``, without revoking again). After an outage, a missing
+        or older record is replaced by ours instead (Redis may have restarted empty).
         """
         while True:
             try:
@@ -113,27 +124,27 @@ class SharedSession:
                         stored = await self.store.load()
                         self._unreadable = ""
                         recovered = self._note_up()
-                        if manager.adopt(stored) is not None:
+                        if adopt(stored):
                             continue
+                        ours = held()
                         if recovered:
-                            await self._reconcile(manager, stored)
-                        elif stored is None and manager.record is not None:
-                            manager.drop("a peer logged the session out")
+                            await self._reconcile(ours, stored)
+                        elif stored is None and ours is not None:
+                            drop("a peer logged the session out")
             except StoreUnreadable as exc:
                 # the store is up: what it holds cannot be read (corrupt, or sealed with a key
                 # this process does not have); our session goes on, and the next change is read
                 self._note_up()
                 self._note_unreadable(exc)
-                await manager.clock.sleep(self.poll_interval)
+                await self.clock.sleep(self.poll_interval)
             except StoreError as exc:
                 self._note_down(exc)
-                await manager.clock.sleep(self.poll_interval)
+                await self.clock.sleep(self.poll_interval)
 
-    async def _reconcile(self, manager: SessionManager, stored: SessionRecord | None) -> None:
-        ours = manager.record
+    async def _reconcile(self, ours: SessionRecord | None, stored: SessionRecord | None) -> None:
         if ours is None:
             return
-        if stored is None or stored.token.obtained_at < ours.token.obtained_at:
+        if ours.newer_than(stored):
             await self.store.save(ours)
             log.info("session.store_reconciled", extra={"session_id": ours.session_id})
 
@@ -159,11 +170,5 @@ class SharedSession:
         return False
 
 
-def _renewed_since(manager: SessionManager, before: SessionRecord | None) -> Credentials | None:
-    """The current credentials when the session record is newer than ``before``."""
-    record = manager.record
-    if record is None or manager.current is None:
-        return None
-    if before is not None and record.token.obtained_at <= before.token.obtained_at:
-        return None
-    return manager.current
+def _newer(record: SessionRecord | None, than: SessionRecord | None) -> bool:
+    return record is not None and record.newer_than(than)

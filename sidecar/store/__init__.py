@@ -1,86 +1,21 @@
 """Session stores: where a session is kept so that it survives a restart.
 
 Every store speaks the same protocol and passes the same conformance tests. What is stored is a
-:class:`SessionRecord`; its ``version`` guards against reading a format this build does not know.
+:class:`sidecar.tokens.SessionRecord` (a value every role shares, hence kept with the tokens); its
+``version`` guards against reading a format this build does not know.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sidecar.errors import StoreUnreadable
-from sidecar.tokens import Token
+from sidecar.tokens import SessionRecord
 
 if TYPE_CHECKING:
     from sidecar.store.crypto import Sealer
 
-#: the record format this build writes; a record with a newer version is refused, not misread
-RECORD_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """One identity's session: the token and the metadata the seeds ask us to keep."""
-
-    identity: str
-    session_id: str
-    activity_id: str
-    token: Token
-    created_at: float
-    last_refreshed_at: float | None = None
-    last_api_call_at: float | None = None
-    refresh_count: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": RECORD_VERSION,
-            "identity": self.identity,
-            "session_id": self.session_id,
-            "activity_id": self.activity_id,
-            "token": self.token.to_dict(),
-            "created_at": self.created_at,
-            "last_refreshed_at": self.last_refreshed_at,
-            "last_api_call_at": self.last_api_call_at,
-            "refresh_count": self.refresh_count,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any) -> SessionRecord:
-        """Parse stored data; raises StoreUnreadable naming what is wrong."""
-        if not isinstance(data, dict):
-            raise StoreUnreadable("session record is not a JSON object")
-        version = data.get("version")
-        if not isinstance(version, int):
-            raise StoreUnreadable("session record has no version")
-        if version > RECORD_VERSION:
-            raise StoreUnreadable(
-                f"session record version {version} is newer than this sidecar understands "
-                f"({RECORD_VERSION}); refusing to misread it"
-            )
-        try:
-            return cls(
-                identity=str(data["identity"]),
-                session_id=str(data["session_id"]),
-                activity_id=str(data["activity_id"]),
-                token=Token.from_dict(data["token"]),
-                created_at=float(data["created_at"]),
-                last_refreshed_at=_opt_float(data.get("last_refreshed_at")),
-                last_api_call_at=_opt_float(data.get("last_api_call_at")),
-                refresh_count=int(data.get("refresh_count", 0)),
-                extra=dict(data.get("extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreUnreadable(
-                f"session record is malformed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+__all__ = ["SessionRecord", "SessionStore", "SharedStore"]
 
 
 class SessionStore(Protocol):
