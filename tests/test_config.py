@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.checks import checked_config
 from sidecar.cli import main
 from sidecar.config.load import DEMO_SOURCE, load_config, read_secret, redacted
 from sidecar.config.models import Config
@@ -515,7 +516,9 @@ def test_redis_url_file_errors_name_the_key_and_never_show_the_url(tmp_path: Pat
 
     def load_problems(session: dict[str, Any]) -> list[str]:
         with pytest.raises(ConfigError) as exc:
-            load_config(write(tmp_path, {**base, "session": {"store": "redis", **session}}), env={})
+            checked_config(
+                write(tmp_path, {**base, "session": {"store": "redis", **session}}), env={}
+            )
         return problems(exc)
 
     url_file = tmp_path / "redis-url"
@@ -609,7 +612,8 @@ def test_unset_variables_and_overrides_in_lists_file_checks_and_replaced_keys(
 def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_it(
     tmp_path: Path,
 ) -> None:
-    """redis-py would quote the password in its error; check-config reports the file instead."""
+    """redis-py would quote the password in its error; check-config reports the file instead.
+    (The store's check: the config layer alone takes the URL as data.)"""
     url_file = tmp_path / "redis-url"
     url_file.write_text("redis://:p4ss/w0rd@127.0.0.1:6379/0\n")
     path = write(
@@ -620,8 +624,9 @@ def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_
             "session": {"store": "redis", "redis_url_file": str(url_file)},
         },
     )
+    assert load_config(path, env={}).session.redis_url_file == url_file
     with pytest.raises(ConfigError) as exc:
-        load_config(path, env={})
+        checked_config(path, env={})
     (line,) = problems(exc)
     assert line.startswith(
         f"session.redis_url_file: the URL in {url_file} is not a valid redis URL"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from sidecar.config.callers import read_caller_secret
 from sidecar.config.json_login import credential_files
-from sidecar.config.models import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
-from sidecar.config.oauth2 import check_private_key
+from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
@@ -184,8 +183,8 @@ def _dotted(parts: list[str]) -> str:
 
 
 def _check_files(config: Config) -> list[str]:
-    """Secret and certificate files must exist and be readable at load time; the session
-    directory, when it exists, must be sidecar's alone."""
+    """Secret and certificate files must exist and be readable at load time (what they hold is
+    the roles' check), the token sink's directory must exist, the caller secret must be one."""
     problems = []
     candidates: dict[str, Path | None] = {
         "identity.client_secret_file": config.identity.client_secret_file,
@@ -220,59 +219,32 @@ def _check_files(config: Config) -> list[str]:
                 pass
         except OSError as exc:
             problems.append(f"{key}: cannot read {path}: {exc.strerror}")
-            candidates[key] = None
-    key_file = candidates["identity.private_key_file"]
-    if key_file is not None:
-        problems.extend(check_private_key(key_file, config.identity.signing_alg))
-    for n in range(len(config.identity.previous_private_key_files)):
-        key = f"identity.previous_private_key_files[{n}]"
-        previous = candidates[key]
-        if previous is not None:
-            problems.extend(check_private_key(previous, config.identity.signing_alg, key=key))
     sink = config.session.token_sink
     if sink is not None and not sink.path.parent.is_dir():
         problems.append(f"session.token_sink.path: the directory {sink.path.parent} does not exist")
-    if config.session.store == "redis":
-        problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
     if config.listen.require_header is not None:
         try:
             read_caller_secret(config.listen.require_header.value_file)
         except ConfigError as exc:
             problems.append(str(exc))
-    if config.session.store == "file":
-        from sidecar.store.file import directory_problem
-
-        problem = directory_problem(config.session.path.parent)
-        if problem is not None:
-            problems.append(f"session.path: {problem}")
     return problems
 
 
-def _redis_url_problems(session: Session, readable_file: Path | None) -> list[str]:
-    """The redis URL, inline or in its file, must be one the store can use. The problems never
-    quote it: it may carry a password."""
-    from sidecar.store.redis import url_problem  # the redis client library, only when needed
-
-    if session.redis_url:
-        key, where, url = "session.redis_url", "", session.redis_url
-    elif readable_file is not None:
-        key, where = "session.redis_url_file", f"the URL in {readable_file} "
-        try:
-            url = session.redis_address()
-        except OSError as exc:
-            return [f"{key}: cannot read {readable_file}: {exc.strerror}"]
-        except UnicodeDecodeError:
-            return [f"{key}: {readable_file} is not UTF-8 text"]
-        if not url.startswith(REDIS_SCHEMES):
-            return [f"{key}: {where}{REDIS_SCHEME_RULE}"]
-    else:
-        return []  # unreadable: already reported
-    problem = url_problem(url)
-    return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
+#: a check of a valid configuration that needs more than the configuration (a role's own
+#: knowledge: does the key sign, can the client use the URL); one ``"dotted.key: message"`` each
+Check = Callable[[Config], list[str]]
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Load, interpolate, override and validate. Raises ConfigError listing every problem."""
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    checks: Iterable[Check] = (),
+) -> Config:
+    """Load, interpolate, override and validate; then, on a valid configuration, run ``checks``
+    (the composition root passes the roles' checks: :func:`sidecar.checks.checked_config`).
+    Raises ConfigError listing every problem, each naming its key and the variable it came
+    from."""
     env = os.environ if env is None else env
     if path is None and env.get(ENV_CONFIG):
         path = env[ENV_CONFIG]
@@ -307,7 +279,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except ValidationError as exc:
         problems.extend(_attributed(_format_validation_error(exc), unset, overridden))
     if config is not None:
-        problems.extend(_attributed(_check_files(config), unset, overridden))
+        found = _check_files(config)
+        for check in checks:
+            found += check(config)
+        problems.extend(_attributed(found, unset, overridden))
     if problems:
         raise ConfigError(
             f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)

@@ -2,14 +2,13 @@
 
 :func:`oauth2_problems` checks a whole identity section of that kind and returns one
 ``"key: message"`` line per problem (the loader prefixes ``identity.``), so every missing key is
-named: ``subject_token_file: required for grant token_exchange``. :func:`check_private_key`
-runs at load time, when the files are read. The fields themselves live on
-:class:`sidecar.config.models.Identity`.
+named: ``subject_token_file: required for grant token_exchange``. Whether a private key signs is
+the identity role's check (:func:`sidecar.identity.assertions.check_private_key`), run by the
+composition root. The fields themselves live on :class:`sidecar.config.models.Identity`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -154,19 +153,3 @@ def _grant_problems(identity: Identity) -> list[str]:
     if identity.actor_token_type and identity.actor_token_file is None:
         problems.append("actor_token_file: required with actor_token_type")
     return problems
-
-
-def check_private_key(
-    path: Path, signing_alg: str | None, *, key: str = "identity.private_key_file"
-) -> list[str]:
-    """The key must be usable for signing, with ``signing_alg`` when set (caught at load, not at
-    the first login; the file is read again at every login, so a rotated key is used)."""
-    # PyJWT and cryptography are loaded only for a configured private key (idle memory)
-    from sidecar.identity.assertions import load_signing_key
-
-    try:
-        load_signing_key(path.read_bytes(), signing_alg)
-    except ValueError as exc:
-        named = "identity.signing_alg" if "signing_alg" in str(exc) else key
-        return [f"{named}: {exc}"]
-    return []

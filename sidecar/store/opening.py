@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
 from sidecar.store import SessionStore
-from sidecar.store.file import FileStore
+from sidecar.store.file import FileStore, directory_problem
 from sidecar.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -34,6 +34,20 @@ def same_keys(a: Sealer | None, b: Sealer | None) -> bool:
     if a is None or b is None:
         return a is b
     return a.keys == b.keys
+
+
+def store_problems(cfg: Session) -> list[str]:
+    """What makes the configured store unusable, found without connecting to it (for
+    ``check-config`` and start): a file store's directory that is not sidecar's alone, a redis
+    URL the client cannot use. One ``"dotted.key: message"`` line each, never quoting a URL."""
+    if cfg.store == "file":
+        problem = directory_problem(cfg.path.parent)
+        return [] if problem is None else [f"session.path: {problem}"]
+    if cfg.store == "redis":
+        from sidecar.store.redis import url_problems  # the redis client library, only when used
+
+        return url_problems(cfg)
+    return []
 
 
 def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:

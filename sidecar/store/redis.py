@@ -28,6 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
+from sidecar.config.models import REDIS_SCHEME_RULE, REDIS_SCHEMES, Session
 from sidecar.errors import ConfigError, StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
@@ -148,6 +149,29 @@ def url_problem(url: str) -> str | None:
             "with / ? # or @ in it is percent-encoded)"
         )
     return None
+
+
+def url_problems(session: Session) -> list[str]:
+    """The redis URL, inline or in ``redis_url_file``, must be one this store can use; one
+    ``"dotted.key: message"`` line when it is not, never quoting the URL (it may carry a
+    password). A file that cannot be read gives nothing here: the configuration's own file check
+    names it."""
+    if session.redis_url:
+        key, where, url = "session.redis_url", "", session.redis_url
+    elif session.redis_url_file is not None:
+        key, where = "session.redis_url_file", f"the URL in {session.redis_url_file} "
+        try:
+            url = session.redis_address()
+        except OSError:
+            return []
+        except UnicodeDecodeError:
+            return [f"{key}: {session.redis_url_file} is not UTF-8 text"]
+        if not url.startswith(REDIS_SCHEMES):
+            return [f"{key}: {where}{REDIS_SCHEME_RULE}"]
+    else:
+        return []
+    problem = url_problem(url)
+    return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
 
 
 def _decode(raw: bytes, sealer: Sealer | None) -> SessionRecord:
