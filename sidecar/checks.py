@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sidecar.config.load import load_config
 from sidecar.config.models import Config
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.store.opening import store_problems
 
 
@@ -22,7 +23,10 @@ def role_problems(config: Config) -> list[str]:
     line each."""
     problems = store_problems(config.session)
     identity = config.identity
-    if identity.private_key_file is not None or identity.previous_private_key_files:
+    keys = isinstance(identity, OAuth2Section) and (
+        identity.private_key_file is not None or identity.previous_private_key_files
+    )
+    if isinstance(identity, OAuth2Section) and keys:
         # PyJWT and cryptography are loaded only for a configured private key (idle memory)
         from sidecar.identity.assertions import signing_key_problems
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sidecar.config.json_login import session_names
+from sidecar.config.json_login import JsonLoginSection, session_names
 from sidecar.templates import compile_text, unknown
 
 if TYPE_CHECKING:
-    from sidecar.config.models import Headers, Identity
+    from sidecar.config.identity import Identity
+    from sidecar.config.models import Headers
 
 
 def header_templates(headers: Headers) -> dict[str, str]:
@@ -29,7 +30,7 @@ def header_placeholder_problems(headers: Headers, identity: Identity) -> list[st
     """Header values may use ``{{ session.<field> }}`` and ``{{ session.access_token }}``; never a
     credential or the refresh token, which stay between the sidecar and the identity provider."""
     allowed = ["session.access_token"]
-    if identity.kind == "json_login":
+    if isinstance(identity, JsonLoginSection):
         allowed += [n for n in session_names(identity.response) if n != "session.refresh_token"]
     problems = []
     for key, value in header_templates(headers).items():

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 if TYPE_CHECKING:
-    from sidecar.config.models import Identity
+    from sidecar.config.oauth2 import OAuth2Section
 
 #: seconds an assertion is valid: long enough for one request, short enough to be useless later
 ASSERTION_LIFETIME = 60
@@ -82,7 +82,7 @@ def check_private_key(
     return []
 
 
-def signing_key_problems(identity: Identity) -> list[str]:
+def signing_key_problems(identity: OAuth2Section) -> list[str]:
     """Every configured private key (``private_key_file``, ``previous_private_key_files``) must
     sign, so a wrong key is caught by ``check-config`` and at start, not at the first login (the
     files are read again at every login, so a rotated key is used)."""
