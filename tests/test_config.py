@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from sidecar.checks import checked_config
 from sidecar.cli import main
@@ -691,3 +692,24 @@ def test_logout_on_shutdown_with_a_shared_redis_store_is_refused(
     assert "POST /session/logout" in err
     load_config(write(tmp_path, oauth2_config(session=shared)), env={})
     load_config(write(tmp_path, oauth2_config(session={"logout_on_shutdown": True})), env={})
+
+
+def test_every_key_has_its_meaning_written_on_its_field() -> None:
+    """Each key's meaning is its field's description (the reference and the JSON Schema read it
+    there): no field of any section, of any identity kind, is without one."""
+    from sidecar.config.load import submodels
+
+    seen: set[type[BaseModel]] = set()
+    missing = []
+    pending: list[type[BaseModel]] = [Config]
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            pending.extend(submodels(field.annotation))
+    assert len(seen) > 20
+    assert missing == []

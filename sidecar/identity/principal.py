@@ -107,12 +107,10 @@ def json_login_principal(config: JsonLoginSection) -> str:
     credential that is not a secret (:func:`is_secret_name`), from a file as it holds it now."""
     assert config.login is not None  # the config validator requires it for this kind
     named = {}
-    for key, value in config.credentials.items():
-        name = key.removesuffix("_file")
+    for name, source in config.credential_sources().items():
         if is_secret_name(name):
             continue
-        text = value.get_secret_value()
-        named[name] = file_text(Path(text)) if key.endswith("_file") else text
+        named[name] = file_text(source.file) if source.file is not None else source.read()
     login = config.login
     return principal_id(
         "json_login",

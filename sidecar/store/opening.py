@@ -60,11 +60,12 @@ def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionSt
     if cfg.store == "redis":
         from sidecar.store.redis import RedisStore, url_problem
 
-        key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
+        source = cfg.redis_source()
+        key = source.where
         try:
-            url = cfg.redis_address()
+            url = source.read()
         except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}") from exc
+            raise ConfigError(f"{key}: cannot read {source.file}: {exc.strerror}") from exc
         try:
             return RedisStore(url, namespace, sealer, url_file=cfg.redis_url_file)
         except ValueError:

@@ -156,20 +156,18 @@ def url_problems(session: Session) -> list[str]:
     ``"dotted.key: message"`` line when it is not, never quoting the URL (it may carry a
     password). A file that cannot be read gives nothing here: the configuration's own file check
     names it."""
-    if session.redis_url:
-        key, where, url = "session.redis_url", "", session.redis_url
-    elif session.redis_url_file is not None:
-        key, where = "session.redis_url_file", f"the URL in {session.redis_url_file} "
-        try:
-            url = session.redis_address()
-        except OSError:
-            return []
-        except UnicodeDecodeError:
-            return [f"{key}: {session.redis_url_file} is not UTF-8 text"]
-        if not url.startswith(REDIS_SCHEMES):
-            return [f"{key}: {where}{REDIS_SCHEME_RULE}"]
-    else:
+    source = session.secret("redis_url")
+    if source is None:
         return []
+    key, where = source.where, "" if source.file is None else f"the URL in {source.file} "
+    try:
+        url = source.read()
+    except OSError:
+        return []
+    except UnicodeDecodeError:
+        return [f"{key}: {source.file} is not UTF-8 text"]
+    if source.file is not None and not url.startswith(REDIS_SCHEMES):
+        return [f"{key}: {where}{REDIS_SCHEME_RULE}"]  # inline: the model checked the scheme
     problem = url_problem(url)
     return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
 
