@@ -24,10 +24,9 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from sidecar.config.callers import CallerHeader, host_entry, origin_entry
-from sidecar.config.headers import header_placeholder_problems
+from sidecar.config.headers import Headers, header_placeholder_problems
 from sidecar.config.identity import DemoSection, Identity
 from sidecar.config.sections import TLS, Section
-from sidecar.field_values import checked
 from sidecar.secrets import SecretSource
 
 
@@ -245,49 +244,6 @@ class Refresh(Section):
         description="a token is not sent in its last this-many seconds (at most a tenth of its "
         "lifetime), so it cannot expire on its way or on a clock slightly ahead",
     )
-
-
-class Headers(Section):
-    """Headers added to each forwarded request. ``null`` switches a header off."""
-
-    tenant_id: str | None = Field(
-        None, description="X-Tenant-ID value, may use {{ session.<field> }} (null: not sent)"
-    )
-    activity_id: str | None = Field(
-        "auto", description="X-Activity-ID: auto (one uuid4 per session), a value, or null"
-    )
-    correlation_id: str | None = Field(
-        "propagate", description="X-Correlation-ID: propagate, generate, a value, or null"
-    )
-    request_id: Literal["generate", "propagate"] | None = Field(
-        "generate", description="X-Request-ID: generate (uuid4 per request), propagate, or null"
-    )
-    traceparent: Literal["generate", "propagate"] | None = Field(
-        "propagate", description="W3C traceparent: propagate (if valid), generate, or null"
-    )
-    session_id: str | None = Field(
-        "auto", description="X-Session-ID: auto (one uuid4 per session), a value, or null"
-    )
-    static: dict[str, str] = Field(
-        default_factory=dict, description="extra headers sent with every request"
-    )
-
-    @field_validator("static")
-    @classmethod
-    def _safe_static(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = {"host", "authorization", "content-length", "transfer-encoding", "connection"}
-        for name, header_value in value.items():
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in reserved:
-                raise ValueError(f"{name!r} is managed by the sidecar and cannot be set here")
-            checked(header_value, f"the value of {name!r}")
-        return value
-
-    @field_validator("tenant_id", "activity_id", "correlation_id", "session_id")
-    @classmethod
-    def _safe_value(cls, value: str | None) -> str | None:
-        return None if value is None else checked(value, "the value")
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
