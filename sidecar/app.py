@@ -21,8 +21,11 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
-from sidecar.config.models import Config, Identity, is_loopback
-from sidecar.errors import IdentityError, StoreError
+from sidecar.config.identity import Identity
+from sidecar.config.json_login import JsonLoginSection
+from sidecar.config.models import Config, is_loopback
+from sidecar.config.oauth2 import OAuth2Section
+from sidecar.errors import ConfigError, IdentityError, StoreError
 from sidecar.http.server import FrontServer
 from sidecar.http.unix_socket import UnixListener
 from sidecar.identity import IdentityProvider
@@ -294,8 +297,7 @@ class Sidecar:
                 "demo echo upstream", echo_app(idp), cfg.demo.echo_port
             )
             self.upstream_url = f"http://127.0.0.1:{echo_port}"
-        demo_identity = Identity(
-            kind="oauth2",
+        demo_identity = OAuth2Section(
             token_url=f"http://127.0.0.1:{idp_port}/oauth2/token",
             client_id=DEMO_CLIENT_ID,
             client_secret=SecretStr(idp.client_secret),
@@ -306,15 +308,18 @@ class Sidecar:
 
     def _provider(self, identity: Identity) -> IdentityProvider:
         """The provider for an identity section (not the embedded demo's)."""
-        if identity.kind == "json_login":
+        if isinstance(identity, JsonLoginSection):
             from sidecar.identity.json_login import JsonLoginIdentity
 
             return JsonLoginIdentity(
                 identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
             )
-        return OAuth2Identity(
-            identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
-        )
+        if isinstance(identity, OAuth2Section):
+            return OAuth2Identity(
+                identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+            )
+        # the demo's provider is built at start, with its embedded server
+        raise ConfigError("identity.kind: demo takes effect at a restart")
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:
         cookies = SessionCookies(upstream_url, self.clock) if config.upstream.send_cookies else None

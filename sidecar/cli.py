@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 
 from sidecar import __version__
-from sidecar.config.load import load_config, redacted
+from sidecar.checks import checked_config
+from sidecar.config.load import redacted
 from sidecar.config.models import Config
 from sidecar.errors import ConfigError, SidecarError
 
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
     try:
-        config = load_config(args.config)
+        config = checked_config(args.config)
     except ConfigError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    return _run(config, args.workers, args.loop, load=lambda: load_config(args.config))
+    return _run(config, args.workers, args.loop, load=lambda: checked_config(args.config))
 
 
 def _run(

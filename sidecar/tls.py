@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 
-from sidecar.config.models import TLS
+from sidecar.config.sections import TLS
 
 #: seconds between looks at a tls section's files for a rotation (cert-manager, a renewed
 #: Kubernetes Secret): a changed file is read again without a SIGHUP

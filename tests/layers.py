@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may import from its own layer or any layer below):
 
-4. the face and composition root: cli, app, lifecycle, workers, demo, ``__main__``
+4. the face and composition root: cli, app, checks, lifecycle, workers, demo, ``__main__``
 3. policy: ``proxy/``, ``session/``, admin
 2. roles that talk to the outside: ``identity/``, ``store/``, ``http/``
 1. the configuration as data (``config/``) and what reads it alone (tls)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
 
-FACE = {"cli", "app", "lifecycle", "workers", "demo", "__main__"}
+FACE = {"cli", "app", "checks", "lifecycle", "workers", "demo", "__main__"}
 POLICY_PACKAGES = {"proxy", "session"}
 OUTSIDE_PACKAGES = {"identity", "store", "http"}
 CONFIG_LAYER = {"config", "tls"}

@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from sidecar.checks import checked_config
 from sidecar.cli import main
-from sidecar.config.load import DEMO_SOURCE, load_config, read_secret, redacted
+from sidecar.config.json_login import JsonLoginSection
+from sidecar.config.load import DEMO_SOURCE, load_config, redacted
 from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 
@@ -72,8 +75,11 @@ def test_interpolation_of_secret_keeps_it_secret(tmp_path: Path) -> None:
     """A secret taken from the environment is usable by the sidecar but prints masked."""
     path = write(tmp_path, oauth2_config(identity={"client_secret": "${MY_SECRET}"}))
     config = load_config(path, env={"MY_SECRET": "from-the-env-777"})
-    assert read_secret(config.identity.client_secret, None) == "from-the-env-777"
+    source = config.identity.secret("client_secret")
+    assert source is not None
+    assert source.read() == "from-the-env-777"
     assert "from-the-env-777" not in repr(config)
+    assert "from-the-env-777" not in repr(source)
     assert "from-the-env-777" not in str(redacted(config))
 
 
@@ -101,21 +107,20 @@ def test_empty_default_is_allowed(tmp_path: Path) -> None:
 
 def test_secret_file_is_read_and_re_read(tmp_path: Path) -> None:
     """``client_secret_file`` is accepted instead of ``client_secret``; its content (stripped) is
-    the secret, re-read on every use so a rotated Kubernetes Secret is picked up."""
+    the secret, re-read on every use so a rotated Kubernetes Secret is picked up; the source
+    names the key it was given under."""
     secret_file = tmp_path / "client-secret"
     secret_file.write_text("first-secret\n")
     data = oauth2_config()
     del data["identity"]["client_secret"]
     data["identity"]["client_secret_file"] = str(secret_file)
     config = load_config(write(tmp_path, data), env={})
-    assert config.identity.client_secret is None
-    assert read_secret(config.identity.client_secret, config.identity.client_secret_file) == (
-        "first-secret"
-    )
+    source = config.identity.secret("client_secret")
+    assert source is not None
+    assert source.where == "identity.client_secret_file"
+    assert source.read() == "first-secret"
     secret_file.write_text("rotated-secret\n")
-    assert read_secret(config.identity.client_secret, config.identity.client_secret_file) == (
-        "rotated-secret"
-    )
+    assert source.read() == "rotated-secret"
 
 
 def test_missing_secret_file_is_an_error_naming_the_key(tmp_path: Path) -> None:
@@ -142,7 +147,9 @@ def test_secret_and_secret_file_together_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, oauth2_config(identity={"client_secret_file": str(secret_file)}))
     with pytest.raises(ConfigError) as exc:
         load_config(path, env={})
-    assert any(p.startswith("identity.client_secret:") for p in problems(exc)), str(exc.value)
+    assert "identity.client_secret: give client_secret or client_secret_file, not both" in (
+        problems(exc)
+    ), str(exc.value)
 
 
 # ----------------------------------------------------------------- SIDECAR_<SECTION>_<KEY>
@@ -515,14 +522,16 @@ def test_redis_url_file_errors_name_the_key_and_never_show_the_url(tmp_path: Pat
 
     def load_problems(session: dict[str, Any]) -> list[str]:
         with pytest.raises(ConfigError) as exc:
-            load_config(write(tmp_path, {**base, "session": {"store": "redis", **session}}), env={})
+            checked_config(
+                write(tmp_path, {**base, "session": {"store": "redis", **session}}), env={}
+            )
         return problems(exc)
 
     url_file = tmp_path / "redis-url"
     url_file.write_text("redis://:pw-in-file@127.0.0.1:6379/0\n")
     assert load_problems({}) == ["session.redis_url: required for store redis (or redis_url_file)"]
     both = load_problems({"redis_url": "redis://127.0.0.1:6379/0", "redis_url_file": str(url_file)})
-    assert both == ["session.redis_url_file: set redis_url or redis_url_file, not both"]
+    assert both == ["session.redis_url: give redis_url or redis_url_file, not both"]
     missing = load_problems({"redis_url_file": str(tmp_path / "nope")})
     assert len(missing) == 1
     assert missing[0].startswith("session.redis_url_file: cannot read ")
@@ -553,6 +562,42 @@ def test_an_unset_variable_is_one_problem_and_a_bad_override_names_its_variable(
     assert len(lines) == 2, lines
     assert lines[1].startswith("listen.port: ")
     assert lines[1].endswith("(set by SIDECAR_LISTEN_PORT)")
+
+
+def test_each_identity_kind_takes_its_own_keys(tmp_path: Path) -> None:
+    """identity is one model per kind: a key of another kind is refused naming the kind it
+    belongs to; a section without kind but with another kind's keys asks for a kind; a typo
+    in a kind's key is matched against that kind's keys; SIDECAR_IDENTITY_* reaches the keys of
+    any kind."""
+    base = {"upstream": {"url": "https://api.example.com"}, "demo": {"enabled": True}}
+
+    def load_problems(identity: dict[str, Any]) -> list[str]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(write(tmp_path, {**base, "identity": identity}), env={})
+        return problems(exc)
+
+    assert load_problems({"kind": "demo", "client_id": "c"}) == [
+        "identity.client_id: only used by kind oauth2"
+    ]
+    assert load_problems({"kind": "demo", "jwks_url": "https://idp.example.com/jwks"}) == [
+        "identity.jwks_url: only used by kind oauth2 or json_login"
+    ]
+    (missing,) = load_problems({"client_id": "c"})
+    assert missing.startswith("identity.kind: required, oauth2 or json_login"), missing
+    typo = {**oauth2_config()["identity"], "scoep": "read"}
+    assert load_problems(typo) == ["identity.scoep: unknown key (did you mean scope?)"]
+    demo = load_config(write(tmp_path, {**base, "identity": {"timeout": 3}}), env={})
+    assert (demo.identity.kind, demo.identity.timeout) == ("demo", 3)
+    path = write(tmp_path, {**base, "identity": {"kind": "json_login"}})
+    env = {
+        "SIDECAR_IDENTITY_LOGIN_URL": "https://idp.example.com/login",
+        "SIDECAR_IDENTITY_CREDENTIALS": '{"user": "u"}',
+    }
+    config = load_config(path, env=env)
+    assert isinstance(config.identity, JsonLoginSection)
+    assert config.identity.login is not None
+    assert config.identity.login.url == "https://idp.example.com/login"
+    assert list(config.identity.credentials) == ["user"]
 
 
 def test_a_missing_identity_section_asks_for_a_kind(tmp_path: Path) -> None:
@@ -609,7 +654,8 @@ def test_unset_variables_and_overrides_in_lists_file_checks_and_replaced_keys(
 def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_it(
     tmp_path: Path,
 ) -> None:
-    """redis-py would quote the password in its error; check-config reports the file instead."""
+    """redis-py would quote the password in its error; check-config reports the file instead.
+    (The store's check: the config layer alone takes the URL as data.)"""
     url_file = tmp_path / "redis-url"
     url_file.write_text("redis://:p4ss/w0rd@127.0.0.1:6379/0\n")
     path = write(
@@ -620,8 +666,9 @@ def test_a_redis_url_file_with_an_unescaped_password_is_refused_without_showing_
             "session": {"store": "redis", "redis_url_file": str(url_file)},
         },
     )
+    assert load_config(path, env={}).session.redis_url_file == url_file
     with pytest.raises(ConfigError) as exc:
-        load_config(path, env={})
+        checked_config(path, env={})
     (line,) = problems(exc)
     assert line.startswith(
         f"session.redis_url_file: the URL in {url_file} is not a valid redis URL"
@@ -645,3 +692,24 @@ def test_logout_on_shutdown_with_a_shared_redis_store_is_refused(
     assert "POST /session/logout" in err
     load_config(write(tmp_path, oauth2_config(session=shared)), env={})
     load_config(write(tmp_path, oauth2_config(session={"logout_on_shutdown": True})), env={})
+
+
+def test_every_key_has_its_meaning_written_on_its_field() -> None:
+    """Each key's meaning is its field's description (the reference and the JSON Schema read it
+    there): no field of any section, of any identity kind, is without one."""
+    from sidecar.config.load import submodels
+
+    seen: set[type[BaseModel]] = set()
+    missing = []
+    pending: list[type[BaseModel]] = [Config]
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            pending.extend(submodels(field.annotation))
+    assert len(seen) > 20
+    assert missing == []

@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from sidecar.checks import checked_config
 from sidecar.cli import main
 from sidecar.config.load import load_config
 from sidecar.errors import ConfigError
@@ -25,9 +26,10 @@ def pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 
 
 def failures(tmp_path: Path, **identity: Any) -> list[str]:
-    """The problem lines of loading a config with these identity settings (which must fail)."""
+    """The problem lines of loading a config with these identity settings (which must fail), with
+    the roles' checks the composition root runs (the private key must sign)."""
     with pytest.raises(ConfigError) as exc:
-        load_config(write(tmp_path, oauth2_config(identity=identity)), env={})
+        checked_config(write(tmp_path, oauth2_config(identity=identity)), env={})
     return problems(exc)
 
 
@@ -93,9 +95,12 @@ def test_each_problem_names_its_key(
     assert any(line.startswith(expected) for line in lines), lines
 
 
-def test_the_private_key_is_checked_at_load(tmp_path: Path) -> None:
+def test_the_private_key_is_checked_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An unreadable key, a non-key, a short RSA key and an algorithm the key cannot make are
-    reported at load (check-config), never showing key material."""
+    reported at load (check-config), never showing key material. Whether a key signs is the
+    identity role's check: the config layer alone takes the file as data."""
     rsa_key = tmp_path / "rsa.pem"
     rsa_key.write_bytes(pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
     not_a_key = tmp_path / "junk.pem"
@@ -110,6 +115,12 @@ def test_the_private_key_is_checked_at_load(tmp_path: Path) -> None:
         "identity.private_key_file: not an unencrypted PEM private key (RSA, EC or Ed25519)"
     ]
     assert "too short" in failures(tmp_path, **base, private_key_file=str(short))[0]
+    junk_config = write(
+        tmp_path, oauth2_config(identity={**base, "private_key_file": str(not_a_key)})
+    )
+    assert load_config(junk_config, env={}).identity.private_key_file == not_a_key
+    assert main(["check-config", "-c", str(junk_config)]) == 2
+    assert "identity.private_key_file: not an unencrypted PEM" in capsys.readouterr().err
     assert failures(tmp_path, **base, private_key_file=str(rsa_key), signing_alg="ES256") == [
         "identity.signing_alg: signing_alg ES256 cannot be made with an RSA key"
     ]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sidecar.app import Sidecar
 from sidecar.clock import SystemClock
-from sidecar.config.models import Identity
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.errors import IdentityError, IdentityUnavailable
 from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.tokens import Token, parse_token_response
@@ -286,7 +286,7 @@ async def test_fuzzed_token_endpoint_answers_over_a_socket(
     url, script = scripted_idp
     script.update(status=status, body=body, content_type=content_type)
     identity = OAuth2Identity(
-        Identity(kind="oauth2", token_url=url, client_id="c", client_secret="s"), SystemClock()
+        OAuth2Section(token_url=url, client_id="c", client_secret="s"), SystemClock()
     )
     outcome: Token | IdentityError
     try:

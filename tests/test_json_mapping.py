@@ -156,7 +156,7 @@ def test_a_header_whose_session_field_is_missing_is_left_out(
 ) -> None:
     """{{ session.tenant_id }} for a session without that field: X-Tenant-ID is not sent (rather
     than every request failing), and one warning names the key, not a value."""
-    from sidecar.config.models import Headers
+    from sidecar.config.headers import Headers
     from sidecar.proxy.headers import HeaderRules
     from sidecar.tokens import Credentials
 

@@ -17,7 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.app import Sidecar
-from sidecar.config.models import Config, Identity
+from sidecar.config.json_login import JsonLoginSection
+from sidecar.config.models import Config
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.identity.principal import is_secret_name, json_login_principal, oauth2_principal
 from tests.conftest import merge, proxy_url
 from tests.fakes.clock import FakeClock
@@ -136,9 +138,9 @@ async def test_two_users_of_one_vendor_url_on_one_redis_get_two_sessions(
     assert "alice" not in log_output.getvalue()
 
 
-def _oauth2(**identity: Any) -> Identity:
+def _oauth2(**identity: Any) -> OAuth2Section:
     base = {"kind": "oauth2", "token_url": "https://idp.example.com/token", "client_id": "svc"}
-    return Identity.model_validate({**base, "client_secret": "s-1", **identity})
+    return OAuth2Section.model_validate({**base, "client_secret": "s-1", **identity})
 
 
 def _jwt(sub: str, jti: str) -> str:
@@ -183,7 +185,7 @@ def test_json_login_principal_hashes_names_but_not_secrets(tmp_path: Path) -> No
     user_file = tmp_path / "username"
     user_file.write_text("alice\n")
 
-    def ident(tenant: str = "1", **credentials: str) -> Identity:
+    def ident(tenant: str = "1", **credentials: str) -> JsonLoginSection:
         creds = {
             "username_file": str(user_file),
             "password": "p-1",
@@ -192,7 +194,9 @@ def test_json_login_principal_hashes_names_but_not_secrets(tmp_path: Path) -> No
             **credentials,
         }
         login = {"url": "https://api.example.com/login", "headers": {"X-Tenant-ID": tenant}}
-        return Identity.model_validate({"kind": "json_login", "credentials": creds, "login": login})
+        return JsonLoginSection.model_validate(
+            {"kind": "json_login", "credentials": creds, "login": login}
+        )
 
     base = json_login_principal(ident())
     assert json_login_principal(ident(password="p-2", customer_secret="cs-2")) == base

@@ -7,7 +7,8 @@ import random
 import jwt
 import pytest
 
-from sidecar.config.models import Headers, Refresh, Retry
+from sidecar.config.headers import Headers
+from sidecar.config.models import Refresh, Retry
 from sidecar.errors import IdentityUnavailable
 from sidecar.proxy.headers import HeaderRules, valid_traceparent
 from sidecar.session.schedule import RefreshSchedule

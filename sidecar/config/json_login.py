@@ -1,8 +1,8 @@
 """Configuration of ``identity.kind: json_login``: vendor JSON session APIs (the FinHub seed).
 
-These models are the ``login``, ``refresh``, ``logout`` and ``response`` sub-sections of
-``identity``; :func:`json_login_problems` checks a whole identity section of that kind and returns
-one ``"dotted.key: message"`` line per problem (the loader prefixes ``identity.``).
+:class:`JsonLoginSection` is ``identity`` of that kind, with its ``login``, ``refresh``,
+``logout`` and ``response`` sub-sections; :func:`json_login_problems` checks it and returns one
+``"dotted.key: message"`` line per problem (the loader prefixes ``identity.``).
 
 Placeholders (see :mod:`sidecar.templates`) allowed in each call:
 
@@ -16,16 +16,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from yarl import URL
 
+from sidecar.config.sections import KIND, TokenChecks, Validate
 from sidecar.field_values import checked
+from sidecar.secrets import SecretSource, both_given
 from sidecar.templates import compile_text, names_by_key, unknown
-
-if TYPE_CHECKING:
-    from sidecar.config.oauth2 import Validate
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -51,14 +50,25 @@ def _http_url(value: str) -> str:
 class JsonCall(_Section):
     """One identity call: a JSON request to ``url`` (backup URLs tried in order on failure)."""
 
-    url: str
-    method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"
-    #: request headers; values may use placeholders. X-Request-ID (uuid4) is always added
-    headers: dict[str, str] = Field(default_factory=dict)
-    #: the JSON body template (parsed data; placeholders only in string values)
-    body: Any = Field(None, alias="json")
-    #: tried in order when the one before is unreachable, times out or answers 5xx
-    backup_urls: list[str] = Field(default_factory=list)
+    url: str = Field(description="the endpoint of the call")
+    method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = Field(
+        "POST", description="HTTP method of the call"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="request headers; values may use placeholders (login: {{ credentials.* }}; "
+        "refresh, logout: also {{ session.* }}). X-Request-ID (uuid4) is always added",
+    )
+    body: Any = Field(
+        None,
+        alias="json",
+        description="the JSON body template; string values may use the placeholders headers may "
+        "(null: no body)",
+    )
+    backup_urls: list[str] = Field(
+        default_factory=list,
+        description="tried in order when the one before is unreachable, times out or answers 5xx",
+    )
 
     @field_validator("url")
     @classmethod
@@ -100,9 +110,11 @@ class JsonCall(_Section):
 class JsonRefreshCall(JsonCall):
     """The refresh call: as any call, plus which answers mean the refresh token was rejected."""
 
-    #: HTTP statuses of a refresh answer meaning "refresh token rejected": the session falls back
-    #: to a full login (as for OAuth2 ``invalid_grant``). Other 4xx are retried with backoff
-    rejected_status: list[int] = Field(default_factory=lambda: list(DEFAULT_REJECTED_STATUS))
+    rejected_status: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_REJECTED_STATUS),
+        description="statuses of a refresh answer meaning 'refresh token rejected': log in again "
+        "(as for OAuth2 invalid_grant); other 4xx are retried with backoff",
+    )
 
     @field_validator("rejected_status")
     @classmethod
@@ -115,14 +127,28 @@ class JsonRefreshCall(JsonCall):
 class JsonResponse(_Section):
     """Where the login/refresh answer keeps things, as dotted paths into its JSON."""
 
-    access_token: str = "access_token"  # noqa: S105 - a path in the answer, not a secret
-    #: the newest refresh token always replaces the old one (rotation); absent: the old one stays
-    refresh_token: str | None = "refresh_token"  # noqa: S105 - a path, not a secret
-    #: seconds of validity; or give expires_at (epoch seconds); with neither, the JWT's exp
-    expires_in: str | None = None
-    expires_at: str | None = None
-    #: extra session fields: {name: path}; usable as {{ session.<name> }} in calls and headers
-    fields: dict[str, str] = Field(default_factory=dict)
+    access_token: str = Field(
+        "access_token",
+        description="dotted path of the access token in the answer",
+    )
+    refresh_token: str | None = Field(
+        "refresh_token",
+        description="dotted path of the refresh token; a new one replaces the old (rotation), "
+        "an answer without one keeps the old",
+    )
+    expires_in: str | None = Field(
+        None,
+        description="dotted path of the lifetime in seconds (or expires_at; with neither, the "
+        "JWT's exp)",
+    )
+    expires_at: str | None = Field(
+        None, description="dotted path of the expiry in epoch seconds (or expires_in)"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="{name: path}: extra session fields, usable as {{ session.<name> }} in calls "
+        "and headers",
+    )
 
     @field_validator("fields")
     @classmethod
@@ -135,18 +161,52 @@ class JsonResponse(_Section):
         return value
 
 
+class JsonLoginSection(TokenChecks):
+    """``identity`` of kind json_login: credentials and the JSON calls that use them."""
+
+    kind: Literal["json_login"] = Field("json_login", description=KIND)
+    credentials: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="{name: value} or {name_file: path} (re-read at every login), used as "
+        "{{ credentials.name }}",
+    )
+    login: JsonCall | None = Field(None, description="the login call (required)")
+    refresh: JsonRefreshCall | None = Field(
+        None, description="the refresh call (without one, a session is renewed by a login)"
+    )
+    logout: JsonCall | None = Field(
+        None, description="the logout call (POST /session/logout, logout_on_shutdown)"
+    )
+    response: JsonResponse = Field(
+        JsonResponse(), description="where the login and refresh answers keep things"
+    )
+
+    def problems(self) -> list[str]:
+        """The calls, credentials and answer paths (:func:`json_login_problems`) and what
+        ``validate`` needs under this kind."""
+        calls = {"login": self.login, "refresh": self.refresh, "logout": self.logout}
+        return [
+            *super().problems(),
+            *json_login_problems(self.credentials, calls, self.response),
+            *json_login_validate_problems(self.validate_token, self.jwks_url),
+        ]
+
+    def credential_sources(self) -> dict[str, SecretSource]:
+        """``{name: where its value comes from}`` for every credential."""
+        sources = {}
+        for key, value in self.credentials.items():
+            name = key.removesuffix("_file")
+            where = f"identity.credentials.{name}"
+            if key.endswith("_file"):
+                sources[name] = SecretSource(where, file=Path(value.get_secret_value()))
+            else:
+                sources.setdefault(name, SecretSource(where, value=value.get_secret_value()))
+        return sources
+
+
 def credential_names(credentials: Mapping[str, SecretStr]) -> list[str]:
     """The credential names, with ``<name>_file`` entries under ``<name>``."""
     return sorted({k.removesuffix("_file") for k in credentials})
-
-
-def credential_files(credentials: Mapping[str, SecretStr]) -> dict[str, Path]:
-    """``{name: path}`` for the credentials given as files."""
-    return {
-        k.removesuffix("_file"): Path(v.get_secret_value())
-        for k, v in credentials.items()
-        if k.endswith("_file")
-    }
 
 
 def session_names(response: JsonResponse) -> list[str]:
@@ -166,7 +226,7 @@ def json_login_problems(
         if not _NAME.fullmatch(name):
             problems.append(f"credentials.{key}: names are lower-case identifiers")
         elif key.endswith("_file") and name in credentials:
-            problems.append(f"credentials.{name}: give {name} or {key}, not both")
+            problems.append(both_given(f"credentials.{name}"))
     if calls.get("login") is None:
         problems.append("login: required for kind json_login")
     if response.expires_in is not None and response.expires_at is not None:

@@ -5,7 +5,7 @@ applies ``SIDECAR_<SECTION>_<KEY>`` overrides and validates against
 :class:`sidecar.config.models.Config`. Every problem is reported at once, each naming its dotted
 key and the file, as a
 :class:`~sidecar.errors.ConfigError` (exit code 2). :func:`redacted` shows a loaded configuration
-with its secrets masked; :func:`read_secret` reads a secret's current value when it is needed.
+with its secrets masked.
 """
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from sidecar.config.callers import read_caller_secret
-from sidecar.config.json_login import credential_files
-from sidecar.config.models import REDIS_SCHEME_RULE, REDIS_SCHEMES, Config, Session
-from sidecar.config.oauth2 import check_private_key
+from sidecar.config.identity import KINDS, kinds_with
+from sidecar.config.json_login import JsonLoginSection
+from sidecar.config.models import Config
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
@@ -60,32 +63,42 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, unset: dict[str, 
     return _VAR.sub(substitute, node)
 
 
-def submodel(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field annotated ``Section`` or ``Section | None``, else None."""
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+def submodels(annotation: Any) -> list[type[BaseModel]]:
+    """The section models of a field annotated ``Section``, ``Section | None``, or a union of
+    sections (``identity``: one per kind); empty for a value that is not a section."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return submodels(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return [model for arg in get_args(annotation) for model in submodels(arg)]
+    return []
 
 
-def yaml_keys(model: type[BaseModel]) -> dict[str, str]:
-    """``{key as written in YAML: field name}`` (they differ where a field has an alias)."""
-    return {field.alias or name: name for name, field in model.model_fields.items()}
+def yaml_fields(models: Iterable[type[BaseModel]]) -> dict[str, FieldInfo]:
+    """``{key as written in YAML: field}`` of a section (of any of its kinds: the first that has
+    the key gives the field). The key differs from the field's name where it has an alias."""
+    found: dict[str, FieldInfo] = {}
+    for model in models:
+        for name, field in model.model_fields.items():
+            found.setdefault(field.alias or name, field)
+    return found
 
 
-def _resolve_env_key(model: type[BaseModel], parts: list[str]) -> list[str] | None:
+def _resolve_env_key(models: list[type[BaseModel]], parts: list[str]) -> list[str] | None:
     """Map ``["upstream", "timeout", "total"]``-like parts onto nested YAML keys, or None."""
-    keys = yaml_keys(model)
+    keys = yaml_fields(models)
     for cut in range(len(parts), 0, -1):
         name = "_".join(parts[:cut])
         if name not in keys:
             continue
         rest = parts[cut:]
-        section = submodel(model.model_fields[keys[name]].annotation)
-        if section is not None:
+        sections = submodels(keys[name].annotation)
+        if sections:
             if not rest:
                 return None
-            tail = _resolve_env_key(section, rest)
+            tail = _resolve_env_key(sections, rest)
             if tail is not None:
                 return [name, *tail]
         elif not rest:
@@ -115,7 +128,7 @@ def _apply_env_overrides(
         parts = var[len(ENV_PREFIX) :].lower().split("_")
         if parts[0] not in Config.model_fields:
             continue
-        keys = _resolve_env_key(Config, parts)
+        keys = _resolve_env_key([Config], parts)
         if keys is None:
             problems.append(f"{var}: no such configuration key")
             continue
@@ -148,10 +161,11 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     """
     lines = []
     for err in exc.errors():
+        loc, kind = _without_kind(err["loc"])
         # list items as key[0], as ${VAR} problems and file checks name them
-        base = [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]]
+        base = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc]
         if err["type"] == "extra_forbidden":
-            lines.append(f"{_dotted(base)}: unknown key{_did_you_mean(err['loc'])}")
+            lines.append(f"{_dotted(base)}: {_unknown(loc, kind)}")
             continue
         for part in err["msg"].removeprefix("Value error, ").split("\n"):
             sub, sep, message = part.partition(": ")
@@ -163,38 +177,60 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
-def _did_you_mean(loc: tuple[int | str, ...]) -> str:
-    """`` (did you mean ...?)`` naming the closest key its section has, or nothing."""
-    model: type[BaseModel] | None = Config
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue  # a list item: its model is the list's
-        field = yaml_keys(model).get(part) if model is not None else None
-        if field is None or model is None:
-            return ""  # below a mapping of free names (headers, credentials): no key list
-        model = submodel(model.model_fields[field].annotation)
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(yaml_keys(model)), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _without_kind(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str | None]:
+    """The location without the identity kind pydantic puts after ``identity`` (the YAML has
+    no such level), and that kind."""
+    if len(loc) > 1 and loc[0] == "identity" and loc[1] in KINDS:
+        return (loc[0], *loc[2:]), str(loc[1])
+    return loc, None
+
+
+def _unknown(loc: tuple[int | str, ...], kind: str | None) -> str:
+    """The problem of a key its section does not have: the kinds it belongs to, for a key of
+    another identity kind; else the closest key the section has, if any is close."""
+    key = str(loc[-1])
+    if kind is not None and len(loc) == 2:
+        others = [k for k in kinds_with(key) if k != kind]
+        if others:
+            return f"only used by kind {' or '.join(others)}"
+    models: list[type[BaseModel]] = [KINDS[kind]] if kind is not None else [Config]
+    for n, part in enumerate(loc[:-1]):
+        if isinstance(part, int) or (kind is not None and n == 0):
+            continue  # a list item: its model is the list's; identity: its kind's model
+        field = yaml_fields(models).get(part)
+        if field is None:
+            return "unknown key"  # below a mapping of free names (headers, credentials)
+        models = submodels(field.annotation)
+    close = difflib.get_close_matches(key, list(yaml_fields(models)), n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 
 def _dotted(parts: list[str]) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
+#: the files an oauth2 identity may name, checked readable at load
+_OAUTH2_FILES = (
+    "client_secret_file",
+    "password_file",
+    "private_key_file",
+    "assertion_file",
+    "subject_token_file",
+    "actor_token_file",
+    "client_assertion_file",
+)
+
+
 def _check_files(config: Config) -> list[str]:
-    """Secret and certificate files must exist and be readable at load time; the session
-    directory, when it exists, must be sidecar's alone."""
+    """Secret and certificate files must exist and be readable at load time (what they hold is
+    the roles' check), the token sink's directory must exist, the caller secret must be one."""
     problems = []
-    candidates: dict[str, Path | None] = {
-        "identity.client_secret_file": config.identity.client_secret_file,
-        "identity.password_file": config.identity.password_file,
-        "identity.private_key_file": config.identity.private_key_file,
-        "identity.assertion_file": config.identity.assertion_file,
-        "identity.subject_token_file": config.identity.subject_token_file,
-        "identity.actor_token_file": config.identity.actor_token_file,
-        "identity.client_assertion_file": config.identity.client_assertion_file,
+    identity = config.identity
+    candidates: dict[str, Path | None] = {}
+    if isinstance(identity, OAuth2Section):
+        for name in _OAUTH2_FILES:
+            candidates[f"identity.{name}"] = getattr(identity, name)
+    candidates |= {
         "upstream.tls.ca_file": config.upstream.tls.ca_file,
         "upstream.tls.cert_file": config.upstream.tls.cert_file,
         "upstream.tls.key_file": config.upstream.tls.key_file,
@@ -204,14 +240,16 @@ def _check_files(config: Config) -> list[str]:
         "session.encryption_key_file": config.session.encryption_key_file,
         "session.redis_url_file": config.session.redis_url_file,
     }
-    for name, file in credential_files(config.identity.credentials).items():
-        candidates[f"identity.credentials.{name}_file"] = file
+    if isinstance(identity, JsonLoginSection):
+        for source in identity.credential_sources().values():
+            candidates[source.where] = source.file
     for n, file in enumerate(config.session.previous_encryption_key_files):
         candidates[f"session.previous_encryption_key_files[{n}]"] = file
-    for n, file in enumerate(config.identity.previous_client_secret_files):
-        candidates[f"identity.previous_client_secret_files[{n}]"] = file
-    for n, file in enumerate(config.identity.previous_private_key_files):
-        candidates[f"identity.previous_private_key_files[{n}]"] = file
+    if isinstance(identity, OAuth2Section):
+        for n, file in enumerate(identity.previous_client_secret_files):
+            candidates[f"identity.previous_client_secret_files[{n}]"] = file
+        for n, file in enumerate(identity.previous_private_key_files):
+            candidates[f"identity.previous_private_key_files[{n}]"] = file
     for key, path in candidates.items():
         if path is None:
             continue
@@ -220,59 +258,32 @@ def _check_files(config: Config) -> list[str]:
                 pass
         except OSError as exc:
             problems.append(f"{key}: cannot read {path}: {exc.strerror}")
-            candidates[key] = None
-    key_file = candidates["identity.private_key_file"]
-    if key_file is not None:
-        problems.extend(check_private_key(key_file, config.identity.signing_alg))
-    for n in range(len(config.identity.previous_private_key_files)):
-        key = f"identity.previous_private_key_files[{n}]"
-        previous = candidates[key]
-        if previous is not None:
-            problems.extend(check_private_key(previous, config.identity.signing_alg, key=key))
     sink = config.session.token_sink
     if sink is not None and not sink.path.parent.is_dir():
         problems.append(f"session.token_sink.path: the directory {sink.path.parent} does not exist")
-    if config.session.store == "redis":
-        problems.extend(_redis_url_problems(config.session, candidates["session.redis_url_file"]))
     if config.listen.require_header is not None:
         try:
             read_caller_secret(config.listen.require_header.value_file)
         except ConfigError as exc:
             problems.append(str(exc))
-    if config.session.store == "file":
-        from sidecar.store.file import directory_problem
-
-        problem = directory_problem(config.session.path.parent)
-        if problem is not None:
-            problems.append(f"session.path: {problem}")
     return problems
 
 
-def _redis_url_problems(session: Session, readable_file: Path | None) -> list[str]:
-    """The redis URL, inline or in its file, must be one the store can use. The problems never
-    quote it: it may carry a password."""
-    from sidecar.store.redis import url_problem  # the redis client library, only when needed
-
-    if session.redis_url:
-        key, where, url = "session.redis_url", "", session.redis_url
-    elif readable_file is not None:
-        key, where = "session.redis_url_file", f"the URL in {readable_file} "
-        try:
-            url = session.redis_address()
-        except OSError as exc:
-            return [f"{key}: cannot read {readable_file}: {exc.strerror}"]
-        except UnicodeDecodeError:
-            return [f"{key}: {readable_file} is not UTF-8 text"]
-        if not url.startswith(REDIS_SCHEMES):
-            return [f"{key}: {where}{REDIS_SCHEME_RULE}"]
-    else:
-        return []  # unreadable: already reported
-    problem = url_problem(url)
-    return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
+#: a check of a valid configuration that needs more than the configuration (a role's own
+#: knowledge: does the key sign, can the client use the URL); one ``"dotted.key: message"`` each
+Check = Callable[[Config], list[str]]
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Load, interpolate, override and validate. Raises ConfigError listing every problem."""
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    checks: Iterable[Check] = (),
+) -> Config:
+    """Load, interpolate, override and validate; then, on a valid configuration, run ``checks``
+    (the composition root passes the roles' checks: :func:`sidecar.checks.checked_config`).
+    Raises ConfigError listing every problem, each naming its key and the variable it came
+    from."""
     env = os.environ if env is None else env
     if path is None and env.get(ENV_CONFIG):
         path = env[ENV_CONFIG]
@@ -307,7 +318,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except ValidationError as exc:
         problems.extend(_attributed(_format_validation_error(exc), unset, overridden))
     if config is not None:
-        problems.extend(_attributed(_check_files(config), unset, overridden))
+        found = _check_files(config)
+        for check in checks:
+            found += check(config)
+        problems.extend(_attributed(found, unset, overridden))
     if problems:
         raise ConfigError(
             f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -355,12 +369,14 @@ def redacted(config: Config) -> dict[str, Any]:
         user = userinfo.partition(":")[0]
         data["session"]["redis_url"] = f"{scheme}://{user}:**********@{hosts}"
     _mask_secret_headers(data["headers"]["static"])
-    for call in ("login", "refresh", "logout"):
-        if data["identity"][call] is not None:
-            _mask_secret_headers(data["identity"][call]["headers"])
-    # credential values stay masked; the paths of <name>_file credentials are shown
-    for name, file in credential_files(config.identity.credentials).items():
-        data["identity"]["credentials"][f"{name}_file"] = str(file)
+    if isinstance(config.identity, JsonLoginSection):
+        for call in ("login", "refresh", "logout"):
+            if data["identity"][call] is not None:
+                _mask_secret_headers(data["identity"][call]["headers"])
+        # credential values stay masked; the paths of <name>_file credentials are shown
+        for source in config.identity.credential_sources().values():
+            if source.file is not None:
+                data["identity"]["credentials"][source.where.rpartition(".")[2]] = str(source.file)
     return data
 
 
@@ -368,12 +384,3 @@ def _mask_secret_headers(headers: dict[str, str]) -> None:
     for name in headers:
         if _SECRET_HEADER.search(name):
             headers[name] = "**********"
-
-
-def read_secret(value: SecretStr | None, file: Path | None) -> str:
-    """The secret's current value: from the file when one is configured (re-read every call)."""
-    if file is not None:
-        return file.read_text(encoding="utf-8").strip()
-    if value is not None:
-        return value.get_secret_value()
-    raise ConfigError("a required secret is not configured")

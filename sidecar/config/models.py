@@ -1,12 +1,16 @@
 """Configuration: pydantic models mirroring the YAML (frozen, unknown keys refused).
 
-Each model validates its own keys. Cross-field validators raise all their problems at once, one
-``"sub.key: message"`` line each, which :mod:`sidecar.config.load` turns into dotted keys. Reading
-the file, the environment and the secret files is that module's job.
+Each key's meaning is its ``Field(description=...)``, written once: the generated reference
+(:mod:`sidecar.config.reference`) and the JSON Schema (``sidecar schema``) read it there. Each
+model validates its own keys; cross-field validators raise all their problems at once, one
+``"sub.key: message"`` line each, which :mod:`sidecar.config.load` turns into dotted keys. The
+``identity`` section is one model per kind (:mod:`sidecar.config.identity`). Reading the file and
+the environment is :mod:`sidecar.config.load`'s job.
 
-Secrets are :class:`pydantic.SecretStr` (they print as ``**********``) or ``<key>_file`` paths whose
-content is read when needed (:func:`sidecar.config.load.read_secret`), so a rotated Kubernetes
-Secret is picked up at the next login.
+Secrets are :class:`pydantic.SecretStr` (they print as ``**********``) or ``<key>_file`` paths,
+one or the other (:class:`sidecar.config.sections.Section`); the models give them as
+:class:`sidecar.secrets.SecretSource` values whose files are read at each use, so a rotated
+Kubernetes Secret is picked up at the next login.
 """
 
 from __future__ import annotations
@@ -14,35 +18,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from sidecar.config.callers import CallerHeader, host_entry, origin_entry
-from sidecar.config.headers import header_placeholder_problems
-from sidecar.config.json_login import (
-    JsonCall,
-    JsonRefreshCall,
-    JsonResponse,
-    json_login_problems,
-    json_login_validate_problems,
-)
-from sidecar.config.oauth2 import (
-    TOKEN_TYPE_JWT,
-    JWSAlgorithm,
-    Validate,
-    identity_url,
-    oauth2_problems,
-)
-from sidecar.field_values import checked
+from sidecar.config.headers import Headers, header_placeholder_problems
+from sidecar.config.identity import DemoSection, Identity
+from sidecar.config.sections import TLS, Section
+from sidecar.secrets import SecretSource
 
 
 def is_loopback(host: str) -> bool:
@@ -55,16 +40,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class _Address(_Model):
+class _Address(Section):
     """A listening address: loopback only unless ``allow_non_loopback`` says otherwise."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    allow_non_loopback: bool = False
+    host: str = Field(
+        "127.0.0.1", description="the address to listen on; loopback unless allow_non_loopback"
+    )
+    port: int = Field(8080, ge=0, le=65535, description="the port (0 picks a free one)")
+    allow_non_loopback: bool = Field(
+        False,
+        description="allow a host that is not loopback: anything that can reach it gets what the "
+        "port serves (the admin POSTs stay loopback-only)",
+    )
 
     @model_validator(mode="after")
     def _loopback_only(self) -> _Address:
@@ -79,23 +66,25 @@ class _Address(_Model):
 class Listen(_Address):
     """Where the proxy listens. Loopback only unless ``allow_non_loopback`` says otherwise."""
 
-    #: seconds in-flight requests get to finish after SIGTERM before they are cut
-    drain_timeout: float = Field(10.0, ge=0)
-    #: seconds a caller gets to send a whole request head, from its first byte (or from
-    #: connecting, for a connection's first request); then 408 and close
+    drain_timeout: float = Field(
+        10.0, ge=0, description="seconds in-flight requests get to finish after SIGTERM"
+    )
     head_timeout: float = Field(
-        10.0, gt=0, description="seconds to send a whole request head (slowloris); then 408"
+        10.0,
+        gt=0,
+        description="seconds to send a whole request head, from its first byte (or from "
+        "connecting, for a connection's first request; slowloris); then 408 and close",
     )
-    #: seconds of silence allowed while a request body is expected (also after 100 Continue)
     body_timeout: float = Field(
-        30.0, gt=0, description="longest silence while a request body arrives; then 408 and close"
+        30.0,
+        gt=0,
+        description="longest silence while a request body arrives (also after 100 Continue); "
+        "then 408 and close",
     )
-    #: seconds an idle keep-alive connection stays open between requests
     idle_timeout: float = Field(
         75.0, gt=0, description="seconds an idle keep-alive connection stays open"
     )
-    #: caller connections served at once; more get 503 and are closed. null: derived from the
-    #: descriptor limit (see sidecar.http.server.default_max_connections)
+    # null: derived from the descriptor limit (sidecar.http.server.default_max_connections)
     max_connections: int | None = Field(
         None,
         ge=1,
@@ -149,13 +138,15 @@ class Listen(_Address):
 class Admin(_Address):
     """Where the admin endpoints listen (/metrics, /healthz, /readyz, /session)."""
 
-    port: int = Field(8081, ge=0, le=65535)
+    port: int = Field(
+        8081, ge=0, le=65535, description="port of the admin endpoints (0 picks a free one)"
+    )
 
 
-class Timeout(_Model):
+class Timeout(Section):
     """Seconds allowed for the upstream leg."""
 
-    connect: float = Field(5.0, gt=0)
+    connect: float = Field(5.0, gt=0, description="seconds to connect to the upstream")
     total: float = Field(
         30.0,
         gt=0,
@@ -164,42 +155,37 @@ class Timeout(_Model):
     )
 
 
-class TLS(_Model):
-    """Client TLS (upstream or identity provider): verification is on unless switched off."""
-
-    verify: bool = True
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    min_version: Literal["1.2", "1.3"] = "1.2"
-
-    @model_validator(mode="after")
-    def _key_with_cert(self) -> TLS:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file is set but cert_file is not")
-        return self
-
-
-class Upstream(_Model):
+class Upstream(Section):
     """The one origin that receives the token."""
 
-    url: str | None = None
-    timeout: Timeout = Timeout()
-    tls: TLS = TLS()
-    send_cookies: bool = False
+    url: str | None = Field(
+        None,
+        description="the one origin that gets the token (a path prefix allowed); the incoming "
+        "path and query are appended (required unless demo.enabled)",
+    )
+    timeout: Timeout = Field(Timeout(), description="seconds allowed for the upstream leg")
+    tls: TLS = Field(TLS(), description="TLS toward the upstream")
+    send_cookies: bool = Field(
+        False, description="send the session's cookies matching the upstream URL (RFC 6265)"
+    )
     capture_cookies: bool = Field(
         False,
         description="the upstream's Set-Cookie answers update the session's cookie jar (RFC 6265; "
         "needs send_cookies), for APIs that rotate session cookies on ordinary calls",
     )
-    #: request bodies up to this many bytes are buffered so that a request answered 401 can be
-    #: replayed after a reactive refresh; larger bodies stream and are never replayed
-    replay_body_limit: int = Field(65536, ge=0)
-    #: keep-alive connections kept open toward the upstream
-    pool_size: int = Field(100, ge=1)
-    #: request bodies larger than this many bytes are refused with 413 (null: no limit, so
-    #: uploads of any size stream through)
-    max_request_body: int | None = Field(None, ge=0)
+    replay_body_limit: int = Field(
+        65536,
+        ge=0,
+        description="request bodies up to this many bytes are buffered so that a request answered "
+        "401 can be replayed after a reactive refresh; larger bodies stream, never replayed",
+    )
+    pool_size: int = Field(100, ge=1, description="keep-alive connections kept to the upstream")
+    max_request_body: int | None = Field(
+        None,
+        ge=0,
+        description="request bodies over this many bytes get 413 (null: no limit, uploads of any "
+        "size stream through)",
+    )
     rewrite_location: bool = Field(
         True,
         description="an absolute Location or Content-Location naming the upstream (origin and "
@@ -223,165 +209,51 @@ class Upstream(_Model):
         return str(url.with_path(url.path.rstrip("/")))
 
 
-class Identity(_Model):
-    """How the session is obtained from the identity provider."""
-
-    # "validate" would shadow BaseModel.validate: the field is validate_token, named validate in
-    # the YAML and in every dump (check-config, the config handed to workers)
-    model_config = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True)
-
-    kind: Literal["oauth2", "json_login", "demo"] = "demo"
-    #: OIDC discovery: endpoints come from <issuer>/.well-known/openid-configuration
-    issuer: str | None = None
-    token_url: str | None = None
-    #: tried in order when the token endpoint is unreachable, times out or answers 5xx
-    backup_token_urls: tuple[str, ...] = ()
-    grant: Literal["client_credentials", "password", "jwt_bearer", "token_exchange"] = (
-        "client_credentials"
-    )
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    previous_client_secret_files: list[Path] = Field(
-        default_factory=list,
-        description="secret files the provider may still expect (a rotation): tried in order "
-        "when it refuses the current one (invalid_client, 401)",
-    )
-    client_auth: Literal[
-        "client_secret_basic",
-        "client_secret_post",
-        "private_key_jwt",
-        "client_assertion_file",
-        "none",
-    ] = "client_secret_basic"
-    #: PEM private key (RSA, EC or Ed25519), re-read at every login
-    private_key_file: Path | None = None
-    previous_private_key_files: list[Path] = Field(
-        default_factory=list,
-        description="private_key_jwt: older keys, tried in order when the current one is refused",
-    )
-    client_assertion_file: Path | None = Field(
-        None,
-        description="client_auth client_assertion_file: a workload JWT (projected "
-        "service-account token) sent as client_assertion, re-read at every call",
-    )
-    key_id: str | None = None
-    signing_alg: JWSAlgorithm | None = None
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    #: jwt_bearer: a file holding the assertion (JWT), re-read at every login
-    assertion_file: Path | None = None
-    #: token_exchange: the subject token (e.g. a projected service-account token), re-read
-    subject_token_file: Path | None = None
-    subject_token_type: str = TOKEN_TYPE_JWT
-    actor_token_file: Path | None = None
-    actor_token_type: str | None = None
-    requested_token_type: str | None = None
-    scope: str | None = None
-    audience: str | None = None
-    resource: str | None = None
-    revocation_url: str | None = None
-    introspection_url: str | None = None
-    jwks_url: str | None = None
-    #: seconds allowed for one call to the identity provider
-    timeout: float = Field(10.0, gt=0)
-    #: TLS toward the identity provider, the same model as upstream.tls
-    tls: TLS = TLS()
-    # kind json_login (sidecar/config/json_login.py): each credential may be <name>_file instead
-    credentials: dict[str, SecretStr] = Field(default_factory=dict)
-    login: JsonCall | None = None
-    refresh: JsonRefreshCall | None = None
-    logout: JsonCall | None = None
-    response: JsonResponse = JsonResponse()
-    validate_token: Validate = Field(Validate(), alias="validate")
-
-    @field_validator("issuer", "token_url", "revocation_url", "introspection_url", "jwks_url")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        return None if value is None else identity_url(value)
-
-    @field_validator("backup_token_urls")
-    @classmethod
-    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(identity_url(url) for url in value)
-
-    @model_validator(mode="after")
-    def _complete(self) -> Identity:
-        if self.kind == "demo":
-            return self
-        if self.kind == "json_login":
-            calls = {"login": self.login, "refresh": self.refresh, "logout": self.logout}
-            problems = json_login_problems(self.credentials, calls, self.response)
-            problems += json_login_validate_problems(self.validate_token, self.jwks_url)
-            if problems:
-                raise ValueError("\n".join(problems))
-            return self
-        problems = oauth2_problems(self)
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-
-class Retry(_Model):
+class Retry(Section):
     """Exponential backoff with full jitter, in seconds."""
 
-    initial: float = Field(1.0, gt=0)
-    max: float = Field(60.0, gt=0)
+    initial: float = Field(1.0, gt=0, description="first backoff ceiling in seconds")
+    max: float = Field(60.0, gt=0, description="largest backoff in seconds")
 
 
-class Refresh(_Model):
+class Refresh(Section):
     """When to refresh: ``max(lead_time, lead_fraction * lifetime)`` before expiry, with jitter."""
 
-    lead_time: float = Field(300.0, ge=0)
-    lead_fraction: float = Field(0.2, ge=0, le=0.9)
-    jitter: float = Field(0.1, ge=0, le=1)
-    retry: Retry = Retry()
-    #: an upstream 401 triggers a reactive refresh at most once per this many seconds, so an
-    #: upstream that rejects every token cannot turn each request into a token call
-    reactive_min_interval: float = Field(5.0, ge=0)
-    #: a token is not forwarded in its last this-many seconds (at most a tenth of its lifetime),
-    #: so that it cannot expire on its way to the upstream or on a clock slightly ahead
-    expiry_margin: float = Field(2.0, ge=0)
-
-
-class Headers(_Model):
-    """Headers added to each forwarded request. ``null`` switches a header off."""
-
-    tenant_id: str | None = None
-    activity_id: str | None = "auto"
-    correlation_id: str | None = "propagate"
-    request_id: Literal["generate", "propagate"] | None = "generate"
-    traceparent: Literal["generate", "propagate"] | None = "propagate"
-    session_id: str | None = "auto"
-    static: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("static")
-    @classmethod
-    def _safe_static(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = {"host", "authorization", "content-length", "transfer-encoding", "connection"}
-        for name, header_value in value.items():
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in reserved:
-                raise ValueError(f"{name!r} is managed by the sidecar and cannot be set here")
-            checked(header_value, f"the value of {name!r}")
-        return value
-
-    @field_validator("tenant_id", "activity_id", "correlation_id", "session_id")
-    @classmethod
-    def _safe_value(cls, value: str | None) -> str | None:
-        return None if value is None else checked(value, "the value")
+    lead_time: float = Field(300.0, ge=0, description="refresh this many seconds before expiry ...")
+    lead_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=0.9,
+        description="... or this fraction of the lifetime, whichever is larger",
+    )
+    jitter: float = Field(
+        0.1, ge=0, le=1, description="refresh earlier by up to this fraction of the lead, at random"
+    )
+    retry: Retry = Field(
+        Retry(), description="backoff after a failed refresh (exponential, full jitter)"
+    )
+    reactive_min_interval: float = Field(
+        5.0,
+        ge=0,
+        description="an upstream 401 triggers a refresh at most once per this many seconds (an "
+        "upstream refusing every token cannot turn each request into a token call)",
+    )
+    expiry_margin: float = Field(
+        2.0,
+        ge=0,
+        description="a token is not sent in its last this-many seconds (at most a tenth of its "
+        "lifetime), so it cannot expire on its way or on a clock slightly ahead",
+    )
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 REDIS_SCHEME_RULE = "must start with redis://, rediss://, unix:// or redis+sentinel://"
 
 
-class Sink(_Model):
+class Sink(Section):
     """A file holding the current access token, for clients that cannot use the proxy."""
 
-    path: Path = Field(description="the file (written atomically: temp file + rename)")
+    path: Path = Field(description="the token file (written atomically: temp file + rename)")
     mode: str = Field("0600", description="octal permissions of the file")
 
     @field_validator("mode")
@@ -398,79 +270,102 @@ class Sink(_Model):
         return int(self.mode, 8)
 
 
-class Session(_Model):
+class Session(Section):
     """Where the session is kept between restarts."""
 
-    store: Literal["memory", "file", "redis"] = "file"
-    path: Path = Path(".sidecar/session.json")
-    #: redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/to/socket
-    redis_url: str | None = None
-    #: a file holding the redis URL instead (a URL with a password, from a mounted Secret)
-    redis_url_file: Path | None = None
-    #: a file holding 32 random bytes, base64 (``openssl rand -base64 32``): AES-256-GCM at rest
-    encryption_key_file: Path | None = None
-    #: keys a stored session may still be sealed with (a rotation): read, never written
-    previous_encryption_key_files: list[Path] = Field(default_factory=list)
-    #: seconds a replica may hold the shared renewal lock; a replica that dies mid-refresh delays
-    #: the others by at most this long
-    lock_lease: float = Field(15.0, gt=0)
-    #: seconds between checks of the shared record when change notifications are missed
-    poll_interval: float = Field(1.0, gt=0)
-    logout_on_shutdown: bool = False
+    section_key: ClassVar[str] = "session"
+    secret_keys: ClassVar[tuple[str, ...]] = ("redis_url",)
+
+    store: Literal["memory", "file", "redis"] = Field("file", description="memory, file or redis")
+    path: Path = Field(
+        Path(".sidecar/session.json"),
+        description="file store: the session file (mode 0600, in a directory of sidecar's own)",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="redis store: redis://[:password@]host:port/db, rediss:// (TLS), "
+        "unix:///path, or redis+sentinel://host:26379[,host:port]/service/db",
+    )
+    redis_url_file: Path | None = Field(
+        None,
+        description="redis store: a file holding the URL instead (with its password, from a "
+        "mounted Secret), read for every new connection",
+    )
+    encryption_key_file: Path | None = Field(
+        None,
+        description="a file holding 32 random bytes, base64 (openssl rand -base64 32): "
+        "AES-256-GCM at rest",
+    )
+    previous_encryption_key_files: list[Path] = Field(
+        default_factory=list,
+        description="keys a stored session may still be sealed with (a rotation): read, never "
+        "written",
+    )
+    lock_lease: float = Field(
+        15.0,
+        gt=0,
+        description="redis: seconds one replica may hold the renewal lock (a replica dying "
+        "mid-refresh delays the others by at most this long)",
+    )
+    poll_interval: float = Field(
+        1.0, gt=0, description="redis: seconds between checks when notifications are missed"
+    )
+    logout_on_shutdown: bool = Field(
+        False, description="log out (revoke) on a clean shutdown; not with store redis"
+    )
     token_sink: Sink | None = Field(
         None,
         description="{path, mode}: write the current access token to a file at every new token "
         "(removed at logout)",
     )
-    #: seconds a logout may spend revoking before the session is cleared anyway
-    logout_timeout: float = Field(5.0, gt=0, le=60)
+    logout_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="seconds a logout may spend revoking before the session is cleared anyway",
+    )
 
-    @model_validator(mode="after")
-    def _previous_keys(self) -> Session:
+    def problems(self) -> list[str]:
+        """The redis URL and the key files each need their companion keys."""
+        problems = super().problems()
         if self.previous_encryption_key_files and self.encryption_key_file is None:
-            raise ValueError(
+            problems.append(
                 "previous_encryption_key_files: needs encryption_key_file (the key to write with)"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _redis_url(self) -> Session:
-        if self.redis_url and self.redis_url_file is not None:
-            raise ValueError("redis_url_file: set redis_url or redis_url_file, not both")
         if self.store == "redis":
-            if not self.redis_url and self.redis_url_file is None:
-                raise ValueError("redis_url: required for store redis (or redis_url_file)")
-            if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
-                raise ValueError(f"redis_url: {REDIS_SCHEME_RULE}")
-        return self
-
-    @model_validator(mode="after")
-    def _shared_logout(self) -> Session:
+            if self.secret("redis_url") is None:
+                problems.append("redis_url: required for store redis (or redis_url_file)")
+            elif self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+                problems.append(f"redis_url: {REDIS_SCHEME_RULE}")
         # a shared session is every replica's: one pod stopping (a rolling deploy) would log
         # them all out
         if self.logout_on_shutdown and self.store == "redis":
-            raise ValueError(
+            problems.append(
                 "logout_on_shutdown: cannot be true with session.store: redis (the session is "
                 "shared: one replica stopping would log every replica out); POST /session/logout "
                 "on any replica ends it for all"
             )
-        return self
+        return problems
+
+    def redis_source(self) -> SecretSource:
+        """Where the redis URL comes from (``redis_url`` or ``redis_url_file``, read at use)."""
+        source = self.secret("redis_url")
+        if source is None:
+            raise ValueError("no redis URL is configured")
+        return source
 
     def redis_address(self) -> str:
         """The redis URL: ``redis_url``, or what ``redis_url_file`` holds (read now)."""
-        if self.redis_url:
-            return self.redis_url
-        if self.redis_url_file is None:
-            raise ValueError("no redis URL is configured")
-        return self.redis_url_file.read_text(encoding="utf-8").strip()
+        return self.redis_source().read()
 
 
-class Log(_Model):
+class Log(Section):
     """Logging: JSON lines on stderr."""
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = True
-    #: json: one JSON object per line; text: one human-readable line (time, level, event, fields)
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
+    access_log: bool = Field(True, description="one line per proxied request")
     format: Literal["auto", "json", "text"] = Field(
         "auto",
         description="json (one object per line), text (human-readable), or auto: text when "
@@ -478,10 +373,9 @@ class Log(_Model):
     )
 
 
-class Tracing(_Model):
+class Tracing(Section):
     """W3C trace context for the requests sidecar forwards."""
 
-    #: the sampled flag of a traceparent sidecar starts; a caller's own decision is kept
     sample: bool = Field(
         True,
         description="sampled flag of a traceparent sidecar starts when the caller sent none "
@@ -504,36 +398,39 @@ class Tracing(_Model):
         return value
 
 
-class Demo(_Model):
+class Demo(Section):
     """The embedded demo: an identity provider and an echo upstream inside the process."""
 
-    enabled: bool = False
-    token_lifetime: float = Field(120.0, gt=0)
-    #: the echo upstream's port (0 picks a free one)
-    echo_port: int = Field(0, ge=0, le=65535)
+    enabled: bool = Field(
+        False,
+        description="run the embedded identity provider (and an echo upstream without "
+        "upstream.url)",
+    )
+    token_lifetime: float = Field(120.0, gt=0, description="seconds the demo tokens live")
+    echo_port: int = Field(
+        0, ge=0, le=65535, description="port of the demo echo upstream (0 picks a free one)"
+    )
 
 
-class Config(_Model):
+class Config(Section):
     """The whole configuration."""
 
-    listen: Listen = Listen()
-    admin: Admin = Admin()
-    upstream: Upstream = Upstream()
-    identity: Identity = Identity()
-    refresh: Refresh = Refresh()
-    headers: Headers = Headers()
-    session: Session = Session()
-    log: Log = Log()
-    tracing: Tracing = Tracing()
-    demo: Demo = Demo()
+    listen: Listen = Field(Listen(), description="where the proxy listens")
+    admin: Admin = Field(Admin(), description="where the admin endpoints listen")
+    upstream: Upstream = Field(Upstream(), description="the one origin that receives the token")
+    identity: Identity = Field(
+        DemoSection(), description="how the session is obtained; the keys depend on kind"
+    )
+    refresh: Refresh = Field(Refresh(), description="when and how the token is refreshed")
+    headers: Headers = Field(Headers(), description="headers added to each forwarded request")
+    session: Session = Field(Session(), description="where the session is kept")
+    log: Log = Field(Log(), description="logging, on stderr")
+    tracing: Tracing = Field(Tracing(), description="W3C trace context and span export")
+    demo: Demo = Field(Demo(), description="the embedded demo")
 
-    @model_validator(mode="after")
-    def _coherent(self) -> Config:
+    def problems(self) -> list[str]:
+        """What the sections say about each other, one ``"dotted.key: message"`` line each."""
         problems = header_placeholder_problems(self.headers, self.identity)
-        if self.identity.kind != "json_login":
-            for key in ("credentials", "login", "refresh", "logout"):
-                if getattr(self.identity, key):
-                    problems.append(f"identity.{key}: only used by kind json_login")
         if self.identity.kind == "demo" and not self.demo.enabled:
             problems.append(
                 "identity.kind: required (oauth2 or json_login); the default, demo, needs "
@@ -546,6 +443,4 @@ class Config(_Model):
             )
         if self.upstream.url is None and not self.demo.enabled:
             problems.append("upstream.url: required")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems

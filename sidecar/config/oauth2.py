@@ -1,68 +1,140 @@
-"""Configuration of ``identity.kind: oauth2``: the checks of a standards OAuth2/OIDC identity.
+"""Configuration of ``identity.kind: oauth2``: a standards OAuth2/OIDC identity.
 
-:func:`oauth2_problems` checks a whole identity section of that kind and returns one
-``"key: message"`` line per problem (the loader prefixes ``identity.``), so every missing key is
-named: ``subject_token_file: required for grant token_exchange``. :func:`check_private_key`
-runs at load time, when the files are read. The fields themselves live on
-:class:`sidecar.config.models.Identity`.
+:class:`OAuth2Section` holds the keys of that kind. Its checks (:func:`oauth2_problems`) return
+one ``"key: message"`` line per problem (the loader prefixes ``identity.``), so every missing key
+is named: ``subject_token_file: required for grant token_exchange``. Whether a private key signs
+is the identity role's check (:func:`sidecar.identity.assertions.check_private_key`), run by the
+composition root.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from yarl import URL
+from pydantic import Field, SecretStr, field_validator
 
-if TYPE_CHECKING:
-    from sidecar.config.models import Identity
-
-#: asymmetric JWS algorithms (RFC 7518, RFC 8037) sidecar signs or accepts; never ``none`` or HS*
-JWSAlgorithm = Literal[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
-]
-
-
-def identity_url(value: str) -> str:
-    """``value`` when it is an http(s) URL with a host and no credentials; else ValueError."""
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
-    if url.user or url.password:
-        raise ValueError("credentials in the URL are not allowed; the identity section holds them")
-    return value
-
-
-class Validate(BaseModel):
-    """Verify each new JWT access token before use: signature (JWKS), iss, aud, exp, nbf."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = False
-    #: the expected ``iss``; default identity.issuer
-    issuer: str | None = None
-    #: the expected ``aud`` (one of the token's audiences); default identity.audience
-    audience: str | None = None
-    algorithms: tuple[JWSAlgorithm, ...] = ("RS256", "ES256", "PS256", "EdDSA")
-    #: seconds of clock skew allowed on exp and nbf
-    leeway: float = Field(30.0, ge=0, le=300)
-    #: a token signed with an unknown ``kid`` re-fetches the JWKS at most once per this many seconds
-    jwks_min_refetch_interval: float = Field(60.0, ge=0)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _some(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one algorithm is required")
-        return value
-
+from sidecar.config.sections import KIND, JWSAlgorithm, TokenChecks, identity_url
 
 #: RFC 8693 section 3: the token type of a JWT such as a Kubernetes service-account token
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
 
+#: the client authentications that send a client secret
+SECRET_AUTH = ("client_secret_basic", "client_secret_post")
 
-def oauth2_problems(identity: Identity) -> list[str]:
+
+class OAuth2Section(TokenChecks):
+    """``identity`` of kind oauth2: the token endpoint, the client and the grant."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = ("client_secret", "password")
+
+    kind: Literal["oauth2"] = Field("oauth2", description=KIND)
+    issuer: str | None = Field(
+        None, description="OIDC issuer: endpoints from <issuer>/.well-known/openid-configuration"
+    )
+    token_url: str | None = Field(
+        None, description="the OAuth2 token endpoint (optional with issuer)"
+    )
+    backup_token_urls: tuple[str, ...] = Field(
+        (), description="tried in order when the token endpoint is unreachable, times out or 5xx"
+    )
+    grant: Literal["client_credentials", "password", "jwt_bearer", "token_exchange"] = Field(
+        "client_credentials",
+        description="client_credentials, password, jwt_bearer (RFC 7523) or token_exchange "
+        "(RFC 8693)",
+    )
+    client_id: str | None = Field(None, description="the client's id (required)")
+    client_secret: SecretStr | None = Field(
+        None, description="the client's secret (or client_secret_file)"
+    )
+    client_secret_file: Path | None = Field(
+        None, description="a file holding the client's secret, re-read at every login"
+    )
+    previous_client_secret_files: list[Path] = Field(
+        default_factory=list,
+        description="secret files the provider may still expect (a rotation): tried in order "
+        "when it refuses the current one (invalid_client, 401)",
+    )
+    client_auth: Literal[
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "client_assertion_file",
+        "none",
+    ] = Field(
+        "client_secret_basic",
+        description="client_secret_basic, client_secret_post, private_key_jwt, "
+        "client_assertion_file or none",
+    )
+    private_key_file: Path | None = Field(
+        None, description="PEM private key (RSA, EC or Ed25519), re-read at every login"
+    )
+    previous_private_key_files: list[Path] = Field(
+        default_factory=list,
+        description="private_key_jwt: older keys, tried in order when the current one is refused",
+    )
+    client_assertion_file: Path | None = Field(
+        None,
+        description="client_auth client_assertion_file: a workload JWT (projected "
+        "service-account token) sent as client_assertion, re-read at every call",
+    )
+    key_id: str | None = Field(None, description="kid header of the signed assertions")
+    signing_alg: JWSAlgorithm | None = Field(
+        None, description="JWS algorithm of the assertions (default: from the key type)"
+    )
+    username: str | None = Field(None, description="password grant: the user")
+    password: SecretStr | None = Field(
+        None, description="password grant: the password (or password_file)"
+    )
+    password_file: Path | None = Field(
+        None, description="password grant: a file holding the password, re-read at every login"
+    )
+    assertion_file: Path | None = Field(
+        None, description="jwt_bearer: a file holding the assertion (JWT), re-read at every login"
+    )
+    subject_token_file: Path | None = Field(
+        None,
+        description="token_exchange: the subject token's file (e.g. a projected service-account "
+        "token), re-read at every login",
+    )
+    subject_token_type: str = Field(
+        TOKEN_TYPE_JWT, description="token_exchange: RFC 8693 type of the subject token"
+    )
+    actor_token_file: Path | None = Field(
+        None, description="token_exchange: the actor token's file (optional)"
+    )
+    actor_token_type: str | None = Field(
+        None, description="token_exchange: RFC 8693 type of the actor token"
+    )
+    requested_token_type: str | None = Field(
+        None, description="token_exchange: RFC 8693 type asked for (optional)"
+    )
+    scope: str | None = Field(None, description="scope requested")
+    audience: str | None = Field(None, description="audience parameter")
+    resource: str | None = Field(None, description="resource parameter (RFC 8707)")
+    revocation_url: str | None = Field(
+        None, description="RFC 7009 endpoint used by logout (default: from discovery)"
+    )
+    introspection_url: str | None = Field(
+        None, description="RFC 7662: validates opaque tokens (default: from discovery)"
+    )
+
+    @field_validator("issuer", "token_url", "revocation_url", "introspection_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else identity_url(value)
+
+    @field_validator("backup_token_urls")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(identity_url(url) for url in value)
+
+    def problems(self) -> list[str]:
+        """Secrets given twice, and :func:`oauth2_problems`."""
+        return [*super().problems(), *oauth2_problems(self)]
+
+
+def oauth2_problems(identity: OAuth2Section) -> list[str]:
     """Every problem of an oauth2 identity section: endpoints, client authentication, grant."""
     return [
         *_endpoint_problems(identity),
@@ -71,7 +143,7 @@ def oauth2_problems(identity: Identity) -> list[str]:
     ]
 
 
-def _endpoint_problems(identity: Identity) -> list[str]:
+def _endpoint_problems(identity: OAuth2Section) -> list[str]:
     problems = []
     if not identity.token_url and not identity.issuer:
         problems.append("token_url: required for kind oauth2 (or issuer, for discovery)")
@@ -86,19 +158,17 @@ def _endpoint_problems(identity: Identity) -> list[str]:
     return problems
 
 
-def _client_problems(identity: Identity) -> list[str]:
+def _client_problems(identity: OAuth2Section) -> list[str]:
     problems = []
     if not identity.client_id:
         problems.append("client_id: required for kind oauth2")
-    has_secret = identity.client_secret is not None or identity.client_secret_file is not None
-    if identity.client_secret is not None and identity.client_secret_file is not None:
-        problems.append("client_secret: give client_secret or client_secret_file, not both")
-    if identity.client_auth in ("client_secret_basic", "client_secret_post") and not has_secret:
+    has_secret = identity.secret("client_secret") is not None
+    if identity.client_auth in SECRET_AUTH and not has_secret:
         problems.append(
             "client_secret: client_secret or client_secret_file is required "
             f"for client_auth {identity.client_auth}"
         )
-    elif identity.client_auth not in ("client_secret_basic", "client_secret_post") and has_secret:
+    elif identity.client_auth not in SECRET_AUTH and has_secret:
         problems.append(f"client_secret: not used with client_auth {identity.client_auth}")
     if identity.client_auth == "private_key_jwt" and identity.private_key_file is None:
         problems.append("private_key_file: required for client_auth private_key_jwt")
@@ -106,7 +176,7 @@ def _client_problems(identity: Identity) -> list[str]:
     return problems
 
 
-def _rotation_problems(identity: Identity) -> list[str]:
+def _rotation_problems(identity: OAuth2Section) -> list[str]:
     """The workload assertion file and the previous secrets/keys go with one client_auth each."""
     problems = []
     by_assertion = identity.client_auth == "client_assertion_file"
@@ -117,7 +187,7 @@ def _rotation_problems(identity: Identity) -> list[str]:
             f"client_assertion_file: not used with client_auth {identity.client_auth} "
             "(set client_auth: client_assertion_file)"
         )
-    by_secret = identity.client_auth in ("client_secret_basic", "client_secret_post")
+    by_secret = identity.client_auth in SECRET_AUTH
     if identity.previous_client_secret_files and not by_secret:
         problems.append(
             f"previous_client_secret_files: not used with client_auth {identity.client_auth}"
@@ -129,15 +199,13 @@ def _rotation_problems(identity: Identity) -> list[str]:
     return problems
 
 
-def _grant_problems(identity: Identity) -> list[str]:
+def _grant_problems(identity: OAuth2Section) -> list[str]:
     problems = []
     if identity.grant == "password":
         if not identity.username:
             problems.append("username: required for grant password")
-        if (identity.password is None) == (identity.password_file is None):
-            problems.append(
-                "password: exactly one of password or password_file is required for grant password"
-            )
+        if identity.secret("password") is None:
+            problems.append("password: password or password_file is required for grant password")
     if (
         identity.grant == "jwt_bearer"
         and identity.assertion_file is None
@@ -154,19 +222,3 @@ def _grant_problems(identity: Identity) -> list[str]:
     if identity.actor_token_type and identity.actor_token_file is None:
         problems.append("actor_token_file: required with actor_token_type")
     return problems
-
-
-def check_private_key(
-    path: Path, signing_alg: str | None, *, key: str = "identity.private_key_file"
-) -> list[str]:
-    """The key must be usable for signing, with ``signing_alg`` when set (caught at load, not at
-    the first login; the file is read again at every login, so a rotated key is used)."""
-    # PyJWT and cryptography are loaded only for a configured private key (idle memory)
-    from sidecar.identity.assertions import load_signing_key
-
-    try:
-        load_signing_key(path.read_bytes(), signing_alg)
-    except ValueError as exc:
-        named = "identity.signing_alg" if "signing_alg" in str(exc) else key
-        return [f"{named}: {exc}"]
-    return []

@@ -8,12 +8,16 @@ proxy otherwise does without (idle memory).
 from __future__ import annotations
 
 import uuid
-from typing import TypeAlias
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+if TYPE_CHECKING:
+    from sidecar.config.oauth2 import OAuth2Section
 
 #: seconds an assertion is valid: long enough for one request, short enough to be useless later
 ASSERTION_LIFETIME = 60
@@ -57,6 +61,38 @@ def load_signing_key(pem: bytes, signing_alg: str | None) -> tuple[SigningKey, s
     if chosen not in allowed:
         raise ValueError(f"signing_alg {chosen} cannot be made with an {kind} key")
     return key, chosen
+
+
+def check_private_key(
+    path: Path, signing_alg: str | None, *, key: str = "identity.private_key_file"
+) -> list[str]:
+    """The key in ``path`` must be usable for signing, with ``signing_alg`` when set: one
+    ``"dotted.key: message"`` line when it is not, naming ``identity.signing_alg`` when the
+    algorithm is what does not fit. A file that cannot be read gives nothing here: the
+    configuration's own file check names it."""
+    try:
+        pem = path.read_bytes()
+    except OSError:
+        return []
+    try:
+        load_signing_key(pem, signing_alg)
+    except ValueError as exc:
+        named = "identity.signing_alg" if "signing_alg" in str(exc) else key
+        return [f"{named}: {exc}"]
+    return []
+
+
+def signing_key_problems(identity: OAuth2Section) -> list[str]:
+    """Every configured private key (``private_key_file``, ``previous_private_key_files``) must
+    sign, so a wrong key is caught by ``check-config`` and at start, not at the first login (the
+    files are read again at every login, so a rotated key is used)."""
+    problems = []
+    if identity.private_key_file is not None:
+        problems += check_private_key(identity.private_key_file, identity.signing_alg)
+    for n, previous in enumerate(identity.previous_private_key_files):
+        key = f"identity.previous_private_key_files[{n}]"
+        problems += check_private_key(previous, identity.signing_alg, key=key)
+    return problems
 
 
 def sign_assertion(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from sidecar.config.models import Identity
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.errors import IdentityUnavailable
 from sidecar.identity.http import IdentityHTTP
 
@@ -37,7 +37,7 @@ class Endpoints:
 class EndpointResolver:
     """Gives the endpoints, discovering them once when ``identity.issuer`` is set."""
 
-    def __init__(self, config: Identity, http: IdentityHTTP) -> None:
+    def __init__(self, config: OAuth2Section, http: IdentityHTTP) -> None:
         self._config = config
         self._http = http
         self._endpoints: Endpoints | None = None

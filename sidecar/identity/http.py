@@ -44,7 +44,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from sidecar.clock import Clock
-from sidecar.config.models import TLS, Identity
+from sidecar.config.sections import TLS, IdentityBase
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.http.egress import Egress
 from sidecar.identity.provider_text import SecretValues
@@ -164,7 +164,7 @@ class IdentityHTTP:
     @classmethod
     def for_identity(
         cls,
-        config: Identity,
+        config: IdentityBase,
         clock: Clock,
         *,
         metrics: Metrics | None = None,

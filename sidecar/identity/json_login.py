@@ -19,17 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
 from sidecar.clock import Clock
-from sidecar.config.json_login import JsonCall, JsonRefreshCall, JsonResponse, credential_files
-from sidecar.config.load import read_secret
-from sidecar.config.models import Identity
+from sidecar.config.json_login import JsonCall, JsonLoginSection, JsonRefreshCall, JsonResponse
 from sidecar.cookies import Cookie, cookie_header, store_cookies
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.field_values import header_value_problem
@@ -37,6 +34,7 @@ from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
 from sidecar.identity.principal import json_login_principal
 from sidecar.identity.provider_text import SecretValues
+from sidecar.secrets import SecretSource
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
 from sidecar.tokens import Token
 
@@ -67,7 +65,7 @@ class JsonLoginIdentity:
 
     def __init__(
         self,
-        config: Identity,
+        config: JsonLoginSection,
         clock: Clock,
         *,
         metrics: Metrics | None = None,
@@ -82,11 +80,13 @@ class JsonLoginIdentity:
         self._login = _Compiled.of("login", config.login)
         self._refresh = _Compiled.of("refresh", config.refresh) if config.refresh else None
         self._logout = _Compiled.of("logout", config.logout) if config.logout else None
-        self._files = credential_files(config.credentials)
+        sources = config.credential_sources().values()
+        #: the credentials given as files, read again at every call
+        self._files = [source for source in sources if source.file is not None]
         self._literal = {
-            k: v.get_secret_value()
-            for k, v in config.credentials.items()
-            if not k.endswith("_file")
+            source.key.rpartition(".")[2]: source.read()
+            for source in sources
+            if source.file is None
         }
         self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
         #: every credential and session token sent, scrubbed from the provider's error text
@@ -254,5 +254,5 @@ def _has(headers: Mapping[str, str], name: str) -> bool:
     return any(k.lower() == name for k in headers)
 
 
-def _read_files(files: Mapping[str, Path]) -> dict[str, str]:
-    return {name: read_secret(None, path) for name, path in files.items()}
+def _read_files(files: Iterable[SecretSource]) -> dict[str, str]:
+    return {source.key.rpartition(".")[2]: source.read() for source in files}

@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from pydantic import SecretStr
-
 from sidecar.clock import Clock
-from sidecar.config.load import read_secret
-from sidecar.config.models import Identity
-from sidecar.errors import IdentityError, IdentityUnavailable, OAuthError
+from sidecar.config.oauth2 import OAuth2Section
+from sidecar.errors import ConfigError, IdentityError, IdentityUnavailable, OAuthError
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
+from sidecar.secrets import SecretSource
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -69,7 +67,7 @@ class OAuth2Identity:
 
     def __init__(
         self,
-        config: Identity,
+        config: OAuth2Section,
         clock: Clock,
         *,
         metrics: Metrics | None = None,
@@ -96,7 +94,7 @@ class OAuth2Identity:
         form = {"grant_type": GRANT_TYPES[cfg.grant]}
         if cfg.grant == "password":
             form["username"] = cfg.username or ""
-            form["password"] = await _secret("identity.password", cfg.password, cfg.password_file)
+            form["password"] = await _secret(cfg.secret("password"), "identity.password")
         elif cfg.grant == "jwt_bearer":
             form["assertion"] = await self._grant_assertion()
         elif cfg.grant == "token_exchange":
@@ -303,9 +301,7 @@ class OAuth2Identity:
         if previous is not None:
             secret = await _file(key, previous)
         else:
-            secret = await _secret(
-                "identity.client_secret", cfg.client_secret, cfg.client_secret_file
-            )
+            secret = await _secret(cfg.secret("client_secret"), "identity.client_secret")
         self._secrets.note("client_secret", secret)
         if cfg.client_auth == "client_secret_post":
             form["client_id"] = client_id
@@ -353,12 +349,15 @@ def _client_refused(exc: IdentityError) -> bool:
     return exc.reason == "http_401"
 
 
-async def _secret(key: str, value: SecretStr | None, path: Path | None) -> str:
-    if path is not None:
-        return await _file(key + "_file", path)
+async def _secret(source: SecretSource | None, key: str) -> str:
+    """The secret's current value (a file is read now); ``key`` names it when it is missing."""
+    if source is None:
+        raise ConfigError(f"{key}: a required secret is not configured")
+    if source.file is not None:
+        return await _file(source.where, source.file)
     # the same thread hop as a file read, so a login's timing does not depend on where the
     # secret lives
-    return await asyncio.to_thread(read_secret, value, None)
+    return await asyncio.to_thread(source.read)
 
 
 async def _file(key: str, path: Path) -> str:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from sidecar.tokens import jwt_claims
 
 if TYPE_CHECKING:
-    from sidecar.config.models import Identity
+    from sidecar.config.json_login import JsonLoginSection
+    from sidecar.config.oauth2 import OAuth2Section
 
 #: the HMAC key: separates this use of the hash from any other (see the module docstring for
 #: why it is not the session encryption key)
@@ -80,7 +81,7 @@ def jwt_subject(path: Path | None) -> str:
     return sub if isinstance(sub, str) else ""
 
 
-def oauth2_principal(config: Identity) -> str:
+def oauth2_principal(config: OAuth2Section) -> str:
     """The principal id of an oauth2 identity: the provider and every value naming the client
     or user (the subject token's or assertion's ``sub`` as the files hold them now), no secret."""
     grant = config.grant
@@ -100,18 +101,16 @@ def oauth2_principal(config: Identity) -> str:
     )
 
 
-def json_login_principal(config: Identity) -> str:
+def json_login_principal(config: JsonLoginSection) -> str:
     """The principal id of a json_login identity: the login call as configured (its URL, and
     the headers and body templates, where a tenant may be written out) and the value of every
     credential that is not a secret (:func:`is_secret_name`), from a file as it holds it now."""
     assert config.login is not None  # the config validator requires it for this kind
     named = {}
-    for key, value in config.credentials.items():
-        name = key.removesuffix("_file")
+    for name, source in config.credential_sources().items():
         if is_secret_name(name):
             continue
-        text = value.get_secret_value()
-        named[name] = file_text(Path(text)) if key.endswith("_file") else text
+        named[name] = file_text(source.file) if source.file is not None else source.read()
     login = config.login
     return principal_id(
         "json_login",

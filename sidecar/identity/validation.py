@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 
 from sidecar.clock import Clock
-from sidecar.config.oauth2 import Validate
+from sidecar.config.sections import Validate
 from sidecar.errors import IdentityUnavailable, InvalidToken
 from sidecar.identity.http import IdentityHTTP
 

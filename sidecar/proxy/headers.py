@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from multidict import istr
 
-from sidecar.config.headers import header_templates
-from sidecar.config.models import Headers
+from sidecar.config.headers import Headers, header_templates
 from sidecar.http.wire import HOP_BY_HOP, listed_fields, without_fields
 from sidecar.proxy.header_values import SessionCookies, SessionValues, templated
 from sidecar.tokens import Credentials

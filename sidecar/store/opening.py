@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
 from sidecar.store import SessionStore
-from sidecar.store.file import FileStore
+from sidecar.store.file import FileStore, directory_problem
 from sidecar.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -36,6 +36,20 @@ def same_keys(a: Sealer | None, b: Sealer | None) -> bool:
     return a.keys == b.keys
 
 
+def store_problems(cfg: Session) -> list[str]:
+    """What makes the configured store unusable, found without connecting to it (for
+    ``check-config`` and start): a file store's directory that is not sidecar's alone, a redis
+    URL the client cannot use. One ``"dotted.key: message"`` line each, never quoting a URL."""
+    if cfg.store == "file":
+        problem = directory_problem(cfg.path.parent)
+        return [] if problem is None else [f"session.path: {problem}"]
+    if cfg.store == "redis":
+        from sidecar.store.redis import url_problems  # the redis client library, only when used
+
+        return url_problems(cfg)
+    return []
+
+
 def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
     """The store ``cfg`` names, for the identity ``namespace``; problems are ConfigErrors that
     never quote a redis URL (it may carry a password)."""
@@ -46,11 +60,12 @@ def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionSt
     if cfg.store == "redis":
         from sidecar.store.redis import RedisStore, url_problem
 
-        key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
+        source = cfg.redis_source()
+        key = source.where
         try:
-            url = cfg.redis_address()
+            url = source.read()
         except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}") from exc
+            raise ConfigError(f"{key}: cannot read {source.file}: {exc.strerror}") from exc
         try:
             return RedisStore(url, namespace, sealer, url_file=cfg.redis_url_file)
         except ValueError:

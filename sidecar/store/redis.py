@@ -28,6 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
+from sidecar.config.models import REDIS_SCHEME_RULE, REDIS_SCHEMES, Session
 from sidecar.errors import ConfigError, StoreError, StoreUnreadable
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
@@ -148,6 +149,27 @@ def url_problem(url: str) -> str | None:
             "with / ? # or @ in it is percent-encoded)"
         )
     return None
+
+
+def url_problems(session: Session) -> list[str]:
+    """The redis URL, inline or in ``redis_url_file``, must be one this store can use; one
+    ``"dotted.key: message"`` line when it is not, never quoting the URL (it may carry a
+    password). A file that cannot be read gives nothing here: the configuration's own file check
+    names it."""
+    source = session.secret("redis_url")
+    if source is None:
+        return []
+    key, where = source.where, "" if source.file is None else f"the URL in {source.file} "
+    try:
+        url = source.read()
+    except OSError:
+        return []
+    except UnicodeDecodeError:
+        return [f"{key}: {source.file} is not UTF-8 text"]
+    if source.file is not None and not url.startswith(REDIS_SCHEMES):
+        return [f"{key}: {where}{REDIS_SCHEME_RULE}"]  # inline: the model checked the scheme
+    problem = url_problem(url)
+    return [f"{key}: {where}{'is ' if where else ''}{problem}"] if problem else []
 
 
 def _decode(raw: bytes, sealer: Sealer | None) -> SessionRecord:
