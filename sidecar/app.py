@@ -153,8 +153,8 @@ class Sidecar:
         cfg = self.config
         identity = await self._identity()
         try:
-            self._sealer = sealer_for(cfg.session, identity.fingerprint)
-            store = open_store(cfg.session, identity.fingerprint, self._sealer)
+            self._sealer = await asyncio.to_thread(sealer_for, cfg.session, identity.fingerprint)
+            store = await open_store(cfg.session, identity.fingerprint, self._sealer)
         except BaseException:
             await identity.aclose()
             raise
@@ -228,7 +228,7 @@ class Sidecar:
             self.metrics,
             self.clock,
             access_log=cfg.log.access_log,
-            callers=CallerPolicy.compile(cfg.listen),
+            callers=await asyncio.to_thread(CallerPolicy.compile, cfg.listen),
             spans=self.span_exporter(),
         )
         await proxy.start()
@@ -257,7 +257,7 @@ class Sidecar:
     async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
         """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
         if sock is None:
-            listener = UnixListener.bind(path)
+            listener = await asyncio.to_thread(UnixListener.bind, path)
             self._closers.append(("unix socket file", listener.remove))
             sock = listener.sock
         local = FrontServer(
@@ -281,7 +281,7 @@ class Sidecar:
         cfg = self.config
         self.upstream_url = cfg.upstream.url or ""
         if not _demo_identity(cfg):
-            return self._provider(cfg.identity)
+            return await self._provider(cfg.identity)
         # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs
         from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
 
@@ -303,16 +303,19 @@ class Sidecar:
             demo_identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
         )
 
-    def _provider(self, identity: Identity) -> IdentityProvider:
-        """The provider for an identity section (not the embedded demo's)."""
+    async def _provider(self, identity: Identity) -> IdentityProvider:
+        """The provider for an identity section (not the embedded demo's), built in a thread:
+        building one reads the files that name its principal (a subject token, an assertion),
+        and a reload builds one while the proxy serves."""
+        spans = self.span_exporter()  # made, and started, here in the loop
         if identity.kind == "json_login":
             from sidecar.identity.json_login import JsonLoginIdentity
 
-            return JsonLoginIdentity(
-                identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+            return await asyncio.to_thread(
+                JsonLoginIdentity, identity, self.clock, metrics=self.metrics, spans=spans
             )
-        return OAuth2Identity(
-            identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+        return await asyncio.to_thread(
+            OAuth2Identity, identity, self.clock, metrics=self.metrics, spans=spans
         )
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:
@@ -396,7 +399,7 @@ class Sidecar:
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):
-            identity = self._provider(config.identity)
+            identity = await self._provider(config.identity)
             if self.session.store.shared and identity.fingerprint != current.fingerprint:
                 # replicas find their shared session by identity: all must restart together
                 identity = current
@@ -404,13 +407,13 @@ class Sidecar:
         changed = identity.fingerprint != current.fingerprint
         # the key files as they are now (a rotated Secret behind the same path counts), read
         # before anything changes: a bad key file leaves the running config as it was
-        sealer = sealer_for(config.session, identity.fingerprint)
+        sealer = await asyncio.to_thread(sealer_for, config.session, identity.fingerprint)
         rekey = not changed and not same_keys(sealer, self._sealer)
         if rekey and self.session.store.shared:  # peers read what is stored: it must still open
             await cast(SharedStore, self.session.store).check_sealer(sealer)
         # a new identity gets its own store namespace (and encryption context); the store's
         # other keys need a restart, so it is opened as the running config says
-        store = open_store(old.session, identity.fingerprint, sealer) if changed else None
+        store = await open_store(old.session, identity.fingerprint, sealer) if changed else None
         try:
             await self.reconfigure_proxy(config)
         except BaseException:
@@ -441,7 +444,7 @@ class Sidecar:
         url = upstream_url or config.upstream.url or self.upstream_url
         # read first (also where no proxy runs: the supervisor refuses a bad value file before
         # any worker sees it), so that an unreadable file changes nothing
-        callers = CallerPolicy.compile(config.listen)
+        callers = await asyncio.to_thread(CallerPolicy.compile, config.listen)
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
             self.proxy.callers = callers

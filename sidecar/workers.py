@@ -267,7 +267,7 @@ class Supervisor:
     async def start(self) -> None:
         await self.sidecar.start()
         if self.config.listen.unix_socket is not None:
-            self._unix = UnixListener.bind(self.config.listen.unix_socket)
+            self._unix = await asyncio.to_thread(UnixListener.bind, self.config.listen.unix_socket)
         self.sidecar.session.notify(self._broadcast)
         for index in range(self.count):
             worker = _Worker(index)

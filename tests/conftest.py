@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from sidecar.app import Sidecar
 from sidecar.clock import Clock
@@ -49,6 +50,35 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if _scrubbed(k)]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+#: where a blocking call in the event loop is allowed, by file and function, each with its reason
+BLOCKING_ALLOWED = [
+    # /metrics: prometheus_client's process collector reads /proc/self (stat, status, limits, fd);
+    # the kernel makes those files from memory, no read of them waits on a disk
+    ("prometheus_client/process_collector.py", "collect"),
+    # redis-py looks its own version up in the package metadata at its first connection, once
+    # per process (the answer is cached)
+    ("redis/utils.py", "get_lib_version"),
+    # the tests' own setup and inspection, before a sidecar serves or between its requests:
+    # a key or config written, a stored file or sealed record looked at
+    ("tests/fakes/oidc.py", "write_key"),
+    ("tests/test_finhub.py", "load_finhub"),
+    ("tests/test_rekey.py", "opens_with"),
+    ("tests/test_store_file.py", "stored"),
+]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """A blocking call (file, socket, sleep, lock) that sidecar's code or the tests' fake servers
+    make in a running event loop fails the test: it would stall every connection the loop serves.
+    The tests' own setup (writing a config or a key before anything serves) is not scanned."""
+    with blockbuster_ctx(["sidecar", "tests.fakes"]) as detector:
+        for function in detector.functions.values():
+            for filename, name in BLOCKING_ALLOWED:
+                function.can_block_in(filename, name)
+        yield detector
 
 
 @pytest.fixture

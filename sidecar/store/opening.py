@@ -7,6 +7,7 @@ rotated Secret behind the same path) is applied without a restart.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
@@ -36,19 +37,20 @@ def same_keys(a: Sealer | None, b: Sealer | None) -> bool:
     return a.keys == b.keys
 
 
-def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
+async def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
     """The store ``cfg`` names, for the identity ``namespace``; problems are ConfigErrors that
-    never quote a redis URL (it may carry a password)."""
+    never quote a redis URL (it may carry a password). The file checks and reads run in a thread:
+    a reload opens a store while the proxy serves."""
     if cfg.store == "file":
         store = FileStore(cfg.path, sealer)
-        store.check_writable()
+        await asyncio.to_thread(store.check_writable)
         return store
     if cfg.store == "redis":
         from sidecar.store.redis import RedisStore, url_problem
 
         key = "session.redis_url" if cfg.redis_url else "session.redis_url_file"
         try:
-            url = cfg.redis_address()
+            url = await asyncio.to_thread(cfg.redis_address)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {cfg.redis_url_file}: {exc.strerror}") from exc
         try:
