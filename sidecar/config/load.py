@@ -308,11 +308,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         problems.extend(_attributed(_format_validation_error(exc), unset, overridden))
     if config is not None:
         problems.extend(_attributed(_check_files(config), unset, overridden))
-    if problems:
+    if problems or config is None:  # no config without a problem that says why
         raise ConfigError(
             f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    assert config is not None
     return config
 
 

@@ -286,7 +286,8 @@ class IdentityHTTP:
                 )
                 self._preferred[tuple(candidates)] = url
             return response
-        assert last is not None
+        if last is None:  # not reached: each URL answered, raised, or left its failure here
+            raise ValueError("no URL to call")
         raise last
 
     async def _measured(self, endpoint: str, *attempt: Any) -> IdentityResponse:

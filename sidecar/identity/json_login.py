@@ -31,7 +31,7 @@ from sidecar.config.json_login import JsonCall, JsonRefreshCall, JsonResponse, c
 from sidecar.config.load import read_secret
 from sidecar.config.models import Identity
 from sidecar.cookies import Cookie, cookie_header, store_cookies
-from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.errors import ConfigError, IdentityUnavailable, OAuthError
 from sidecar.field_values import header_value_problem
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
@@ -74,7 +74,8 @@ class JsonLoginIdentity:
         metrics: Metrics | None = None,
         spans: SpanExporter | None = None,
     ) -> None:
-        assert config.login is not None  # the config validator requires it for this kind
+        if config.login is None:  # the config validator requires it for this kind
+            raise ConfigError("identity.login: required with kind json_login")
         self._config = config
         self._clock = clock
         self._metrics = metrics
