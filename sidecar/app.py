@@ -36,6 +36,7 @@ from sidecar.session.manager import SessionManager
 from sidecar.session.sink import TokenSink
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
+from sidecar.tls import RECHECK_EVERY
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
@@ -120,6 +121,8 @@ class Sidecar:
     spans: SpanExporter | None = field(init=False, default=None)
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
+    #: seconds between looks at the upstream's and the identity provider's TLS files
+    tls_recheck_every: float = RECHECK_EVERY
     _drain: float = field(init=False)
     _draining: bool = field(init=False, default=False)
     #: the proxy port is open (here, or under --workers in every worker): /readyz waits for it
@@ -230,6 +233,7 @@ class Sidecar:
             access_log=cfg.log.access_log,
             callers=await asyncio.to_thread(CallerPolicy.compile, cfg.listen),
             spans=self.span_exporter(),
+            tls_recheck_every=self.tls_recheck_every,
         )
         await proxy.start()
         self._source = session
@@ -312,10 +316,20 @@ class Sidecar:
             from sidecar.identity.json_login import JsonLoginIdentity
 
             return await asyncio.to_thread(
-                JsonLoginIdentity, identity, self.clock, metrics=self.metrics, spans=spans
+                JsonLoginIdentity,
+                identity,
+                self.clock,
+                metrics=self.metrics,
+                spans=spans,
+                tls_recheck_every=self.tls_recheck_every,
             )
         return await asyncio.to_thread(
-            OAuth2Identity, identity, self.clock, metrics=self.metrics, spans=spans
+            OAuth2Identity,
+            identity,
+            self.clock,
+            metrics=self.metrics,
+            spans=spans,
+            tls_recheck_every=self.tls_recheck_every,
         )
 
     def _rules(self, config: Config, upstream_url: str) -> HeaderRules:

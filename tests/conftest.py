@@ -19,9 +19,10 @@ from aiohttp import web
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from sidecar.app import Sidecar
-from sidecar.clock import Clock
+from sidecar.clock import Clock, SystemClock
 from sidecar.config.models import Config
 from sidecar.logs import setup_logging
+from sidecar.tls import RECHECK_EVERY
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import FinHub
 from tests.fakes.idp import FakeIdP
@@ -193,9 +194,11 @@ async def make_sidecar(idp_url: str, upstream_url: str, idp: FakeIdP) -> AsyncIt
     """Start real sidecars (proxy and admin on free loopback ports); stopped after the test."""
     started: list[Sidecar] = []
 
-    async def _make(clock: Clock | None = None, **overrides: Any) -> Sidecar:
+    async def _make(
+        clock: Clock | None = None, tls_recheck_every: float = RECHECK_EVERY, **overrides: Any
+    ) -> Sidecar:
         config = Config.model_validate(merge(base_config(idp_url, upstream_url, idp), overrides))
-        sidecar = Sidecar(config) if clock is None else Sidecar(config, clock=clock)
+        sidecar = Sidecar(config, clock=clock or SystemClock(), tls_recheck_every=tls_recheck_every)
         await sidecar.start()
         started.append(sidecar)
         return sidecar

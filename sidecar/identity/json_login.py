@@ -38,6 +38,7 @@ from sidecar.identity.json_mapping import parse_session
 from sidecar.identity.principal import json_login_principal
 from sidecar.identity.provider_text import SecretValues
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
+from sidecar.tls import RECHECK_EVERY
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class JsonLoginIdentity:
         *,
         metrics: Metrics | None = None,
         spans: SpanExporter | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> None:
         if config.login is None:  # the config validator requires it for this kind
             raise ConfigError("identity.login: required with kind json_login")
@@ -90,7 +92,9 @@ class JsonLoginIdentity:
             for k, v in config.credentials.items()
             if not k.endswith("_file")
         }
-        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
+        self._http = IdentityHTTP.for_identity(
+            config, clock, metrics=metrics, spans=spans, tls_recheck_every=tls_recheck_every
+        )
         #: every credential and session token sent, scrubbed from the provider's error text
         self._secrets = self._http.secrets
         self.fingerprint = json_login_principal(config)

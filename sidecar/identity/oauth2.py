@@ -34,6 +34,7 @@ from sidecar.errors import ConfigError, IdentityError, IdentityUnavailable, OAut
 from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
+from sidecar.tls import RECHECK_EVERY
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -75,11 +76,14 @@ class OAuth2Identity:
         *,
         metrics: Metrics | None = None,
         spans: SpanExporter | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> None:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
+        self._http = IdentityHTTP.for_identity(
+            config, clock, metrics=metrics, spans=spans, tls_recheck_every=tls_recheck_every
+        )
         #: every credential value read or sent, scrubbed from the provider's error text
         self._secrets = self._http.secrets
         self._endpoints = EndpointResolver(config, self._http)
