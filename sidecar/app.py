@@ -39,6 +39,7 @@ from sidecar.session.manager import SessionManager
 from sidecar.session.sink import TokenSink
 from sidecar.store import SharedStore
 from sidecar.store.opening import open_store, same_keys, sealer_for
+from sidecar.tls import RECHECK_EVERY
 
 if TYPE_CHECKING:
     from sidecar.demo import DemoIdentityProvider
@@ -123,6 +124,8 @@ class Sidecar:
     spans: SpanExporter | None = field(init=False, default=None)
     #: seconds in-flight requests get at shutdown; None: ``listen.drain_timeout``
     drain_timeout: float | None = None
+    #: seconds between looks at the upstream's and the identity provider's TLS files
+    tls_recheck_every: float = RECHECK_EVERY
     _drain: float = field(init=False)
     _draining: bool = field(init=False, default=False)
     #: the proxy port is open (here, or under --workers in every worker): /readyz waits for it
@@ -156,8 +159,8 @@ class Sidecar:
         cfg = self.config
         identity = await self._identity()
         try:
-            self._sealer = sealer_for(cfg.session, identity.fingerprint)
-            store = open_store(cfg.session, identity.fingerprint, self._sealer)
+            self._sealer = await asyncio.to_thread(sealer_for, cfg.session, identity.fingerprint)
+            store = await open_store(cfg.session, identity.fingerprint, self._sealer)
         except BaseException:
             await identity.aclose()
             raise
@@ -232,8 +235,9 @@ class Sidecar:
             self.metrics,
             self.clock,
             access_log=cfg.log.access_log,
-            callers=CallerPolicy.compile(cfg.listen),
+            callers=await asyncio.to_thread(CallerPolicy.compile, cfg.listen),
             spans=self.span_exporter(),
+            tls_recheck_every=self.tls_recheck_every,
         )
         await proxy.start()
         self._source = session
@@ -261,7 +265,7 @@ class Sidecar:
     async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
         """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
         if sock is None:
-            listener = UnixListener.bind(path)
+            listener = await asyncio.to_thread(UnixListener.bind, path)
             self._closers.append(("unix socket file", listener.remove))
             sock = listener.sock
         local = FrontServer(
@@ -285,7 +289,7 @@ class Sidecar:
         cfg = self.config
         self.upstream_url = cfg.upstream.url or ""
         if not _demo_identity(cfg):
-            return self._provider(cfg.identity)
+            return await self._provider(cfg.identity)
         # the demo's JWT and elliptic-curve libraries are loaded only when the demo runs
         from sidecar.demo import DEMO_CLIENT_ID, DemoIdentityProvider, echo_app
 
@@ -306,17 +310,30 @@ class Sidecar:
             demo_identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
         )
 
-    def _provider(self, identity: Identity) -> IdentityProvider:
-        """The provider for an identity section (not the embedded demo's)."""
+    async def _provider(self, identity: Identity) -> IdentityProvider:
+        """The provider for an identity section (not the embedded demo's), built in a thread:
+        building one reads the files that name its principal (a subject token, an assertion),
+        and a reload builds one while the proxy serves."""
+        spans = self.span_exporter()  # made, and started, here in the loop
         if isinstance(identity, JsonLoginSection):
             from sidecar.identity.json_login import JsonLoginIdentity
 
-            return JsonLoginIdentity(
-                identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+            return await asyncio.to_thread(
+                JsonLoginIdentity,
+                identity,
+                self.clock,
+                metrics=self.metrics,
+                spans=spans,
+                tls_recheck_every=self.tls_recheck_every,
             )
         if isinstance(identity, OAuth2Section):
-            return OAuth2Identity(
-                identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
+            return await asyncio.to_thread(
+                OAuth2Identity,
+                identity,
+                self.clock,
+                metrics=self.metrics,
+                spans=spans,
+                tls_recheck_every=self.tls_recheck_every,
             )
         # the demo's provider is built at start, with its embedded server
         raise ConfigError("identity.kind: demo takes effect at a restart")
@@ -402,7 +419,7 @@ class Sidecar:
         current = self.session.identity
         identity: IdentityProvider = current
         if not _demo_identity(old):
-            identity = self._provider(config.identity)
+            identity = await self._provider(config.identity)
             if self.session.store.shared and identity.fingerprint != current.fingerprint:
                 # replicas find their shared session by identity: all must restart together
                 identity = current
@@ -410,13 +427,13 @@ class Sidecar:
         changed = identity.fingerprint != current.fingerprint
         # the key files as they are now (a rotated Secret behind the same path counts), read
         # before anything changes: a bad key file leaves the running config as it was
-        sealer = sealer_for(config.session, identity.fingerprint)
+        sealer = await asyncio.to_thread(sealer_for, config.session, identity.fingerprint)
         rekey = not changed and not same_keys(sealer, self._sealer)
         if rekey and self.session.store.shared:  # peers read what is stored: it must still open
             await cast(SharedStore, self.session.store).check_sealer(sealer)
         # a new identity gets its own store namespace (and encryption context); the store's
         # other keys need a restart, so it is opened as the running config says
-        store = open_store(old.session, identity.fingerprint, sealer) if changed else None
+        store = await open_store(old.session, identity.fingerprint, sealer) if changed else None
         try:
             await self.reconfigure_proxy(config)
         except BaseException:
@@ -466,7 +483,7 @@ class Sidecar:
         url = upstream_url or config.upstream.url or self.upstream_url
         # read first (also where no proxy runs: the supervisor refuses a bad value file before
         # any worker sees it), so that an unreadable file changes nothing
-        callers = CallerPolicy.compile(config.listen)
+        callers = await asyncio.to_thread(CallerPolicy.compile, config.listen)
         if self.proxy is not None:
             await self.proxy.reconfigure(config.upstream, url, self._rules(config, url))
             self.proxy.callers = callers

@@ -9,7 +9,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from sidecar.app import Sidecar
 from sidecar.config.models import Config
@@ -47,21 +47,36 @@ async def serve(
         ready(sidecar)
     stop = asyncio.Event()
     reloads = Reloads(load, sidecar.reload)
-    loop = asyncio.get_running_loop()
-    signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reloads.on_hup}
-    for sig, handler in signals.items():
-        loop.add_signal_handler(sig, handler)
     try:
-        await stop.wait()
-        log.info("sidecar.stopping", extra={"drain_timeout": sidecar.drain_seconds})
-        await reloads.finish()
-        await sidecar.drain()
+        with signals_handled(stop.set, reloads.on_hup):  # a signal during the stop is not ours
+            await stop.wait()
+            log.info("sidecar.stopping", extra={"drain_timeout": sidecar.drain_seconds})
+            await reloads.finish()
+            await sidecar.drain()
     finally:
-        for sig in signals:
-            with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_signal_handler(sig)
         await sidecar.stop()
     return 0
+
+
+@contextlib.contextmanager
+def signals_handled(
+    stop: Callable[[], None], reload: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT call ``stop`` and SIGHUP calls ``reload`` (when
+    given, else SIGHUP keeps its default); the handlers are removed when it ends. The one place
+    a sidecar process (one process, a supervisor, a worker) installs signal handlers."""
+    loop = asyncio.get_running_loop()
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
+    if reload is not None:
+        handlers[signal.SIGHUP] = reload
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        yield
+    finally:
+        for sig in handlers:
+            with contextlib.suppress(ValueError, RuntimeError):  # the loop is closing
+                loop.remove_signal_handler(sig)
 
 
 class Reloads:

@@ -41,8 +41,7 @@ class SecretSource:
         cannot be read as UTF-8 text."""
         if self.file is not None:
             return self.file.read_text(encoding="utf-8").strip()
-        assert self.value is not None
-        return self.value
+        return self.value or ""  # never None: __post_init__ requires a value without a file
 
     def __repr__(self) -> str:
         shown = str(self.file) if self.file is not None else MASK

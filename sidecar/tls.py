@@ -2,14 +2,17 @@
 
 One function, so the upstream and the identity provider follow the same model: verification on
 unless switched off on purpose, an optional private CA bundle, an optional client certificate for
-mutual TLS, and a floor on the protocol version.
+mutual TLS, and a floor on the protocol version. One watcher (:class:`TLSFiles`), so both notice a
+rotated certificate alike: by the files' stamp, looked at every ``RECHECK_EVERY`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 
+from sidecar.clock import Clock
 from sidecar.config.sections import TLS
 
 #: seconds between looks at a tls section's files for a rotation (cert-manager, a renewed
@@ -56,3 +59,45 @@ def file_stamp(tls: TLS) -> Stamp:
             continue
         stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(stamp)
+
+
+class TLSFiles:
+    """The files of one ``tls`` section: builds the context from them and tells when a rotation
+    (cert-manager, a renewed Kubernetes Secret) changed them since. Every file access runs in a
+    thread."""
+
+    def __init__(self, tls: TLS, clock: Clock, recheck_every: float = RECHECK_EVERY) -> None:
+        self.tls = tls
+        #: seconds between looks at the files (:meth:`due`)
+        self.recheck_every = recheck_every
+        self._clock = clock
+        #: the files as last looked at, and when
+        self._stamp: Stamp = ()
+        self._looked_at = clock.monotonic()
+
+    @property
+    def watched(self) -> bool:
+        """True when the section names a file that can be rotated."""
+        return has_files(self.tls)
+
+    async def context(self) -> ssl.SSLContext:
+        """A client context from the files as they are now. Their stamp is taken first: a file
+        that changes while the context is built counts as changed at the next look. Raises
+        OSError or ssl.SSLError (see :func:`tls_context`)."""
+        self._stamp = await asyncio.to_thread(file_stamp, self.tls)
+        self._looked_at = self._clock.monotonic()
+        return await asyncio.to_thread(tls_context, self.tls)
+
+    def due(self) -> bool:
+        """True when there are files and ``recheck_every`` seconds passed since the last look."""
+        return self.watched and self._clock.monotonic() - self._looked_at >= self.recheck_every
+
+    async def changed(self) -> bool:
+        """Look at the files now: True when they changed since the last look or context. A
+        change counts once: files that cannot be used are tried again when they change again."""
+        self._looked_at = self._clock.monotonic()
+        stamp = await asyncio.to_thread(file_stamp, self.tls)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True

@@ -40,7 +40,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.config.models import Config
 from sidecar.errors import ConfigError, NoSessionError, SidecarError
 from sidecar.http.unix_socket import UnixListener
-from sidecar.lifecycle import Reloads, freeze_startup_objects
+from sidecar.lifecycle import Reloads, freeze_startup_objects, signals_handled
 from sidecar.metrics import Metrics, WorkerTotals
 from sidecar.tls import tls_context
 from sidecar.tokens import Credentials, Token
@@ -152,9 +152,6 @@ async def _worker_main(fd: int) -> int:
     unix_sock = None if unix_fd is None else socket.socket(fileno=unix_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
     reloads: set[asyncio.Task[None]] = set()
     one_at_a_time = asyncio.Lock()
 
@@ -184,24 +181,25 @@ async def _worker_main(fd: int) -> int:
                 )
             )
 
-    listener = loop.create_task(listen())
-    await sidecar.open_proxy(session, reuse_port=True, unix_sock=unix_sock)
-    freeze_startup_objects()
-    reporter = loop.create_task(report())
-    writer.write(_line({"ready": True}))
-    try:
-        await stop.wait()
-        # as one process does: no new connections, the requests in flight answered within
-        # listen.drain_timeout (the supervisor keeps the session until every worker is gone)
-        await sidecar.drain()
-    finally:
-        reporter.cancel()
-        await sidecar.stop()
-        with contextlib.suppress(OSError):
-            writer.write(_line({"metrics": sidecar.metrics.snapshot()}))
-            await writer.drain()
-        listener.cancel()
-        writer.close()
+    with signals_handled(stop.set):  # a worker reloads when the supervisor says so
+        listener = loop.create_task(listen())
+        await sidecar.open_proxy(session, reuse_port=True, unix_sock=unix_sock)
+        freeze_startup_objects()
+        reporter = loop.create_task(report())
+        writer.write(_line({"ready": True}))
+        try:
+            await stop.wait()
+            # as one process does: no new connections, the requests in flight answered within
+            # listen.drain_timeout (the supervisor keeps the session until every worker is gone)
+            await sidecar.drain()
+        finally:
+            reporter.cancel()
+            await sidecar.stop()
+            with contextlib.suppress(OSError):
+                writer.write(_line({"metrics": sidecar.metrics.snapshot()}))
+                await writer.drain()
+            listener.cancel()
+            writer.close()
     return 0
 
 
@@ -264,7 +262,7 @@ class Supervisor:
     async def start(self) -> None:
         await self.sidecar.start()
         if self.config.listen.unix_socket is not None:
-            self._unix = UnixListener.bind(self.config.listen.unix_socket)
+            self._unix = await asyncio.to_thread(UnixListener.bind, self.config.listen.unix_socket)
         self.sidecar.session.notify(self._broadcast)
         for index in range(self.count):
             worker = _Worker(index)
@@ -413,20 +411,17 @@ async def serve_workers(
     run on the event loop named ``loop_name`` (``--loop``), as the supervisor does."""
     supervisor = Supervisor(config, count, loop_name)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     reloads = Reloads(load, supervisor.reload)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloads.on_hup)
-    try:
-        await supervisor.start()
-        await stop.wait()
-        log.info(
-            "sidecar.stopping",
-            extra={"workers": count, "drain_timeout": supervisor.sidecar.drain_seconds},
-        )
-        await reloads.finish()
-        await supervisor.drain()
-    finally:
-        await supervisor.stop()
+    with signals_handled(stop.set, reloads.on_hup):
+        try:
+            await supervisor.start()
+            await stop.wait()
+            log.info(
+                "sidecar.stopping",
+                extra={"workers": count, "drain_timeout": supervisor.sidecar.drain_seconds},
+            )
+            await reloads.finish()
+            await supervisor.drain()
+        finally:
+            await supervisor.stop()
     return 0

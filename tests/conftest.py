@@ -16,11 +16,13 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from sidecar.app import Sidecar
-from sidecar.clock import Clock
+from sidecar.clock import Clock, SystemClock
 from sidecar.config.models import Config
 from sidecar.logs import setup_logging
+from sidecar.tls import RECHECK_EVERY
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import FinHub
 from tests.fakes.idp import FakeIdP
@@ -49,6 +51,35 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if _scrubbed(k)]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+#: where a blocking call in the event loop is allowed, by file and function, each with its reason
+BLOCKING_ALLOWED = [
+    # /metrics: prometheus_client's process collector reads /proc/self (stat, status, limits, fd);
+    # the kernel makes those files from memory, no read of them waits on a disk
+    ("prometheus_client/process_collector.py", "collect"),
+    # redis-py looks its own version up in the package metadata at its first connection, once
+    # per process (the answer is cached)
+    ("redis/utils.py", "get_lib_version"),
+    # the tests' own setup and inspection, before a sidecar serves or between its requests:
+    # a key or config written, a stored file or sealed record looked at
+    ("tests/fakes/oidc.py", "write_key"),
+    ("tests/test_finhub.py", "load_finhub"),
+    ("tests/test_rekey.py", "opens_with"),
+    ("tests/test_store_file.py", "stored"),
+]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """A blocking call (file, socket, sleep, lock) that sidecar's code or the tests' fake servers
+    make in a running event loop fails the test: it would stall every connection the loop serves.
+    The tests' own setup (writing a config or a key before anything serves) is not scanned."""
+    with blockbuster_ctx(["sidecar", "tests.fakes"]) as detector:
+        for function in detector.functions.values():
+            for filename, name in BLOCKING_ALLOWED:
+                function.can_block_in(filename, name)
+        yield detector
 
 
 @pytest.fixture
@@ -163,9 +194,11 @@ async def make_sidecar(idp_url: str, upstream_url: str, idp: FakeIdP) -> AsyncIt
     """Start real sidecars (proxy and admin on free loopback ports); stopped after the test."""
     started: list[Sidecar] = []
 
-    async def _make(clock: Clock | None = None, **overrides: Any) -> Sidecar:
+    async def _make(
+        clock: Clock | None = None, tls_recheck_every: float = RECHECK_EVERY, **overrides: Any
+    ) -> Sidecar:
         config = Config.model_validate(merge(base_config(idp_url, upstream_url, idp), overrides))
-        sidecar = Sidecar(config) if clock is None else Sidecar(config, clock=clock)
+        sidecar = Sidecar(config, clock=clock or SystemClock(), tls_recheck_every=tls_recheck_every)
         await sidecar.start()
         started.append(sidecar)
         return sidecar

@@ -14,6 +14,9 @@ from pathlib import Path
 from multidict import CIMultiDict
 
 from sidecar.app import Sidecar
+from sidecar.config.json_login import JsonLoginSection
+from sidecar.config.models import Config
+from sidecar.config.oauth2 import OAuth2Section
 from sidecar.proxy.headers import HeaderRules
 from sidecar.tokens import Credentials
 from tests.fakes.clock import FakeClock
@@ -121,3 +124,17 @@ async def logged_in(sidecar: Sidecar) -> None:
         ),
         what="a token",
     )
+
+
+def oauth2_section(config: Config) -> OAuth2Section:
+    """The config's identity section, which the test wrote as ``kind: oauth2``."""
+    identity = config.identity
+    assert isinstance(identity, OAuth2Section), f"identity.kind is {identity.kind}"
+    return identity
+
+
+def json_login_section(config: Config) -> JsonLoginSection:
+    """The config's identity section, which the test wrote as ``kind: json_login``."""
+    identity = config.identity
+    assert isinstance(identity, JsonLoginSection), f"identity.kind is {identity.kind}"
+    return identity

@@ -326,7 +326,7 @@ async def test_an_unusable_caller_value_file_is_a_config_error(
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"listen\.require_header\.value_file: ") as caught:
-        load_config(path, env={})
+        await asyncio.to_thread(load_config, path, env={})  # as check-config, before any loop
     if content:
         assert content not in str(caught.value)
     sidecar = Sidecar(Config.model_validate(data))

@@ -16,6 +16,7 @@ from sidecar.config.json_login import JsonLoginSection
 from sidecar.config.load import DEMO_SOURCE, load_config, redacted
 from sidecar.config.models import Config
 from sidecar.errors import ConfigError
+from tests.helpers import oauth2_section
 
 SECRET = "s3cret-client-value-4242"
 #: the "every interface" address the loopback rule exists to refuse
@@ -67,8 +68,8 @@ def test_interpolation_fills_variables_and_defaults(tmp_path: Path) -> None:
     )
     config = load_config(path, env={"API_HOST": "api.example.org", "SCOPE": "read write"})
     assert config.upstream.url == "https://api.example.org/v2"
-    assert config.identity.client_id == "fallback-id"
-    assert config.identity.scope == "read write"
+    assert oauth2_section(config).client_id == "fallback-id"
+    assert oauth2_section(config).scope == "read write"
 
 
 def test_interpolation_of_secret_keeps_it_secret(tmp_path: Path) -> None:
@@ -179,8 +180,8 @@ def test_env_overrides_single_and_nested_keys(tmp_path: Path) -> None:
     assert config.listen.allow_non_loopback is True
     assert config.upstream.timeout.total == 7.5
     assert config.upstream.timeout.connect == 3  # the sibling key is untouched
-    assert config.identity.client_id == "other-service"
-    assert config.identity.token_url == "https://idp.example.com/oauth2/token"
+    assert oauth2_section(config).client_id == "other-service"
+    assert oauth2_section(config).token_url == "https://idp.example.com/oauth2/token"
     assert config.refresh.retry.max == 12
 
 
@@ -235,7 +236,7 @@ def test_env_variables_of_unknown_sections_are_ignored(tmp_path: Path) -> None:
 def test_sidecar_config_variable_selects_the_file(tmp_path: Path) -> None:
     """Without a path, ``$SIDECAR_CONFIG`` names the file; without either, the embedded demo."""
     path = write(tmp_path, oauth2_config(identity={"client_id": "from-env-file"}))
-    assert load_config(None, env={"SIDECAR_CONFIG": str(path)}).identity.client_id == (
+    assert oauth2_section(load_config(None, env={"SIDECAR_CONFIG": str(path)})).client_id == (
         "from-env-file"
     )
     demo = load_config(None, env={})

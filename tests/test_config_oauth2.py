@@ -14,6 +14,7 @@ from sidecar.checks import checked_config
 from sidecar.cli import main
 from sidecar.config.load import load_config
 from sidecar.errors import ConfigError
+from tests.helpers import oauth2_section
 from tests.test_config import oauth2_config, problems, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_the_private_key_is_checked_at_load(
     junk_config = write(
         tmp_path, oauth2_config(identity={**base, "private_key_file": str(not_a_key)})
     )
-    assert load_config(junk_config, env={}).identity.private_key_file == not_a_key
+    assert oauth2_section(load_config(junk_config, env={})).private_key_file == not_a_key
     assert main(["check-config", "-c", str(junk_config)]) == 2
     assert "identity.private_key_file: not an unencrypted PEM" in capsys.readouterr().err
     assert failures(tmp_path, **base, private_key_file=str(rsa_key), signing_alg="ES256") == [
@@ -133,7 +134,7 @@ def test_the_private_key_is_checked_at_load(
         ),
         env={},
     )
-    assert config.identity.signing_alg == "PS256"
+    assert oauth2_section(config).signing_alg == "PS256"
 
 
 def test_validate_section_from_yaml_and_environment(tmp_path: Path) -> None:
@@ -149,9 +150,9 @@ def test_validate_section_from_yaml_and_environment(tmp_path: Path) -> None:
         ),
     )
     config = load_config(path, env={"SIDECAR_IDENTITY_VALIDATE_LEEWAY": "5"})
-    assert config.identity.validate_token.enabled
-    assert config.identity.validate_token.leeway == 5
-    assert config.identity.validate_token.algorithms == ("RS256", "ES256", "PS256", "EdDSA")
+    assert oauth2_section(config).validate_token.enabled
+    assert oauth2_section(config).validate_token.leeway == 5
+    assert oauth2_section(config).validate_token.algorithms == ("RS256", "ES256", "PS256", "EdDSA")
 
 
 @pytest.mark.parametrize(

@@ -260,16 +260,17 @@ def test_rendered_pod_finds_its_config_and_secrets(overlay: Path) -> None:
             assert volume["secret"]["secretName"] in by_kind.get("Secret", {}), volume
     config_map = by_kind["ConfigMap"][mounts["/etc/sidecar"]["configMap"]["name"]]
     config = Config.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
+    identity = config.identity
     secret_files = [
-        config.identity.client_secret_file,
-        config.identity.password_file,
-        config.identity.private_key_file,
-        config.identity.assertion_file,
-        config.identity.subject_token_file,
-        config.identity.actor_token_file,
-        config.identity.client_assertion_file,
-        *config.identity.previous_client_secret_files,
-        *config.identity.previous_private_key_files,
+        getattr(identity, "client_secret_file", None),
+        getattr(identity, "password_file", None),
+        getattr(identity, "private_key_file", None),
+        getattr(identity, "assertion_file", None),
+        getattr(identity, "subject_token_file", None),
+        getattr(identity, "actor_token_file", None),
+        getattr(identity, "client_assertion_file", None),
+        *getattr(identity, "previous_client_secret_files", ()),
+        *getattr(identity, "previous_private_key_files", ()),
         config.session.encryption_key_file,
         config.session.redis_url_file,
     ]

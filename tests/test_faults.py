@@ -127,7 +127,7 @@ async def test_identity_provider_fault_rides_on_the_valid_token_then_503_then_re
         await gate.open()
     else:
         idp.down = None
-    waited = 0
+    waited = 0.0
     while sidecar.session.usable() is None and waited < RETRY["max"] + 1:
         await clock.advance(0.5)
         await settle(sidecar, clock)

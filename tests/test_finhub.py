@@ -15,7 +15,7 @@ from sidecar.config.models import Config
 from tests.conftest import proxy_url
 from tests.fakes.clock import FakeClock
 from tests.fakes.finhub import PREFIX, FinHub
-from tests.helpers import advance, eventually
+from tests.helpers import advance, eventually, json_login_section
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "finhub.yaml"
 
@@ -90,8 +90,12 @@ def test_finhub_yaml_takes_env_overrides_for_lead_time_and_backups(
     )
     config = load_finhub(env)
     assert config.refresh.lead_time == 30
-    assert config.identity.login is not None
-    assert config.identity.login.urls == ("https://api.finhub.example/api/v2.1/auth/login", backup)
+    login = json_login_section(config).login
+    assert login is not None
+    assert login.urls == (
+        "https://api.finhub.example/api/v2.1/auth/login",
+        backup,
+    )
 
 
 async def test_finhub_traffic_across_refreshes_has_zero_rejections(

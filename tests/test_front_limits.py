@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -103,7 +104,7 @@ async def test_body_over_the_limit_is_refused_with_413(
         assert (await resp.json())["error"] == "body_too_large"
     assert upstream.seen == []
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b"y" * 300
 

@@ -18,10 +18,12 @@ from tests.fakes.clock import FakeClock
 class Endpoint:
     """A tiny server answering every request with a scripted response; records request ids."""
 
-    def __init__(self, status: int = 200, body: str = '{"ok": true}', **headers: str) -> None:
+    def __init__(
+        self, status: int = 200, body: str = '{"ok": true}', headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.body = body
-        self.headers = headers
+        self.headers = headers or {}
         self.request_ids: list[str] = []
         self.hang = False
 
@@ -62,7 +64,7 @@ async def test_answer_carries_json_cookies_and_a_fresh_request_id(
 ) -> None:
     """A 2xx gives status, decoded JSON and the raw Set-Cookie headers; every call has its own
     uuid4 X-Request-ID."""
-    endpoint = Endpoint(**{"Set-Cookie": "sid=abc; HttpOnly"})
+    endpoint = Endpoint(headers={"Set-Cookie": "sid=abc; HttpOnly"})
     url = await serve(endpoint.app())
     first = await client.request("POST", url + "/login", json={"u": "x"})
     await client.request("GET", url + "/again")
@@ -136,7 +138,7 @@ async def test_bad_answers_become_identity_unavailable(
 
 async def test_retry_after_is_passed_on(serve: Serve, client: IdentityHTTP) -> None:
     """A 429 with Retry-After carries the delay to the backoff."""
-    url = await serve(Endpoint(status=429, body="{}", **{"Retry-After": "7"}).app())
+    url = await serve(Endpoint(status=429, body="{}", headers={"Retry-After": "7"}).app())
     with pytest.raises(IdentityUnavailable) as info:
         await client.request("POST", url, form={})
     assert info.value.reason == "http_429"

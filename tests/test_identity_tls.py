@@ -12,7 +12,6 @@ import pytest
 import trustme
 from aiohttp import web
 
-from sidecar.identity import http as identity_http
 from tests.conftest import MakeSidecar
 from tests.fakes.oidc import OIDCProvider
 from tests.helpers import eventually
@@ -143,11 +142,9 @@ async def test_a_rotated_client_certificate_is_used_at_the_next_call(
     serve_tls: ServeTLS,
     ca_file: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The client certificate for the provider is replaced on disk (a renewed Secret): the next
     login attempt uses the new files, with no SIGHUP and no restart."""
-    monkeypatch.setattr(identity_http, "RECHECK_EVERY", 0.05)
     client_ca = trustme.CA()
     cert_file, key_file = tmp_path / "client.crt", tmp_path / "client.key"
 
@@ -162,7 +159,8 @@ async def test_a_rotated_client_certificate_is_used_at_the_next_call(
     sidecar = await make_sidecar(
         identity=tls_identity(
             idp.issuer, ca_file=ca_file, cert_file=str(cert_file), key_file=str(key_file)
-        )
+        ),
+        tls_recheck_every=0.05,
     )
     await eventually(lambda: sidecar.session.summary()["consecutive_failures"] >= 2)
     assert sidecar.session.usable() is None

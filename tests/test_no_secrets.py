@@ -3,6 +3,7 @@ check-config output."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from pathlib import Path
@@ -268,7 +269,7 @@ async def test_oauth2_credential_files_and_assertions_leak_nowhere(
             }
         )
     )
-    assert main(["check-config", "-c", str(config)]) == 0
+    assert await asyncio.to_thread(main, ["check-config", "-c", str(config)]) == 0
     outputs.append(capsys.readouterr().out)
     everything = log_output.getvalue() + "\n".join(outputs)
     assert "identity.token_invalid" in everything

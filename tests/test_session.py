@@ -255,7 +255,7 @@ async def test_401_with_unreplayable_body_is_returned_and_never_loops(
     async with http.post(proxy_url(sidecar, "/x"), data=os.urandom(1000)) as resp:
         assert resp.status == 401
     assert idp.grants() == ["client_credentials"]
-    idp.is_valid = lambda _token: False  # type: ignore[method-assign]
+    idp.is_valid = lambda access_token: False  # type: ignore[method-assign]
     for _ in range(20):
         async with http.get(proxy_url(sidecar, "/x")) as resp:
             assert resp.status == 401

@@ -165,7 +165,8 @@ async def test_killing_the_lock_holder_mid_refresh_delays_others_by_at_most_the_
     assert left - 0.1 <= waited <= left + 0.5, (waited, left)
 
     async def third_adopted() -> bool:
-        return (await replicas[2].summary(http))["token_fingerprint"] == fresh["token_fingerprint"]
+        summary = await replicas[2].summary(http)
+        return bool(summary["token_fingerprint"] == fresh["token_fingerprint"])
 
     deadline = loop.time() + 2
     while not await third_adopted():

@@ -107,9 +107,10 @@ def redis_backend(server: RedisServer, opened: list[SessionStore]) -> Backend:
     async def raw(identity: str) -> bytes | None:
         client = aioredis.from_url(server.url)
         try:
-            value: bytes | None = await client.get(f"sidecar:{identity}:session")
+            value = await client.get(f"sidecar:{identity}:session")
         finally:
             await client.aclose()
+        assert not isinstance(value, str)  # the client decodes nothing: bytes or None
         return value
 
     return Backend("redis", open_, raw)

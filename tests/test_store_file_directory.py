@@ -15,7 +15,6 @@ import yaml
 
 from sidecar import cli
 from sidecar.errors import ConfigError, StoreError, StoreUnreadable
-from sidecar.store import file as file_store
 from sidecar.store.file import FileStore
 from tests.test_store_file import record
 
@@ -68,7 +67,7 @@ async def test_symlinks_at_the_old_predictable_names_are_not_followed(
     for link in planted:
         link.symlink_to(victim)
     store = FileStore(path)
-    store.check_writable()
+    await asyncio.to_thread(store.check_writable)
     await store.save(record())
     assert untouched(victim)
     assert all(link.is_symlink() for link in planted)
@@ -76,15 +75,14 @@ async def test_symlinks_at_the_old_predictable_names_are_not_followed(
 
 
 async def test_a_name_taken_by_a_symlink_is_never_opened_through_it(
-    tmp_path: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, victim: Path
 ) -> None:
     """Were the random name guessed and a symlink planted there first, O_EXCL | O_NOFOLLOW make
     the save fail (StoreError) rather than write through the link."""
     directory = private_dir(tmp_path)
-    monkeypatch.setattr(file_store.secrets, "token_hex", lambda _n: "guessed")
     (directory / ".session.json.guessed.tmp").symlink_to(victim)
     with pytest.raises(StoreError, match="cannot write session file"):
-        await FileStore(directory / "session.json").save(record())
+        await FileStore(directory / "session.json", tag=lambda: "guessed").save(record())
     assert untouched(victim)
     assert (directory / ".session.json.guessed.tmp").is_symlink()
 

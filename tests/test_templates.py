@@ -12,6 +12,7 @@ from sidecar.config.load import load_config
 from sidecar.config.models import Config
 from sidecar.errors import ConfigError
 from sidecar.templates import MissingValue, compile_text, compile_tree
+from tests.helpers import json_login_section
 from tests.test_config import write
 
 
@@ -91,7 +92,7 @@ def test_refresh_and_logout_may_use_session_values() -> None:
             "headers": {"Authorization": "Bearer {{ session.access_token }}"},
         },
     )
-    assert Config.model_validate(cfg).identity.refresh is not None
+    assert json_login_section(Config.model_validate(cfg)).refresh is not None
 
 
 def test_header_values_may_use_session_fields_but_not_secrets(tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ async def test_opaque_tokens_are_checked_by_introspection(
         label = f'sidecar_token_validation_failures_total{{reason="{reason}"}}'
         assert sample(metrics_of(sidecar), label) == 1
     idp.claim_overrides = {}
-    idp.is_valid = lambda _token: False  # type: ignore[method-assign]
+    idp.is_valid = lambda access_token: False  # type: ignore[method-assign]
     with pytest.raises(Exception, match="refresh failed"):
         await sidecar.session.force_refresh()
     label = 'sidecar_token_validation_failures_total{reason="invalid_token_inactive"}'

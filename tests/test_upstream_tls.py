@@ -13,7 +13,6 @@ import aiohttp
 import pytest
 import trustme
 
-from sidecar import tls
 from tests.conftest import MakeSidecar, Serve, proxy_url
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import events, eventually
@@ -120,12 +119,10 @@ async def test_rotated_client_certificate_is_used_without_a_sighup(
     ca_file: str,
     tmp_path: Path,
     log_output: io.StringIO,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As cert-manager renews one: the client certificate and key files are replaced on disk and
     the next requests use them, with no SIGHUP. A rotation to a file that is not a certificate is
     logged, and the last good certificate stays in use."""
-    monkeypatch.setattr(tls, "RECHECK_EVERY", 0.05)
     cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
 
     def install(issuer: trustme.CA) -> None:
@@ -139,7 +136,7 @@ async def test_rotated_client_certificate_is_used_without_a_sighup(
     install(trustme.CA())  # a certificate the server does not trust
     url = await serve(upstream.app(), ssl_context=server_context(ca, require_client_cert=True))
     tls_keys = {"ca_file": ca_file, "cert_file": str(cert_file), "key_file": str(key_file)}
-    sidecar = await make_sidecar(upstream={"url": url, "tls": tls_keys})
+    sidecar = await make_sidecar(upstream={"url": url, "tls": tls_keys}, tls_recheck_every=0.05)
     await eventually(lambda: sidecar.session.usable() is not None)
 
     async def status() -> int:

@@ -322,11 +322,10 @@ def load_config(
         for check in checks:
             found += check(config)
         problems.extend(_attributed(found, unset, overridden))
-    if problems:
+    if problems or config is None:  # no config without a problem that says why
         raise ConfigError(
             f"{source}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    assert config is not None
     return config
 
 

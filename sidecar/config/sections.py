@@ -71,7 +71,8 @@ class Section(BaseModel):
     def secret(self, name: str) -> SecretSource | None:
         """Where the secret ``name`` (one of :attr:`secret_keys`) comes from; None when it is
         not configured."""
-        assert name in self.secret_keys, name
+        if name not in self.secret_keys:
+            raise ValueError(f"{self.section_key}.{name} is not a secret key")
         key = f"{self.section_key}.{name}"
         file: Path | None = getattr(self, f"{name}_file")
         if file is not None:

@@ -8,6 +8,7 @@ file still has the process umask's permissions.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -49,6 +50,9 @@ class UnixListener:
     async def remove(self) -> None:
         """Close the socket and remove its file, unless another process replaced it since."""
         self.sock.close()
+        await asyncio.to_thread(self._unlink_own)
+
+    def _unlink_own(self) -> None:
         with contextlib.suppress(OSError):
             info = os.lstat(self.path)
             if stat.S_ISSOCK(info.st_mode) and info.st_ino == self._inode:

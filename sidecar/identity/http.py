@@ -49,7 +49,7 @@ from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.http.egress import Egress
 from sidecar.identity.provider_text import SecretValues
 from sidecar.identity.skew import ClockSkew
-from sidecar.tls import RECHECK_EVERY, Stamp, file_stamp, has_files, tls_context
+from sidecar.tls import RECHECK_EVERY, TLSFiles
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -139,6 +139,7 @@ class IdentityHTTP:
         secrets: SecretValues | None = None,
         metrics: Metrics | None = None,
         spans: CallSpans | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
@@ -148,12 +149,10 @@ class IdentityHTTP:
         #: the credential values the provider's error text is scrubbed of
         self.secrets = secrets or SecretValues()
         self._timeout = timeout
-        self._tls = tls or TLS()
+        #: the identity.tls files, looked at again for a rotation before a call when due
+        self._tls = TLSFiles(tls or TLS(), clock, tls_recheck_every)
         self._http: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = None
-        #: the identity.tls files as the current context read them; when they were last looked at
-        self._stamp: Stamp = ()
-        self._looked_at = 0.0
         #: sessions replaced after a certificate rotation, closed once their requests are done
         self._retired: set[asyncio.Task[None]] = set()
         #: for each list of URLs, the one that answered last (tried first next time)
@@ -169,16 +168,19 @@ class IdentityHTTP:
         *,
         metrics: Metrics | None = None,
         spans: CallSpans | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> IdentityHTTP:
-        """The client an identity kind talks through: ``identity.timeout`` and ``identity.tls``,
-        its own :attr:`secrets` to note credentials in, and the provider's clock skew reported
-        into ``sidecar_identity_clock_skew_seconds`` when given the metrics."""
+        """The client an identity kind talks through: ``identity.timeout`` and ``identity.tls``
+        (its files looked at every ``tls_recheck_every`` seconds), its own :attr:`secrets` to
+        note credentials in, and the provider's clock skew reported into
+        ``sidecar_identity_clock_skew_seconds`` when given the metrics."""
         http = cls(
             clock,
             timeout=config.timeout,
             tls=config.tls,
             metrics=metrics,
             spans=spans,
+            tls_recheck_every=tls_recheck_every,
         )
         if metrics is not None:
             http.skew.report = metrics.identity_clock_skew.set
@@ -192,15 +194,6 @@ class IdentityHTTP:
             await self._http.close()
             self._http = None
 
-    async def _rotated(self) -> bool:
-        """True when the identity.tls files changed since the context was built (looked at, at
-        most every ``RECHECK_EVERY`` seconds)."""
-        now = self._clock.monotonic()
-        if now - self._looked_at < RECHECK_EVERY or not has_files(self._tls):
-            return False
-        self._looked_at = now
-        return await asyncio.to_thread(file_stamp, self._tls) != self._stamp
-
     def _retire(self, old: aiohttp.ClientSession) -> None:
         async def close_later() -> None:
             try:
@@ -213,7 +206,12 @@ class IdentityHTTP:
         task.add_done_callback(self._retired.discard)
 
     async def _session(self) -> aiohttp.ClientSession:
-        if self._http is not None and self._ssl is not None and await self._rotated():
+        if (
+            self._http is not None
+            and self._ssl is not None
+            and self._tls.due()
+            and await self._tls.changed()
+        ):
             log.info("identity.tls_files_changed", extra={"action": "new connections"})
             self._retire(self._http)
             self._http = None
@@ -221,10 +219,7 @@ class IdentityHTTP:
         if self._http is None or self._http.closed:
             if self._ssl is None:
                 try:
-                    # reads the CA bundle and client certificate: off the event loop
-                    self._stamp = await asyncio.to_thread(file_stamp, self._tls)
-                    self._looked_at = self._clock.monotonic()
-                    self._ssl = await asyncio.to_thread(tls_context, self._tls)
+                    self._ssl = await self._tls.context()
                 except (OSError, ssl.SSLError) as exc:
                     raise IdentityUnavailable(
                         f"identity.tls: cannot build the TLS context: {exc}", reason="tls"
@@ -294,7 +289,8 @@ class IdentityHTTP:
                 )
                 self._preferred[tuple(candidates)] = url
             return response
-        assert last is not None
+        if last is None:  # not reached: each URL answered, raised, or left its failure here
+            raise ValueError("no URL to call")
         raise last
 
     async def _measured(self, endpoint: str, *attempt: Any) -> IdentityResponse:
@@ -378,7 +374,7 @@ class IdentityHTTP:
             if (
                 isinstance(exc, aiohttp.ServerDisconnectedError)
                 and url.startswith("https:")
-                and self._tls.cert_file is None
+                and self._tls.tls.cert_file is None
             ):
                 # how a TLS 1.3 server refuses a missing client certificate: after the handshake
                 why += " (over TLS: does the provider require identity.tls.cert_file?)"

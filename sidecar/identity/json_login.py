@@ -28,7 +28,7 @@ from yarl import URL
 from sidecar.clock import Clock
 from sidecar.config.json_login import JsonCall, JsonLoginSection, JsonRefreshCall, JsonResponse
 from sidecar.cookies import Cookie, cookie_header, store_cookies
-from sidecar.errors import IdentityUnavailable, OAuthError
+from sidecar.errors import ConfigError, IdentityUnavailable, OAuthError
 from sidecar.field_values import header_value_problem
 from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.json_mapping import parse_session
@@ -36,6 +36,7 @@ from sidecar.identity.principal import json_login_principal
 from sidecar.identity.provider_text import SecretValues
 from sidecar.secrets import SecretSource
 from sidecar.templates import MissingValue, Text, Tree, compile_text, compile_tree
+from sidecar.tls import RECHECK_EVERY
 from sidecar.tokens import Token
 
 if TYPE_CHECKING:
@@ -70,8 +71,10 @@ class JsonLoginIdentity:
         *,
         metrics: Metrics | None = None,
         spans: CallSpans | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> None:
-        assert config.login is not None  # the config validator requires it for this kind
+        if config.login is None:  # the config validator requires it for this kind
+            raise ConfigError("identity.login: required with kind json_login")
         self._config = config
         self._clock = clock
         self._metrics = metrics
@@ -88,7 +91,9 @@ class JsonLoginIdentity:
             for source in sources
             if source.file is None
         }
-        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
+        self._http = IdentityHTTP.for_identity(
+            config, clock, metrics=metrics, spans=spans, tls_recheck_every=tls_recheck_every
+        )
         #: every credential and session token sent, scrubbed from the provider's error text
         self._secrets = self._http.secrets
         self.fingerprint = json_login_principal(config)

@@ -32,6 +32,7 @@ from sidecar.identity.discovery import EndpointResolver
 from sidecar.identity.http import CallSpans, IdentityHTTP, IdentityResponse
 from sidecar.identity.principal import oauth2_principal
 from sidecar.secrets import SecretSource
+from sidecar.tls import RECHECK_EVERY
 from sidecar.tokens import Token, parse_token_response
 
 if TYPE_CHECKING:
@@ -72,11 +73,14 @@ class OAuth2Identity:
         *,
         metrics: Metrics | None = None,
         spans: CallSpans | None = None,
+        tls_recheck_every: float = RECHECK_EVERY,
     ) -> None:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._http = IdentityHTTP.for_identity(config, clock, metrics=metrics, spans=spans)
+        self._http = IdentityHTTP.for_identity(
+            config, clock, metrics=metrics, spans=spans, tls_recheck_every=tls_recheck_every
+        )
         #: every credential value read or sent, scrubbed from the provider's error text
         self._secrets = self._http.secrets
         self._endpoints = EndpointResolver(config, self._http)
@@ -104,7 +108,8 @@ class OAuth2Identity:
 
     async def refresh(self, token: Token) -> Token:
         """RFC 6749 section 6; scope and resource (RFC 8707 section 2.2) are sent again."""
-        assert token.refresh_token is not None
+        if token.refresh_token is None:  # the session refreshes only a token that has one
+            raise ValueError("a refresh needs a token with a refresh_token")
         form = {"grant_type": "refresh_token", "refresh_token": token.refresh_token}
         self._add_scope(form, audience=False)
         return await self._token_request(form, previous_refresh_token=token.refresh_token)
@@ -210,7 +215,8 @@ class OAuth2Identity:
     async def _token_exchange(self, form: dict[str, str]) -> None:
         """RFC 8693 section 2.1: the subject token (and actor token), read from their files."""
         cfg = self._config
-        assert cfg.subject_token_file is not None
+        if cfg.subject_token_file is None:  # the config validator requires it for this grant
+            raise ConfigError("identity.subject_token_file: required with grant token_exchange")
         form["subject_token"] = await _file("identity.subject_token_file", cfg.subject_token_file)
         form["subject_token_type"] = cfg.subject_token_type
         if cfg.actor_token_file is not None and cfg.actor_token_type:
@@ -291,8 +297,9 @@ class OAuth2Identity:
             form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
             if cfg.client_auth == "client_assertion_file":
                 # a workload identity token (RFC 7521 4.2), issued to us: sent as it is
-                assert cfg.client_assertion_file is not None
                 path = cfg.client_assertion_file
+                if path is None:  # the config validator requires it for this client_auth
+                    raise ConfigError("identity.client_assertion_file: required")
                 form["client_assertion"] = await _file("identity.client_assertion_file", path)
             else:
                 form["client_assertion"] = await self._signed_assertion(previous, key)
@@ -322,7 +329,8 @@ class OAuth2Identity:
         cfg = self._config
         path = previous or cfg.private_key_file
         name = name if previous is not None else "identity.private_key_file"
-        assert path is not None
+        if path is None:  # the config validator requires it for private_key_jwt
+            raise ConfigError(f"{name}: required with client_auth private_key_jwt")
         pem = await _file(name, path)
         self._secrets.note("private_key", pem)
         try:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.errors import ConfigError
 from sidecar.tokens import jwt_claims
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ def json_login_principal(config: JsonLoginSection) -> str:
     """The principal id of a json_login identity: the login call as configured (its URL, and
     the headers and body templates, where a tenant may be written out) and the value of every
     credential that is not a secret (:func:`is_secret_name`), from a file as it holds it now."""
-    assert config.login is not None  # the config validator requires it for this kind
+    if config.login is None:  # the config validator requires it for this kind
+        raise ConfigError("identity.login: required with kind json_login")
     named = {}
     for name, source in config.credential_sources().items():
         if is_secret_name(name):

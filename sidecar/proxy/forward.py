@@ -100,6 +100,7 @@ class Proxy:
         callers: CallerPolicy,
         egress: Egress | None = None,
         spans: SpanExporter | None = None,
+        tls_recheck_every: float = tls.RECHECK_EVERY,
     ) -> None:
         #: who may call (the ``listen`` rules); a reload replaces it
         self.callers = callers
@@ -116,7 +117,9 @@ class Proxy:
         self.spans = spans
         self._pool: UpstreamPool | None = None
         #: the upstream TLS files as the current pool read them, and the task that looks again
-        self._stamp: tls.Stamp = ()
+        #: every ``tls_recheck_every`` seconds
+        self._tls: tls.TLSFiles | None = None
+        self._tls_recheck_every = tls_recheck_every
         self._watcher: asyncio.Task[None] | None = None
         #: a SIGHUP and a certificate rotation must not build pools at the same time
         self._rebuilding = asyncio.Lock()
@@ -165,10 +168,10 @@ class Proxy:
         url = URL(self._base)
         ssl_ctx = None
         if url.scheme == "https":
-            # the stamp first: a file that changes while the context is built is seen next time
-            self._stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
-            ssl_ctx = await asyncio.to_thread(tls.tls_context, cfg.tls)
-            if tls.has_files(cfg.tls) and self._watcher is None:
+            files = tls.TLSFiles(cfg.tls, self._clock, self._tls_recheck_every)
+            ssl_ctx = await files.context()
+            self._tls = files
+            if files.watched and self._watcher is None:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_tls())
         self._pool = UpstreamPool(
             url.raw_host or "",
@@ -183,22 +186,21 @@ class Proxy:
         )
 
     async def _watch_tls(self) -> None:
-        """Every ``tls.RECHECK_EVERY`` seconds: when the upstream's certificate, key or CA file
+        """Every ``tls_recheck_every`` seconds: when the upstream's certificate, key or CA file
         changed, build a new pool with them (as a SIGHUP would). A change that cannot be read
         (a half-written pair) is logged once and tried again at the next change."""
         while True:
-            await self._clock.sleep(tls.RECHECK_EVERY)
+            await self._clock.sleep(self._tls_recheck_every)
             async with self._rebuilding:  # the config as it is now, not as a SIGHUP left it
                 cfg = self._config
-                if URL(self._base).scheme != "https":
+                files = self._tls
+                if URL(self._base).scheme != "https" or files is None:
                     continue
-                stamp = await asyncio.to_thread(tls.file_stamp, cfg.tls)
-                if stamp == self._stamp:
+                if not await files.changed():
                     continue
                 try:
                     await self._reconfigure(cfg, self._base, self._rules)
                 except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                    self._stamp = stamp
                     log.error(
                         "proxy.tls_reload_failed",
                         extra={"error": str(exc), "kept": "the certificates read before"},

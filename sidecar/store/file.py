@@ -76,9 +76,14 @@ def _make_private(directory: Path) -> None:
             os.chmod(candidate, 0o700)
 
 
-def _create_unique(directory: Path, stem: str) -> tuple[Path, int]:
+def random_tag() -> str:
+    """The random part of a temporary or probe file's name."""
+    return secrets.token_hex(8)
+
+
+def _create_unique(directory: Path, stem: str, tag: Callable[[], str]) -> tuple[Path, int]:
     """A new file in ``directory`` under a random name (mode 0600): its path and descriptor."""
-    path = directory / f".{stem}.{secrets.token_hex(8)}.tmp"
+    path = directory / f".{stem}.{tag()}.tmp"
     fd = os.open(path, _CREATE, 0o600)
     return path, fd
 
@@ -89,9 +94,13 @@ class FileStore:
     kind = "file"
     shared = False
 
-    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
+    def __init__(
+        self, path: Path, sealer: Sealer | None = None, *, tag: Callable[[], str] = random_tag
+    ) -> None:
         self.path = path
         self._sealer = sealer
+        #: the random part of the temporary files' names (O_EXCL refuses a name already taken)
+        self._tag = tag
         #: saves run one at a time, in call order: concurrent ones (a background save after a
         #: refresh, then another) could land an older record after a newer one
         self._save_lock = asyncio.Lock()
@@ -111,7 +120,7 @@ class FileStore:
             problem = directory_problem(directory)
             if problem is not None:
                 raise ConfigError(f"session.path: {problem}")
-            probe, fd = _create_unique(directory, f"{self.path.name}.probe")
+            probe, fd = _create_unique(directory, f"{self.path.name}.probe", self._tag)
             os.close(fd)
             probe.unlink()
         except OSError as exc:
@@ -182,7 +191,7 @@ class FileStore:
         tmp: Path | None = None
         try:
             _make_private(directory)
-            tmp, fd = _create_unique(directory, self.path.name)
+            tmp, fd = _create_unique(directory, self.path.name, self._tag)
             try:
                 os.fchmod(fd, 0o600)  # the umask must not narrow or widen it
                 view = memoryview(payload)

@@ -7,6 +7,7 @@ rotated Secret behind the same path) is applied without a restart.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
@@ -50,12 +51,13 @@ def store_problems(cfg: Session) -> list[str]:
     return []
 
 
-def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
+async def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
     """The store ``cfg`` names, for the identity ``namespace``; problems are ConfigErrors that
-    never quote a redis URL (it may carry a password)."""
+    never quote a redis URL (it may carry a password). The file checks and reads run in a thread:
+    a reload opens a store while the proxy serves."""
     if cfg.store == "file":
         store = FileStore(cfg.path, sealer)
-        store.check_writable()
+        await asyncio.to_thread(store.check_writable)
         return store
     if cfg.store == "redis":
         from sidecar.store.redis import RedisStore, url_problem
@@ -63,7 +65,7 @@ def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionSt
         source = cfg.redis_source()
         key = source.where
         try:
-            url = source.read()
+            url = await asyncio.to_thread(source.read)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {source.file}: {exc.strerror}") from exc
         try:

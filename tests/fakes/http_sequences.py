@@ -190,7 +190,8 @@ def _plain(draw: st.DrawFn, index: int, last: bool, features: frozenset[str]) ->
     if "auth" in features and draw(st.booleans()):
         auth = b"Bearer caller-credential-%d" % index
         headers.append((b"Authorization", auth))
-    body, payload, trailers = b"", b"", ()
+    body, payload = b"", b""
+    trailers: tuple[tuple[str, str], ...] = ()
     has_body = method != "HEAD" and "bodies" in features and draw(st.booleans())
     if has_body:
         body = draw(st.binary(min_size=0, max_size=48))

@@ -158,7 +158,7 @@ class OIDCProvider(FakeIdP):
         if self.token_alg == "HS256":
             return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
         if self.token_alg == "none":
-            return jwt.encode(claims, None, algorithm="none")
+            return jwt.encode(claims, "", algorithm="none")
         return jwt.encode(
             claims,
             self.rogue_key or self.signing_key,

@@ -140,7 +140,7 @@ def _parse_head(head: bytes, connection: int) -> RawRequest:
 
 async def _read_body(wire: Wire, request: RawRequest) -> bytes:
     if (request.header("transfer-encoding") or "").lower() == "chunked":
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int((await wire.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:
