@@ -126,7 +126,7 @@ class Metrics:
             registry=r,
         )
         self._refusal_children: dict[str, Counter] = {}
-        self.previous_secret_used = Counter(
+        self._previous_secret_used = Counter(
             "sidecar_identity_previous_secret_used_total",
             "Identity calls accepted only with a previous client secret or key (a rotation in "
             "progress), by its index in the previous_* list",
@@ -200,6 +200,24 @@ class Metrics:
         if child is None:
             child = self._refusal_children[reason] = self.refused_requests.labels(reason=reason)
         child.inc()
+
+    # ------------------------------------------------------------- the identity provider's calls
+
+    def identity_called(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """One call to the identity provider ended (``outcome``: ok, or what went wrong)."""
+        self.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(seconds)
+
+    def clock_skew_seen(self, seconds: float) -> None:
+        """The identity provider's clock was found ``seconds`` ahead of ours (negative: behind)."""
+        self.identity_clock_skew.set(seconds)
+
+    def token_refused(self, reason: str) -> None:
+        """A token the identity provider issued failed validation (``reason``: the check)."""
+        self.token_validation_failures.labels(reason=reason).inc()
+
+    def previous_secret_used(self, index: int) -> None:
+        """A login succeeded only with the ``index``-th previous client secret or key."""
+        self._previous_secret_used.labels(index=str(index)).inc()
 
     def spans_dropped(self, count: int = 1) -> None:
         """``count`` spans were not exported (a full queue, or a failed export)."""

@@ -183,7 +183,7 @@ class IdentityHTTP:
             tls_recheck_every=tls_recheck_every,
         )
         if metrics is not None:
-            http.skew.report = metrics.identity_clock_skew.set
+            http.skew.report = metrics.clock_skew_seen
         return http
 
     async def aclose(self) -> None:
@@ -315,9 +315,7 @@ class IdentityHTTP:
             if outcome is not None:
                 seconds = self._clock.monotonic() - started
                 if metrics is not None:
-                    metrics.identity_duration.labels(endpoint=endpoint, outcome=outcome).observe(
-                        seconds
-                    )
+                    metrics.identity_called(endpoint, outcome, seconds)
                 if spans is not None:
                     spans.identity_call(endpoint, outcome, seconds)
 

@@ -264,7 +264,7 @@ class OAuth2Identity:
             # the index and key name only: the value never reaches a log line
             log.warning("identity.previous_secret_used", extra={"index": index, "key": key})
             if self._metrics is not None:
-                self._metrics.previous_secret_used.labels(index=str(index)).inc()
+                self._metrics.previous_secret_used(index)
             return answer
         raise refused
 

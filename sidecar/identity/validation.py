@@ -208,7 +208,7 @@ async def vet(validator: TokenValidator, token: Token, metrics: Metrics | None) 
         await validator.check(token.access_token)
     except InvalidToken as exc:
         if metrics is not None:
-            metrics.token_validation_failures.labels(reason=exc.reason).inc()
+            metrics.token_refused(exc.reason)
         log.warning(
             "identity.token_invalid",
             extra={"reason": exc.reason, "error": str(exc), "token": token.fingerprint},
