@@ -6,7 +6,10 @@ streaming MB/s, the CPU time each proxy spent per request and per MiB (with the 
 and (for the Python proxies) RSS idle and after the run. Every figure is also given as a ratio
 to nginx and to the minimal aiohttp proxy. Results go to bench/results/*.json.
 
-Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal]
+Before them, what one pod pays (bench/pod.py): the time and memory of ``sidecar --version`` and
+``check-config``, start to /readyz with and without a login, and the idle RSS.
+
+Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal,pod]
 """
 
 from __future__ import annotations
@@ -494,6 +497,14 @@ def main() -> int:
                 )
             )
             envs["sidecar_before"] = {**env, "PYTHONPATH": str(before)}
+        if not only or "pod" in only:
+            import pod  # here: pod.py imports this module
+
+            results["pod"] = pod.pod_figures(work, idp_port, env)
+            if args.against:
+                results["pod_before"] = pod.pod_figures(
+                    work, idp_port, envs["sidecar_before"], python=python
+                )
         print(f"upstream direct ({upstream})")
         if not only or "direct" in only:
             results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
@@ -630,6 +641,12 @@ def report(results: dict[str, Any]) -> None:
                 f"core 0 and {min(ms1):.0f}-{max(ms1):.0f} ms on core 1; core 0's time over core "
                 f"1's, started together: {ratio0['min']:.2f}-{ratio0['max']:.2f}"
             )
+    if "pod" in results:
+        import pod
+
+        pod.report(results["pod"])
+        if "pod_before" in results:
+            pod.report(results["pod_before"], "sidecar_before")
     direct = targets.get("direct", {})
     if direct.get("p50_1_us"):
         print("\nadded p50 latency at 1 connection (proxy p50 - direct p50):")

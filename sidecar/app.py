@@ -24,9 +24,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.config.models import Config, Identity, is_loopback
 from sidecar.errors import IdentityError, StoreError
 from sidecar.http.server import FrontServer
-from sidecar.http.unix_socket import UnixListener
 from sidecar.identity import IdentityProvider
-from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy.callers import CallerPolicy
 from sidecar.proxy.forward import CredentialSource, Proxy
@@ -257,6 +255,8 @@ class Sidecar:
     async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
         """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
         if sock is None:
+            from sidecar.http.unix_socket import UnixListener
+
             listener = UnixListener.bind(path)
             self._closers.append(("unix socket file", listener.remove))
             sock = listener.sock
@@ -299,18 +299,23 @@ class Sidecar:
             client_id=DEMO_CLIENT_ID,
             client_secret=SecretStr(idp.client_secret),
         )
+        from sidecar.identity.oauth2 import OAuth2Identity
+
         return OAuth2Identity(
             demo_identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
         )
 
     def _provider(self, identity: Identity) -> IdentityProvider:
-        """The provider for an identity section (not the embedded demo's)."""
+        """The provider for an identity section (not the embedded demo's); only the module of
+        its kind is imported."""
         if identity.kind == "json_login":
             from sidecar.identity.json_login import JsonLoginIdentity
 
             return JsonLoginIdentity(
                 identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
             )
+        from sidecar.identity.oauth2 import OAuth2Identity
+
         return OAuth2Identity(
             identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
         )

@@ -9,23 +9,22 @@ unreachable, or a bad ``--admin``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
-from sidecar.config.load import load_config, redacted
-from sidecar.config.models import Config
-from sidecar.errors import ConfigError, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.config.models import Config
+
+# Imports stay in the commands that need them: ``--version`` and ``status`` load no config
+# machinery (pydantic, YAML), ``check-config`` loads no data path (the HTTP code, aiohttp), and
+# ``run`` loads the identity kind and the store its config names (see sidecar.app).
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -116,12 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
+    from sidecar.config.load import load_config
+    from sidecar.errors import ConfigError
+
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        import yaml
+
+        from sidecar.config.load import redacted
+
         print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
         return EXIT_OK
     if args.workers < 1:
@@ -142,6 +148,9 @@ def _run(
     loop: str = "asyncio",
     load: Callable[[], Config] | None = None,
 ) -> int:
+    import asyncio
+
+    from sidecar.errors import SidecarError
     from sidecar.lifecycle import serve
     from sidecar.logs import setup_logging
 
@@ -174,6 +183,9 @@ def _run(
 
 
 def _status(admin: str) -> int:
+    import urllib.error
+    import urllib.request
+
     url = admin.rstrip("/") + "/session"
     if not url.startswith(("http://", "https://")):
         print(f"sidecar: --admin must be an http(s) URL, not {admin!r}", file=sys.stderr)
@@ -193,6 +205,8 @@ def _status(admin: str) -> int:
 
 def config_schema() -> dict[str, Any]:
     """The JSON Schema of the YAML configuration (keys as written in YAML)."""
+    from sidecar.config.models import Config
+
     schema = Config.model_json_schema(by_alias=True)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
 from sidecar.store import SessionStore
-from sidecar.store.file import FileStore
-from sidecar.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from sidecar.config.models import Session
@@ -38,8 +36,11 @@ def same_keys(a: Sealer | None, b: Sealer | None) -> bool:
 
 def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
     """The store ``cfg`` names, for the identity ``namespace``; problems are ConfigErrors that
-    never quote a redis URL (it may carry a password)."""
+    never quote a redis URL (it may carry a password). Only the module of that store is
+    imported."""
     if cfg.store == "file":
+        from sidecar.store.file import FileStore
+
         store = FileStore(cfg.path, sealer)
         store.check_writable()
         return store
@@ -56,4 +57,6 @@ def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionSt
         except ValueError:
             # never the library's message: it quotes the part of the URL it could not read
             raise ConfigError(f"{key}: {url_problem(url) or 'not a valid redis URL'}") from None
+    from sidecar.store.memory import MemoryStore
+
     return MemoryStore()
