@@ -113,7 +113,7 @@ class FrontProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
+        self.server.admit(self)
         self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
