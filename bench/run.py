@@ -304,7 +304,6 @@ PAIRED = ("nginx", "sidecar", "sidecar_workers2", "sidecar_before")
 #: (figure, target, base target, wrk path, connections) of the paired rounds
 RATIOS = (
     ("sidecar/nginx req/s", "sidecar", "nginx", "/", 50),
-    ("workers2/sidecar req/s", "sidecar_workers2", "sidecar", "/", 50),
     ("sidecar/nginx 1 MiB MB/s", "sidecar", "nginx", "/big", 4),
     ("sidecar_before/nginx req/s", "sidecar_before", "nginx", "/", 50),
     ("sidecar/sidecar_before req/s", "sidecar", "sidecar_before", "/", 50),
@@ -312,26 +311,37 @@ RATIOS = (
 )
 
 
-def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str, Any]:
+def paired_rounds(
+    urls: dict[str, str], rounds: int, seconds: float, pids: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Measure nginx, sidecar and sidecar --workers 2 back to back, ``rounds`` times over.
 
     On a shared (virtual) machine the CPU's speed drifts by tens of percent within minutes, so
     two figures taken a minute apart can disagree more than two proxies do. Each ratio here
     comes from measurements seconds apart; the median over the rounds is the figure to quote.
+    With the targets' ``pids``, each run also gives the CPU time the target spent per request.
     """
     print(f"paired rounds ({rounds} x {len(urls)} targets, {seconds:g} s each) ...", flush=True)
+    pids = pids or {}
     runs: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     for n in range(rounds):
         for path, conns in (("/", 50), ("/big", 4)):
             # every other round in reverse order: no target is always the one after a pause
             for name, url in list(urls.items())[:: 1 if n % 2 == 0 else -1]:
                 if name == "direct" and path != "/":
                     continue
+                pid = pids.get(name)
+                before = cpu_seconds(pid) if pid else 0.0
                 got = wrk(url + path, conns, seconds)
                 runs.setdefault((name, path), []).append(got["mb_s" if path == "/big" else "rps"])
+                if pid and path == "/":
+                    spent = (cpu_seconds(pid) - before) / max(1.0, got["requests"])
+                    cpu.setdefault((name, path), []).append(spent * 1e6)
     out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "runs": {}, "ratios": {}}
     for (name, path), values in runs.items():
         out["runs"][f"{name} {path}"] = values
+    out["cpu_us_per_req"] = {f"{name} {path}": values for (name, path), values in cpu.items()}
     for label, target, base, path, _ in RATIOS:
         mine, theirs = runs.get((target, path)), runs.get((base, path))
         if mine and theirs:
@@ -349,6 +359,13 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
             out["ratios"]["workers2 / its ceiling"] = spread(
                 [b / a / c for a, b, c in zip(one, two, ceilings, strict=True)]
             )
+    cpu_one, cpu_two = cpu.get(("sidecar", "/")), cpu.get(("sidecar_workers2", "/"))
+    if cpu_one and cpu_two:
+        # the cost of a request with two workers (supervisor included) over one worker's: what
+        # the second worker adds besides throughput, measured whatever CPU the machine left
+        out["ratios"]["workers2/sidecar CPU per req"] = spread(
+            [b / a for a, b in zip(cpu_one, cpu_two, strict=True)]
+        )
     return out
 
 
@@ -450,9 +467,10 @@ def main() -> int:
         )
         port = free_port()
         cfg = sidecar_config(work, port, up_port, idp_port, True)
+        # "sidecar" runs on its default loop (uvloop, as in the image); this one on asyncio's
         targets.append(
             (
-                "sidecar_uvloop",
+                "sidecar_asyncio",
                 [
                     *taskset(PROXY_CORE),
                     PY,
@@ -462,7 +480,7 @@ def main() -> int:
                     "-c",
                     str(cfg),
                     "--loop",
-                    "uvloop",
+                    "asyncio",
                 ],
                 port,
             )
@@ -519,10 +537,11 @@ def main() -> int:
                 )
         if args.rounds and not only:
             paired = [t for t in targets if t[0] in PAIRED]
+            pids: dict[str, int] = {}
             with contextlib.ExitStack() as running:
                 for name, argv, port in paired:
                     assert argv is not None
-                    running.enter_context(process(argv, port, envs.get(name, env)))
+                    pids[name] = running.enter_context(process(argv, port, envs.get(name, env)))
                 time.sleep(1.0)
                 speeds = core_speeds()
                 results["paired"] = paired_rounds(
@@ -532,6 +551,7 @@ def main() -> int:
                     },
                     args.rounds,
                     args.round_seconds,
+                    pids,
                 )
                 results["paired"]["core_speeds"] = [speeds, core_speeds()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)

@@ -204,6 +204,8 @@ class Sidecar:
                 "admin": f"{cfg.admin.host}:{self.admin_port}",
                 "upstream": self.upstream_url,
                 "store": store.kind,
+                # uvloop's loop class lives in the uvloop package
+                "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
         )
 
