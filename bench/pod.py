@@ -126,7 +126,8 @@ def pod_figures(
 ) -> dict[str, Any]:
     """The figures of the module docstring, against the token endpoint on ``idp_port``, of the
     sidecar that ``python`` (with ``env``) imports."""
-    sidecar = [python, "-m", "sidecar"]
+    # -P: the sidecar on PYTHONPATH (``env``), never the current directory's
+    sidecar = [python, "-P", "-m", "sidecar"]
     print("  pod: --version, check-config, start to /readyz, idle RSS ...", flush=True)
     admin = free_port()
     config = work / f"pod-{admin}.yaml"

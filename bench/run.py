@@ -510,7 +510,8 @@ def main() -> int:
             targets.append(
                 (
                     "sidecar_before",
-                    [*taskset(PROXY_CORE), python, "-m", "sidecar", "run", "-c", str(cfg)],
+                    # -P: not the current directory's sidecar (this checkout's) but PYTHONPATH's
+                    [*taskset(PROXY_CORE), python, "-P", "-m", "sidecar", "run", "-c", str(cfg)],
                     port,
                 )
             )
