@@ -6,7 +6,10 @@ streaming MB/s, the CPU time each proxy spent per request and per MiB (with the 
 and (for the Python proxies) RSS idle and after the run. Every figure is also given as a ratio
 to nginx and to the minimal aiohttp proxy. Results go to bench/results/*.json.
 
-Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal]
+Before them, what one pod pays (bench/pod.py): the time and memory of ``sidecar --version`` and
+``check-config``, start to /readyz with and without a login, and the idle RSS.
+
+Usage: python bench/run.py [--seconds 5] [--only sidecar,minimal,pod]
 """
 
 from __future__ import annotations
@@ -301,7 +304,6 @@ PAIRED = ("nginx", "sidecar", "sidecar_workers2", "sidecar_before")
 #: (figure, target, base target, wrk path, connections) of the paired rounds
 RATIOS = (
     ("sidecar/nginx req/s", "sidecar", "nginx", "/", 50),
-    ("workers2/sidecar req/s", "sidecar_workers2", "sidecar", "/", 50),
     ("sidecar/nginx 1 MiB MB/s", "sidecar", "nginx", "/big", 4),
     ("sidecar_before/nginx req/s", "sidecar_before", "nginx", "/", 50),
     ("sidecar/sidecar_before req/s", "sidecar", "sidecar_before", "/", 50),
@@ -309,26 +311,37 @@ RATIOS = (
 )
 
 
-def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str, Any]:
+def paired_rounds(
+    urls: dict[str, str], rounds: int, seconds: float, pids: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Measure nginx, sidecar and sidecar --workers 2 back to back, ``rounds`` times over.
 
     On a shared (virtual) machine the CPU's speed drifts by tens of percent within minutes, so
     two figures taken a minute apart can disagree more than two proxies do. Each ratio here
     comes from measurements seconds apart; the median over the rounds is the figure to quote.
+    With the targets' ``pids``, each run also gives the CPU time the target spent per request.
     """
     print(f"paired rounds ({rounds} x {len(urls)} targets, {seconds:g} s each) ...", flush=True)
+    pids = pids or {}
     runs: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     for n in range(rounds):
         for path, conns in (("/", 50), ("/big", 4)):
             # every other round in reverse order: no target is always the one after a pause
             for name, url in list(urls.items())[:: 1 if n % 2 == 0 else -1]:
                 if name == "direct" and path != "/":
                     continue
+                pid = pids.get(name)
+                before = cpu_seconds(pid) if pid else 0.0
                 got = wrk(url + path, conns, seconds)
                 runs.setdefault((name, path), []).append(got["mb_s" if path == "/big" else "rps"])
+                if pid and path == "/":
+                    spent = (cpu_seconds(pid) - before) / max(1.0, got["requests"])
+                    cpu.setdefault((name, path), []).append(spent * 1e6)
     out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "runs": {}, "ratios": {}}
     for (name, path), values in runs.items():
         out["runs"][f"{name} {path}"] = values
+    out["cpu_us_per_req"] = {f"{name} {path}": values for (name, path), values in cpu.items()}
     for label, target, base, path, _ in RATIOS:
         mine, theirs = runs.get((target, path)), runs.get((base, path))
         if mine and theirs:
@@ -346,6 +359,13 @@ def paired_rounds(urls: dict[str, str], rounds: int, seconds: float) -> dict[str
             out["ratios"]["workers2 / its ceiling"] = spread(
                 [b / a / c for a, b, c in zip(one, two, ceilings, strict=True)]
             )
+    cpu_one, cpu_two = cpu.get(("sidecar", "/")), cpu.get(("sidecar_workers2", "/"))
+    if cpu_one and cpu_two:
+        # the cost of a request with two workers (supervisor included) over one worker's: what
+        # the second worker adds besides throughput, measured whatever CPU the machine left
+        out["ratios"]["workers2/sidecar CPU per req"] = spread(
+            [b / a for a, b in zip(cpu_one, cpu_two, strict=True)]
+        )
     return out
 
 
@@ -447,9 +467,10 @@ def main() -> int:
         )
         port = free_port()
         cfg = sidecar_config(work, port, up_port, idp_port, True)
+        # "sidecar" runs on its default loop (uvloop, as in the image); this one on asyncio's
         targets.append(
             (
-                "sidecar_uvloop",
+                "sidecar_asyncio",
                 [
                     *taskset(PROXY_CORE),
                     PY,
@@ -459,7 +480,7 @@ def main() -> int:
                     "-c",
                     str(cfg),
                     "--loop",
-                    "uvloop",
+                    "asyncio",
                 ],
                 port,
             )
@@ -489,11 +510,20 @@ def main() -> int:
             targets.append(
                 (
                     "sidecar_before",
-                    [*taskset(PROXY_CORE), python, "-m", "sidecar", "run", "-c", str(cfg)],
+                    # -P: not the current directory's sidecar (this checkout's) but PYTHONPATH's
+                    [*taskset(PROXY_CORE), python, "-P", "-m", "sidecar", "run", "-c", str(cfg)],
                     port,
                 )
             )
             envs["sidecar_before"] = {**env, "PYTHONPATH": str(before)}
+        if not only or "pod" in only:
+            import pod  # here: pod.py imports this module
+
+            results["pod"] = pod.pod_figures(work, idp_port, env)
+            if args.against:
+                results["pod_before"] = pod.pod_figures(
+                    work, idp_port, envs["sidecar_before"], python=python
+                )
         print(f"upstream direct ({upstream})")
         if not only or "direct" in only:
             results["targets"]["direct"] = measure("direct", upstream, None, args.seconds)
@@ -508,10 +538,11 @@ def main() -> int:
                 )
         if args.rounds and not only:
             paired = [t for t in targets if t[0] in PAIRED]
+            pids: dict[str, int] = {}
             with contextlib.ExitStack() as running:
                 for name, argv, port in paired:
                     assert argv is not None
-                    running.enter_context(process(argv, port, envs.get(name, env)))
+                    pids[name] = running.enter_context(process(argv, port, envs.get(name, env)))
                 time.sleep(1.0)
                 speeds = core_speeds()
                 results["paired"] = paired_rounds(
@@ -521,6 +552,7 @@ def main() -> int:
                     },
                     args.rounds,
                     args.round_seconds,
+                    pids,
                 )
                 results["paired"]["core_speeds"] = [speeds, core_speeds()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -630,6 +662,12 @@ def report(results: dict[str, Any]) -> None:
                 f"core 0 and {min(ms1):.0f}-{max(ms1):.0f} ms on core 1; core 0's time over core "
                 f"1's, started together: {ratio0['min']:.2f}-{ratio0['max']:.2f}"
             )
+    if "pod" in results:
+        import pod
+
+        pod.report(results["pod"])
+        if "pod_before" in results:
+            pod.report(results["pod_before"], "sidecar_before")
     direct = targets.get("direct", {})
     if direct.get("p50_1_us"):
         print("\nadded p50 latency at 1 connection (proxy p50 - direct p50):")

@@ -27,9 +27,7 @@ from sidecar.config.models import Config, is_loopback
 from sidecar.config.oauth2 import OAuth2Section
 from sidecar.errors import ConfigError, IdentityError, StoreError
 from sidecar.http.server import FrontServer
-from sidecar.http.unix_socket import UnixListener
 from sidecar.identity import IdentityProvider
-from sidecar.identity.oauth2 import OAuth2Identity
 from sidecar.metrics import Metrics
 from sidecar.proxy.callers import CallerPolicy
 from sidecar.proxy.forward import CredentialSource, Proxy
@@ -213,6 +211,8 @@ class Sidecar:
                 "admin": f"{cfg.admin.host}:{self.admin_port}",
                 "upstream": self.upstream_url,
                 "store": store.kind,
+                # uvloop's loop class lives in the uvloop package
+                "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
         )
 
@@ -265,6 +265,8 @@ class Sidecar:
     async def _open_unix(self, proxy: Proxy, path: Path, sock: socket.socket | None) -> None:
         """The proxy on ``listen.unix_socket`` too: the same handler, without the Host check."""
         if sock is None:
+            from sidecar.http.unix_socket import UnixListener
+
             listener = await asyncio.to_thread(UnixListener.bind, path)
             self._closers.append(("unix socket file", listener.remove))
             sock = listener.sock
@@ -306,12 +308,15 @@ class Sidecar:
             client_id=DEMO_CLIENT_ID,
             client_secret=SecretStr(idp.client_secret),
         )
+        from sidecar.identity.oauth2 import OAuth2Identity
+
         return OAuth2Identity(
             demo_identity, self.clock, metrics=self.metrics, spans=self.span_exporter()
         )
 
     async def _provider(self, identity: Identity) -> IdentityProvider:
-        """The provider for an identity section (not the embedded demo's), built in a thread:
+        """The provider for an identity section (not the embedded demo's), built in a thread
+        (only the module of its kind is imported):
         building one reads the files that name its principal (a subject token, an assertion),
         and a reload builds one while the proxy serves."""
         spans = self.span_exporter()  # made, and started, here in the loop
@@ -327,6 +332,8 @@ class Sidecar:
                 tls_recheck_every=self.tls_recheck_every,
             )
         if isinstance(identity, OAuth2Section):
+            from sidecar.identity.oauth2 import OAuth2Identity
+
             return await asyncio.to_thread(
                 OAuth2Identity,
                 identity,

@@ -9,24 +9,22 @@ unreachable, or a bad ``--admin``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
-from sidecar.checks import checked_config
-from sidecar.config.load import redacted
-from sidecar.config.models import Config
-from sidecar.errors import ConfigError, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.config.models import Config
+
+# Imports stay in the commands that need them: ``--version`` and ``status`` load no config
+# machinery (pydantic, YAML), ``check-config`` loads no data path (the HTTP code, aiohttp), and
+# ``run`` loads the identity kind and the store its config names (see sidecar.app).
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -53,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--loop",
-        choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="event loop implementation (uvloop must be installed; default: %(default)s)",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop implementation: 'auto' is uvloop where it is installed, else asyncio; "
+        "'uvloop' requires it (default: %(default)s)",
     )
     check = sub.add_parser(
         "check-config", help="validate a config and print it with secrets redacted"
@@ -117,12 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
+    from sidecar.checks import checked_config
+    from sidecar.errors import ConfigError
+
     try:
         config = checked_config(args.config)
     except ConfigError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        import yaml
+
+        from sidecar.config.load import redacted
+
         print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
         return EXIT_OK
     if args.workers < 1:
@@ -137,25 +143,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(config, args.workers, args.loop, load=lambda: checked_config(args.config))
 
 
+def event_loop(name: str) -> str | None:
+    """The loop ``--loop name`` runs on: ``uvloop`` or ``asyncio``; None when ``name`` is
+    ``uvloop`` and it is not installed. ``auto`` is uvloop where it is installed (the image
+    installs it: fewer instructions per request), else asyncio."""
+    if name == "asyncio":
+        return name
+    try:
+        import uvloop  # noqa: F401 - only whether it imports
+    except ImportError:
+        return None if name == "uvloop" else "asyncio"
+    return "uvloop"
+
+
 def _run(
     config: Config,
     workers: int = 1,
-    loop: str = "asyncio",
+    loop: str = "auto",
     load: Callable[[], Config] | None = None,
 ) -> int:
+    import asyncio
+
+    from sidecar.errors import SidecarError
     from sidecar.lifecycle import serve
     from sidecar.logs import setup_logging
 
+    chosen = event_loop(loop)
+    if chosen is None:
+        print(
+            "sidecar: --loop uvloop: uvloop is not installed (pip install uvloop)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    loop = chosen
     run = asyncio.run
     if loop == "uvloop":
-        try:
-            import uvloop  # optional: only when asked for
-        except ImportError:
-            print(
-                "sidecar: --loop uvloop: uvloop is not installed (pip install uvloop)",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
+        import uvloop
+
         run = uvloop.run
     setup_logging(config.log.level, fmt=config.log.format)
     try:
@@ -175,6 +199,9 @@ def _run(
 
 
 def _status(admin: str) -> int:
+    import urllib.error
+    import urllib.request
+
     url = admin.rstrip("/") + "/session"
     if not url.startswith(("http://", "https://")):
         print(f"sidecar: --admin must be an http(s) URL, not {admin!r}", file=sys.stderr)
@@ -194,6 +221,8 @@ def _status(admin: str) -> int:
 
 def config_schema() -> dict[str, Any]:
     """The JSON Schema of the YAML configuration (keys as written in YAML)."""
+    from sidecar.config.models import Config
+
     schema = Config.model_json_schema(by_alias=True)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 

@@ -4,6 +4,7 @@ and a factory that starts a real sidecar against our test identity provider and 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -31,6 +32,24 @@ from tests.fakes.upstream import FakeUpstream
 from tests.redis_server import RedisServer
 
 Serve = Callable[..., Awaitable[str]]
+
+
+#: the event loop the tests run on: ``TEST_LOOP=uvloop`` runs the in-process sidecars (and
+#: passes ``--loop uvloop`` to the sidecar processes tests start); ``TEST_LOOP=asyncio`` the
+#: standard loop everywhere. Unset: asyncio in process, and the processes on their default
+#: (uvloop where installed).
+TEST_LOOP = os.environ.get("TEST_LOOP", "")
+if TEST_LOOP not in ("", "asyncio", "uvloop"):
+    raise pytest.UsageError(f"TEST_LOOP={TEST_LOOP!r}: 'asyncio' or 'uvloop'")
+
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """Every async test and fixture on uvloop (pytest-asyncio's hook)."""
+        return {"uvloop": uvloop.new_event_loop}
 
 
 #: variables that would route the tests' loopback traffic elsewhere (sidecar honours them)

@@ -39,6 +39,9 @@ class SidecarProcess:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         argv = [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)]
+        loop = os.environ.get("TEST_LOOP")  # see tests/conftest.py
+        if loop and "--loop" not in (extra_args or []):
+            argv += ["--loop", loop]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 - our own argv
                 [*argv, *(extra_args or [])],

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.cli import human_duration, main, status_line, usable_cpus
+from sidecar.cli import event_loop, human_duration, main, status_line, usable_cpus
 from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.idp import FakeIdP
@@ -229,6 +229,29 @@ def test_run_with_uvloop_missing_exits_2_with_one_line(
     assert err == "sidecar: --loop uvloop: uvloop is not installed (pip install uvloop)\n"
 
 
+def test_loop_auto_is_uvloop_where_installed_else_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--loop auto`` (the default) runs on uvloop when it imports and falls back to asyncio;
+    ``--loop asyncio`` forces asyncio; ``--loop uvloop`` without it is an error (None)."""
+    pytest.importorskip("uvloop")
+    assert event_loop("auto") == "uvloop"
+    assert event_loop("uvloop") == "uvloop"
+    assert event_loop("asyncio") == "asyncio"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert event_loop("auto") == "asyncio"
+    assert event_loop("uvloop") is None
+    assert event_loop("asyncio") == "asyncio"
+
+
+async def test_the_suite_runs_on_the_loop_test_loop_names() -> None:
+    """``TEST_LOOP=uvloop`` (tests/conftest.py) puts the async tests on uvloop; otherwise they
+    run on asyncio's loop."""
+    module = type(asyncio.get_running_loop()).__module__
+    if os.environ.get("TEST_LOOP") == "uvloop":
+        assert module.startswith("uvloop")
+    else:
+        assert module.startswith("asyncio")
+
+
 @pytest.mark.parametrize(
     ("cpu_max", "limit"),
     [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],
@@ -333,6 +356,8 @@ async def test_run_demo_process_serves_and_stops_cleanly_on_sigterm(
     logged = log.read_text()
     assert "sidecar.stopped" in logged
     assert "Traceback" not in logged
+    # no --loop: uvloop, which the dev environment (and the image) installs
+    assert '"loop":"uvloop"' in logged
 
 
 async def test_run_process_with_missing_config_exits_2(

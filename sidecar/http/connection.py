@@ -74,6 +74,9 @@ class Listener(Protocol):
     head_timeout: float
     body_timeout: float
 
+    def admit(self, protocol: FrontProtocol) -> None:
+        """``protocol``'s connection is set up: count it among the server's connections."""
+
 
 class FrontProtocol(asyncio.Protocol):
     """One caller's connection: parse, queue requests in order, answer them one at a time."""
@@ -124,7 +127,7 @@ class FrontProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
+        self.server.admit(self)
         self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:

@@ -162,12 +162,21 @@ class FrontServer:
             self.loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
+        protocol = FrontProtocol(self)
         try:
-            await self.loop.connect_accepted_socket(lambda: FrontProtocol(self), conn)
+            await self.loop.connect_accepted_socket(lambda: protocol, conn)
         except (OSError, RuntimeError):
             conn.close()  # the caller left before the transport was set up, or we are closing
-        finally:
-            self._starting -= 1
+            if protocol.transport is None:
+                self._starting -= 1  # never admitted: it no longer counts as starting
+
+    def admit(self, protocol: FrontProtocol) -> None:
+        """A connection :meth:`_accept` took is set up (``connection_made``): from now on it
+        counts among the connections, no longer among those starting. Counted once at every
+        moment: uvloop resumes :meth:`_connect` later than asyncio does, and a connection counted
+        twice in between turned the next one away below ``max_connections``."""
+        self.connections.add(protocol)
+        self._starting -= 1
 
     def _turn_away(self, conn: socket.socket) -> None:
         """Beyond max_connections: the 503 (it fits any socket buffer) and the close, at once,

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
 from sidecar.store import SessionStore
-from sidecar.store.file import FileStore, directory_problem
-from sidecar.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from sidecar.config.models import Session
@@ -42,6 +40,8 @@ def store_problems(cfg: Session) -> list[str]:
     ``check-config`` and start): a file store's directory that is not sidecar's alone, a redis
     URL the client cannot use. One ``"dotted.key: message"`` line each, never quoting a URL."""
     if cfg.store == "file":
+        from sidecar.store.file import directory_problem
+
         problem = directory_problem(cfg.path.parent)
         return [] if problem is None else [f"session.path: {problem}"]
     if cfg.store == "redis":
@@ -53,9 +53,12 @@ def store_problems(cfg: Session) -> list[str]:
 
 async def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> SessionStore:
     """The store ``cfg`` names, for the identity ``namespace``; problems are ConfigErrors that
-    never quote a redis URL (it may carry a password). The file checks and reads run in a thread:
-    a reload opens a store while the proxy serves."""
+    never quote a redis URL (it may carry a password). Only the module of that store is
+    imported; the file checks and reads run in a thread: a reload opens a store while the proxy
+    serves."""
     if cfg.store == "file":
+        from sidecar.store.file import FileStore
+
         store = FileStore(cfg.path, sealer)
         await asyncio.to_thread(store.check_writable)
         return store
@@ -73,4 +76,6 @@ async def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> Ses
         except ValueError:
             # never the library's message: it quotes the part of the URL it could not read
             raise ConfigError(f"{key}: {url_problem(url) or 'not a valid redis URL'}") from None
+    from sidecar.store.memory import MemoryStore
+
     return MemoryStore()

@@ -1,0 +1,101 @@
+"""What each command imports: a pod pays in memory and start time for every module loaded.
+
+Each check runs in a fresh interpreter (this one has imported everything already) and reads its
+``sys.modules`` after the command.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the data path and the libraries only a running proxy needs
+DATA_PATH = ("sidecar.http", "sidecar.proxy", "sidecar.app", "httptools", "aiohttp", "uvloop")
+
+
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code`` (stdout discarded)."""
+    script = (
+        "import io, json, sys, contextlib\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def loaded(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(
+        m for m in modules if m in prefixes or m.startswith(tuple(p + "." for p in prefixes))
+    )
+
+
+def test_version_loads_no_config_machinery_and_no_data_path() -> None:
+    """``sidecar --version`` answers without pydantic, YAML or any of the data path."""
+    mods = modules_after(
+        "from sidecar.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass"
+    )
+    assert "sidecar.cli" in mods
+    assert loaded(mods, (*DATA_PATH, "pydantic", "yaml", "sidecar.config", "asyncio")) == []
+
+
+def test_check_config_loads_no_data_path(tmp_path: Path) -> None:
+    """``sidecar check-config`` validates with the config models only: no HTTP code, no aiohttp,
+    no identity kind, no session."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:9'}\n"
+        "identity: {kind: oauth2, token_url: 'http://127.0.0.1:9/t', client_id: a,"
+        " client_secret: b}\n"
+    )
+    mods = modules_after(
+        f"from sidecar.cli import main\nassert main(['check-config', '-c', {str(path)!r}]) == 0"
+    )
+    assert "sidecar.config.models" in mods
+    assert loaded(mods, (*DATA_PATH, "sidecar.identity", "sidecar.session")) == []
+
+
+@pytest.mark.parametrize(
+    ("identity", "store", "unused"),
+    [
+        (
+            "{kind: oauth2, token_url: 'http://127.0.0.1:9/t', client_id: a, client_secret: b}",
+            "{store: memory}",
+            ("sidecar.identity.json_login", "sidecar.store.file", "sidecar.store.redis", "redis"),
+        ),
+        (
+            "{kind: json_login, login: {url: 'http://127.0.0.1:9/login', json: {}},"
+            " response: {access_token: token}}",
+            "{store: memory}",
+            ("sidecar.identity.oauth2", "sidecar.store.file", "sidecar.store.redis", "redis"),
+        ),
+    ],
+)
+def test_a_sidecar_imports_only_the_identity_kind_and_store_it_uses(
+    tmp_path: Path, identity: str, store: str, unused: tuple[str, ...]
+) -> None:
+    """The composition root imports identity kinds and stores by kind: building a sidecar for
+    one config leaves the others (and the redis client library) unloaded."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:9'}}\nidentity: {identity}\nsession: {store}\n"
+    )
+    mods = modules_after(
+        "from sidecar.config.load import load_config\n"
+        "from sidecar.app import Sidecar\n"
+        f"sidecar = Sidecar(load_config({str(path)!r}))\n"
+        "sidecar._provider(sidecar.config.identity)\n"
+        "from sidecar.store.opening import open_store\n"
+        "open_store(sidecar.config.session, 'x', None)"
+    )
+    assert "sidecar.app" in mods
+    assert loaded(mods, unused) == []
