@@ -106,8 +106,9 @@ def test_a_started_client_credentials_sidecar_loads_no_signing_and_no_other_stor
 ) -> None:
     """A sidecar started with plain client_credentials (a client secret: no signed assertion, no
     token validation) and a file store runs without PyJWT, cryptography, the demo, the redis
-    client, the store's encryption, the shared session or the tracing exporter: each of them
-    costs a pod memory it would never use (cryptography alone about 8 MB resident)."""
+    client, the store's encryption, the shared session, the tracing exporter, nor what only a
+    config error needs: each of them costs a pod memory it would never use
+    (cryptography alone about 8 MB resident)."""
     path = tmp_path / "sidecar.yaml"
     path.write_text(
         "listen: {port: 0}\nadmin: {port: 0}\nupstream: {url: 'http://127.0.0.1:9'}\n"
@@ -139,5 +140,6 @@ def test_a_started_client_credentials_sidecar_loads_no_signing_and_no_other_stor
         "sidecar.store.crypto",
         "sidecar.session.shared",
         "sidecar.proxy.tracing",
+        "difflib",  # suggestions for an unknown key
     )
     assert loaded(mods, unused) == []
