@@ -8,6 +8,11 @@
 
 ``make bench`` reports these with its other figures; ``python bench/pod.py`` measures them
 alone (it starts its own token endpoint).
+
+The sidecar measured runs from compiled bytecode, as the image does (pip compiles what it
+installs): without it each start would compile the sidecar's sources again (where
+PYTHONDONTWRITEBYTECODE is set, as in the image), which costs start time and leaves about 1 MB
+more resident.
 """
 
 from __future__ import annotations
@@ -121,6 +126,24 @@ def start_to_ready(
         proc.wait(timeout=20)
 
 
+def compile_sidecar(python: str, env: dict[str, str]) -> None:
+    """Compile the sidecar package that ``python`` with ``env`` imports to bytecode, in place
+    (its ``__pycache__``), as ``pip install`` does in the image."""
+    found = subprocess.run(
+        [python, "-P", "-c", "import sidecar; print(sidecar.__path__[0])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        [python, "-m", "compileall", "-q", found.stdout.strip()],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+
+
 def pod_figures(
     work: Path, idp_port: int, env: dict[str, str], starts: int = 3, python: str = PY
 ) -> dict[str, Any]:
@@ -128,6 +151,7 @@ def pod_figures(
     sidecar that ``python`` (with ``env``) imports."""
     # -P: the sidecar on PYTHONPATH (``env``), never the current directory's
     sidecar = [python, "-P", "-m", "sidecar"]
+    compile_sidecar(python, env)
     print("  pod: --version, check-config, start to /readyz, idle RSS ...", flush=True)
     admin = free_port()
     config = work / f"pod-{admin}.yaml"

@@ -99,3 +99,47 @@ def test_a_sidecar_imports_only_the_identity_kind_and_store_it_uses(
     )
     assert "sidecar.app" in mods
     assert loaded(mods, unused) == []
+
+
+def test_a_started_client_credentials_sidecar_loads_no_signing_and_no_other_store(
+    tmp_path: Path,
+) -> None:
+    """A sidecar started with plain client_credentials (a client secret: no signed assertion, no
+    token validation) and a file store runs without PyJWT, cryptography, the demo, the redis
+    client, the store's encryption, the shared session, the tracing exporter, nor what only a
+    config error needs: each of them costs a pod memory it would never use
+    (cryptography alone about 8 MB resident)."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "listen: {port: 0}\nadmin: {port: 0}\nupstream: {url: 'http://127.0.0.1:9'}\n"
+        "identity: {kind: oauth2, token_url: 'http://127.0.0.1:9/t', client_id: a,"
+        " client_secret: b}\n"
+        f"session: {{store: file, path: {str(tmp_path / 'session.json')!r}}}\n"
+    )
+    mods = modules_after(
+        "import asyncio\n"
+        "from sidecar.config.load import load_config\n"
+        "from sidecar.app import Sidecar\n"
+        "async def started_and_stopped():\n"
+        f"    sidecar = Sidecar(load_config({str(path)!r}))\n"
+        "    await sidecar.start()\n"
+        "    await sidecar.stop()\n"
+        "asyncio.run(started_and_stopped())"
+    )
+    assert {"sidecar.app", "sidecar.identity.oauth2", "sidecar.store.file"} <= mods
+    unused = (
+        "jwt",
+        "cryptography",
+        "sidecar.demo",
+        "sidecar.identity.assertions",
+        "sidecar.identity.validation",
+        "sidecar.identity.json_login",
+        "redis",
+        "sidecar.store.redis",
+        "sidecar.store.memory",
+        "sidecar.store.crypto",
+        "sidecar.session.shared",
+        "sidecar.proxy.tracing",
+        "difflib",  # suggestions for an unknown key
+    )
+    assert loaded(mods, unused) == []

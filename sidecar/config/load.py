@@ -10,7 +10,6 @@ with its secrets masked.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -201,6 +200,8 @@ def _unknown(loc: tuple[int | str, ...], kind: str | None) -> str:
         if field is None:
             return "unknown key"  # below a mapping of free names (headers, credentials)
         models = submodels(field.annotation)
+    import difflib  # only for a config with an unknown key: a running sidecar never needs it
+
     close = difflib.get_close_matches(key, list(yaml_fields(models)), n=1, cutoff=0.6)
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
