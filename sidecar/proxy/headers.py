@@ -53,8 +53,9 @@ class _RandomPool:
     def __init__(self) -> None:
         self._buffer = b""
         self._pos = 0
-        #: request ids made ahead, a batch at a time (see :func:`new_id`)
+        #: request ids and trace + span ids (48 hex digits) made ahead, a batch at a time
         self.ids: Iterator[str] = _uuids()
+        self.traces: Iterator[str] = _hex_runs(24)
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
@@ -62,6 +63,7 @@ class _RandomPool:
         self._buffer = b""
         self._pos = 0
         self.ids = _uuids()
+        self.traces = _hex_runs(24)
 
     def take(self, n: int) -> bytes:
         """The next ``n`` random bytes."""
@@ -85,6 +87,14 @@ def _uuids() -> Iterator[str]:
             yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
+def _hex_runs(size: int) -> Iterator[str]:
+    """``size`` random bytes as hex digits at a time, from one ``os.urandom`` call per 64."""
+    while True:
+        text = os.urandom(size * 64).hex()
+        for at in range(0, size * 128, size * 2):
+            yield text[at : at + size * 2]
+
+
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _pool = _RandomPool()
 _random = _pool.take
@@ -97,7 +107,7 @@ def new_id() -> str:
 
 def new_traceparent(sampled: bool = True) -> str:
     """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
-    ids = _random(24).hex()
+    ids = next(_pool.traces)
     return f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
 
 
