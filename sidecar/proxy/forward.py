@@ -253,7 +253,8 @@ class Proxy:
                     elapsed,
                     request.request_id,
                     request.sent,
-                    trace_id(request),
+                    # of the traceparent sent upstream; without one, trace_id finds the caller's
+                    sent[3:35] if (sent := request.traceparent) is not None else trace_id(request),
                 )
             if self.spans is not None:
                 self.spans.proxied(
