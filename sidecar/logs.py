@@ -345,7 +345,7 @@ def write_access(
         lines.write_line(
             f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
             f'"event":"http.access","method":{quoted},'
-            f'"path":{_json_path(path)},"status":{status},'
+            f'"path":{_PATHS.get(path) or _json_path(path)},"status":{status},'
             f'"duration_ms":{seconds * 1000:.3f},'
             f'"request_id":{"null" if request_id is None else _quote(request_id)},'
             f'"bytes":{sent},'

@@ -1,12 +1,16 @@
 """Every metric named in DESIGN.md, owned by one object with its own registry.
 
 An object, not module globals, so that each test (and each sidecar in one process) starts from zero.
-Children used on the hot path are bound once here.
+The per-request metrics are plain numbers (:class:`RequestMetrics`), turned into samples only when
+scraped: every proxied request updates them, and prometheus_client's locked values cost more than
+the rest of the bookkeeping.
 """
 
 from __future__ import annotations
 
+import math
 import platform
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +22,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
 
@@ -46,6 +51,15 @@ DURATION_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+DURATION_HELP = "Time from receiving a request to the end of its response"
+IN_FLIGHT_HELP = "Requests being proxied right now"
+
+#: the duration buckets' upper bounds, +Inf last (a bisection finds a duration's bucket)
+_BOUNDS = (*DURATION_BUCKETS, math.inf)
+#: their ``le`` labels, as prometheus_client writes them ("0.0005", "1.0", "+Inf")
+_LE = tuple(floatToGoString(b) for b in _BOUNDS)  # type: ignore[no-untyped-call]
 
 
 #: the help text of sidecar_refused_requests_total (a worker's and the supervisor's alike)
@@ -93,21 +107,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.upstream_requests = Counter(
-            "sidecar_upstream_requests_total",
-            REQUESTS_HELP,
-            ["method", "code", "source"],
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "sidecar_upstream_request_duration_seconds",
-            "Time from receiving a request to the end of its response",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "sidecar_requests_in_flight", "Requests being proxied right now", registry=r
-        )
+        #: sidecar_upstream_requests_total, sidecar_upstream_request_duration_seconds and
+        #: sidecar_requests_in_flight, in this place in the exposition
+        self.requests = RequestMetrics()
+        r.register(self.requests)
         self.reactive_refreshes = Counter(
             "sidecar_reactive_refreshes_total",
             "Refreshes caused by an upstream 401 on a token believed valid",
@@ -164,11 +167,11 @@ class Metrics:
             "Spans not exported (tracing.otlp_endpoint): the queue was full or the export failed",
             registry=r,
         )
-        self._request_children: dict[tuple[str, int, str], Counter] = {}
-        self._observe_duration = self.upstream_duration.observe
-        #: a request began: counted in flight until :meth:`request_finished` (the gauge's own
-        #: method, bound once: no call of ours in between on the hot path)
-        self.request_started = self.in_flight.inc
+        #: a request began: counted in flight until :meth:`request_finished`
+        self.request_started = self.requests.started
+        #: a request :meth:`request_started` counted is over (see
+        #: :meth:`RequestMetrics.finished`)
+        self.request_finished = self.requests.finished
         for result in ("success", "failure"):
             self.logins.labels(result=result)
 
@@ -179,20 +182,6 @@ class Metrics:
         prometheus_client.ProcessCollector(registry=registry)
         prometheus_client.PlatformCollector(registry=registry)
         prometheus_client.GCCollector(registry=registry)
-
-    def request_finished(self, method: str, status: int, source: str, seconds: float) -> None:
-        """A request :meth:`request_started` counted is over: no longer in flight, counted by
-        method, status and ``source`` (who made the status: ``upstream``, passed on, or
-        ``sidecar``: its own answer, or 499, the caller left before any answer), and its
-        duration observed. Label children are cached after first use."""
-        self.in_flight.dec()
-        key = (method if method in KNOWN_METHODS else "OTHER", status, source)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self.upstream_requests.labels(method=key[0], code=str(status), source=source)
-            self._request_children[key] = child
-        child.inc()
-        self._observe_duration(seconds)
 
     def request_refused(self, reason: str) -> None:
         """Count one request refused by the proxy (``reason``: the refusal's error code)."""
@@ -261,45 +250,31 @@ class Metrics:
 
     def in_flight_now(self) -> float:
         """Requests being proxied right now (the gauge's value)."""
-        return float(next(iter(self.in_flight.collect())).samples[0].value)
+        return float(self.requests.in_flight)
 
     def snapshot(self) -> dict[str, Any]:
         """The per-request metrics as plain data, for a worker to report to its supervisor."""
-        requests = [
-            [s.labels["method"], s.labels["code"], s.labels["source"], s.value]
-            for s in next(iter(self.upstream_requests.collect())).samples
-            if s.name.endswith("_total")
-        ]
-        buckets: list[list[Any]] = []
-        total = 0.0
-        for s in next(iter(self.upstream_duration.collect())).samples:
-            if s.name.endswith("_bucket"):
-                buckets.append([s.labels["le"], s.value])
-            elif s.name.endswith("_sum"):
-                total = s.value
+        requests = self.requests
         refused = [
             [s.labels["reason"], s.value]
             for s in next(iter(self.refused_requests.collect())).samples
             if s.name.endswith("_total")
         ]
         return {
-            "requests": requests,
+            "requests": [
+                [method, code, source, float(value)]
+                for (method, code, source), value in requests.counted().items()
+            ],
             "refused": refused,
-            "buckets": buckets,
-            "sum": total,
+            "buckets": [[le, float(value)] for le, value in requests.cumulative()],
+            "sum": requests.seconds,
             "in_flight": self.in_flight_now(),
         }
 
     def take_requests_from_workers(self) -> WorkerTotals:
         """Supervisor mode: the per-request metrics become the sum of the workers' reports."""
-        own_metrics = (
-            self.upstream_requests,
-            self.upstream_duration,
-            self.in_flight,
-            self.refused_requests,
-        )
-        for own in own_metrics:
-            self.registry.unregister(own)
+        self.registry.unregister(self.requests)
+        self.registry.unregister(self.refused_requests)
         totals = WorkerTotals()
         self.registry.register(totals)
         return totals
@@ -307,6 +282,87 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return bytes(generate_latest(self.registry))
+
+
+class RequestMetrics:
+    """The metrics every proxied request updates, as plain numbers: a collector that turns them
+    into prometheus_client's samples when scraped, named, labelled and ordered as a Counter, a
+    Histogram and a Gauge would have been.
+
+    No lock: they are updated only from the event loop's thread (one per process; workers are
+    processes), and a scrape reads them from that same thread.
+    """
+
+    __slots__ = ("buckets", "counts", "in_flight", "seconds")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        #: requests by (method as received, status, source), in the order first seen
+        self.counts: dict[tuple[str, int, str], int] = {}
+        #: requests by duration bucket (not cumulative), +Inf last
+        self.buckets = [0] * len(_BOUNDS)
+        #: the durations' sum
+        self.seconds = 0.0
+
+    def started(self) -> None:
+        """A request began: in flight until :meth:`finished`."""
+        self.in_flight += 1
+
+    def finished(self, method: str, status: int, source: str, seconds: float) -> None:
+        """A request :meth:`started` is over: no longer in flight, counted by method, status
+        and ``source`` (who made the status: ``upstream``, passed on, or ``sidecar``: its own
+        answer, or 499, the caller left before any answer), and its duration observed."""
+        self.in_flight -= 1
+        key = (method, status, source)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        # the first bucket whose bound is >= seconds (a Histogram's "le")
+        self.buckets[bisect_left(_BOUNDS, seconds)] += 1
+        self.seconds += seconds
+
+    def counted(self) -> dict[tuple[str, str, str], int]:
+        """Requests by (method, code, source) labels: methods outside :data:`KNOWN_METHODS`
+        count as OTHER (bounded cardinality), in the order first seen."""
+        out: dict[tuple[str, str, str], int] = {}
+        for (method, status, source), value in self.counts.items():
+            key = (method if method in KNOWN_METHODS else "OTHER", str(status), source)
+            out[key] = out.get(key, 0) + value
+        return out
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """The histogram's buckets as exposed: (le, requests at most that long)."""
+        out = []
+        total = 0
+        for le, value in zip(_LE, self.buckets, strict=True):
+            total += value
+            out.append((le, total))
+        return out
+
+    def describe(self) -> Iterator[Metric]:
+        """The families collected, without their samples (for the registry's name checks)."""
+        yield CounterMetricFamily(
+            "sidecar_upstream_requests", REQUESTS_HELP, labels=["method", "code", "source"]
+        )
+        yield HistogramMetricFamily("sidecar_upstream_request_duration_seconds", DURATION_HELP)
+        yield GaugeMetricFamily("sidecar_requests_in_flight", IN_FLIGHT_HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        """The three metrics' samples now."""
+        family = CounterMetricFamily(
+            "sidecar_upstream_requests", REQUESTS_HELP, labels=["method", "code", "source"]
+        )
+        for labels, value in self.counted().items():
+            family.add_metric(list(labels), float(value))
+        yield family
+        yield HistogramMetricFamily(
+            "sidecar_upstream_request_duration_seconds",
+            DURATION_HELP,
+            buckets=[(le, float(value)) for le, value in self.cumulative()],
+            sum_value=self.seconds,
+        )
+        yield GaugeMetricFamily(
+            "sidecar_requests_in_flight", IN_FLIGHT_HELP, value=float(self.in_flight)
+        )
 
 
 class WorkerTotals:
@@ -350,13 +406,11 @@ class WorkerTotals:
         ordered = [f"{b:g}" for b in DURATION_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(
             "sidecar_upstream_request_duration_seconds",
-            "Time from receiving a request to the end of its response",
+            DURATION_HELP,
             buckets=[(le, buckets.get(_le_key(le), 0.0)) for le in ordered],
             sum_value=total,
         )
-        yield GaugeMetricFamily(
-            "sidecar_requests_in_flight", "Requests being proxied right now", value=in_flight
-        )
+        yield GaugeMetricFamily("sidecar_requests_in_flight", IN_FLIGHT_HELP, value=in_flight)
         yield self._refused()
 
     def _refused(self) -> Metric:

@@ -123,10 +123,10 @@ async def test_client_disconnect_mid_download_frees_the_request(
     async with http.get(proxy_url(sidecar, f"/stream/{GIB}")) as resp:
         await resp.content.read(1 << 20)
     for _ in range(100):
-        if sidecar.metrics.in_flight._value.get() == 0:
+        if sidecar.metrics.in_flight_now() == 0:
             break
         await asyncio.sleep(0.02)
-    assert sidecar.metrics.in_flight._value.get() == 0
+    assert sidecar.metrics.in_flight_now() == 0
 
 
 class RawUpstream:

@@ -260,7 +260,8 @@ class UpstreamPool:
         if self._sweeper is None:
             self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
         try:
-            await conn.wait_head()
+            while (pending := conn.head_pending()) is not None:
+                await pending
         except BaseException:
             _abort(conn, writer)
             raise

@@ -370,10 +370,18 @@ class FrontProtocol(asyncio.Protocol):
         request.version = parser.get_http_version()
         request.keep_alive = bool(parser.should_keep_alive())
         request.upgrade = bool(parser.should_upgrade())
-        length = request.header(b"content-length")
+        # the framing fields in one pass over the head (the first of each, as Request.header)
+        length = coding = None
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                if length is None:
+                    length = value
+            elif lname == b"transfer-encoding" and coding is None:
+                coding = value
         if length is not None:
             request.length = int(length)
-        if (length is not None and request.length) or request.header(b"transfer-encoding"):
+        if (length is not None and request.length) or coding:
             request.body = body = Body(self)
             self._read_since = self.server.ticks
             expect = request.header(b"expect")

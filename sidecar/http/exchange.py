@@ -203,7 +203,8 @@ class Request:
             head += KEEP_ALIVE
         self.status = status
         self.started = True
-        return STATUS_HEAD % (status, _reason_bytes(reason), head)
+        encoded = _REASONS.get(reason) or _reason_bytes(reason)
+        return STATUS_HEAD % (status, encoded, head)
 
     async def send(self, data: bytes, chunked: bool = False) -> None:
         """Write body bytes (as one chunk when ``chunked``), waiting while the caller's side is

@@ -88,7 +88,8 @@ def listed_fields(connection: bytes) -> set[bytes]:
 
 
 def without_fields(lines: Iterable[bytes], names: set[bytes]) -> list[bytes]:
-    """Header lines (``name: value``, each ending in CRLF) except those named in ``names``."""
+    """Header lines (``name: value``, with or without their CRLF) except those named in
+    ``names``."""
     return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
 
 
@@ -266,18 +267,22 @@ def response_head(
     """The upstream's response header lines minus ``drop`` (lower-case names) and minus those the
     upstream's Connection header names (RFC 9110 7.6.1); with ``relocation``, Location values
     naming the upstream point at the caller's Host (from ``request_headers``) instead."""
-    lines = []
+    lines: list[bytes] = []
+    append = lines.append
     listed: set[bytes] | None = None
-    for name, value in raw:
-        lname = name.lower()
+    for field in raw:
+        lname = field[0].lower()
         if lname in drop:
             if lname == b"connection":
-                tokens = listed_fields(value)
+                tokens = listed_fields(field[1])
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
             continue
-        lines.append(name + b": " + value + b"\r\n")
-    head = b"".join(without_fields(lines, listed) if listed else lines)
+        append(b": ".join(field))
+    if listed:
+        lines = without_fields(lines, listed)
+    lines.append(b"")  # each line ends in CRLF (none at all without a line)
+    head = b"\r\n".join(lines)
     # one search of the whole head rather than a test per header: few answers carry a Location
     if relocation is not None and b"location:" in head.lower():
         return relocation.head(head, request_headers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from yarl import URL
@@ -253,7 +253,8 @@ class Proxy:
                     elapsed,
                     request.request_id,
                     request.sent,
-                    trace_id(request),
+                    # of the traceparent sent upstream; without one, trace_id finds the caller's
+                    sent[3:35] if (sent := request.traceparent) is not None else trace_id(request),
                 )
             if self.spans is not None:
                 self.spans.proxied(
@@ -293,15 +294,17 @@ class Proxy:
         request.respond(status, reason_phrase(status), head, body)
         return True
 
-    async def _credentials(self) -> Credentials:
-        """The session snapshot: a plain attribute read while the token is valid."""
+    def _usable(self) -> Credentials | None:
+        """The session snapshot when its token is valid (a plain attribute read), else None:
+        then :meth:`CredentialSource.credentials` waits for one. Not a coroutine: the common
+        case needs no await."""
         session = self._session
         creds = session.current
         now = self._clock.time()
         if creds is not None and creds.usable_at(now):
             session.last_api_call_at = now
             return creds
-        return await session.credentials()
+        return None
 
     async def _forward(self, request: Request, unix: bool = False) -> None:
         self.callers.check(request, any_host=unix)
@@ -314,7 +317,9 @@ class Proxy:
             )
         raw_path = request.raw_path
         check_target(raw_path)
-        creds = await self._credentials()
+        creds = self._usable()
+        if creds is None:
+            creds = await self._session.credentials()
         line = (self._line % (method, raw_path)).encode("latin-1")
         if request.upgrade:
             if request.wants_websocket():
@@ -368,7 +373,8 @@ class Proxy:
             if fresh is not None:
                 upstream.release()
                 upstream = await self._send(request, line, fresh, framing, body, chunked)
-        await self._relay(request, upstream)
+        if not self._relay_whole(request, upstream):
+            await self._relay(request, upstream)
 
     @staticmethod
     def _may_replay(method: str, upstream: UpstreamResponse) -> bool:
@@ -382,7 +388,7 @@ class Proxy:
         """
         return method in IDEMPOTENT or says_invalid_token(upstream.headers)
 
-    async def _send(
+    def _send(
         self,
         request: Request,
         line: bytes,
@@ -393,14 +399,16 @@ class Proxy:
         on_continue: Callable[[], None] | None = None,
         *,
         upgrade: bool = False,
-    ) -> UpstreamResponse:
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
+        """The request head with our headers; returns the pool's exchange to await (this is no
+        coroutine itself: one frame less per request)."""
         head, request.request_id, request.traceparent = self._rules.head(
             line, request.headers, creds, framing
         )
         pool = self._pool
         if pool is None:
             raise UpstreamUnavailable("the proxy is not started")
-        return await pool.request(
+        return pool.request(
             head,
             body,
             head_only=request.method == "HEAD",
@@ -409,24 +417,33 @@ class Proxy:
             on_continue=on_continue,
         )
 
+    def _relay_whole(self, request: Request, upstream: UpstreamResponse) -> bool:
+        """Pass the upstream's response on in one piece when it has fully arrived (a small
+        answer: the common case, without a coroutine); False when it is to be streamed by
+        :meth:`_relay`."""
+        if self.capture_cookies is not None:
+            self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
+        if upstream.codings or request.method == "HEAD":
+            return False
+        body = upstream.body_if_complete()
+        if body is None:
+            return False
+        upstream.release()
+        status = upstream.status
+        head = response_head(upstream.headers, DROP_WITH_LENGTH, self._relocation, request.headers)
+        request.respond(status, upstream.reason or reason_phrase(status), head, body)
+        return True
+
     async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
-        """Pass the upstream's response on: in one piece when it has fully arrived, else streamed.
+        """Pass the upstream's response on, streamed (after :meth:`_relay_whole` declined it).
 
         When the upstream fails mid-body, the caller's connection is cut: a truncated body must not
         pass for a complete one.
         """
-        if self.capture_cookies is not None:
-            self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
         status = upstream.status
         reason = upstream.reason or reason_phrase(status)
         relocation = self._relocation
         codings = upstream.codings
-        body = None if codings else upstream.body_if_complete()
-        if body is not None and request.method != "HEAD":
-            upstream.release()
-            head = response_head(upstream.headers, DROP_WITH_LENGTH, relocation, request.headers)
-            request.respond(status, reason, head, body)
-            return
         head = response_head(upstream.headers, DROP, relocation, request.headers)
         if request.method == "HEAD" or status in (204, 304):
             upstream.release()
@@ -484,7 +501,8 @@ class Proxy:
         upstream = await self._send(request, line, creds, framing, None, False, upgrade=True)
         if upstream.status != 101:
             request.keep_alive = False
-            await self._relay(request, upstream)
+            if not self._relay_whole(request, upstream):
+                await self._relay(request, upstream)
             return
         head = response_head(upstream.headers, DROP)
         head += UPGRADE_TO % (upgrade_protocol(upstream.headers) or protocol)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from multidict import istr
@@ -41,6 +41,8 @@ _TRACEPARENT = re.compile(
 #: builds one managed header's value from the caller's values (looked up by lower-case name) and
 #: the session's credentials; None leaves the header out
 Getter = Callable[[Mapping[str, str], Credentials], str | None]
+#: an empty mapping: what a getter of a per-session value is called with (it reads no caller value)
+_NO_VALUES: Mapping[str, str] = {}
 
 
 class _RandomPool:
@@ -51,12 +53,17 @@ class _RandomPool:
     def __init__(self) -> None:
         self._buffer = b""
         self._pos = 0
+        #: request ids and trace + span ids (48 hex digits) made ahead, a batch at a time
+        self.ids: Iterator[str] = _uuids()
+        self.traces: Iterator[str] = _hex_runs(24)
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        """Forget the buffered bytes (a forked child must not reuse its parent's)."""
+        """Forget the buffered bytes and ids (a forked child must not reuse its parent's)."""
         self._buffer = b""
         self._pos = 0
+        self.ids = _uuids()
+        self.traces = _hex_runs(24)
 
     def take(self, n: int) -> bytes:
         """The next ``n`` random bytes."""
@@ -68,26 +75,39 @@ class _RandomPool:
         return self._buffer[pos : pos + n]
 
 
-_random = _RandomPool().take
+def _uuids() -> Iterator[str]:
+    """Random UUIDs (version 4, RFC 9562 5.4) as text, made from 1 KiB of ``os.urandom`` at a
+    time (64 of them): ``str(uuid.uuid4())`` costs several times more, and this runs once or
+    twice per proxied request."""
+    while True:
+        text = os.urandom(1024).hex()
+        for at in range(0, 2048, 32):
+            h = text[at : at + 32]
+            # the version nibble is 4; the variant nibble's top bits are 10 (8, 9, a or b)
+            yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
-def new_id() -> str:
-    """A fresh random UUID (version 4, RFC 9562 5.4) as text.
-
-    Built from 16 random bytes directly: ``str(uuid.uuid4())`` costs several times more, and this
-    runs once or twice per proxied request.
-    """
-    h = _random(16).hex()
-    # the version nibble is 4; the variant nibble's top bits are 10 (8, 9, a or b)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+def _hex_runs(size: int) -> Iterator[str]:
+    """``size`` random bytes as hex digits at a time, from one ``os.urandom`` call per 64."""
+    while True:
+        text = os.urandom(size * 64).hex()
+        for at in range(0, size * 128, size * 2):
+            yield text[at : at + size * 2]
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+_pool = _RandomPool()
+_random = _pool.take
+
+
+def new_id() -> str:
+    """A fresh random UUID (version 4) as text."""
+    return next(_pool.ids)
 
 
 def new_traceparent(sampled: bool = True) -> str:
     """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
-    ids = _random(24).hex()
+    ids = next(_pool.traces)
     return f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
 
 
@@ -125,9 +145,9 @@ class HeaderRules:
     the managed headers read, and how to build each managed header."""
 
     __slots__ = (
-        "_auth_for",
-        "_auth_line",
         "_cookies",
+        "_plan",
+        "_plan_for",
         "_values",
         "captured",
         "dropped_b",
@@ -139,7 +159,7 @@ class HeaderRules:
     def __init__(
         self,
         dropped: frozenset[str],
-        managed: tuple[tuple[str, Getter], ...],
+        managed: tuple[tuple[str, Getter, bool], ...],
         static: tuple[tuple[str, str], ...],
         captured: frozenset[str],
         *,
@@ -148,9 +168,11 @@ class HeaderRules:
         cookies: SessionCookies | None = None,
     ) -> None:
         self.dropped_b = frozenset(n.encode() for n in dropped)
-        #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0)
+        #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0, and whether
+        #: the value is the same for every request of one credentials snapshot)
         self.managed_b = tuple(
-            (n.encode() + b": ", g, _ID_KINDS.get(n.lower(), 0)) for n, g in managed
+            (n.encode() + b": ", g, _ID_KINDS.get(n.lower(), 0), per_session)
+            for n, g, per_session in managed
         )
         self.static_block = b"".join(f"{n}: {v}\r\n".encode() for n, v in static)
         self.captured = frozenset(n.encode() for n in captured)
@@ -158,8 +180,10 @@ class HeaderRules:
         self.static_session = static_session
         self._values = values or SessionValues({})
         self._cookies = cookies
-        self._auth_for: Credentials | None = None
-        self._auth_line = b""
+        #: the lines after the caller's for one credentials snapshot: those the same for each of
+        #: its requests rendered once (bytes), the others (prefix, getter, kind) in their place
+        self._plan_for: Credentials | None = None
+        self._plan: tuple[bytes | tuple[bytes, Getter, int], ...] = ()
 
     @classmethod
     def compile(
@@ -177,7 +201,7 @@ class HeaderRules:
         traceparent sidecar starts when the caller sent none; a caller's own decision is kept.
         With ``new_span`` (span export on) a caller's traceparent goes on with sidecar's own span
         id as the parent id, so the upstream's span is a child of sidecar's."""
-        managed: list[tuple[str, Getter]] = []
+        managed: list[tuple[str, Getter, bool]] = []
         dropped = {"host", "authorization", "expect", "content-length", *HOP_BY_HOP}
         captured: set[str] = set()
         values = SessionValues(templated(header_templates(config)))
@@ -187,9 +211,13 @@ class HeaderRules:
                 return lambda _h, c: values.get(key, c)
             return _fixed(value)
 
-        def own(name: str, getter: Getter, reads_caller: bool = False) -> None:
+        def own(
+            name: str, getter: Getter, reads_caller: bool = False, per_session: bool = False
+        ) -> None:
+            """``per_session``: the value depends on the credentials alone (rendered once per
+            snapshot, not per request)."""
             dropped.add(name.lower())
-            managed.append((name, getter))
+            managed.append((name, getter, per_session))
             if reads_caller:
                 captured.add(name.lower())
 
@@ -207,6 +235,7 @@ class HeaderRules:
                     fixed("headers.correlation_id", config.correlation_id),
                 ),
                 config.correlation_id == "propagate",
+                per_session=config.correlation_id not in ("propagate", "generate"),
             )
 
         if config.traceparent == "generate":
@@ -220,17 +249,17 @@ class HeaderRules:
             own(TRACEPARENT, _propagated_traceparent(sample, new_span), True)
 
         if config.activity_id == "auto":
-            own(ACTIVITY_ID, lambda _h, c: c.activity_id)
+            own(ACTIVITY_ID, lambda _h, c: c.activity_id, per_session=True)
         elif config.activity_id is not None:
-            own(ACTIVITY_ID, fixed("headers.activity_id", config.activity_id))
+            own(ACTIVITY_ID, fixed("headers.activity_id", config.activity_id), per_session=True)
 
         if config.session_id == "auto":
-            own(SESSION_ID, lambda _h, c: c.session_id)
+            own(SESSION_ID, lambda _h, c: c.session_id, per_session=True)
         elif config.session_id is not None:
-            own(SESSION_ID, fixed("headers.session_id", config.session_id))
+            own(SESSION_ID, fixed("headers.session_id", config.session_id), per_session=True)
 
         if config.tenant_id is not None:
-            own(TENANT_ID, fixed("headers.tenant_id", config.tenant_id))
+            own(TENANT_ID, fixed("headers.tenant_id", config.tenant_id), per_session=True)
 
         if cookies is not None:
             dropped.add("cookie")  # re-added, merged with the session's cookies
@@ -255,6 +284,26 @@ class HeaderRules:
             if value is not None:
                 out.append((name, value))
         return out
+
+    def _plan_of(self, creds: Credentials) -> tuple[bytes | tuple[bytes, Getter, int], ...]:
+        """Authorization, the managed headers and the static ones for ``creds``, in their order:
+        runs of lines the same for every request rendered into one bytes each."""
+        plan: list[bytes | tuple[bytes, Getter, int]] = []
+        run = [f"Authorization: {creds.authorization}\r\n".encode()]
+        for prefix, getter, kind, per_session in self.managed_b:
+            if not per_session:
+                plan.append(b"".join(run))
+                run = []
+                plan.append((prefix, getter, kind))
+                continue
+            made = getter(_NO_VALUES, creds)
+            if made is not None:
+                run.append(prefix + made.encode("latin-1") + b"\r\n")
+        run.append(self.static_block)
+        for header, text in self._session_static(creds):
+            run.append(f"{header}: {text}\r\n".encode("latin-1"))
+        plan.append(b"".join(run))
+        return tuple(p for p in plan if p)
 
     def head(
         self,
@@ -297,12 +346,15 @@ class HeaderRules:
             # first part, the request line and Host, is ours
             parts = [parts[0], *without_fields(parts[1:], names)]
             append = parts.append
-        if creds is not self._auth_for:
-            self._auth_line = f"Authorization: {creds.authorization}\r\n".encode()
-            self._auth_for = creds
-        append(self._auth_line)
+        if creds is not self._plan_for:
+            self._plan = self._plan_of(creds)
+            self._plan_for = creds
         request_id = traceparent = None
-        for prefix, getter, kind in self.managed_b:
+        for step in self._plan:
+            if isinstance(step, bytes):
+                append(step)
+                continue
+            prefix, getter, kind = step
             made = getter(captured, creds)
             if made is not None:
                 if kind == 1:
@@ -310,10 +362,6 @@ class HeaderRules:
                 elif kind == 2:
                     traceparent = made
                 append(prefix + made.encode("latin-1") + b"\r\n")
-        append(self.static_block)
-        if self.static_session:
-            for header, text in self._session_static(creds):
-                append(f"{header}: {text}\r\n".encode("latin-1"))
         if self._cookies is not None:
             path = request_line.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
             cookie = self._cookies.header(captured.get("cookie"), creds, path)
