@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from multidict import istr
@@ -46,68 +46,70 @@ _NO_VALUES: Mapping[str, str] = {}
 
 
 class _RandomPool:
-    """Random bytes from ``os.urandom``, fetched 4 KiB at a time: ids and trace ids take several
-    small slices per request, and one getrandom call each would cost more than the rest of
-    building them. A forked child starts with a fresh pool (never a copy of the parent's)."""
+    """Random bytes from ``source`` (``os.urandom``), fetched 4 KiB at a time: ids and trace ids
+    take several small slices per request, and one getrandom call each would cost more than the
+    rest of building them. A forked child starts with a fresh pool (never a copy of the
+    parent's). A refill that fails (``source`` raising) fails the one call that needed it: the
+    next call tries again."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: Callable[[int], bytes] = os.urandom) -> None:
+        self._source = source
         self._buffer = b""
         self._pos = 0
         #: request ids and trace + span ids (48 hex digits) made ahead, a batch at a time
-        self.ids: Iterator[str] = _uuids()
-        self.traces: Iterator[str] = _hex_runs(24)
+        self._ids: list[str] = []
+        self._traces: list[str] = []
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
         """Forget the buffered bytes and ids (a forked child must not reuse its parent's)."""
         self._buffer = b""
         self._pos = 0
-        self.ids = _uuids()
-        self.traces = _hex_runs(24)
+        self._ids.clear()
+        self._traces.clear()
 
     def take(self, n: int) -> bytes:
         """The next ``n`` random bytes."""
         pos = self._pos
         if pos + n > len(self._buffer):
-            self._buffer = os.urandom(4096)
+            self._buffer = self._source(4096)
             pos = 0
         self._pos = pos + n
         return self._buffer[pos : pos + n]
 
-
-def _uuids() -> Iterator[str]:
-    """Random UUIDs (version 4, RFC 9562 5.4) as text, made from 1 KiB of ``os.urandom`` at a
-    time (64 of them): ``str(uuid.uuid4())`` costs several times more, and this runs once or
-    twice per proxied request."""
-    while True:
-        text = os.urandom(1024).hex()
-        for at in range(0, 2048, 32):
-            h = text[at : at + 32]
+    def new_id(self) -> str:
+        """A random UUID (version 4, RFC 9562 5.4) as text, from a batch of 64 made from 1 KiB
+        of random bytes: ``str(uuid.uuid4())`` costs several times more, and this runs once or
+        twice per proxied request."""
+        ids = self._ids
+        if not ids:
+            text = self._source(1024).hex()
             # the version nibble is 4; the variant nibble's top bits are 10 (8, 9, a or b)
-            yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+            ids.extend(
+                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                for h in (text[at : at + 32] for at in range(0, 2048, 32))
+            )
+        return ids.pop()
 
-
-def _hex_runs(size: int) -> Iterator[str]:
-    """``size`` random bytes as hex digits at a time, from one ``os.urandom`` call per 64."""
-    while True:
-        text = os.urandom(size * 64).hex()
-        for at in range(0, size * 128, size * 2):
-            yield text[at : at + size * 2]
+    def trace_ids(self) -> str:
+        """A trace id and a span id (48 random hex digits), from a batch of 64."""
+        traces = self._traces
+        if not traces:
+            text = self._source(24 * 64).hex()
+            traces.extend(text[at : at + 48] for at in range(0, 48 * 64, 48))
+        return traces.pop()
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _pool = _RandomPool()
 _random = _pool.take
-
-
-def new_id() -> str:
-    """A fresh random UUID (version 4) as text."""
-    return next(_pool.ids)
+#: a fresh random UUID (version 4) as text
+new_id = _pool.new_id
 
 
 def new_traceparent(sampled: bool = True) -> str:
     """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
-    ids = next(_pool.traces)
+    ids = _pool.trace_ids()
     return f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
 
 
