@@ -584,7 +584,11 @@ def test_each_identity_kind_takes_its_own_keys(tmp_path: Path) -> None:
         "identity.jwks_url: only used by kind oauth2 or json_login"
     ]
     (missing,) = load_problems({"client_id": "c"})
-    assert missing.startswith("identity.kind: required, oauth2 or json_login"), missing
+    assert missing.startswith("identity.kind: missing or unknown: give oauth2 or json_login"), (
+        missing
+    )
+    (unknown,) = load_problems({"kind": "oauth", "client_id": "c"})
+    assert unknown == missing, unknown
     typo = {**oauth2_config()["identity"], "scoep": "read"}
     assert load_problems(typo) == ["identity.scoep: unknown key (did you mean scope?)"]
     demo = load_config(write(tmp_path, {**base, "identity": {"timeout": 3}}), env={})

@@ -32,8 +32,8 @@ KINDS: dict[str, type[IdentityBase]] = {
 
 #: the problem of a section whose kind is missing (with keys the demo does not take) or unknown
 KIND_PROBLEM = (
-    "kind: required, oauth2 or json_login (demo, the default, needs demo.enabled: true and takes "
-    "only timeout and tls)"
+    "kind: missing or unknown: give oauth2 or json_login (demo, the default, needs demo.enabled: "
+    "true and takes only timeout and tls)"
 )
 
 
