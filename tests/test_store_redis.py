@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.errors import StoreError
+from sidecar.config.models import Session
+from sidecar.errors import ConfigError, StoreError
 from sidecar.store import SessionRecord
 from sidecar.store.crypto import Sealer
+from sidecar.store.opening import open_store
 from sidecar.store.redis import RedisStore
 from tests.conftest import MakeSidecar
 from tests.helpers import eventually, new_key
@@ -250,3 +252,15 @@ def test_a_rotated_url_file_that_no_longer_parses_fails_without_showing_it(tmp_p
     assert exc.value.__suppress_context__  # the ValueError quoting it is not chained
     url_file.write_text("redis://:pw%2Fok@127.0.0.1:6379/0\n")
     assert UrlFileCredentials(url_file).get_credentials() == ("pw/ok",)
+
+
+async def test_a_redis_url_file_that_is_not_text_is_a_config_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    """The URL file read again at start or reload holds bytes that are not UTF-8 (a binary
+    Secret mounted by mistake): a ConfigError naming the key and the file, never a traceback."""
+    url_file = tmp_path / "redis-url"
+    url_file.write_bytes(b"redis://127.0.0.1:6379/0\xff\xfe")
+    session = Session.model_validate({"store": "redis", "redis_url_file": str(url_file)})
+    with pytest.raises(ConfigError, match=r"session\.redis_url_file: .* is not UTF-8 text"):
+        await open_store(session, "ns", None)

@@ -71,6 +71,8 @@ async def open_store(cfg: Session, namespace: str, sealer: Sealer | None) -> Ses
             url = await asyncio.to_thread(source.read)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {source.file}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{key}: {source.file} is not UTF-8 text") from exc
         try:
             return RedisStore(url, namespace, sealer, url_file=cfg.redis_url_file)
         except ValueError:
