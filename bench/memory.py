@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pod import compile_sidecar, ready, token_endpoint
+from pod import bench_config, compile_sidecar, ready, token_endpoint
 from run import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -163,22 +163,8 @@ def main() -> int:
             text = text.replace("port: 8080", f"port: {free_port()}")
             config.write_text(text.replace("port: 8081", f"port: {admin}"))
         else:
-            config.write_text(
-                json.dumps(
-                    {
-                        "listen": {"port": free_port()},
-                        "admin": {"port": admin},
-                        "upstream": {"url": "http://127.0.0.1:9"},
-                        "identity": {
-                            "kind": "oauth2",
-                            "token_url": f"http://127.0.0.1:{idp}/token",
-                            "client_id": "bench",
-                            "client_secret": "bench-secret",
-                        },
-                        "session": {"store": "file", "path": str(Path(tmp) / "session.json")},
-                    }
-                )
-            )
+            session = {"store": "file", "path": str(Path(tmp) / "session.json")}
+            config.write_text(json.dumps(bench_config(free_port(), admin, idp, session)))
         report_idle(*idle_split(config, admin, env))
     return 0
 

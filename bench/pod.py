@@ -144,6 +144,24 @@ def compile_sidecar(python: str, env: dict[str, str]) -> None:
     )
 
 
+def bench_config(port: int, admin: int, idp_port: int, session: dict[str, Any]) -> dict[str, Any]:
+    """A client_credentials sidecar on ``port`` (admin ``admin``) logging in at the token
+    endpoint on ``idp_port``, with ``session`` as its session section; its upstream is never
+    called."""
+    return {
+        "listen": {"port": port},
+        "admin": {"port": admin},
+        "upstream": {"url": "http://127.0.0.1:9"},
+        "identity": {
+            "kind": "oauth2",
+            "token_url": f"http://127.0.0.1:{idp_port}/token",
+            "client_id": "bench",
+            "client_secret": "bench-secret",
+        },
+        "session": session,
+    }
+
+
 def pod_figures(
     work: Path, idp_port: int, env: dict[str, str], starts: int = 3, python: str = PY
 ) -> dict[str, Any]:
@@ -155,22 +173,8 @@ def pod_figures(
     print("  pod: --version, check-config, start to /readyz, idle RSS ...", flush=True)
     admin = free_port()
     config = work / f"pod-{admin}.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "listen": {"port": free_port()},
-                "admin": {"port": admin},
-                "upstream": {"url": "http://127.0.0.1:9"},
-                "identity": {
-                    "kind": "oauth2",
-                    "token_url": f"http://127.0.0.1:{idp_port}/token",
-                    "client_id": "bench",
-                    "client_secret": "bench-secret",
-                },
-                "session": {"store": "file", "path": str(work / f"pod-session-{admin}.json")},
-            }
-        )
-    )
+    session = {"store": "file", "path": str(work / f"pod-session-{admin}.json")}
+    config.write_text(json.dumps(bench_config(free_port(), admin, idp_port, session)))
     figures: dict[str, Any] = {
         "version": command_figures([*sidecar, "--version"], env),
         "check_config": command_figures([*sidecar, "check-config", "-c", str(config)], env),

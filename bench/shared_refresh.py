@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pod import bench_config
 from run import HERE, PY, ROOT, free_port, process, save_results
 
 
@@ -69,26 +70,9 @@ def main() -> int:
             for name in ("a", "b"):
                 port, admin = free_port(), free_port()
                 cfg = work / f"{name}.yaml"
-                cfg.write_text(
-                    json.dumps(
-                        {
-                            "listen": {"port": port},
-                            "admin": {"port": admin},
-                            "upstream": {"url": "http://127.0.0.1:9"},
-                            "identity": {
-                                "kind": "oauth2",
-                                "token_url": f"http://127.0.0.1:{idp_port}/token",
-                                "client_id": "bench",
-                                "client_secret": "bench-secret",
-                            },
-                            "session": {
-                                "store": "redis",
-                                "redis_url": f"redis://127.0.0.1:{redis_port}/0",
-                            },
-                            "log": {"access_log": False, "level": "warning"},
-                        }
-                    )
-                )
+                redis = {"store": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
+                quiet = {"log": {"access_log": False, "level": "warning"}}
+                cfg.write_text(json.dumps({**bench_config(port, admin, idp_port, redis), **quiet}))
                 replicas.append((admin, [PY, "-m", "sidecar", "run", "-c", str(cfg)], port))
             (admin_a, argv_a, port_a), (admin_b, argv_b, port_b) = replicas
             with process(argv_a, port_a, env), process(argv_b, port_b, env):
