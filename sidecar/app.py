@@ -315,10 +315,10 @@ class Sidecar:
         )
 
     async def _provider(self, identity: Identity) -> IdentityProvider:
-        """The provider for an identity section (not the embedded demo's), built in a thread
-        (only the module of its kind is imported):
-        building one reads the files that name its principal (a subject token, an assertion),
-        and a reload builds one while the proxy serves."""
+        """The provider for an identity section (not the embedded demo's); only its kind's
+        module is imported. Built in a thread: building one reads the files that name its
+        principal (a subject token, an assertion), and a reload builds one while the proxy
+        serves."""
         spans = self.span_exporter()  # made, and started, here in the loop
         if isinstance(identity, JsonLoginSection):
             from sidecar.identity.json_login import JsonLoginIdentity
