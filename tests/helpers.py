@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import os
+import random
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,3 +140,35 @@ def json_login_section(config: Config) -> JsonLoginSection:
     identity = config.identity
     assert isinstance(identity, JsonLoginSection), f"identity.kind is {identity.kind}"
     return identity
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (and to ``bind(port 0)``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server a test starts later (a child process
+    that binds it itself). Taken below the kernel's ephemeral range: a port from ``bind(port
+    0)`` is one the kernel may give the next outgoing connection's local end before the child
+    binds it ("address already in use"). Never the same port twice in one test run."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    while True:
+        port = rng.randrange(max(1024, low - 20000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.redis_server import free_port
+from tests.helpers import free_port
 
 
 class SidecarProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,15 +19,7 @@ from sidecar.cli import event_loop, human_duration, main, status_line, usable_cp
 from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.idp import FakeIdP
-from tests.helpers import eventually
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (bound to port 0, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from tests.helpers import eventually, free_port
 
 # ----------------------------------------------------------------- formatting
 

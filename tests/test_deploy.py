@@ -20,8 +20,7 @@ import yaml
 from sidecar.config.models import Config
 from sidecar.metrics import Metrics
 from tests.conftest import MakeSidecar, admin_url
-from tests.helpers import eventually
-from tests.redis_server import free_port
+from tests.helpers import eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

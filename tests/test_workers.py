@@ -20,9 +20,8 @@ from sidecar.clock import SystemClock
 from tests.conftest import base_config, merge
 from tests.fakes.idp import FakeIdP
 from tests.fakes.upstream import FakeUpstream
-from tests.helpers import eventually, sample
+from tests.helpers import eventually, free_port, sample
 from tests.processes import SidecarProcess
-from tests.redis_server import free_port
 
 
 def children(pid: int) -> list[int]:

@@ -9,14 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import free_port
+
 #: the static file the suite fetches, and its text
 HELLO = "hello from nginx\n" * 64
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(work: Path, port: int) -> str:
@@ -54,7 +50,7 @@ class Nginx:
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (work / "www" / "files" / "dir").mkdir(parents=True)
         (work / "www" / "files" / "hello.txt").write_text(HELLO)
