@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -207,6 +208,8 @@ class World:
     token: str
     token_file: Path
     env: dict[str, str]
+    #: the nginx upstream's process (its CPU time is part of every request's cost)
+    up_pid: int = 0
 
     @property
     def upstream(self) -> str:
@@ -231,10 +234,11 @@ def bench_world(prefix: str, nginx: str, *, pin: bool) -> Iterator[World]:
             "PYTHONPATH": str(ROOT),
         }
         with (
-            process([*core, nginx, "-c", str(work / "up.conf")], up_port),
+            process([*core, nginx, "-c", str(work / "up.conf")], up_port) as up_pid,
             process([*core, PY, str(HERE / "token_server.py"), str(idp_port)], idp_port),
         ):
-            yield World(work, up_port, idp_port, token, token_file, env)
+            # taskset execs nginx: up_pid is nginx's (master_process off: the one process)
+            yield World(work, up_port, idp_port, token, token_file, env, up_pid)
 
 
 def sidecar_config(
@@ -312,19 +316,27 @@ RATIOS = (
 
 
 def paired_rounds(
-    urls: dict[str, str], rounds: int, seconds: float, pids: dict[str, int] | None = None
+    urls: dict[str, str],
+    rounds: int,
+    seconds: float,
+    pids: dict[str, int] | None = None,
+    upstream_pid: int = 0,
 ) -> dict[str, Any]:
     """Measure nginx, sidecar and sidecar --workers 2 back to back, ``rounds`` times over.
 
     On a shared (virtual) machine the CPU's speed drifts by tens of percent within minutes, so
     two figures taken a minute apart can disagree more than two proxies do. Each ratio here
     comes from measurements seconds apart; the median over the rounds is the figure to quote.
-    With the targets' ``pids``, each run also gives the CPU time the target spent per request.
+    With the targets' ``pids``, each run also gives the CPU time the target spent per request;
+    every run at 50 connections also gives what wrk and the upstream (``upstream_pid``) spent
+    per request, the rest of the cost of a request on this machine.
     """
     print(f"paired rounds ({rounds} x {len(urls)} targets, {seconds:g} s each) ...", flush=True)
     pids = pids or {}
     runs: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
+    rest: dict[str, list[float]] = {}  # wrk's and the upstream's CPU per request, run by run
+    foreign: dict[str, list[float]] = {}  # cores the machine's other work took, run by run
     for n in range(rounds):
         for path, conns in (("/", 50), ("/big", 4)):
             # every other round in reverse order: no target is always the one after a pause
@@ -333,39 +345,119 @@ def paired_rounds(
                     continue
                 pid = pids.get(name)
                 before = cpu_seconds(pid) if pid else 0.0
+                load = _wrk_seconds() + (cpu_seconds(upstream_pid) if upstream_pid else 0.0)
+                machine, started = busy_seconds(), time.monotonic()
                 got = wrk(url + path, conns, seconds)
                 runs.setdefault((name, path), []).append(got["mb_s" if path == "/big" else "rps"])
-                if pid and path == "/":
-                    spent = (cpu_seconds(pid) - before) / max(1.0, got["requests"])
-                    cpu.setdefault((name, path), []).append(spent * 1e6)
+                if path != "/":
+                    continue
+                machine = busy_seconds() - machine
+                elapsed = time.monotonic() - started
+                requests = max(1.0, got["requests"])
+                spent = cpu_seconds(pid) - before if pid else 0.0
+                if pid:
+                    cpu.setdefault((name, path), []).append(spent / requests * 1e6)
+                if upstream_pid:
+                    load = _wrk_seconds() + cpu_seconds(upstream_pid) - load
+                    rest.setdefault(name, []).append(load / requests * 1e6)
+                    # what the machine spent besides the target, wrk and the upstream
+                    other = max(0.0, machine - spent - load) / elapsed
+                    foreign.setdefault(name, []).append(other)
     out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "runs": {}, "ratios": {}}
     for (name, path), values in runs.items():
         out["runs"][f"{name} {path}"] = values
     out["cpu_us_per_req"] = {f"{name} {path}": values for (name, path), values in cpu.items()}
+    out["wrk_upstream_us_per_req"] = rest
+    out["other_work_cores"] = foreign
     for label, target, base, path, _ in RATIOS:
         mine, theirs = runs.get((target, path)), runs.get((base, path))
         if mine and theirs:
             out["ratios"][label] = spread([a / b for a, b in zip(mine, theirs, strict=True)])
-    one, direct = runs.get(("sidecar", "/")), runs.get(("direct", "/"))
-    if one and direct:
-        # wrk and the upstream share core 0 with the second worker. At direct's rate they fill a
-        # core alone, so at R req/s they take R/direct of it: two workers at one worker's
-        # efficiency reach at most 2 / (1 + one/direct) times one worker.
-        ceilings = [2 / (1 + a / b) for a, b in zip(one, direct, strict=True)]
-        out["ratios"]["workers2 ceiling (CPU left)"] = spread(ceilings)
-        two = runs.get(("sidecar_workers2", "/"))
-        if two:
-            # how much of what the CPU left could two workers take, round by round
-            out["ratios"]["workers2 / its ceiling"] = spread(
-                [b / a / c for a, b, c in zip(one, two, ceilings, strict=True)]
-            )
+    out["ratios"].update(_workers_figures(runs, cpu, rest, foreign))
+    return out
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine has spent so far, all cores (user, system, interrupts, and the
+    time the hypervisor took: steal), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk_seconds() -> float:
+    """CPU time (user + system) of the wrk runs so far: the children this process waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def workers_ceiling(one_us: float, rest_us: float, cores: int) -> float:
+    """The req/s two workers can reach at most, each request costing ``one_us`` of CPU in the
+    workers (one worker's cost) and ``rest_us`` in wrk and the upstream, which share core 0.
+
+    Three limits: two workers use at most a core each; wrk and the upstream, pinned, one core;
+    and the cost of a request, all parts together, cannot exceed the machine's ``cores``. On
+    two cores the last one binds: 2 / (one_us + rest_us).
+    """
+    return min(2 / one_us, 1 / rest_us, cores / (one_us + rest_us)) * 1e6
+
+
+def _workers_figures(
+    runs: dict[tuple[str, str], list[float]],
+    cpu: dict[tuple[str, str], list[float]],
+    rest: dict[str, list[float]],
+    foreign: dict[str, list[float]],
+) -> dict[str, Any]:
+    """How much of what the CPU left them two workers took, round by round.
+
+    The ceiling is what two workers would serve on the cores the machine's other work left
+    (measured during their run): the workers at one worker's CPU per request (measured in the
+    same round), wrk and the upstream at the CPU per request they spent while the two workers
+    ran (measured, not assumed).
+
+    Until 2026-12-07 the second was taken from the upstream measured directly (``1 / direct``:
+    wrk and nginx fill core 0 alone at direct's rate). That is not what they spend through a
+    proxy: direct, at ~60,000 req/s, wrk and nginx spent 15-17 us per request; through one
+    worker, at 13,000-20,000 req/s, 27-34 us, and 23-32 us while two workers ran (each of their
+    wakeups serves a few requests instead of dozens, and nginx parses the 900-byte token and
+    the headers the proxy adds). The old ceiling was 14-21 % too high in the rounds where
+    nothing else ran; its figure stays, labelled, for comparison with earlier runs.
+    """
+    out: dict[str, Any] = {}
+    one, two = runs.get(("sidecar", "/")), runs.get(("sidecar_workers2", "/"))
+    direct = runs.get(("direct", "/"))
+    if one and two and direct:
+        # the model before 2026-12-07: wrk and the upstream at direct's cost per request
+        old = [2 / (1 + a / d) for a, d in zip(one, direct, strict=True)]
+        out["workers2 / ceiling at direct's cost (old model)"] = spread(
+            [b / a / c for a, b, c in zip(one, two, old, strict=True)]
+        )
     cpu_one, cpu_two = cpu.get(("sidecar", "/")), cpu.get(("sidecar_workers2", "/"))
+    rest_two, other_two = rest.get("sidecar_workers2"), foreign.get("sidecar_workers2")
+    if one and two and cpu_one and rest_two and other_two:
+        cores = os.cpu_count() or 2
+        ceilings = [
+            workers_ceiling(s, w, cores - b)
+            for s, w, b in zip(cpu_one, rest_two, other_two, strict=True)
+        ]
+        out["workers2 ceiling (CPU left)"] = spread(
+            [c / a for a, c in zip(one, ceilings, strict=True)]
+        )
+        out["workers2 / its ceiling"] = spread([b / c for b, c in zip(two, ceilings, strict=True)])
     if cpu_one and cpu_two:
         # the cost of a request with two workers (supervisor included) over one worker's: what
         # the second worker adds besides throughput, measured whatever CPU the machine left
-        out["ratios"]["workers2/sidecar CPU per req"] = spread(
+        out["workers2/sidecar CPU per req"] = spread(
             [b / a for a, b in zip(cpu_one, cpu_two, strict=True)]
         )
+    if other_two:
+        out["other work during workers2 (cores)"] = spread(other_two)
+    for name, label in (("direct", "direct"), ("sidecar", "one worker")):
+        if rest.get(name) and rest_two:
+            out[f"wrk+upstream CPU per req, two workers / {label}"] = spread(
+                [b / a for a, b in zip(rest[name], rest_two, strict=True)]
+            )
     return out
 
 
@@ -553,6 +645,7 @@ def main() -> int:
                     args.rounds,
                     args.round_seconds,
                     pids,
+                    world.up_pid,
                 )
                 results["paired"]["core_speeds"] = [speeds, core_speeds()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)

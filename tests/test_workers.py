@@ -286,3 +286,52 @@ async def test_sigterm_under_workers_drains_like_one_process(
     assert "Traceback" not in proc.log_path.read_text()
     # the supervisor and each of the two workers
     assert [e["event"] for e in proc.events()].count("sidecar.drained") == 3
+
+
+def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
+    """How many established TCP connections on local ``port`` each of ``pids`` holds (the
+    sockets of /proc/net/tcp matched to each process's descriptors by inode)."""
+    inodes: set[str] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(name).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(inode)
+    counts = {}
+    for pid in pids:
+        held = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                held += target.startswith("socket:[") and target[8:-1] in inodes
+        counts[pid] = held
+    return counts
+
+
+async def test_connections_opened_at_once_are_spread_over_the_workers(
+    idp_url: str, upstream_url: str, idp: FakeIdP, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """50 keep-alive connections opened at once (as a load generator or a client's pool does)
+    land on both workers: each holds at least 10 of them. With SO_REUSEPORT the kernel picks a
+    worker for each connection (a 25/25 split on average; below 10 has a chance near one in a
+    million); with one listening socket shared by the workers, the first worker to wake took
+    all 50 in most trials."""
+    config = base_config(idp_url, upstream_url, idp)
+    async with two_workers(config, tmp_path, "spread", http) as proc:
+        workers = children(proc.pid)
+        opened = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", proc.proxy_port) for _ in range(50))
+        )
+        try:
+            for _reader, writer in opened:
+                writer.write(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            heads = await asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in opened))
+            assert all(head.startswith(b"HTTP/1.1 200 ") for head in heads)
+            held = await asyncio.to_thread(connections_by_process, proc.proxy_port, workers)
+        finally:
+            for _reader, writer in opened:
+                writer.close()
+        assert sum(held.values()) == 50, held
+        assert min(held.values()) >= 10, held
