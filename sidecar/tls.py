@@ -40,6 +40,14 @@ def tls_context(tls: TLS) -> ssl.SSLContext:
     return ctx
 
 
+def system_defaults(tls: TLS) -> bool:
+    """True when the section asks for nothing but the defaults: verification against the system
+    CA bundle, no client certificate, TLS 1.2 at least. aiohttp's own verified context is exactly
+    that (built when aiohttp is imported), so a client that uses aiohttp can take it instead of
+    a context of its own: each holds its own parsed copy of the bundle, about 1 MB."""
+    return tls.verify and tls.min_version == "1.2" and not has_files(tls)
+
+
 def has_files(tls: TLS) -> bool:
     """True when the section names a file that can be rotated."""
     return any(f is not None for f in (tls.ca_file, tls.cert_file, tls.key_file))
