@@ -34,8 +34,14 @@ def modules_after(code: str) -> set[str]:
         + "".join(f"    {line}\n" for line in code.splitlines())
         + "print(json.dumps(sorted(sys.modules)))\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
     out = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
     ).stdout
     return set(json.loads(out.splitlines()[-1]))
 
@@ -125,6 +131,8 @@ def test_a_started_client_credentials_sidecar_loads_no_signing_and_no_other_stor
     )
     mods = modules_after(
         "import asyncio\n"
+        "from sidecar.cli import without_pydantic_plugins\n"
+        "without_pydantic_plugins()  # as the command line does\n"
         "from sidecar.config.load import load_config\n"
         "from sidecar.app import Sidecar\n"
         "async def started_and_stopped():\n"
@@ -148,6 +156,7 @@ def test_a_started_client_credentials_sidecar_loads_no_signing_and_no_other_stor
         "sidecar.session.shared",
         "sidecar.proxy.tracing",
         "difflib",  # suggestions for an unknown key
+        "importlib.resources",  # reads the embedded demo's config
     )
     assert loaded(mods, unused) == []
 
