@@ -9,8 +9,10 @@ rotated certificate alike: by the files' stamp, looked at every ``RECHECK_EVERY`
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
+import sys
 
 from sidecar.clock import Clock
 from sidecar.config.sections import TLS
@@ -38,6 +40,35 @@ def tls_context(tls: TLS) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def system_defaults(tls: TLS) -> bool:
+    """True when the section asks for nothing but the defaults: verification against the system
+    CA bundle, no client certificate, TLS 1.2 at least. aiohttp's own verified context is exactly
+    that (built when aiohttp is imported), so a client that uses aiohttp can take it instead of
+    a context of its own: each holds its own parsed copy of the bundle, about 1 MB."""
+    return tls.verify and tls.min_version == "1.2" and not has_files(tls)
+
+
+@functools.cache
+def system_context() -> ssl.SSLContext:
+    """The one client context of this process for sections at :func:`system_defaults`.
+
+    That is aiohttp's verified context when aiohttp is loaded and its context checks what
+    :func:`tls_context` would (the system CA bundle, host names, TLS 1.2 at least): aiohttp
+    builds it when imported, and a second one would parse the bundle again. Otherwise one is
+    built here, once. Reads files the first time: call it off the event loop.
+    """
+    connector = sys.modules.get("aiohttp.connector")
+    theirs = getattr(connector, "_SSL_CONTEXT_VERIFIED", None)
+    if (
+        isinstance(theirs, ssl.SSLContext)
+        and theirs.verify_mode == ssl.CERT_REQUIRED
+        and theirs.check_hostname
+        and theirs.minimum_version == ssl.TLSVersion.TLSv1_2
+    ):
+        return theirs
+    return tls_context(TLS())
 
 
 def has_files(tls: TLS) -> bool:
@@ -81,11 +112,14 @@ class TLSFiles:
         return has_files(self.tls)
 
     async def context(self) -> ssl.SSLContext:
-        """A client context from the files as they are now. Their stamp is taken first: a file
-        that changes while the context is built counts as changed at the next look. Raises
-        OSError or ssl.SSLError (see :func:`tls_context`)."""
+        """A client context from the files as they are now; without files or other settings,
+        the process's :func:`system_context`. The stamp is taken first: a file that changes
+        while the context is built counts as changed at the next look. Raises OSError or
+        ssl.SSLError (see :func:`tls_context`)."""
         self._stamp = await asyncio.to_thread(file_stamp, self.tls)
         self._looked_at = self._clock.monotonic()
+        if system_defaults(self.tls):
+            return await asyncio.to_thread(system_context)
         return await asyncio.to_thread(tls_context, self.tls)
 
     def due(self) -> bool:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from sidecar.config.sections import TLS
 from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.http import MAX_RESPONSE_BYTES, IdentityHTTP, parse_retry_after
 from tests.conftest import Serve
@@ -42,6 +46,33 @@ class Endpoint:
             headers=self.headers,
             content_type="application/json",
         )
+
+
+async def test_default_tls_settings_build_no_context_of_their_own(
+    serve: Serve, ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With identity.tls at its defaults the client parses no CA bundle of its own: a provider
+    on http:// needs no TLS, and for https:// aiohttp's verified context is the one those
+    defaults would build (each context holds its own copy of the bundle, about 1 MB). A section
+    naming a file still gets its own context, built at the first call."""
+    built: list[tuple[Any, ...]] = []
+    create = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(args)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    url = await serve(Endpoint().app())
+    for tls, contexts in ((TLS(), 0), (TLS(ca_file=Path(ca_file)), 1)):
+        http = IdentityHTTP(FakeClock(), timeout=2, tls=tls)
+        try:
+            assert (await http.request("POST", url + "/token")).status == 200
+            assert (await http.request("POST", url + "/token")).status == 200
+        finally:
+            await http.aclose()
+        assert len(built) == contexts
+        built.clear()
 
 
 def closed_port_url() -> str:

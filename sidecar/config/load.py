@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -289,6 +288,8 @@ def load_config(
     if path is None and env.get(ENV_CONFIG):
         path = env[ENV_CONFIG]
     if path is None:
+        from importlib import resources  # the demo's file only: not loaded by other configs
+
         source = DEMO_SOURCE
         text = resources.files("sidecar").joinpath("demo.yaml").read_text(encoding="utf-8")
     else:
