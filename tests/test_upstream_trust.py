@@ -211,6 +211,34 @@ async def test_upstream_trailers_never_become_headers(make_sidecar: MakeSidecar)
         assert body == b"ok", answer_kind
 
 
+async def test_bytes_behind_a_whole_answer_in_the_same_read_never_reach_the_caller(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A second answer (or any bytes) written right behind a complete one is not parsed into it:
+    the caller gets the first answer exactly (its body, its reason), and the upstream connection
+    is not used again (the next request opens a new one)."""
+    first = b"HTTP/1.1 200 Fine\r\nContent-Length: 2\r\n\r\nhi"
+    for behind in (
+        b"HTTP/1.1 201 Other\r\nContent-Length: 3\r\nX-Second: 1\r\n\r\nbye",
+        b"HTTP/1.1 200 OK\r\nTransfer-Enc",  # half a head
+        b"garbage",
+    ):
+
+        async def doubled(_request: RawRequest, answer: bytes = first + behind) -> bytes:
+            return answer
+
+        async with scripted_upstream(doubled) as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            request = b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            for _ in range(2):
+                raw = await exchange(sidecar.proxy_port, request, within=1)
+                head, body = split_answer(raw)
+                assert head.startswith(b"http/1.1 200 fine\r\n"), (behind, raw)
+                assert b"x-second" not in head, behind
+                assert body == b"hi", (behind, raw)
+            assert upstream.connections == 2, behind
+
+
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     make_sidecar: MakeSidecar,
 ) -> None:

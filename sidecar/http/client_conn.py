@@ -32,6 +32,10 @@ class _BadHead(UpstreamUnavailable):
     """A response head sidecar will not relay (raised inside llhttp callbacks)."""
 
 
+class _Surplus(Exception):
+    """Raised inside llhttp when bytes follow the complete response in the same read."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; carries one exchange at a time."""
 
@@ -99,6 +103,12 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _Surplus):
+                # the response is whole; what follows it was never asked for: dropped unread,
+                # and the connection is not used again (as at a later read, see above)
+                self.keep_alive = False
+                self._parser = None
+                return
             if isinstance(cause, _BadHead):
                 self.fail(cause)
             else:
@@ -145,6 +155,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_drain()
 
     # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # a second answer (or anything) behind the whole first one in the same read: llhttp
+            # would parse it on, into this exchange's reason, headers and body
+            raise _Surplus
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
