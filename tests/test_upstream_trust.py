@@ -239,6 +239,56 @@ async def test_bytes_behind_a_whole_answer_in_the_same_read_never_reach_the_call
             assert upstream.connections == 2, behind
 
 
+#: answers of every framing, by target: each one's body as the caller must get it
+FRAMED = {
+    "/small": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+    "/chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"abc",
+    ),
+    "/trailer": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nt\r\n0\r\nX-T: 1\r\n\r\n",
+        b"t",
+    ),
+    "/empty": (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+    "/interim": (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\ni",
+        b"i",
+    ),
+    # larger than one read: its later bytes bypass llhttp (see UpstreamConnection.data_received)
+    "/big": (b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"b" * 300000, b"b" * 300000),
+}
+
+
+async def test_a_pooled_connection_parses_each_answer_from_its_start(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """Answers of every framing (length, chunked, trailers, none, an interim 103, a body larger
+    than a read, a HEAD's) follow each other on the pooled upstream connections in every order
+    of pairs, and each reaches the caller exactly: nothing of one answer is parsed into the
+    next. (Two /big in a row: the second arrives whole while reading is paused for it; its
+    connection must read again once that body is taken, or the next answer times out.)"""
+
+    async def by_target(request: RawRequest) -> bytes:
+        if request.method == "HEAD":  # a length, and no body
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        return FRAMED[request.target][0]
+
+    order = [(a, b) for a in FRAMED for b in FRAMED]
+    async with scripted_upstream(by_target) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        async with aiohttp.ClientSession() as client:
+            for first, second in order:
+                for target in (first, second):
+                    async with client.get(proxy_url(sidecar, target)) as response:
+                        assert (target, await response.read()) == (target, FRAMED[target][1])
+                async with client.head(proxy_url(sidecar, first)) as response:
+                    assert response.status == 200, first
+        # the connections were reused (a HEAD's is not: llhttp cannot be told it has no body)
+        assert upstream.connections <= len(order) + 2
+
+
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     make_sidecar: MakeSidecar,
 ) -> None:

@@ -69,10 +69,7 @@ class UpstreamResponse:
         conn = self._conn
         if not conn.complete or conn.failed:
             return None
-        body = b"".join(conn.chunks)
-        conn.chunks.clear()
-        conn.buffered = 0
-        return body
+        return conn.take_all()
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's

@@ -343,6 +343,17 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._head_waiter = self._loop.create_future()
         return waiter
 
+    def take_all(self) -> bytes:
+        """The body bytes received and not yet taken, all at once; reading resumes if it had
+        paused for them (a connection pooled while paused would never read its next answer)."""
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return body
+
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end of the body."""
         while not self.chunks:
