@@ -46,6 +46,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tls = False
         self._parser: httptools.HttpResponseParser | None = None
+        #: the parser of the last answer when llhttp itself saw that answer end, nothing after
+        #: it: at the start of a message, it parses the next exchange's answer (see begin)
+        self._spare: httptools.HttpResponseParser | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -107,7 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # the response is whole; what follows it was never asked for: dropped unread,
                 # and the connection is not used again (as at a later read, see above)
                 self.keep_alive = False
-                self._parser = None
+                self._parser = self._spare = None
                 return
             if isinstance(cause, _BadHead):
                 self.fail(cause)
@@ -241,6 +244,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.status == 0 or self.tunnel:
             return  # the end of an informational answer, or of the head before a tunnel
+        # llhttp read this answer to its end and stands at the start of the next message: it
+        # can parse the next answer, unless bytes follow in this read (on_message_begin drops it)
+        self._spare = self._parser
         self._message_complete()
 
     def _length_delimited(self, data: bytes) -> None:
@@ -283,7 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
         False."""
         if self._error is None:
             self._error = error
-        self._parser = None
+        self._parser = self._spare = None
         if close and self.transport is not None:
             self.transport.abort()
         self.closed = True
@@ -303,7 +309,13 @@ class UpstreamConnection(asyncio.Protocol):
         upgrade: bool = False,
         on_continue: Callable[[], None] | None = None,
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        """Start an exchange: parse the answer to the request about to be sent. The parser of
+        the previous answer goes on when llhttp saw that answer end cleanly with nothing
+        behind it (a connection is reused only then, see UpstreamResponse.release); else a
+        fresh one (the body went past llhttp, the answer was cut short, to a HEAD...)."""
+        parser = self._spare
+        self._spare = None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
         self.tunnel = False
