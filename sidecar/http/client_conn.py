@@ -39,6 +39,40 @@ class _Surplus(Exception):
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; carries one exchange at a time."""
 
+    # slots: attribute reads and writes are most of what the callbacks do, per answer
+    __slots__ = (
+        "_body_waiter",
+        "_drain_waiter",
+        "_error",
+        "_head_only",
+        "_head_waiter",
+        "_loop",
+        "_parser",
+        "_read_paused",
+        "_remaining",
+        "_spare",
+        "_unparsed",
+        "_until_close",
+        "_upgrade",
+        "_write_paused",
+        "buffered",
+        "chunks",
+        "closed",
+        "codings",
+        "complete",
+        "got_bytes",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "on_continue",
+        "reason",
+        "reused",
+        "status",
+        "tls",
+        "transport",
+        "tunnel",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
@@ -76,6 +110,10 @@ class UpstreamConnection(asyncio.Protocol):
         #: bytes fed to llhttp since it last gave body bytes: what it (and httptools) may hold
         #: as an unfinished head, trailer or chunk line; bounded by MAX_HEAD
         self._unparsed = 0
+        #: the answer's body is delimited by the end of the connection
+        self._until_close = False
+        #: body bytes still to come of a Content-Length answer (0: none, or not counted)
+        self._remaining = 0
 
     # -- asyncio.Protocol
 
@@ -262,10 +300,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._message_complete()
 
     # -- exchange
-
-    _until_close = False
-    #: body bytes still to come of a Content-Length response (0: none, or not counted)
-    _remaining = 0
 
     def _message_complete(self) -> None:
         if self.complete:
