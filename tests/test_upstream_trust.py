@@ -289,6 +289,26 @@ async def test_a_pooled_connection_parses_each_answer_from_its_start(
         assert upstream.connections <= len(order) + 2
 
 
+async def test_hop_by_hop_fields_of_the_upstreams_answer_stay_behind(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """The upstream's Connection header and the fields it names (RFC 9110 7.6.1), in any case
+    and over several lines, never reach the caller; its other fields do, names as sent."""
+    for connection in (b"keep-alive", b"close", b"Keep-Alive, X-Hop", b"x-hop"):
+        answer = (
+            b"HTTP/1.1 200 OK\r\nConnection: " + connection + b"\r\nConnection: X-Other\r\n"
+            b"X-Hop: 1\r\nx-other: 2\r\nKeep-Alive: timeout=5\r\nX-Kept: 3\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        raw = await relayed(make_sidecar, answer, b"/c")
+        head, body = split_answer(raw)
+        assert body == b"ok", connection
+        assert b"\r\nx-kept: 3" in head, connection
+        for gone in (b"x-other", b"keep-alive: timeout"):
+            assert gone not in head, (connection, head)
+        assert (b"x-hop" in head) == (b"hop" not in connection.lower()), (connection, head)
+
+
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     make_sidecar: MakeSidecar,
 ) -> None:

@@ -270,23 +270,41 @@ def response_head(
     lines: list[bytes] = []
     append = lines.append
     listed: set[bytes] | None = None
+    relocated = False
+    # a name whose length is none of those looked for is passed on without lower-casing it
+    sizes = _SIZES.get(drop) or _sizes(drop)
     for field in raw:
-        lname = field[0].lower()
-        if lname in drop:
-            if lname == b"connection":
-                tokens = listed_fields(field[1])
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            continue
+        if len(field[0]) in sizes:
+            lname = field[0].lower()
+            if lname in drop:
+                # "keep-alive" and "close" (as nearly every upstream writes them) name no field
+                if lname == b"connection" and field[1] not in _PLAIN_CONNECTION:
+                    tokens = listed_fields(field[1])
+                    if tokens:
+                        listed = tokens if listed is None else listed | tokens
+                continue
+            if lname in _RELOCATED:
+                relocated = True
         append(b": ".join(field))
     if listed:
         lines = without_fields(lines, listed)
     lines.append(b"")  # each line ends in CRLF (none at all without a line)
     head = b"\r\n".join(lines)
-    # one search of the whole head rather than a test per header: few answers carry a Location
-    if relocation is not None and b"location:" in head.lower():
+    if relocated and relocation is not None:
         return relocation.head(head, request_headers)
     return head
+
+
+#: the lengths of the names response_head lowers and looks up, per set of names dropped (the
+#: module's DROP and DROP_WITH_LENGTH in practice)
+_SIZES: dict[frozenset[bytes], frozenset[int]] = {}
+
+
+def _sizes(drop: frozenset[bytes]) -> frozenset[int]:
+    sizes = frozenset(len(name) for name in drop | _RELOCATED)
+    if len(_SIZES) < 16:
+        _SIZES[drop] = sizes
+    return sizes
 
 
 #: RFC 6750 3.1: the upstream says the token itself was refused (expired, revoked, malformed)
