@@ -242,12 +242,18 @@ class UpstreamConnection(asyncio.Protocol):
         # an Upgrade answered without switching: the connection saw a request the upstream may
         # read differently from us; never use it again
         self.keep_alive = bool(parser.should_keep_alive()) and not self._upgrade
-        lengths: list[bytes] = []
+        length = None  # the first Content-Length value, and how many there are
+        lengths = 0
         encoded: list[bytes] = []
         for name, value in self.headers:
+            size = len(name)
+            if size != 14 and size != 17:
+                continue  # neither Content-Length nor Transfer-Encoding: not lowered
             lname = name.lower()
             if lname == b"content-length":
-                lengths.append(value)
+                lengths += 1
+                if length is None:
+                    length = value
             elif lname == b"transfer-encoding":
                 encoded.append(value)
         bodiless = status in (204, 304)
@@ -258,9 +264,9 @@ class UpstreamConnection(asyncio.Protocol):
                 # RFC 9112 6.3: a final coding other than chunked is delimited by the close
                 self._until_close = True
             self.codings = b", ".join(c for c in codings if c != b"chunked")
-        if len(lengths) == 1 and not encoded and not bodiless and not self._head_only:
+        if lengths == 1 and length is not None and not (encoded or bodiless or self._head_only):
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
-            self._remaining = int(lengths[0])
+            self._remaining = int(length)
         self.head_done = True
         wake(self._head_waiter)
         if self._head_only:
