@@ -283,7 +283,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
-        wake(self._body_waiter)
+        if self._body_waiter is not None:  # (no call at all for a body nobody waits for yet)
+            wake(self._body_waiter)
 
     def on_message_complete(self) -> None:
         if self.status == 0 or self.tunnel:
@@ -312,8 +313,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.complete = True
         self._parser = None
-        wake(self._head_waiter)
-        wake(self._body_waiter)
+        if not self.head_done:
+            wake(self._head_waiter)
+        if self._body_waiter is not None:
+            wake(self._body_waiter)
 
     @property
     def failed(self) -> bool:

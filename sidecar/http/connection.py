@@ -497,7 +497,7 @@ class FrontProtocol(asyncio.Protocol):
                     server.in_flight -= 1
                     self.current = None
                     self._idle_since = server.ticks
-                    if server.in_flight == 0:
+                    if server.in_flight == 0 and server.idle is not None:
                         wake(server.idle)
                 body = item.body
                 if (
