@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gzip
 import os
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -287,6 +288,32 @@ async def test_a_pooled_connection_parses_each_answer_from_its_start(
                     assert response.status == 200, first
         # the connections were reused (a HEAD's is not: llhttp cannot be told it has no body)
         assert upstream.connections <= len(order) + 2
+
+
+async def test_a_request_the_upstream_dropped_on_a_pooled_connection_is_sent_again_once(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A pooled connection the upstream closes on reading the next request (its keep-alive
+    timeout racing the request) costs the caller nothing: a request that can be sent again goes
+    once more on a new connection; a streamed body cannot, and is a 502."""
+    seen: list[int] = []
+
+    async def drop_second(request: RawRequest, _wire: Wire, _writer: asyncio.StreamWriter) -> bool:
+        seen.append(request.connection)
+        return seen.count(request.connection) == 2  # closed, unanswered
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"part"
+
+    async with scripted_upstream(on_head=drop_second) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):
+                async with client.get(proxy_url(sidecar, "/r")) as response:
+                    assert response.status == 200
+            assert upstream.connections == 2
+            async with client.post(proxy_url(sidecar, "/s"), data=chunks()) as response:
+                assert response.status == 502
 
 
 async def test_hop_by_hop_fields_of_the_upstreams_answer_stay_behind(
