@@ -180,8 +180,10 @@ class HeaderRules:
 
     __slots__ = (
         "_cookies",
-        "_plan",
         "_plan_for",
+        "_sizes",
+        "_steps",
+        "_tail",
         "_values",
         "captured",
         "dropped_b",
@@ -202,6 +204,9 @@ class HeaderRules:
         cookies: SessionCookies | None = None,
     ) -> None:
         self.dropped_b = frozenset(n.encode() for n in dropped)
+        #: the lengths of the dropped names: a caller's header of any other length is passed on
+        #: without lower-casing its name (its "_" spelling is as long as its "-" one)
+        self._sizes = frozenset(len(n) for n in self.dropped_b)
         #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0, and whether
         #: the value is the same for every request of one credentials snapshot)
         self.managed_b = tuple(
@@ -215,9 +220,11 @@ class HeaderRules:
         self._values = values or SessionValues({})
         self._cookies = cookies
         #: the lines after the caller's for one credentials snapshot: those the same for each of
-        #: its requests rendered once (bytes), the others (prefix, getter, kind) in their place
+        #: its requests rendered once, before each line made per request (the lines before it,
+        #: its prefix, getter and kind) and after the last (the tail)
         self._plan_for: Credentials | None = None
-        self._plan: tuple[bytes | tuple[bytes, Getter, int], ...] = ()
+        self._steps: tuple[tuple[bytes, bytes, Getter, int], ...] = ()
+        self._tail = b""
 
     @classmethod
     def compile(
@@ -319,16 +326,15 @@ class HeaderRules:
                 out.append((name, value))
         return out
 
-    def _plan_of(self, creds: Credentials) -> tuple[bytes | tuple[bytes, Getter, int], ...]:
+    def _plan_of(self, creds: Credentials) -> None:
         """Authorization, the managed headers and the static ones for ``creds``, in their order:
         runs of lines the same for every request rendered into one bytes each."""
-        plan: list[bytes | tuple[bytes, Getter, int]] = []
+        steps: list[tuple[bytes, bytes, Getter, int]] = []
         run = [f"Authorization: {creds.authorization}\r\n".encode()]
         for prefix, getter, kind, per_session in self.managed_b:
             if not per_session:
-                plan.append(b"".join(run))
+                steps.append((b"".join(run), prefix, getter, kind))
                 run = []
-                plan.append((prefix, getter, kind))
                 continue
             made = getter(_NO_VALUES, creds)
             if made is not None:
@@ -336,8 +342,9 @@ class HeaderRules:
         run.append(self.static_block)
         for header, text in self._session_static(creds):
             run.append(f"{header}: {text}\r\n".encode("latin-1"))
-        plan.append(b"".join(run))
-        return tuple(p for p in plan if p)
+        self._steps = tuple(steps)
+        self._tail = b"".join(run)
+        self._plan_for = creds
 
     def head(
         self,
@@ -358,7 +365,11 @@ class HeaderRules:
         captured_names = self.captured
         captured: dict[str, str] = {}
         listed: bytes | None = None
+        sizes = self._sizes
         for name, value in raw_headers:
+            if len(name) not in sizes:
+                append(name + b": " + value + b"\r\n")
+                continue
             lname = name.lower()
             if lname in dropped:
                 if lname in captured_names:
@@ -381,21 +392,21 @@ class HeaderRules:
             parts = [parts[0], *without_fields(parts[1:], names)]
             append = parts.append
         if creds is not self._plan_for:
-            self._plan = self._plan_of(creds)
-            self._plan_for = creds
+            self._plan_of(creds)
         request_id = traceparent = None
-        for step in self._plan:
-            if isinstance(step, bytes):
-                append(step)
-                continue
-            prefix, getter, kind = step
+        for before, prefix, getter, kind in self._steps:
+            if before:
+                append(before)
             made = getter(captured, creds)
             if made is not None:
                 if kind == 1:
                     request_id = made
                 elif kind == 2:
                     traceparent = made
-                append(prefix + made.encode("latin-1") + b"\r\n")
+                append(prefix)  # (three parts for the join: cheaper than two concatenations)
+                append(made.encode("latin-1"))
+                append(b"\r\n")
+        append(self._tail)
         if self._cookies is not None:
             path = request_line.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
             cookie = self._cookies.header(captured.get("cookie"), creds, path)
