@@ -39,6 +39,9 @@ HOP_BY_HOP = frozenset(
 
 #: a response's status line and header lines: ``% (status, reason, header lines)``
 STATUS_HEAD = b"HTTP/1.1 %d %b\r\n%b\r\n"
+#: a whole response with its Content-Length, in one formatting: ``% (status, reason, header
+#: lines, body length, the Connection line or nothing, body)``
+WHOLE = b"HTTP/1.1 %d %b\r\n%bContent-Length: %d\r\n%b\r\n%b"
 #: a body's framing line: its length (``% length``), streamed chunked, or none (RFC 9112 6)
 CONTENT_LENGTH = b"Content-Length: %d\r\n"
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
