@@ -163,7 +163,7 @@ def check_target(raw_path: str) -> None:
             status=400,
             code="target_refused",
         )
-    path = raw_path.split("?", 1)[0]
+    path = raw_path.split("?", 1)[0] if "?" in raw_path else raw_path
     if "." not in path and "%" not in path and path.isascii():
         return  # no dot segment can hide in it (the common case, checked without decoding)
     # twice: %252e%252e decodes to .. at a lenient upstream; then the overlong UTF-8 forms of
