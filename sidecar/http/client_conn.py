@@ -401,8 +401,9 @@ class UpstreamConnection(asyncio.Protocol):
     def take_all(self) -> bytes:
         """The body bytes received and not yet taken, all at once; reading resumes if it had
         paused for them (a connection pooled while paused would never read its next answer)."""
-        body = b"".join(self.chunks)
-        self.chunks.clear()
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
+        chunks.clear()
         self.buffered = 0
         if self._read_paused and self.transport is not None:
             self._read_paused = False
