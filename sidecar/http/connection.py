@@ -47,6 +47,8 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: after its last answer, a connection drops what the caller still sends for this many deadline
 #: sweeps before closing (a close with unread bytes resets it: the caller could lose the answer)
 LINGER_TICKS = 2
+#: the usual method names as llhttp hands them over, decoded once
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 #: answers one request completely; the front closes the connection when it raises
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -354,7 +356,9 @@ class FrontProtocol(asyncio.Protocol):
             raise RefusedRequest(
                 "request parsed without a parser", status=500, code="internal_error"
             )
-        return Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"))
+        raw = parser.get_method()
+        method = _METHODS.get(raw) or raw.decode("ascii")
+        return Request(self, method, self._url.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         """llhttp: the head is complete: queue the request, open its body stream."""

@@ -77,10 +77,11 @@ class _RandomPool:
         self._pos = pos + n
         return self._buffer[pos : pos + n]
 
-    def new_id(self) -> str:
+    def new_id(self, _values: object = None, _creds: object = None) -> str:
         """A random UUID (version 4, RFC 9562 5.4) as text, from a batch of 64 made from 1 KiB
         of random bytes: ``str(uuid.uuid4())`` costs several times more, and this runs once or
-        twice per proxied request."""
+        twice per proxied request. Also a :data:`Getter` of a generated header (its arguments
+        unused): called as it is, without a lambda around it."""
         ids = self._ids
         if not ids:
             ids.extend(_uuid_texts(self._source(16 * _BATCH)))
@@ -263,7 +264,7 @@ class HeaderRules:
                 captured.add(name.lower())
 
         if config.request_id == "generate":
-            own(REQUEST_ID, lambda _h, _c: new_id())
+            own(REQUEST_ID, _pool.new_id)
         elif config.request_id == "propagate":
             own(REQUEST_ID, lambda h, _c: h.get("x-request-id") or new_id(), True)
 
@@ -427,7 +428,7 @@ def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
     if mode == "propagate":
         return lambda h, _c: h.get(name) or new_id()
     if mode == "generate":
-        return lambda _h, _c: new_id()
+        return _pool.new_id
     return otherwise
 
 
