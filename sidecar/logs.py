@@ -338,14 +338,16 @@ def write_access(
     """One JSON line per proxied request: method, path (without the query), status, duration,
     request id, body bytes sent and trace id (of the traceparent sent upstream, else the
     caller's; null without either)."""
-    path = target.split("?", 1)[0]
     lines = _lines
     if lines is not None and not lines.text:
         quoted = _QUOTED_METHODS.get(method) or _quote(method)
+        # a target without a query is its own path, already rendered when seen before (the
+        # cache's keys have no "?", so a target with one never matches)
+        path = _PATHS.get(target) or _json_path(target.split("?", 1)[0])
         lines.write_line(
             f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
             f'"event":"http.access","method":{quoted},'
-            f'"path":{_PATHS.get(path) or _json_path(path)},"status":{status},'
+            f'"path":{path},"status":{status},'
             f'"duration_ms":{seconds * 1000:.3f},'
             f'"request_id":{"null" if request_id is None else _quote(request_id)},'
             f'"bytes":{sent},'
@@ -356,7 +358,7 @@ def write_access(
         "http.access",
         extra={
             "method": method,
-            "path": unquote(path),
+            "path": unquote(target.split("?", 1)[0]),
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
             "request_id": request_id,
@@ -380,6 +382,6 @@ def _json_path(path: str) -> str:
     return rendered
 
 
-def _wall() -> float:
-    """Wall time for log timestamps only (what logging itself stamps records with)."""
-    return _time.time()
+#: wall time for log timestamps only (what logging itself stamps records with); the C function
+#: itself, no Python call around it, as an access line is written per request
+_wall = _time.time

@@ -121,6 +121,31 @@ async def test_http10_keep_alive_is_announced_and_honoured(make_sidecar: MakeSid
     writer.close()
 
 
+async def test_each_http_version_is_answered_as_such(make_sidecar: MakeSidecar) -> None:
+    """The version llhttp read decides: HTTP/1.1 (with or without a Connection field) stays
+    open unannounced; 1.0 and 2.0 without keep-alive (1.0 needs no Host) are answered with
+    ``Connection: close`` and closed; a version llhttp does not read (1.2) is a 400."""
+    sidecar = await make_sidecar()
+    reader, writer = await connect(sidecar.proxy_port)
+    for extra in (b"", b"Connection: keep-alive\r\n", b"Connection: x-other\r\n"):
+        writer.write(b"GET /status/200 HTTP/1.1\r\nHost: localhost\r\n" + extra + b"\r\n")
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200"), extra
+        assert b"Connection:" not in head, extra
+    writer.close()
+    for request, status in (
+        (b"GET /status/200 HTTP/1.0\r\n\r\n", b"200"),
+        (b"GET /status/200 HTTP/2.0\r\nHost: localhost\r\n\r\n", b"200"),
+        (b"GET /status/200 HTTP/1.2\r\nHost: localhost\r\n\r\n", b"400"),
+    ):
+        reader, writer = await connect(sidecar.proxy_port)
+        writer.write(request)
+        raw = await until_closed(reader)
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 " + status), (request, raw[:80])
+        assert b"Connection: close" in raw.partition(b"\r\n\r\n")[0], request
+
+
 async def test_http10_callers_are_never_sent_100_continue(make_sidecar: MakeSidecar) -> None:
     """An HTTP/1.0 request with ``Expect: 100-continue`` gets no interim answer: its first
     response line is the final one."""

@@ -21,6 +21,16 @@ def test_ids_are_version_4_uuids_and_never_repeat_across_batches() -> None:
     assert len(set(ids)) == len(ids)
 
 
+def test_ids_are_the_random_bytes_with_only_the_version_and_variant_bits_set() -> None:
+    """Each id is 16 bytes of the source in order, as uuid.UUID(bytes=..., version=4) renders
+    them: the batch is made without losing or reusing a random bit."""
+    raw = os.urandom(16 * 64)
+    pool = _RandomPool(lambda n: raw[:n])
+    made = [pool.new_id() for _ in range(64)][::-1]  # handed out from the end of the batch
+    expected = [str(uuid.UUID(bytes=raw[at : at + 16], version=4)) for at in range(0, 1024, 16)]
+    assert made == expected
+
+
 def test_traceparents_are_valid_and_never_repeat() -> None:
     made = [new_traceparent() for _ in range(1000)]
     assert all(valid_traceparent(t) for t in made)
@@ -45,8 +55,8 @@ def test_a_random_source_that_fails_once_fails_that_one_call_only() -> None:
     assert UUID4.fullmatch(pool.new_id())
     failures.append(OSError(11, "Resource temporarily unavailable"))
     with pytest.raises(OSError, match="temporarily unavailable"):
-        pool.trace_ids()
-    assert re.fullmatch(r"[0-9a-f]{48}", pool.trace_ids())
+        pool.traceparent_head()
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-", pool.traceparent_head())
 
 
 def test_a_forked_pool_forgets_the_ids_made_ahead() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gzip
 import os
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -209,6 +210,130 @@ async def test_upstream_trailers_never_become_headers(make_sidecar: MakeSidecar)
         if b"transfer-encoding: chunked" in head:
             body = dechunk(body)
         assert body == b"ok", answer_kind
+
+
+async def test_bytes_behind_a_whole_answer_in_the_same_read_never_reach_the_caller(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A second answer (or any bytes) written right behind a complete one is not parsed into it:
+    the caller gets the first answer exactly (its body, its reason), and the upstream connection
+    is not used again (the next request opens a new one)."""
+    first = b"HTTP/1.1 200 Fine\r\nContent-Length: 2\r\n\r\nhi"
+    for behind in (
+        b"HTTP/1.1 201 Other\r\nContent-Length: 3\r\nX-Second: 1\r\n\r\nbye",
+        b"HTTP/1.1 200 OK\r\nTransfer-Enc",  # half a head
+        b"garbage",
+    ):
+
+        async def doubled(_request: RawRequest, answer: bytes = first + behind) -> bytes:
+            return answer
+
+        async with scripted_upstream(doubled) as upstream:
+            sidecar = await make_sidecar(upstream={"url": upstream.url})
+            request = b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            for _ in range(2):
+                raw = await exchange(sidecar.proxy_port, request, within=1)
+                head, body = split_answer(raw)
+                assert head.startswith(b"http/1.1 200 fine\r\n"), (behind, raw)
+                assert b"x-second" not in head, behind
+                assert body == b"hi", (behind, raw)
+            assert upstream.connections == 2, behind
+
+
+#: answers of every framing, by target: each one's body as the caller must get it
+FRAMED = {
+    "/small": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+    "/chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"abc",
+    ),
+    "/trailer": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nt\r\n0\r\nX-T: 1\r\n\r\n",
+        b"t",
+    ),
+    "/empty": (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+    "/interim": (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\ni",
+        b"i",
+    ),
+    # larger than one read: its later bytes bypass llhttp (see UpstreamConnection.data_received)
+    "/big": (b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"b" * 300000, b"b" * 300000),
+}
+
+
+async def test_a_pooled_connection_parses_each_answer_from_its_start(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """Answers of every framing (length, chunked, trailers, none, an interim 103, a body larger
+    than a read, a HEAD's) follow each other on the pooled upstream connections in every order
+    of pairs, and each reaches the caller exactly: nothing of one answer is parsed into the
+    next. (Two /big in a row: the second arrives whole while reading is paused for it; its
+    connection must read again once that body is taken, or the next answer times out.)"""
+
+    async def by_target(request: RawRequest) -> bytes:
+        if request.method == "HEAD":  # a length, and no body
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        return FRAMED[request.target][0]
+
+    order = [(a, b) for a in FRAMED for b in FRAMED]
+    async with scripted_upstream(by_target) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        async with aiohttp.ClientSession() as client:
+            for first, second in order:
+                for target in (first, second):
+                    async with client.get(proxy_url(sidecar, target)) as response:
+                        assert (target, await response.read()) == (target, FRAMED[target][1])
+                async with client.head(proxy_url(sidecar, first)) as response:
+                    assert response.status == 200, first
+        # the connections were reused (a HEAD's is not: llhttp cannot be told it has no body)
+        assert upstream.connections <= len(order) + 2
+
+
+async def test_a_request_the_upstream_dropped_on_a_pooled_connection_is_sent_again_once(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """A pooled connection the upstream closes on reading the next request (its keep-alive
+    timeout racing the request) costs the caller nothing: a request that can be sent again goes
+    once more on a new connection; a streamed body cannot, and is a 502."""
+    seen: list[int] = []
+
+    async def drop_second(request: RawRequest, _wire: Wire, _writer: asyncio.StreamWriter) -> bool:
+        seen.append(request.connection)
+        return seen.count(request.connection) == 2  # closed, unanswered
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"part"
+
+    async with scripted_upstream(on_head=drop_second) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):
+                async with client.get(proxy_url(sidecar, "/r")) as response:
+                    assert response.status == 200
+            assert upstream.connections == 2
+            async with client.post(proxy_url(sidecar, "/s"), data=chunks()) as response:
+                assert response.status == 502
+
+
+async def test_hop_by_hop_fields_of_the_upstreams_answer_stay_behind(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """The upstream's Connection header and the fields it names (RFC 9110 7.6.1), in any case
+    and over several lines, never reach the caller; its other fields do, names as sent."""
+    for connection in (b"keep-alive", b"close", b"Keep-Alive, X-Hop", b"x-hop"):
+        answer = (
+            b"HTTP/1.1 200 OK\r\nConnection: " + connection + b"\r\nConnection: X-Other\r\n"
+            b"X-Hop: 1\r\nx-other: 2\r\nKeep-Alive: timeout=5\r\nX-Kept: 3\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        raw = await relayed(make_sidecar, answer, b"/c")
+        head, body = split_answer(raw)
+        assert body == b"ok", connection
+        assert b"\r\nx-kept: 3" in head, connection
+        for gone in (b"x-other", b"keep-alive: timeout"):
+            assert gone not in head, (connection, head)
+        assert (b"x-hop" in head) == (b"hop" not in connection.lower()), (connection, head)
 
 
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(

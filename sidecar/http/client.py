@@ -69,10 +69,7 @@ class UpstreamResponse:
         conn = self._conn
         if not conn.complete or conn.failed:
             return None
-        body = b"".join(conn.chunks)
-        conn.chunks.clear()
-        conn.buffered = 0
-        return body
+        return conn.take_all()
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's
@@ -224,53 +221,46 @@ class UpstreamPool:
         conn = self._idle_connection()
         if conn is None:
             conn = await self._connect()
-        try:
-            return await self._exchange(conn, head, body, head_only, chunked, upgrade, on_continue)
-        except UpstreamUnavailable:
-            if not (conn.reused and not conn.got_bytes and replayable):
-                raise
-        conn = await self._connect()  # the pooled connection had gone stale
-        return await self._exchange(conn, head, body, head_only, chunked, upgrade, on_continue)
-
-    async def _exchange(
-        self,
-        conn: UpstreamConnection,
-        head: bytes,
-        body: Any,
-        head_only: bool,
-        chunked: bool,
-        upgrade: bool,
-        on_continue: Callable[[], None] | None,
-    ) -> UpstreamResponse:
-        transport = conn.transport
-        if transport is None:
-            raise UpstreamUnavailable("upstream connection is not open")
-        conn.begin(head_only, upgrade, on_continue)
-        writer: asyncio.Task[None] | None = None
-        if body is None:
-            transport.write(head)
-        elif isinstance(body, bytes):
-            transport.write(head + body)
-        else:
-            transport.write(head)
-            writer = conn._loop.create_task(self.send_body(conn, body, chunked=chunked))
-        # one sweeping timer for all exchanges rather than a timer each: less work per request
-        waiting = self._waiting
-        waiting[conn] = conn._loop.time() + self._head_timeout
-        if self._sweeper is None:
-            self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
-        try:
-            while (pending := conn.head_pending()) is not None:
-                await pending
-        except BaseException:
-            _abort(conn, writer)
-            raise
-        finally:
-            del waiting[conn]
-        if writer is not None and writer.done() and writer.exception() is not None:
-            _abort(conn, writer)
-            raise UpstreamUnavailable("sending the request body failed")
-        return UpstreamResponse(self, conn, writer, self._head_timeout)
+        # the exchange written out here rather than in a coroutine of its own: one frame less
+        # to create and to pass through at each wake-up, on every request
+        retried = False
+        while True:
+            try:
+                transport = conn.transport
+                if transport is None:
+                    raise UpstreamUnavailable("upstream connection is not open")
+                conn.begin(head_only, upgrade, on_continue)
+                writer: asyncio.Task[None] | None = None
+                if body is None:
+                    transport.write(head)
+                elif isinstance(body, bytes):
+                    transport.write(head + body)
+                else:
+                    transport.write(head)
+                    writer = conn._loop.create_task(self.send_body(conn, body, chunked=chunked))
+                # one sweeping timer for all exchanges rather than a timer each: less work per
+                # request
+                waiting = self._waiting
+                waiting[conn] = conn._loop.time() + self._head_timeout
+                if self._sweeper is None:
+                    self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
+                try:
+                    while (pending := conn.head_pending()) is not None:
+                        await pending
+                except BaseException:
+                    _abort(conn, writer)
+                    raise
+                finally:
+                    del waiting[conn]
+                if writer is not None and writer.done() and writer.exception() is not None:
+                    _abort(conn, writer)
+                    raise UpstreamUnavailable("sending the request body failed")
+                return UpstreamResponse(self, conn, writer, self._head_timeout)
+            except UpstreamUnavailable:
+                if retried or not (conn.reused and not conn.got_bytes and replayable):
+                    raise
+            retried = True
+            conn = await self._connect()  # the pooled connection had gone stale
 
     async def send_body(
         self,

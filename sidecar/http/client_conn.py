@@ -32,8 +32,46 @@ class _BadHead(UpstreamUnavailable):
     """A response head sidecar will not relay (raised inside llhttp callbacks)."""
 
 
+class _Surplus(Exception):
+    """Raised inside llhttp when bytes follow the complete response in the same read."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; carries one exchange at a time."""
+
+    # slots: attribute reads and writes are most of what the callbacks do, per answer
+    __slots__ = (
+        "_body_waiter",
+        "_drain_waiter",
+        "_error",
+        "_head_only",
+        "_head_waiter",
+        "_loop",
+        "_parser",
+        "_read_paused",
+        "_remaining",
+        "_spare",
+        "_unparsed",
+        "_until_close",
+        "_upgrade",
+        "_write_paused",
+        "buffered",
+        "chunks",
+        "closed",
+        "codings",
+        "complete",
+        "got_bytes",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "on_continue",
+        "reason",
+        "reused",
+        "status",
+        "tls",
+        "transport",
+        "tunnel",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -42,6 +80,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tls = False
         self._parser: httptools.HttpResponseParser | None = None
+        #: the parser of the last answer when llhttp itself saw that answer end, nothing after
+        #: it: at the start of a message, it parses the next exchange's answer (see begin)
+        self._spare: httptools.HttpResponseParser | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -69,6 +110,10 @@ class UpstreamConnection(asyncio.Protocol):
         #: bytes fed to llhttp since it last gave body bytes: what it (and httptools) may hold
         #: as an unfinished head, trailer or chunk line; bounded by MAX_HEAD
         self._unparsed = 0
+        #: the answer's body is delimited by the end of the connection
+        self._until_close = False
+        #: body bytes still to come of a Content-Length answer (0: none, or not counted)
+        self._remaining = 0
 
     # -- asyncio.Protocol
 
@@ -99,6 +144,12 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _Surplus):
+                # the response is whole; what follows it was never asked for: dropped unread,
+                # and the connection is not used again (as at a later read, see above)
+                self.keep_alive = False
+                self._parser = self._spare = None
+                return
             if isinstance(cause, _BadHead):
                 self.fail(cause)
             else:
@@ -146,6 +197,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # a second answer (or anything) behind the whole first one in the same read: llhttp
+            # would parse it on, into this exchange's reason, headers and body
+            raise _Surplus
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
 
@@ -185,12 +242,18 @@ class UpstreamConnection(asyncio.Protocol):
         # an Upgrade answered without switching: the connection saw a request the upstream may
         # read differently from us; never use it again
         self.keep_alive = bool(parser.should_keep_alive()) and not self._upgrade
-        lengths: list[bytes] = []
+        length = None  # the first Content-Length value, and how many there are
+        lengths = 0
         encoded: list[bytes] = []
         for name, value in self.headers:
+            size = len(name)
+            if size != 14 and size != 17:
+                continue  # neither Content-Length nor Transfer-Encoding: not lowered
             lname = name.lower()
             if lname == b"content-length":
-                lengths.append(value)
+                lengths += 1
+                if length is None:
+                    length = value
             elif lname == b"transfer-encoding":
                 encoded.append(value)
         bodiless = status in (204, 304)
@@ -201,9 +264,9 @@ class UpstreamConnection(asyncio.Protocol):
                 # RFC 9112 6.3: a final coding other than chunked is delimited by the close
                 self._until_close = True
             self.codings = b", ".join(c for c in codings if c != b"chunked")
-        if len(lengths) == 1 and not encoded and not bodiless and not self._head_only:
+        if lengths == 1 and length is not None and not (encoded or bodiless or self._head_only):
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
-            self._remaining = int(lengths[0])
+            self._remaining = int(length)
         self.head_done = True
         wake(self._head_waiter)
         if self._head_only:
@@ -220,11 +283,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
-        wake(self._body_waiter)
+        if self._body_waiter is not None:  # (no call at all for a body nobody waits for yet)
+            wake(self._body_waiter)
 
     def on_message_complete(self) -> None:
         if self.status == 0 or self.tunnel:
             return  # the end of an informational answer, or of the head before a tunnel
+        # llhttp read this answer to its end and stands at the start of the next message: it
+        # can parse the next answer, unless bytes follow in this read (on_message_begin drops it)
+        self._spare = self._parser
         self._message_complete()
 
     def _length_delimited(self, data: bytes) -> None:
@@ -241,17 +308,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange
 
-    _until_close = False
-    #: body bytes still to come of a Content-Length response (0: none, or not counted)
-    _remaining = 0
-
     def _message_complete(self) -> None:
         if self.complete:
             return
         self.complete = True
         self._parser = None
-        wake(self._head_waiter)
-        wake(self._body_waiter)
+        if not self.head_done:
+            wake(self._head_waiter)
+        if self._body_waiter is not None:
+            wake(self._body_waiter)
 
     @property
     def failed(self) -> bool:
@@ -267,7 +332,7 @@ class UpstreamConnection(asyncio.Protocol):
         False."""
         if self._error is None:
             self._error = error
-        self._parser = None
+        self._parser = self._spare = None
         if close and self.transport is not None:
             self.transport.abort()
         self.closed = True
@@ -287,7 +352,13 @@ class UpstreamConnection(asyncio.Protocol):
         upgrade: bool = False,
         on_continue: Callable[[], None] | None = None,
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        """Start an exchange: parse the answer to the request about to be sent. The parser of
+        the previous answer goes on when llhttp saw that answer end cleanly with nothing
+        behind it (a connection is reused only then, see UpstreamResponse.release); else a
+        fresh one (the body went past llhttp, the answer was cut short, to a HEAD...)."""
+        parser = self._spare
+        self._spare = None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
         self.tunnel = False
@@ -326,6 +397,18 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamUnavailable("upstream closed the connection")
         waiter = self._head_waiter = self._loop.create_future()
         return waiter
+
+    def take_all(self) -> bytes:
+        """The body bytes received and not yet taken, all at once; reading resumes if it had
+        paused for them (a connection pooled while paused would never read its next answer)."""
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
+        chunks.clear()
+        self.buffered = 0
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return body
 
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end of the body."""

@@ -47,6 +47,8 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: after its last answer, a connection drops what the caller still sends for this many deadline
 #: sweeps before closing (a close with unread bytes resets it: the caller could lose the answer)
 LINGER_TICKS = 2
+#: the usual method names as llhttp hands them over, decoded once
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 #: answers one request completely; the front closes the connection when it raises
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -354,7 +356,9 @@ class FrontProtocol(asyncio.Protocol):
             raise RefusedRequest(
                 "request parsed without a parser", status=500, code="internal_error"
             )
-        return Request(self, parser.get_method().decode("ascii"), self._url.decode("latin-1"))
+        raw = parser.get_method()
+        method = _METHODS.get(raw) or raw.decode("ascii")
+        return Request(self, method, self._url.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         """llhttp: the head is complete: queue the request, open its body stream."""
@@ -367,18 +371,29 @@ class FrontProtocol(asyncio.Protocol):
         if request is None:  # a request without any header line
             request = self._parsing = self._new_request()
         self._in_head = False
-        request.version = parser.get_http_version()
-        request.keep_alive = bool(parser.should_keep_alive())
+        keep_alive = request.keep_alive = bool(parser.should_keep_alive())
         request.upgrade = bool(parser.should_upgrade())
-        # the framing fields in one pass over the head (the first of each, as Request.header)
+        # the framing fields in one pass over the head (the first of each, as Request.header);
+        # only names as long as Content-Length, Transfer-Encoding or Connection are lowered
         length = coding = None
+        connection = False
         for name, value in request.headers:
+            size = len(name)
+            if size != 14 and size != 17 and size != 10:
+                continue
             lname = name.lower()
             if lname == b"content-length":
                 if length is None:
                     length = value
-            elif lname == b"transfer-encoding" and coding is None:
-                coding = value
+            elif lname == b"transfer-encoding":
+                if coding is None:
+                    coding = value
+            elif lname == b"connection":
+                connection = True
+        # llhttp keeps a request without a Connection field alive only when it is HTTP/1.1 (the
+        # versions it reads are 0.9, 1.0, 1.1 and 2.0, and only x.y with x, y > 0 is kept alive
+        # by default): then the version is known without asking (get_http_version formats it)
+        request.version = "1.1" if keep_alive and not connection else parser.get_http_version()
         if length is not None:
             request.length = int(length)
         if (length is not None and request.length) or coding:
@@ -497,7 +512,7 @@ class FrontProtocol(asyncio.Protocol):
                     server.in_flight -= 1
                     self.current = None
                     self._idle_since = server.ticks
-                    if server.in_flight == 0:
+                    if server.in_flight == 0 and server.idle is not None:
                         wake(server.idle)
                 body = item.body
                 if (

@@ -15,10 +15,10 @@ from sidecar.http.wire import (
     CHUNK,
     CHUNKED,
     CLOSE,
-    CONTENT_LENGTH,
     CONTINUE,
     KEEP_ALIVE,
     STATUS_HEAD,
+    WHOLE,
 )
 
 
@@ -175,21 +175,30 @@ class Request:
 
     def respond(self, status: int, reason: str, head: bytes, body: bytes) -> None:
         """Answer in one write (one send to the socket), with a Content-Length."""
-        if status not in (204, 304):
-            head += CONTENT_LENGTH % len(body)
+        length = len(body)
         if self.method == "HEAD":
             body = b""
         self.sent = len(body)
-        self.conn.write(self._head(status, reason, head) + body)
+        connection = self._connection(status)
+        encoded = _REASONS.get(reason) or _reason_bytes(reason)
+        if status in (204, 304):  # no Content-Length (RFC 9110 8.6)
+            self.conn.write(STATUS_HEAD % (status, encoded, head + connection) + body)
+        else:
+            self.conn.write(WHOLE % (status, encoded, head, length, connection, body))
 
     def start(self, status: int, reason: str, head: bytes, *, chunked: bool) -> None:
         """Write the response head of a streamed answer (chunked when asked and possible)."""
         if chunked:
             head += CHUNKED
-        self.conn.write(self._head(status, reason, head))
+        head += self._connection(status)
+        encoded = _REASONS.get(reason) or _reason_bytes(reason)
+        self.conn.write(STATUS_HEAD % (status, encoded, head))
 
-    def _head(self, status: int, reason: str, head: bytes) -> bytes:
+    def _connection(self, status: int) -> bytes:
+        """The answer with ``status`` begins: the Connection line it needs, if any."""
         body = self.body
+        self.status = status
+        self.started = True
         if status != 101 and (
             not self.keep_alive
             or self.conn.closing_after_response
@@ -197,14 +206,11 @@ class Request:
             or (body is not None and not body.done)
         ):
             self.keep_alive = False
-            head += CLOSE
-        elif self.version == "1.0" and status != 101:
+            return CLOSE
+        if self.version == "1.0" and status != 101:
             # HTTP/1.0 keeps a connection only when told so (RFC 9112 9.3, appendix C.2.2)
-            head += KEEP_ALIVE
-        self.status = status
-        self.started = True
-        encoded = _REASONS.get(reason) or _reason_bytes(reason)
-        return STATUS_HEAD % (status, encoded, head)
+            return KEEP_ALIVE
+        return b""
 
     async def send(self, data: bytes, chunked: bool = False) -> None:
         """Write body bytes (as one chunk when ``chunked``), waiting while the caller's side is

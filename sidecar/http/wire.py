@@ -39,6 +39,9 @@ HOP_BY_HOP = frozenset(
 
 #: a response's status line and header lines: ``% (status, reason, header lines)``
 STATUS_HEAD = b"HTTP/1.1 %d %b\r\n%b\r\n"
+#: a whole response with its Content-Length, in one formatting: ``% (status, reason, header
+#: lines, body length, the Connection line or nothing, body)``
+WHOLE = b"HTTP/1.1 %d %b\r\n%bContent-Length: %d\r\n%b\r\n%b"
 #: a body's framing line: its length (``% length``), streamed chunked, or none (RFC 9112 6)
 CONTENT_LENGTH = b"Content-Length: %d\r\n"
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -160,7 +163,7 @@ def check_target(raw_path: str) -> None:
             status=400,
             code="target_refused",
         )
-    path = raw_path.split("?", 1)[0]
+    path = raw_path.split("?", 1)[0] if "?" in raw_path else raw_path
     if "." not in path and "%" not in path and path.isascii():
         return  # no dot segment can hide in it (the common case, checked without decoding)
     # twice: %252e%252e decodes to .. at a lenient upstream; then the overlong UTF-8 forms of
@@ -270,23 +273,41 @@ def response_head(
     lines: list[bytes] = []
     append = lines.append
     listed: set[bytes] | None = None
+    relocated = False
+    # a name whose length is none of those looked for is passed on without lower-casing it
+    sizes = _SIZES.get(drop) or _sizes(drop)
     for field in raw:
-        lname = field[0].lower()
-        if lname in drop:
-            if lname == b"connection":
-                tokens = listed_fields(field[1])
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            continue
+        if len(field[0]) in sizes:
+            lname = field[0].lower()
+            if lname in drop:
+                # "keep-alive" and "close" (as nearly every upstream writes them) name no field
+                if lname == b"connection" and field[1] not in _PLAIN_CONNECTION:
+                    tokens = listed_fields(field[1])
+                    if tokens:
+                        listed = tokens if listed is None else listed | tokens
+                continue
+            if lname in _RELOCATED:
+                relocated = True
         append(b": ".join(field))
     if listed:
         lines = without_fields(lines, listed)
     lines.append(b"")  # each line ends in CRLF (none at all without a line)
     head = b"\r\n".join(lines)
-    # one search of the whole head rather than a test per header: few answers carry a Location
-    if relocation is not None and b"location:" in head.lower():
+    if relocated and relocation is not None:
         return relocation.head(head, request_headers)
     return head
+
+
+#: the lengths of the names response_head lowers and looks up, per set of names dropped (the
+#: module's DROP and DROP_WITH_LENGTH in practice)
+_SIZES: dict[frozenset[bytes], frozenset[int]] = {}
+
+
+def _sizes(drop: frozenset[bytes]) -> frozenset[int]:
+    sizes = frozenset(len(name) for name in drop | _RELOCATED)
+    if len(_SIZES) < 16:
+        _SIZES[drop] = sizes
+    return sizes
 
 
 #: RFC 6750 3.1: the upstream says the token itself was refused (expired, revoked, malformed)

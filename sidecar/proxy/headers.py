@@ -56,7 +56,7 @@ class _RandomPool:
         self._source = source
         self._buffer = b""
         self._pos = 0
-        #: request ids and trace + span ids (48 hex digits) made ahead, a batch at a time
+        #: request ids and traceparents without their flags made ahead, a batch at a time
         self._ids: list[str] = []
         self._traces: list[str] = []
         os.register_at_fork(after_in_child=self.reset)
@@ -77,30 +77,64 @@ class _RandomPool:
         self._pos = pos + n
         return self._buffer[pos : pos + n]
 
-    def new_id(self) -> str:
+    def new_id(self, _values: object = None, _creds: object = None) -> str:
         """A random UUID (version 4, RFC 9562 5.4) as text, from a batch of 64 made from 1 KiB
         of random bytes: ``str(uuid.uuid4())`` costs several times more, and this runs once or
-        twice per proxied request."""
+        twice per proxied request. Also a :data:`Getter` of a generated header (its arguments
+        unused): called as it is, without a lambda around it."""
         ids = self._ids
         if not ids:
-            text = self._source(1024).hex()
-            # the version nibble is 4; the variant nibble's top bits are 10 (8, 9, a or b)
-            ids.extend(
-                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                for h in (text[at : at + 32] for at in range(0, 2048, 32))
-            )
+            ids.extend(_uuid_texts(self._source(16 * _BATCH)))
         return ids.pop()
 
-    def trace_ids(self) -> str:
-        """A trace id and a span id (48 random hex digits), from a batch of 64."""
-        traces = self._traces
-        if not traces:
-            text = self._source(24 * 64).hex()
-            traces.extend(text[at : at + 48] for at in range(0, 48 * 64, 48))
-        return traces.pop()
+    def traceparent_head(self) -> str:
+        """``00-<trace id>-<span id>-`` (random, 32 and 16 hex digits): a traceparent without
+        its flags, from a batch of 64."""
+        heads = self._traces
+        if not heads:
+            heads.extend(_traceparent_heads(self._source(27 * _BATCH)))
+        return heads.pop()
 
 
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+#: ids made per batch
+_BATCH = 64
+#: a byte with the version bits of a random UUID (4) set, and with the variant bits (10)
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT_10 = bytes((b & 0x3F) | 0x80 for b in range(256))
+_SPACES = b" " * _BATCH
+_ZEROS = b"0" * _BATCH
+_DASHES = b"-" * _BATCH
+
+
+def _uuid_texts(raw: bytes) -> list[str]:
+    """Random UUIDs as text, one per 16 bytes of ``raw``: a few operations on the whole batch
+    instead of slicing and formatting each id (several times cheaper per id)."""
+    count = len(raw) // 16
+    buf = bytearray(raw)
+    buf[6::16] = buf[6::16].translate(_VERSION_4)
+    buf[8::16] = buf[8::16].translate(_VARIANT_10)
+    # per id: 8 groups of 4 hex digits, each followed by "-" (but the last id's last): the dashes
+    # between groups 1|2, 6|7 and 7|8 go (from the right, so the earlier offsets hold), the one
+    # after each id becomes a space to split at
+    text = bytearray(buf.hex("-", 2), "ascii")
+    del text[34::40]
+    del text[29::39]
+    del text[4::38]
+    text[36::37] = _SPACES[: count - 1]
+    return text.decode("ascii").split()
+
+
+def _traceparent_heads(raw: bytes) -> list[str]:
+    """``00-<32 hex>-<16 hex>-`` strings, one per 27 bytes of ``raw`` (54 hex digits, of which
+    the version, the dashes and a separator overwrite 6)."""
+    count = len(raw) // 27
+    text = bytearray(raw.hex(), "ascii")
+    text[0::54] = text[1::54] = _ZEROS[:count]
+    text[2::54] = text[35::54] = text[52::54] = _DASHES[:count]
+    text[53::54] = _SPACES[:count]
+    return text.decode("ascii").split()
+
+
 _pool = _RandomPool()
 _random = _pool.take
 #: a fresh random UUID (version 4) as text
@@ -109,8 +143,7 @@ new_id = _pool.new_id
 
 def new_traceparent(sampled: bool = True) -> str:
     """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
-    ids = _pool.trace_ids()
-    return f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
+    return _pool.traceparent_head() + ("01" if sampled else "00")
 
 
 def caller_sampled(value: str | None, default: bool) -> bool:
@@ -148,8 +181,10 @@ class HeaderRules:
 
     __slots__ = (
         "_cookies",
-        "_plan",
         "_plan_for",
+        "_sizes",
+        "_steps",
+        "_tail",
         "_values",
         "captured",
         "dropped_b",
@@ -170,6 +205,9 @@ class HeaderRules:
         cookies: SessionCookies | None = None,
     ) -> None:
         self.dropped_b = frozenset(n.encode() for n in dropped)
+        #: the lengths of the dropped names: a caller's header of any other length is passed on
+        #: without lower-casing its name (its "_" spelling is as long as its "-" one)
+        self._sizes = frozenset(len(n) for n in self.dropped_b)
         #: (header prefix, getter, 1 for X-Request-ID, 2 for traceparent, else 0, and whether
         #: the value is the same for every request of one credentials snapshot)
         self.managed_b = tuple(
@@ -183,9 +221,11 @@ class HeaderRules:
         self._values = values or SessionValues({})
         self._cookies = cookies
         #: the lines after the caller's for one credentials snapshot: those the same for each of
-        #: its requests rendered once (bytes), the others (prefix, getter, kind) in their place
+        #: its requests rendered once, before each line made per request (the lines before it,
+        #: its prefix, getter and kind) and after the last (the tail)
         self._plan_for: Credentials | None = None
-        self._plan: tuple[bytes | tuple[bytes, Getter, int], ...] = ()
+        self._steps: tuple[tuple[bytes, bytes, Getter, int], ...] = ()
+        self._tail = b""
 
     @classmethod
     def compile(
@@ -224,7 +264,7 @@ class HeaderRules:
                 captured.add(name.lower())
 
         if config.request_id == "generate":
-            own(REQUEST_ID, lambda _h, _c: new_id())
+            own(REQUEST_ID, _pool.new_id)
         elif config.request_id == "propagate":
             own(REQUEST_ID, lambda h, _c: h.get("x-request-id") or new_id(), True)
 
@@ -287,16 +327,15 @@ class HeaderRules:
                 out.append((name, value))
         return out
 
-    def _plan_of(self, creds: Credentials) -> tuple[bytes | tuple[bytes, Getter, int], ...]:
+    def _plan_of(self, creds: Credentials) -> None:
         """Authorization, the managed headers and the static ones for ``creds``, in their order:
         runs of lines the same for every request rendered into one bytes each."""
-        plan: list[bytes | tuple[bytes, Getter, int]] = []
+        steps: list[tuple[bytes, bytes, Getter, int]] = []
         run = [f"Authorization: {creds.authorization}\r\n".encode()]
         for prefix, getter, kind, per_session in self.managed_b:
             if not per_session:
-                plan.append(b"".join(run))
+                steps.append((b"".join(run), prefix, getter, kind))
                 run = []
-                plan.append((prefix, getter, kind))
                 continue
             made = getter(_NO_VALUES, creds)
             if made is not None:
@@ -304,8 +343,9 @@ class HeaderRules:
         run.append(self.static_block)
         for header, text in self._session_static(creds):
             run.append(f"{header}: {text}\r\n".encode("latin-1"))
-        plan.append(b"".join(run))
-        return tuple(p for p in plan if p)
+        self._steps = tuple(steps)
+        self._tail = b"".join(run)
+        self._plan_for = creds
 
     def head(
         self,
@@ -326,7 +366,11 @@ class HeaderRules:
         captured_names = self.captured
         captured: dict[str, str] = {}
         listed: bytes | None = None
+        sizes = self._sizes
         for name, value in raw_headers:
+            if len(name) not in sizes:
+                append(name + b": " + value + b"\r\n")
+                continue
             lname = name.lower()
             if lname in dropped:
                 if lname in captured_names:
@@ -349,21 +393,21 @@ class HeaderRules:
             parts = [parts[0], *without_fields(parts[1:], names)]
             append = parts.append
         if creds is not self._plan_for:
-            self._plan = self._plan_of(creds)
-            self._plan_for = creds
+            self._plan_of(creds)
         request_id = traceparent = None
-        for step in self._plan:
-            if isinstance(step, bytes):
-                append(step)
-                continue
-            prefix, getter, kind = step
+        for before, prefix, getter, kind in self._steps:
+            if before:
+                append(before)
             made = getter(captured, creds)
             if made is not None:
                 if kind == 1:
                     request_id = made
                 elif kind == 2:
                     traceparent = made
-                append(prefix + made.encode("latin-1") + b"\r\n")
+                append(prefix)  # (three parts for the join: cheaper than two concatenations)
+                append(made.encode("latin-1"))
+                append(b"\r\n")
+        append(self._tail)
         if self._cookies is not None:
             path = request_line.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
             cookie = self._cookies.header(captured.get("cookie"), creds, path)
@@ -384,7 +428,7 @@ def _propagate_or_generate(mode: str, name: str, otherwise: Getter) -> Getter:
     if mode == "propagate":
         return lambda h, _c: h.get(name) or new_id()
     if mode == "generate":
-        return lambda _h, _c: new_id()
+        return _pool.new_id
     return otherwise
 
 
