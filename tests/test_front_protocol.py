@@ -148,16 +148,26 @@ async def test_each_http_version_is_answered_as_such(make_sidecar: MakeSidecar) 
 
 async def test_http10_callers_are_never_sent_100_continue(make_sidecar: MakeSidecar) -> None:
     """An HTTP/1.0 request with ``Expect: 100-continue`` gets no interim answer: its first
-    response line is the final one."""
+    response line is the final one. ``Proxy-Connection: keep-alive`` (which llhttp reads as
+    Connection, and older clients send to proxies) keeps it alive, and it is still 1.0."""
     sidecar = await make_sidecar()
-    reader, writer = await connect(sidecar.proxy_port)
-    writer.write(b"POST /echo HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
-    await asyncio.sleep(0.2)
-    writer.write(b"abc")
-    raw = await until_closed(reader)
-    writer.close()
-    assert raw.startswith(b"HTTP/1.1 200"), raw[:40]
-    assert b"100 Continue" not in raw
+    for extra, stays_open in ((b"", False), (b"Proxy-Connection: keep-alive\r\n", True)):
+        reader, writer = await connect(sidecar.proxy_port)
+        writer.write(
+            b"POST /echo HTTP/1.0\r\n" + extra + b"Content-Length: 3\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await asyncio.sleep(0.2)
+        writer.write(b"abc")
+        if stays_open:
+            head, body = await read_response(reader)
+            raw = head + b"\r\n\r\n" + body
+            assert b"Connection: keep-alive" in head, head
+        else:
+            raw = await until_closed(reader)
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200"), (extra, raw[:40])
+        assert b"100 Continue" not in raw, extra
 
 
 async def test_a_caller_that_half_closes_after_its_request_gets_the_answer(

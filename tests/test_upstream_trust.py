@@ -290,17 +290,24 @@ async def test_a_pooled_connection_parses_each_answer_from_its_start(
         assert upstream.connections <= len(order) + 2
 
 
-async def test_a_request_the_upstream_dropped_on_a_pooled_connection_is_sent_again_once(
+async def test_a_dropped_request_is_sent_again_once_only_when_that_is_harmless(
     make_sidecar: MakeSidecar,
 ) -> None:
     """A pooled connection the upstream closes on reading the next request (its keep-alive
-    timeout racing the request) costs the caller nothing: a request that can be sent again goes
-    once more on a new connection; a streamed body cannot, and is a 502."""
+    timeout racing the request) costs the caller nothing when sending it twice is harmless: an
+    idempotent request goes once more on a new connection. A streamed body cannot be sent
+    again, and a POST must not be (the upstream may have acted on it before closing, RFC 9110
+    9.2.2): each is a 502, and the upstream saw it once."""
     seen: list[int] = []
 
-    async def drop_second(request: RawRequest, _wire: Wire, _writer: asyncio.StreamWriter) -> bool:
+    async def drop_second(request: RawRequest, wire: Wire, _writer: asyncio.StreamWriter) -> bool:
         seen.append(request.connection)
-        return seen.count(request.connection) == 2  # closed, unanswered
+        if seen.count(request.connection) != 2:
+            return False
+        length = int(request.header("Content-Length") or 0)
+        if length:
+            request.body = await wire.readexactly(length)  # read whole, then closed unanswered
+        return True
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"part"
@@ -314,6 +321,12 @@ async def test_a_request_the_upstream_dropped_on_a_pooled_connection_is_sent_aga
             assert upstream.connections == 2
             async with client.post(proxy_url(sidecar, "/s"), data=chunks()) as response:
                 assert response.status == 502
+            async with client.get(proxy_url(sidecar, "/warm")) as response:
+                assert response.status == 200
+            async with client.post(proxy_url(sidecar, "/pay"), data=b"amount=100") as response:
+                assert response.status == 502
+        posts = [r.body for r in upstream.requests if r.target == "/pay"]
+        assert posts == [b"amount=100"], posts
 
 
 async def test_hop_by_hop_fields_of_the_upstreams_answer_stay_behind(
@@ -334,6 +347,38 @@ async def test_hop_by_hop_fields_of_the_upstreams_answer_stay_behind(
         for gone in (b"x-other", b"keep-alive: timeout"):
             assert gone not in head, (connection, head)
         assert (b"x-hop" in head) == (b"hop" not in connection.lower()), (connection, head)
+
+
+async def test_a_connection_list_naming_content_length_leaves_the_framing(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """``Connection: Content-Length`` from the upstream does not strip the length the caller
+    needs to find the end of the answer (a streamed one: the body arrives in two parts), so a
+    pipelined second request's answer is not taken for more of the first body."""
+
+    async def on_head(request: RawRequest, _wire: Wire, writer: asyncio.StreamWriter) -> bool:
+        if request.target != "/first":
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 10\r\n\r\n")
+        writer.write(b"hello")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"world")
+        return True
+
+    async with scripted_upstream(on_head=on_head) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
+        writer.write(
+            b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /second HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        head, _, rest = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n\r\n")
+        assert b"\r\nContent-Length: 10" in head, head
+        assert await asyncio.wait_for(reader.readexactly(10), 2) == b"helloworld"
+        second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert second.startswith(b"HTTP/1.1 200"), second
+        writer.close()
 
 
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(

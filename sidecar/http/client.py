@@ -200,13 +200,16 @@ class UpstreamPool:
         chunked: bool = False,
         upgrade: bool = False,
         on_continue: Callable[[], None] | None = None,
+        idempotent: bool = True,
     ) -> UpstreamResponse:
         """Send one request and wait for the response head.
 
         ``head`` is the complete request head (request line, headers, blank line). ``body`` is
         bytes (sent with the head in one write), an async iterator of chunks (streamed, framed
         chunked when ``chunked``), or None. A request on a reused connection that the server had
-        already closed is retried once on a fresh one when its body can be sent again.
+        already closed is retried once on a fresh one when its body can be sent again and the
+        request is ``idempotent``: the upstream may have acted on a request before closing, and a
+        proxy must not send a non-idempotent one twice on its own (RFC 9110 9.2.2).
 
         With ``upgrade``, a 101 answer turns the connection into a raw tunnel: the caller's side
         of it starts with :meth:`UpstreamResponse.start_tunnel`, only after the 101, and the
@@ -217,7 +220,7 @@ class UpstreamPool:
         streamed body moves, each chunk sent starts it again (an idle deadline of the same
         length), so a slow upload that keeps moving is not cut for taking long.
         """
-        replayable = not hasattr(body, "__aiter__")
+        replayable = idempotent and not hasattr(body, "__aiter__")
         conn = self._idle_connection()
         if conn is None:
             conn = await self._connect()

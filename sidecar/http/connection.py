@@ -374,12 +374,13 @@ class FrontProtocol(asyncio.Protocol):
         keep_alive = request.keep_alive = bool(parser.should_keep_alive())
         request.upgrade = bool(parser.should_upgrade())
         # the framing fields in one pass over the head (the first of each, as Request.header);
-        # only names as long as Content-Length, Transfer-Encoding or Connection are lowered
+        # only names as long as Content-Length, Transfer-Encoding, Connection or
+        # Proxy-Connection are lowered
         length = coding = None
         connection = False
         for name, value in request.headers:
             size = len(name)
-            if size != 14 and size != 17 and size != 10:
+            if size != 14 and size != 17 and size != 10 and size != 16:
                 continue
             lname = name.lower()
             if lname == b"content-length":
@@ -388,11 +389,13 @@ class FrontProtocol(asyncio.Protocol):
             elif lname == b"transfer-encoding":
                 if coding is None:
                     coding = value
-            elif lname == b"connection":
+            elif lname == b"connection" or lname == b"proxy-connection":
                 connection = True
         # llhttp keeps a request without a Connection field alive only when it is HTTP/1.1 (the
         # versions it reads are 0.9, 1.0, 1.1 and 2.0, and only x.y with x, y > 0 is kept alive
-        # by default): then the version is known without asking (get_http_version formats it)
+        # by default): then the version is known without asking (get_http_version formats it).
+        # llhttp reads Proxy-Connection as Connection: a 1.0 request with
+        # "Proxy-Connection: keep-alive" is kept alive too, so either field means asking.
         request.version = "1.1" if keep_alive and not connection else parser.get_http_version()
         if length is not None:
             request.length = int(length)

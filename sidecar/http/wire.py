@@ -81,11 +81,13 @@ def body_head(length: int | None) -> bytes:
 
 def listed_fields(connection: bytes) -> set[bytes]:
     """The field names a Connection value lists (lower case): hop-by-hop like Connection itself,
-    never passed on (RFC 9110 7.6.1). ``close`` and ``keep-alive`` name no field."""
+    never passed on (RFC 9110 7.6.1). ``close`` and ``keep-alive`` name no field, and neither
+    does ``content-length``: it frames the message sidecar passes on (a response's is how the
+    caller finds its end; a request's is sidecar's own), whatever a peer lists."""
     names = set()
     for token in connection.split(b","):
         name = token.strip().lower()
-        if name not in _PLAIN_CONNECTION:
+        if name not in _NEVER_LISTED:
             names.add(name)
     return names
 
@@ -200,6 +202,8 @@ DROP_WITH_LENGTH = DROP | {b"content-length"}
 
 #: Connection tokens that name no other header (they are hop-by-hop themselves)
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+#: what a Connection list cannot make hop-by-hop (see listed_fields)
+_NEVER_LISTED = _PLAIN_CONNECTION | {b"content-length"}
 
 
 class Relocation:

@@ -415,6 +415,7 @@ class Proxy:
             chunked=chunked,
             upgrade=upgrade,
             on_continue=on_continue,
+            idempotent=request.method in IDEMPOTENT,
         )
 
     def _relay_whole(self, request: Request, upstream: UpstreamResponse) -> bool:
