@@ -381,6 +381,25 @@ async def test_a_connection_list_naming_content_length_leaves_the_framing(
         writer.close()
 
 
+async def test_bytes_behind_a_closing_answer_cost_the_caller_nothing(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """An answer with ``Connection: close`` and bytes behind it in the same read (what llhttp
+    calls data after close): the answer is relayed whole, the bytes are dropped with that
+    upstream connection, and the caller's connection goes on with its next request."""
+
+    async def closing(_request: RawRequest) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nokJUNK"
+
+    async with scripted_upstream(closing) as upstream:
+        sidecar = await make_sidecar(upstream={"url": upstream.url})
+        request = b"GET /c HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        raw = await exchange(sidecar.proxy_port, request * 2, within=1)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2, raw
+    assert b"JUNK" not in raw, raw
+    assert upstream.connections == 2
+
+
 async def test_oversized_upstream_heads_are_502_whatever_the_read_boundaries(
     make_sidecar: MakeSidecar,
 ) -> None:

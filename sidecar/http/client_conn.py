@@ -164,6 +164,12 @@ class UpstreamConnection(asyncio.Protocol):
             if rest:
                 self.on_body(rest)
         except httptools.HttpParserError as exc:
+            if self.complete and not self.failed:
+                # the answer is whole; llhttp refuses what follows it (bytes after an answer
+                # with "Connection: close"): dropped unread with the connection, as above
+                self.keep_alive = False
+                self._parser = self._spare = None
+                return
             self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
             return
         if self._unparsed > MAX_HEAD:
