@@ -67,7 +67,7 @@ class UpstreamResponse:
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""
         conn = self._conn
-        if not conn.complete or conn.failed:
+        if not conn.complete or conn._error is not None:  # (conn.failed, without its call)
             return None
         return conn.take_all()
 
@@ -149,7 +149,7 @@ class UpstreamPool:
     def put(self, conn: UpstreamConnection) -> None:
         if len(self._idle) < self._max_idle and not self._closed:
             conn.reused = True
-            conn.stop_parsing()
+            conn._parser = None  # (conn.stop_parsing(), without its call)
             self._idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
