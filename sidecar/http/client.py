@@ -184,13 +184,6 @@ class UpstreamPool:
             ) from exc
         return conn
 
-    def _idle_connection(self) -> UpstreamConnection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
-
     async def request(
         self,
         head: bytes,
@@ -221,7 +214,16 @@ class UpstreamPool:
         length), so a slow upload that keeps moving is not cut for taking long.
         """
         replayable = idempotent and not hasattr(body, "__aiter__")
-        conn = self._idle_connection()
+        # _idle_connection's statements (one call less per request): the newest idle
+        # connection still open, the closed ones dropped on the way
+        conn: UpstreamConnection | None = None
+        idle = self._idle
+        while idle:
+            candidate = idle.pop()
+            transport = candidate.transport
+            if not candidate.closed and transport is not None and not transport.is_closing():
+                conn = candidate
+                break
         if conn is None:
             conn = await self._connect()
         # the exchange written out here rather than in a coroutine of its own: one frame less

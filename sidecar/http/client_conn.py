@@ -274,7 +274,9 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
             self._remaining = int(length)
         self.head_done = True
-        wake(self._head_waiter)
+        waiter = self._head_waiter  # wake()'s statements (one call less per answer)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self._head_only:
             self.keep_alive = False  # llhttp cannot be told a HEAD answer has no body
             self._message_complete()
