@@ -401,19 +401,6 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._drain_waiter = None
 
-    def head_pending(self) -> asyncio.Future[None] | None:
-        """None once the response head is here; else a future to await before asking again.
-        Raises the exchange's error. (Not a coroutine: the exchange awaits the future itself,
-        one frame less per request.)"""
-        if self._error is not None:
-            raise self._error
-        if self.head_done:
-            return None
-        if self.closed and not self.complete:
-            raise UpstreamUnavailable("upstream closed the connection")
-        waiter = self._head_waiter = self._loop.create_future()
-        return waiter
-
     def take_all(self) -> bytes:
         """The body bytes received and not yet taken, all at once; reading resumes if it had
         paused for them (a connection pooled while paused would never read its next answer)."""
