@@ -69,7 +69,16 @@ class UpstreamResponse:
         conn = self._conn
         if not conn.complete or conn._error is not None:  # (conn.failed, without its call)
             return None
-        return conn.take_all()
+        # the connection's bytes taken in place (no call): reading resumes if it had paused
+        # for them (a connection pooled while paused would never read its next answer)
+        chunks = conn.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
+        chunks.clear()
+        conn.buffered = 0
+        if conn._read_paused and conn.transport is not None:
+            conn._read_paused = False
+            conn.transport.resume_reading()
+        return body
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's

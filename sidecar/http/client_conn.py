@@ -401,18 +401,6 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._drain_waiter = None
 
-    def take_all(self) -> bytes:
-        """The body bytes received and not yet taken, all at once; reading resumes if it had
-        paused for them (a connection pooled while paused would never read its next answer)."""
-        chunks = self.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
-        chunks.clear()
-        self.buffered = 0
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
-        return body
-
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end of the body."""
         while not self.chunks:
