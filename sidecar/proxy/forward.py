@@ -290,22 +290,7 @@ class Proxy:
                         on_continue = request.send_continue
             elif method in ("POST", "PUT", "PATCH"):
                 framing = NO_BODY
-            # _send's statements, in place (one call less per request)
-            head, request.request_id, request.traceparent = self._rules.head(
-                line, request.headers, creds, framing
-            )
-            pool = self._pool
-            if pool is None:
-                raise UpstreamUnavailable("the proxy is not started")
-            upstream = await pool.request(
-                head,
-                body,
-                head_only=request.method == "HEAD",
-                chunked=chunked,
-                upgrade=False,
-                on_continue=on_continue,
-                idempotent=request.method in IDEMPOTENT,
-            )
+            upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
             if upstream.status == 401 and replayable and self._may_replay(method, upstream):
                 fresh = await self._session.reactive_refresh(creds)
                 if fresh is not None:
