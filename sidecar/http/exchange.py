@@ -179,21 +179,7 @@ class Request:
         if self.method == "HEAD":
             body = b""
         self.sent = len(body)
-        # _connection written out (one call less per answer): the Connection line it needs
-        stream = self.body
-        self.status = status
-        self.started = True
-        if status != 101 and (
-            not self.keep_alive
-            or self.conn.closing_after_response
-            or (stream is not None and not stream.done)
-        ):
-            self.keep_alive = False
-            connection = CLOSE
-        elif self.version == "1.0" and status != 101:
-            connection = KEEP_ALIVE
-        else:
-            connection = b""
+        connection = self._connection(status)
         encoded = _REASONS.get(reason) or _reason_bytes(reason)
         if status in (204, 304):  # no Content-Length (RFC 9110 8.6)
             self.conn.write(STATUS_HEAD % (status, encoded, head + connection) + body)
@@ -209,8 +195,7 @@ class Request:
         self.conn.write(STATUS_HEAD % (status, encoded, head))
 
     def _connection(self, status: int) -> bytes:
-        """The answer with ``status`` begins: the Connection line it needs, if any. (:meth:`respond`
-        does the same in place.)"""
+        """The answer with ``status`` begins: the Connection line it needs, if any."""
         body = self.body
         self.status = status
         self.started = True

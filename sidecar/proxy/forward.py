@@ -296,24 +296,8 @@ class Proxy:
                 if fresh is not None:
                     upstream.release()
                     upstream = await self._send(request, line, fresh, framing, body, chunked)
-            # _relay_whole written out (one call less per request): a small answer that has
-            # fully arrived is passed on in one piece, else streamed
-            if self.capture_cookies is not None:
-                self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
-            whole = (
-                None
-                if upstream.codings or request.method == "HEAD"
-                else upstream.body_if_complete()
-            )
-            if whole is None:
+            if not self._relay_whole(request, upstream):
                 await self._relay(request, upstream)
-            else:
-                upstream.release()
-                code = upstream.status
-                head = response_head(
-                    upstream.headers, DROP_WITH_LENGTH, self._relocation, request.headers
-                )
-                request.respond(code, upstream.reason or reason_phrase(code), head, whole)
         except SidecarError as exc:
             if isinstance(exc, UpstreamError):
                 log.warning(
@@ -428,7 +412,7 @@ class Proxy:
     def _relay_whole(self, request: Request, upstream: UpstreamResponse) -> bool:
         """Pass the upstream's response on in one piece when it has fully arrived (a small
         answer: the common case, without a coroutine); False when it is to be streamed by
-        :meth:`_relay`. (:meth:`handle` does the same in place.)"""
+        :meth:`_relay`."""
         if self.capture_cookies is not None:
             self.capture_cookies(upstream.headers, self._prefix + request.raw_path)
         if upstream.codings or request.method == "HEAD":
