@@ -300,15 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
         # llhttp read this answer to its end and stands at the start of the next message: it
         # can parse the next answer, unless bytes follow in this read (on_message_begin drops it)
         self._spare = self._parser
-        # _message_complete written out (one call less per answer)
-        if self.complete:
-            return
-        self.complete = True
-        self._parser = None
-        if not self.head_done:
-            wake(self._head_waiter)
-        if self._body_waiter is not None:
-            wake(self._body_waiter)
+        self._message_complete()
 
     def _length_delimited(self, data: bytes) -> None:
         """More of a body whose Content-Length llhttp has read: the bytes are passed on as they

@@ -342,15 +342,8 @@ class FrontProtocol(asyncio.Protocol):
                     "headers and trailers too large", status=431, code="headers_too_large"
                 )
             return
-        if request is None:  # the head's first line: _new_request's statements, in place
-            parser = self._parser
-            if parser is None:  # llhttp calls back only while feeding: a broken invariant
-                raise RefusedRequest(
-                    "request parsed without a parser", status=500, code="internal_error"
-                )
-            raw = parser.get_method()
-            method = _METHODS.get(raw) or raw.decode("ascii")
-            request = self._parsing = Request(self, method, self._url.decode("latin-1"))
+        if request is None:
+            request = self._parsing = self._new_request()
         if len(request.headers) >= MAX_HEADERS:
             raise RefusedRequest("too many header fields", status=431, code="headers_too_large")
         if self._head_bytes > MAX_HEAD:
