@@ -67,9 +67,18 @@ class UpstreamResponse:
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""
         conn = self._conn
-        if not conn.complete or conn.failed:
+        if not conn.complete or conn._error is not None:  # (conn.failed, without its call)
             return None
-        return conn.take_all()
+        # the connection's bytes taken in place (no call): reading resumes if it had paused
+        # for them (a connection pooled while paused would never read its next answer)
+        chunks = conn.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
+        chunks.clear()
+        conn.buffered = 0
+        if conn._read_paused and conn.transport is not None:
+            conn._read_paused = False
+            conn.transport.resume_reading()
+        return body
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's
@@ -102,7 +111,14 @@ class UpstreamResponse:
             writer.cancel()
             reusable = False
         if reusable:
-            self._pool.put(conn)
+            # the pool's put() written out (one call less per request)
+            pool = self._pool
+            if len(pool._idle) < pool._max_idle and not pool._closed:
+                conn.reused = True
+                conn._parser = None  # (conn.stop_parsing(), without its call)
+                pool._idle.append(conn)
+            elif conn.transport is not None:
+                conn.transport.close()
         else:
             self.close()
 
@@ -146,14 +162,6 @@ class UpstreamPool:
         # a timeout fires at most a tenth of itself (and at most 0.1 s) late
         self._sweep_every = min(head_timeout / 10, 0.1)
 
-    def put(self, conn: UpstreamConnection) -> None:
-        if len(self._idle) < self._max_idle and not self._closed:
-            conn.reused = True
-            conn.stop_parsing()
-            self._idle.append(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
-
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
@@ -183,13 +191,6 @@ class UpstreamPool:
                 f"upstream connection failed: {exc.strerror or type(exc).__name__}"
             ) from exc
         return conn
-
-    def _idle_connection(self) -> UpstreamConnection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
 
     async def request(
         self,
@@ -221,7 +222,16 @@ class UpstreamPool:
         length), so a slow upload that keeps moving is not cut for taking long.
         """
         replayable = idempotent and not hasattr(body, "__aiter__")
-        conn = self._idle_connection()
+        # _idle_connection's statements (one call less per request): the newest idle
+        # connection still open, the closed ones dropped on the way
+        conn: UpstreamConnection | None = None
+        idle = self._idle
+        while idle:
+            candidate = idle.pop()
+            transport = candidate.transport
+            if not candidate.closed and transport is not None and not transport.is_closing():
+                conn = candidate
+                break
         if conn is None:
             conn = await self._connect()
         # the exchange written out here rather than in a coroutine of its own: one frame less
@@ -248,7 +258,16 @@ class UpstreamPool:
                 if self._sweeper is None:
                     self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
                 try:
-                    while (pending := conn.head_pending()) is not None:
+                    # the wait for the response head, in place (two calls fewer per request):
+                    # the exchange's error, else the head once here, else a future to await
+                    while True:
+                        if conn._error is not None:
+                            raise conn._error
+                        if conn.head_done:
+                            break
+                        if conn.closed and not conn.complete:
+                            raise UpstreamUnavailable("upstream closed the connection")
+                        pending = conn._head_waiter = conn._loop.create_future()
                         await pending
                 except BaseException:
                     _abort(conn, writer)

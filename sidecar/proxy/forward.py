@@ -224,7 +224,80 @@ class Proxy:
         metrics.request_started()
         made = False  # the status is sidecar's own answer, not the upstream's
         try:
-            await self._forward(request, unix)
+            self.callers.check(request, any_host=unix)
+            method = request.method
+            if method == "CONNECT":
+                raise RefusedRequest(
+                    "CONNECT is not supported: sidecar is not a forward proxy",
+                    status=405,
+                    code="connect_refused",
+                )
+            raw_path = request.raw_path
+            check_target(raw_path)
+            # the session snapshot when its token is valid (plain attribute reads), else
+            # CredentialSource.credentials waits for one
+            session = self._session
+            creds = session.current
+            now = self._clock.time()
+            if creds is not None and creds.usable_at(now):
+                session.last_api_call_at = now
+            else:
+                creds = await session.credentials()
+            line = (self._line % (method, raw_path)).encode("latin-1")
+            if request.upgrade:
+                if request.wants_websocket():
+                    await self._tunnel(request, line, creds)
+                    return
+                # any other switch (h2c, ...) would carry requests past our header rules: answered
+                # as plain HTTP/1.1 with its body (Upgrade is hop-by-hop, never forwarded), then the
+                # connection ends (the front read no further than that body)
+                request.keep_alive = False
+
+            replayable = True
+            chunked = False
+            body: Any = None
+            framing = b""
+            on_continue = None
+            stream = request.body
+            if stream is not None:
+                cfg = self._config
+                limit = cfg.max_request_body
+                length = request.length
+                if limit is not None and (length or 0) > limit:
+                    raise RefusedRequest(
+                        f"request body larger than {limit} bytes", status=413, code="body_too_large"
+                    )
+                # the caller waits for an interim 100 before sending its body (an HTTP/1.0
+                # request's expectation is ignored: no 1xx ever goes to it, RFC 9110 10.1.1)
+                expects = stream.expects_continue and not stream.done
+                if length is not None and length <= cfg.replay_body_limit:
+                    if expects:
+                        request.send_continue()  # buffered for a replay: we take the body
+                    body = await stream.read()
+                    framing = CONTENT_LENGTH % len(body)
+                else:
+                    body = stream if limit is None or length is not None else limited(stream, limit)
+                    replayable = False
+                    if length is None:
+                        chunked = True
+                        framing = CHUNKED
+                    else:
+                        framing = CONTENT_LENGTH % length
+                    if expects:
+                        # streamed: the upstream decides, so that its early refusal (413, 401)
+                        # reaches the caller before the body is sent; its 100 is relayed
+                        framing += EXPECT_CONTINUE
+                        on_continue = request.send_continue
+            elif method in ("POST", "PUT", "PATCH"):
+                framing = NO_BODY
+            upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
+            if upstream.status == 401 and replayable and self._may_replay(method, upstream):
+                fresh = await self._session.reactive_refresh(creds)
+                if fresh is not None:
+                    upstream.release()
+                    upstream = await self._send(request, line, fresh, framing, body, chunked)
+            if not self._relay_whole(request, upstream):
+                await self._relay(request, upstream)
         except SidecarError as exc:
             if isinstance(exc, UpstreamError):
                 log.warning(
@@ -293,88 +366,6 @@ class Proxy:
         head, body = error_parts(status, code, detail, request.request_id)
         request.respond(status, reason_phrase(status), head, body)
         return True
-
-    def _usable(self) -> Credentials | None:
-        """The session snapshot when its token is valid (a plain attribute read), else None:
-        then :meth:`CredentialSource.credentials` waits for one. Not a coroutine: the common
-        case needs no await."""
-        session = self._session
-        creds = session.current
-        now = self._clock.time()
-        if creds is not None and creds.usable_at(now):
-            session.last_api_call_at = now
-            return creds
-        return None
-
-    async def _forward(self, request: Request, unix: bool = False) -> None:
-        self.callers.check(request, any_host=unix)
-        method = request.method
-        if method == "CONNECT":
-            raise RefusedRequest(
-                "CONNECT is not supported: sidecar is not a forward proxy",
-                status=405,
-                code="connect_refused",
-            )
-        raw_path = request.raw_path
-        check_target(raw_path)
-        creds = self._usable()
-        if creds is None:
-            creds = await self._session.credentials()
-        line = (self._line % (method, raw_path)).encode("latin-1")
-        if request.upgrade:
-            if request.wants_websocket():
-                await self._tunnel(request, line, creds)
-                return
-            # any other switch (h2c, ...) would carry requests past our header rules: answered
-            # as plain HTTP/1.1 with its body (Upgrade is hop-by-hop, never forwarded), then the
-            # connection ends (the front read no further than that body)
-            request.keep_alive = False
-
-        replayable = True
-        chunked = False
-        body: Any = None
-        framing = b""
-        on_continue = None
-        stream = request.body
-        if stream is not None:
-            cfg = self._config
-            limit = cfg.max_request_body
-            length = request.length
-            if limit is not None and (length or 0) > limit:
-                raise RefusedRequest(
-                    f"request body larger than {limit} bytes", status=413, code="body_too_large"
-                )
-            # the caller waits for an interim 100 before sending its body (an HTTP/1.0
-            # request's expectation is ignored: no 1xx ever goes to it, RFC 9110 10.1.1)
-            expects = stream.expects_continue and not stream.done
-            if length is not None and length <= cfg.replay_body_limit:
-                if expects:
-                    request.send_continue()  # buffered for a replay: we take the body
-                body = await stream.read()
-                framing = CONTENT_LENGTH % len(body)
-            else:
-                body = stream if limit is None or length is not None else limited(stream, limit)
-                replayable = False
-                if length is None:
-                    chunked = True
-                    framing = CHUNKED
-                else:
-                    framing = CONTENT_LENGTH % length
-                if expects:
-                    # streamed: the upstream decides, so that its early refusal (413, 401)
-                    # reaches the caller before the body is sent; its 100 is relayed
-                    framing += EXPECT_CONTINUE
-                    on_continue = request.send_continue
-        elif method in ("POST", "PUT", "PATCH"):
-            framing = NO_BODY
-        upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
-        if upstream.status == 401 and replayable and self._may_replay(method, upstream):
-            fresh = await self._session.reactive_refresh(creds)
-            if fresh is not None:
-                upstream.release()
-                upstream = await self._send(request, line, fresh, framing, body, chunked)
-        if not self._relay_whole(request, upstream):
-            await self._relay(request, upstream)
 
     @staticmethod
     def _may_replay(method: str, upstream: UpstreamResponse) -> bool:

@@ -95,6 +95,14 @@ class _RandomPool:
             heads.extend(_traceparent_heads(self._source(27 * _BATCH)))
         return heads.pop()
 
+    def new_traceparent(self, sampled: bool = True) -> str:
+        """A new W3C traceparent with random trace and span ids; the flags say ``sampled``
+        (:meth:`traceparent_head` written out: one call less per proxied request)."""
+        heads = self._traces
+        if not heads:
+            heads.extend(_traceparent_heads(self._source(27 * _BATCH)))
+        return heads.pop() + ("01" if sampled else "00")
+
 
 #: ids made per batch
 _BATCH = 64
@@ -141,9 +149,8 @@ _random = _pool.take
 new_id = _pool.new_id
 
 
-def new_traceparent(sampled: bool = True) -> str:
-    """A new W3C traceparent with random trace and span ids; the flags say ``sampled``."""
-    return _pool.traceparent_head() + ("01" if sampled else "00")
+#: a new W3C traceparent with random trace and span ids; the flags say ``sampled``
+new_traceparent = _pool.new_traceparent
 
 
 def caller_sampled(value: str | None, default: bool) -> bool:
