@@ -55,8 +55,9 @@ def test_a_random_source_that_fails_once_fails_that_one_call_only() -> None:
     assert UUID4.fullmatch(pool.new_id())
     failures.append(OSError(11, "Resource temporarily unavailable"))
     with pytest.raises(OSError, match="temporarily unavailable"):
-        pool.traceparent_head()
-    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-", pool.traceparent_head())
+        pool.new_traceparent()
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", pool.new_traceparent())
+    assert pool.new_traceparent(sampled=False).endswith("-00")
 
 
 def test_a_forked_pool_forgets_the_ids_made_ahead() -> None:

@@ -292,7 +292,11 @@ class Proxy:
                 framing = NO_BODY
             upstream = await self._send(request, line, creds, framing, body, chunked, on_continue)
             if upstream.status == 401 and replayable and self._may_replay(method, upstream):
-                fresh = await self._session.reactive_refresh(creds)
+                try:
+                    fresh = await self._session.reactive_refresh(creds)
+                except BaseException:
+                    upstream.close()  # neither pooled nor relayed: it must not stay open
+                    raise
                 if fresh is not None:
                     upstream.release()
                     upstream = await self._send(request, line, fresh, framing, body, chunked)

@@ -87,17 +87,9 @@ class _RandomPool:
             ids.extend(_uuid_texts(self._source(16 * _BATCH)))
         return ids.pop()
 
-    def traceparent_head(self) -> str:
-        """``00-<trace id>-<span id>-`` (random, 32 and 16 hex digits): a traceparent without
-        its flags, from a batch of 64."""
-        heads = self._traces
-        if not heads:
-            heads.extend(_traceparent_heads(self._source(27 * _BATCH)))
-        return heads.pop()
-
     def new_traceparent(self, sampled: bool = True) -> str:
-        """A new W3C traceparent with random trace and span ids; the flags say ``sampled``
-        (:meth:`traceparent_head` written out: one call less per proxied request)."""
+        """A new W3C traceparent with random trace and span ids (32 and 16 hex digits, made 64 at
+        a time); the flags say ``sampled``."""
         heads = self._traces
         if not heads:
             heads.extend(_traceparent_heads(self._source(27 * _BATCH)))
