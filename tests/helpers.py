@@ -10,9 +10,12 @@ import json
 import os
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from multidict import CIMultiDict
 
 from sidecar.app import Sidecar
@@ -172,3 +175,17 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
+
+
+def count_tls_contexts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """From now on, every ``ssl.create_default_context`` call is listed (its arguments) in the
+    list returned: how many CA bundles the code under test parsed."""
+    built: list[tuple[Any, ...]] = []
+    create = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(args)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    return built

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,6 +15,7 @@ from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.identity.http import MAX_RESPONSE_BYTES, IdentityHTTP, parse_retry_after
 from tests.conftest import Serve
 from tests.fakes.clock import FakeClock
+from tests.helpers import count_tls_contexts
 
 
 class Endpoint:
@@ -55,14 +54,7 @@ async def test_default_tls_settings_build_no_context_of_their_own(
     on http:// needs no TLS, and for https:// aiohttp's verified context is the one those
     defaults would build (each context holds its own copy of the bundle, about 1 MB). A section
     naming a file still gets its own context, built at the first call."""
-    built: list[tuple[Any, ...]] = []
-    create = ssl.create_default_context
-
-    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
-        built.append(args)
-        return create(*args, **kwargs)
-
-    monkeypatch.setattr(ssl, "create_default_context", counted)
+    built = count_tls_contexts(monkeypatch)
     url = await serve(Endpoint().app())
     for tls, contexts in ((TLS(), 0), (TLS(ca_file=Path(ca_file)), 1)):
         http = IdentityHTTP(FakeClock(), timeout=2, tls=tls)

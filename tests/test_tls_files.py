@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
@@ -13,6 +12,7 @@ import trustme
 from sidecar.config.sections import TLS
 from sidecar.tls import TLSFiles, system_context
 from tests.fakes.clock import FakeClock
+from tests.helpers import count_tls_contexts
 
 
 async def test_a_rotation_is_seen_once_and_looks_wait_for_the_interval(tmp_path: Path) -> None:
@@ -54,14 +54,7 @@ async def test_sections_at_the_defaults_share_one_verified_context(
     is parsed (about 1 MB each). It verifies as a context of its own would: certificate and
     host name required, TLS 1.2 at least. A section with a file or another setting still gets
     a context of its own each time."""
-    built: list[tuple[Any, ...]] = []
-    create = ssl.create_default_context
-
-    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
-        built.append(args)
-        return create(*args, **kwargs)
-
-    monkeypatch.setattr(ssl, "create_default_context", counted)
+    built = count_tls_contexts(monkeypatch)
     clock = FakeClock()
     first = await TLSFiles(TLS(), clock).context()
     second = await TLSFiles(TLS(verify=True, min_version="1.2"), clock).context()
