@@ -49,7 +49,7 @@ from sidecar.errors import IdentityUnavailable, OAuthError
 from sidecar.http.egress import Egress
 from sidecar.identity.provider_text import SecretValues
 from sidecar.identity.skew import ClockSkew
-from sidecar.tls import RECHECK_EVERY, TLSFiles, system_defaults
+from sidecar.tls import RECHECK_EVERY, TLSFiles
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -152,8 +152,7 @@ class IdentityHTTP:
         #: the identity.tls files, looked at again for a rotation before a call when due
         self._tls = TLSFiles(tls or TLS(), clock, tls_recheck_every)
         self._http: aiohttp.ClientSession | None = None
-        #: the context of the current session: True is aiohttp's own verified one
-        self._ssl: ssl.SSLContext | bool | None = None
+        self._ssl: ssl.SSLContext | None = None
         #: sessions replaced after a certificate rotation, closed once their requests are done
         self._retired: set[asyncio.Task[None]] = set()
         #: for each list of URLs, the one that answered last (tried first next time)
@@ -218,13 +217,10 @@ class IdentityHTTP:
             self._http = None
             self._ssl = None
         if self._http is None or self._http.closed:
-            if self._ssl is None and system_defaults(self._tls.tls):
-                # aiohttp's verified context (built at its import) is the one these settings
-                # would build; it costs no second copy of the CA bundle, and nothing is built
-                # for a provider reached over http://
-                self._ssl = True
             if self._ssl is None:
                 try:
+                    # at its defaults, the process's one context (tls.system_context): no
+                    # second copy of the CA bundle, whether the provider is on http or https
                     self._ssl = await self._tls.context()
                 except (OSError, ssl.SSLError) as exc:
                     raise IdentityUnavailable(
