@@ -251,16 +251,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if len(self._pending) >= self.FLUSH_LINES:
             self.flush_pending()
         elif self._timer is None:
-            self.arm()
-
-    def arm(self) -> None:
-        """Flush the pending lines FLUSH_AFTER from now (at once outside an event loop)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush_pending()
-            return
-        self._timer = loop.call_later(self.FLUSH_AFTER, self.flush_pending)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush_pending()
+                return
+            self._timer = loop.call_later(self.FLUSH_AFTER, self.flush_pending)
 
     def flush_pending(self) -> None:
         if self._timer is not None:
@@ -348,9 +344,7 @@ def write_access(
         # a target without a query is its own path, already rendered when seen before (the
         # cache's keys have no "?", so a target with one never matches)
         path = _PATHS.get(target) or _json_path(target.split("?", 1)[0])
-        # JsonLinesHandler.write_line written out (one call less per request)
-        pending = lines._pending
-        pending.append(
+        lines.write_line(
             f'{{"ts":{_wall():.3f},"level":"info","logger":"sidecar.access",'
             f'"event":"http.access","method":{quoted},'
             f'"path":{path},"status":{status},'
@@ -359,10 +353,6 @@ def write_access(
             f'"bytes":{sent},'
             f'"trace_id":{"null" if trace_id is None else _quote(trace_id)}}}\n'
         )
-        if len(pending) >= lines.FLUSH_LINES:
-            lines.flush_pending()
-        elif lines._timer is None:
-            lines.arm()
         return
     _access.info(
         "http.access",
