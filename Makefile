@@ -24,17 +24,34 @@ COMPILE := pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(RUN_STAMP): $(RUN_LOCK) pyproject.toml | $(VENV)/bin/python
+$(RUN_STAMP): $(RUN_LOCK) | $(VENV)/bin/python
 	$(BIN)/pip install --quiet --require-hashes -r $(RUN_LOCK)
+	touch $@
+
+$(DEV_STAMP): $(DEV_LOCK) | $(VENV)/bin/python
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	touch $@ $(RUN_STAMP)
+
+# sidecar itself, installed in place with its data path compiled by mypyc (setup.py,
+# sidecar/compiled.py): built again whenever a source changes, since compiled modules take
+# precedence over the sources beside them. SIDECAR_PURE_PYTHON=1 builds without compiling.
+# One stamp per kind of build, so that setting or unsetting the variable builds again.
+BUILD_KIND := $(if $(filter 1,$(SIDECAR_PURE_PYTHON)),pure,compiled)
+BUILD_STAMP := $(VENV)/.built-$(BUILD_KIND)
+SOURCES := $(wildcard sidecar/*.py sidecar/*/*.py)
+
+$(BUILD_STAMP): $(RUN_STAMP) pyproject.toml setup.py $(SOURCES)
+	@[ $(BUILD_KIND) = pure ] || $(MAKE) --no-print-directory compiler
+	rm -f $(VENV)/.built-* $(COMPILED_FILES)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(DEV_STAMP): $(DEV_LOCK) pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
-	touch $@ $(RUN_STAMP)
+# what an in-place build leaves: it would shadow the sources if left behind
+COMPILED_FILES = $(wildcard sidecar/*.so sidecar/*/*.so)
 
-venv: $(DEV_STAMP) ## create the virtualenv and install sidecar with its dev tools (from the lock)
+DEV := $(DEV_STAMP) $(BUILD_STAMP)
+
+venv: $(DEV) ## create the virtualenv and install sidecar with its dev tools (from the lock)
 
 lock: ## refresh the lock files on purpose: the newest releases pyproject.toml allows (LOCK_UPGRADE= keeps pins)
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
@@ -44,12 +61,18 @@ lock: ## refresh the lock files on purpose: the newest releases pyproject.toml a
 		requirements/dev.in
 	rm -rf $(VENV)-lock
 
-run: $(RUN_STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
+run: $(BUILD_STAMP) ## start the embedded demo: curl localhost:8080/echo/anything
 	$(BIN)/sidecar run $(if $(CONFIG),-c $(CONFIG))
 
 # System packages the tests run for real (Debian names), installed only when missing: Redis,
 # promtool, and the real upstream and clients of the compatibility suite (nginx, curl, ab).
 APT_NEEDS := redis-server:redis-server promtool:prometheus nginx:nginx-light ab:apache2-utils curl:curl
+
+# A C compiler and Python's headers for the mypyc build (apt-get, when missing)
+compiler:
+	@command -v cc >/dev/null 2>&1 || $(MAKE) --no-print-directory system-deps APT_NEEDS="cc:gcc"
+	@test -f "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" \
+	  || $(MAKE) --no-print-directory system-deps APT_NEEDS="python3-config:python3-dev"
 
 system-deps: ## install the system packages the tests need (apt-get, when missing)
 	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -60,15 +83,23 @@ system-deps: ## install the system packages the tests need (apt-get, when missin
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-test: $(DEV_STAMP) system-deps ## run the whole test suite
+# the data path's suites once more on its sources (SIDECAR_PURE_PYTHON=1): the build without mypyc
+PURE_TESTS := $(wildcard tests/test_front*.py) tests/test_proxy.py tests/test_http_semantics.py \
+	tests/test_differential_checks.py tests/test_differential_fuzz.py tests/test_hostile_fuzz.py \
+	tests/test_streaming.py tests/test_upstream_tls.py tests/test_upstream_trust.py \
+	tests/test_faults.py tests/test_callers.py tests/test_rules.py tests/test_random_ids.py \
+	tests/test_metrics.py tests/test_workers.py tests/test_compiled.py
+
+test: $(DEV) system-deps ## run the whole test suite (then the data path's suites on its sources)
 	$(BIN)/pytest $(PYTEST_ARGS)
+	SIDECAR_PURE_PYTHON=1 $(BIN)/pytest $(PURE_TESTS) $(PYTEST_ARGS)
 
 # make test runs the differential fuzz suite with a small budget; this runs it long, shrinks what
 # fails to a minimal reproducer and prints how many examples ran. FUZZ_ONLY / FUZZ_WITHOUT
 # (feature names, see tests/fakes/http_sequences.py) narrow what is generated.
 FUZZ_EXAMPLES ?= 2000
 
-fuzz: $(DEV_STAMP) ## the differential fuzz suite, long: FUZZ_EXAMPLES per test (default 2000)
+fuzz: $(DEV) ## the differential fuzz suite, long: FUZZ_EXAMPLES per test (default 2000)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_differential_fuzz.py --timeout=0 -s \
 		--hypothesis-show-statistics $(PYTEST_ARGS)
 
@@ -81,22 +112,22 @@ fmt: $(DEV_STAMP) ## format the code
 	$(BIN)/ruff format sidecar tests bench
 	$(BIN)/ruff check --fix sidecar tests bench
 
-bench: $(DEV_STAMP) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
+bench: $(DEV) ## measure sidecar against nginx and a minimal aiohttp proxy (installs wrk, nginx)
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-bench-soak: $(DEV_STAMP) ## the long figures: RSS over 500k requests, 1 GiB streaming, 2 s tokens under load
+bench-soak: $(DEV) ## the long figures: RSS over 500k requests, 1 GiB streaming, 2 s tokens under load
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="wrk:wrk nginx:nginx-light taskset:util-linux"
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
-bench-ir: $(DEV_STAMP) ## instructions per request and per MiB under callgrind: noise-free figures to compare builds
+bench-ir: $(DEV) ## instructions per request and per MiB under callgrind: noise-free figures to compare builds
 	@$(MAKE) --no-print-directory system-deps APT_NEEDS="valgrind:valgrind nginx:nginx-light"
 	$(BIN)/python bench/instructions.py $(IR_ARGS)
 
-bench-shared: $(DEV_STAMP) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
+bench-shared: $(DEV) system-deps ## how fast a replica sees a token another replica refreshed (Redis)
 	$(BIN)/python bench/shared_refresh.py $(SHARED_ARGS)
 
-chaos: $(DEV_STAMP) ## 60 s of traffic while the identity provider fails and recovers (loopback)
+chaos: $(DEV) ## 60 s of traffic while the identity provider fails and recovers (loopback)
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 # The one version source (pyproject.toml reads it too); the image's OCI labels take it, the commit
@@ -110,7 +141,7 @@ image: ## build the container image sidecar:VERSION (needs a Docker or Podman en
 	$$engine build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
 		--build-arg CREATED=$(CREATED) -t sidecar:$(VERSION) .
 
-clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar
+clean: ## remove the virtualenv, caches and the compiled modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .sidecar build $(COMPILED_FILES)
 
-.PHONY: help venv lock run test fuzz lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image
+.PHONY: help venv compiler lock run test fuzz lint fmt clean system-deps bench bench-soak bench-ir bench-shared chaos image

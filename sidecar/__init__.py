@@ -11,3 +11,7 @@ The package splits into four roles joined by narrow interfaces:
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from sidecar.compiled import prefer_sources
+
+prefer_sources()

@@ -21,6 +21,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from sidecar.clock import Clock, SystemClock
+from sidecar.compiled import describe
 from sidecar.config.identity import Identity
 from sidecar.config.json_login import JsonLoginSection
 from sidecar.config.models import Config, is_loopback
@@ -213,6 +214,7 @@ class Sidecar:
                 "store": store.kind,
                 # uvloop's loop class lives in the uvloop package
                 "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                "data_path": describe(),
             },
         )
 

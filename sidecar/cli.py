@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
+from sidecar.compiled import describe
 
 if TYPE_CHECKING:
     from sidecar.config.models import Config
@@ -36,7 +37,10 @@ log = logging.getLogger("sidecar.cli")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    data_path = describe()  # how this install runs the data path (sidecar/compiled.py)
+    parser.add_argument(
+        "--version", action="version", version=f"sidecar {__version__} (data path {data_path})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument(

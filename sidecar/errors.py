@@ -170,3 +170,21 @@ class StoreUnreadable(StoreError):
     version, or sealed with a key this process does not have. Not an outage."""
 
     code = "store_unreadable"
+
+
+# Signals raised inside llhttp's callbacks to stop parsing, defined here rather than in the http
+# modules because those are compiled (sidecar/compiled.py) and a compiled class must not inherit
+# from a Python one: mypyc 2.4 gets the weak references to such instances wrong, and the garbage
+# collector crashes on them.
+
+
+class BadUpstreamHead(UpstreamUnavailable):
+    """A response head sidecar will not relay."""
+
+
+class SurplusBytes(Exception):
+    """Bytes follow the complete upstream answer in the same read."""
+
+
+class BodyEnd(Exception):
+    """The body of a request that asked for an upgrade has ended: parse no further."""

@@ -21,6 +21,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 
 from sidecar.app import Sidecar
 from sidecar.clock import Clock, SystemClock
+from sidecar.compiled import PURE_PYTHON, stale, wanted_pure
 from sidecar.config.models import Config
 from sidecar.logs import setup_logging
 from sidecar.tls import RECHECK_EVERY
@@ -57,7 +58,16 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
 def _scrubbed(name: str) -> bool:
-    return name.startswith("SIDECAR_") or name.upper() in PROXY_VARIABLES
+    """SIDECAR_PURE_PYTHON (which build of the data path runs) is kept for the tests' processes."""
+    return (name.startswith("SIDECAR_") and name != PURE_PYTHON) or name.upper() in PROXY_VARIABLES
+
+
+if stale() and not wanted_pure():
+    # a compiled module is imported in place of its source: the tests would test old code
+    raise pytest.UsageError(
+        f"compiled modules older than their sources: {', '.join(stale())}; build them again "
+        f"(make venv), or run the sources with {PURE_PYTHON}=1"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from sidecar.cli import event_loop, human_duration, main, status_line, usable_cpus
+from sidecar.compiled import describe
 from sidecar.session.manager import State
 from tests.conftest import MakeSidecar, admin_url, proxy_url
 from tests.fakes.idp import FakeIdP
@@ -367,11 +368,11 @@ async def test_run_process_with_missing_config_exits_2(
 
 def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     """``sidecar --version`` prints the version the package was installed with (pyproject.toml
-    reads it from the one place it is written), and exits 0."""
+    reads it from the one place it is written) and how it runs the data path, and exits 0."""
     from importlib.metadata import version
 
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"sidecar {version('sidecar')}\n"
+    assert capsys.readouterr().out == f"sidecar {version('sidecar')} (data path {describe()})\n"
 
 
 # ----------------------------------------------------------------- sidecar schema

@@ -479,3 +479,24 @@ async def test_an_endless_trailer_section_is_cut_without_being_buffered(
     assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     assert not raw.endswith(b"0\r\n\r\n")  # never completed
     assert endless.pushed < 16 << 20, f"the upstream pushed {endless.pushed >> 20} MiB"
+
+
+async def test_an_upstream_closing_after_its_answer_is_nothing_the_loop_reports(
+    make_sidecar: MakeSidecar,
+) -> None:
+    """An answer delimited by the upstream's close ends the ordinary way: the body reaches the
+    caller and the event loop reports no error (an upstream protocol without ``eof_received``
+    made asyncio report every upstream close as a fatal protocol error)."""
+    loop = asyncio.get_running_loop()
+    reported: list[object] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("message")))
+    try:
+        raw = await relayed(
+            make_sidecar, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", b"/"
+        )
+    finally:
+        loop.set_exception_handler(previous)
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b"until the end" in raw
+    assert reported == []

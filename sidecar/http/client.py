@@ -80,20 +80,15 @@ class UpstreamResponse:
             conn.transport.resume_reading()
         return body
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; each wait is bounded by the read timeout (a tunnel's
-        silences are not: a quiet WebSocket is still open)."""
+    async def next_chunk(self) -> bytes | None:
+        """The body's next chunk as it arrives, None at its end; each wait is bounded by the
+        read timeout (a tunnel's silences are not: a quiet WebSocket is still open)."""
         conn = self._conn
-        timeout = None if conn.tunnel else self._read_timeout
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await conn.next_chunk()
-            except TimeoutError as exc:
-                raise UpstreamBroken("upstream went silent mid-body") from exc
-            if chunk is None:
-                return
-            yield chunk
+        try:
+            async with asyncio.timeout(None if conn.tunnel else self._read_timeout):
+                return await conn.next_chunk()
+        except TimeoutError as exc:
+            raise UpstreamBroken("upstream went silent mid-body") from exc
 
     def start_tunnel(self, body: AsyncIterable[bytes] | None) -> None:
         """After a 101: copy the caller's raw bytes (``body``) to the upstream until the caller
@@ -169,8 +164,12 @@ class UpstreamPool:
                 where: dict[str, Any] = {"host": self.host, "port": self.port}
                 if self._via is not None:  # the timeout covers the tunnel and the handshake
                     where = {"sock": await self._via.open_tunnel(self.host, self.port)}
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop),
+                conn = UpstreamConnection(loop)
+                # typed Any: the loop asks for an asyncio.Protocol, which a compiled class may not
+                # subclass (sidecar/errors.py says why); it only calls the protocol's methods
+                factory: Any = lambda: conn  # noqa: E731
+                await loop.create_connection(
+                    factory,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                     **where,

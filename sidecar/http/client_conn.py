@@ -15,7 +15,13 @@ from typing import cast
 
 import httptools
 
-from sidecar.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import (
+    BadUpstreamHead,
+    SurplusBytes,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.http.exchange import wake
 
 #: pause reading from the upstream while this many body bytes wait for the caller
@@ -28,15 +34,7 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
 
 
-class _BadHead(UpstreamUnavailable):
-    """A response head sidecar will not relay (raised inside llhttp callbacks)."""
-
-
-class _Surplus(Exception):
-    """Raised inside llhttp when bytes follow the complete response in the same read."""
-
-
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One keep-alive connection; carries one exchange at a time."""
 
     # slots: attribute reads and writes are most of what the callbacks do, per answer
@@ -144,13 +142,13 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _Surplus):
+            if isinstance(cause, SurplusBytes):
                 # the response is whole; what follows it was never asked for: dropped unread,
                 # and the connection is not used again (as at a later read, see above)
                 self.keep_alive = False
                 self._parser = self._spare = None
                 return
-            if isinstance(cause, _BadHead):
+            if isinstance(cause, BadUpstreamHead):
                 self.fail(cause)
             else:
                 self.fail(UpstreamUnavailable(f"upstream sent a malformed response: {exc}"))
@@ -176,7 +174,11 @@ class UpstreamConnection(asyncio.Protocol):
             # an unfinished head (or trailer section) growing past the limit, however it was cut
             # into reads: httptools would hold all of it
             what = "trailer section" if self.head_done else "response head"
-            self.fail(_BadHead(f"upstream {what} larger than {MAX_HEAD} bytes"))
+            self.fail(BadUpstreamHead(f"upstream {what} larger than {MAX_HEAD} bytes"))
+
+    def eof_received(self) -> bool | None:
+        """The upstream half-closed: the transport closes; connection_lost says what it meant."""
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -207,7 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:
             # a second answer (or anything) behind the whole first one in the same read: llhttp
             # would parse it on, into this exchange's reason, headers and body
-            raise _Surplus
+            raise SurplusBytes
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
@@ -223,14 +225,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         status = parser.get_status_code()
         if not 100 <= status <= 599:
-            raise _BadHead(f"upstream answered with status {status}, outside 100-599")
+            raise BadUpstreamHead(f"upstream answered with status {status}, outside 100-599")
         headers = self.headers
         if len(headers) > MAX_HEADERS:
-            raise _BadHead(f"upstream response head has more than {MAX_HEADERS} header lines")
+            raise BadUpstreamHead(
+                f"upstream response head has more than {MAX_HEADERS} header lines"
+            )
         if self._unparsed > MAX_HEAD and _head_size(self.reason, headers) > MAX_HEAD:
             # the reads so far were larger than the limit: measure the head itself (its end
             # may share a read with body bytes, which do not count)
-            raise _BadHead(f"upstream response head larger than {MAX_HEAD} bytes")
+            raise BadUpstreamHead(f"upstream response head larger than {MAX_HEAD} bytes")
         if status == 101 and self._upgrade:
             self.status = status
             self.tunnel = True

@@ -29,7 +29,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from sidecar.errors import RefusedRequest
+from sidecar.errors import BodyEnd, RefusedRequest
 from sidecar.http.exchange import Body, Request, wake
 from sidecar.http.wire import body_head
 
@@ -80,7 +80,7 @@ class Listener(Protocol):
         """``protocol``'s connection is set up: count it among the server's connections."""
 
 
-class FrontProtocol(asyncio.Protocol):
+class FrontProtocol:
     """One caller's connection: parse, queue requests in order, answer them one at a time."""
 
     def __init__(self, server: Listener) -> None:
@@ -147,7 +147,7 @@ class FrontProtocol(asyncio.Protocol):
             upgraded_at = int(exc.args[0])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _BodyEnd):
+            if isinstance(cause, BodyEnd):
                 return  # the bytes behind an untunnelled Upgrade's body are never read
             if isinstance(cause, RefusedRequest):
                 self._refuse(cause)
@@ -578,11 +578,7 @@ class _UpgradeBody:
         self._front._body_done()
         # stop llhttp here: it would go on to parse what follows in the same read as a request
         # of its own (and a malformed one would refuse the requests queued before it)
-        raise _BodyEnd
-
-
-class _BodyEnd(Exception):
-    """Raised by :class:`_UpgradeBody` to end parsing at the end of the body."""
+        raise BodyEnd
 
 
 def _body_parser(front: FrontProtocol, request: Request) -> httptools.HttpRequestParser:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 from sidecar.http.wire import (
@@ -109,9 +108,14 @@ class Body:
             parts.append(data)
         return b"".join(parts)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while (data := await self.chunk()) is not None:
-            yield data
+    def __aiter__(self) -> Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.chunk()
+        if data is None:
+            raise StopAsyncIteration
+        return data
 
 
 class Request:

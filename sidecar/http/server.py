@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from sidecar.clock import Clock
 from sidecar.config.models import Listen
@@ -163,8 +164,11 @@ class FrontServer:
 
     async def _connect(self, conn: socket.socket) -> None:
         protocol = FrontProtocol(self)
+        # the loop asks for an asyncio.Protocol, which a compiled class may not subclass
+        # (sidecar/errors.py says why); it only calls the protocol's methods
+        factory: Any = lambda: protocol  # noqa: E731
         try:
-            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            await self.loop.connect_accepted_socket(factory, conn)
         except (OSError, RuntimeError):
             conn.close()  # the caller left before the transport was set up, or we are closing
             if protocol.transport is None:

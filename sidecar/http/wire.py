@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, Iterable
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
@@ -326,14 +326,23 @@ def says_invalid_token(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     )
 
 
-async def limited(body: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
-    """Pass a chunked body through until it grows past ``limit`` bytes, then refuse it (the
+class Limited:
+    """A chunked body passed through until it grows past ``limit`` bytes, then refused (the
     upstream connection is aborted, so the upstream never takes it for complete)."""
-    seen = 0
-    async for chunk in body:
-        seen += len(chunk)
-        if seen > limit:
+
+    def __init__(self, body: AsyncIterable[bytes], limit: int) -> None:
+        self._chunks = body.__aiter__()
+        self._limit = limit
+        self._seen = 0
+
+    def __aiter__(self) -> Limited:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._seen += len(chunk)
+        if self._seen > self._limit:
             raise RefusedRequest(
-                f"request body larger than {limit} bytes", status=413, code="body_too_large"
+                f"request body larger than {self._limit} bytes", status=413, code="body_too_large"
             )
-        yield chunk
+        return chunk

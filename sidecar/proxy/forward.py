@@ -41,11 +41,11 @@ from sidecar.http.wire import (
     LAST_CHUNK,
     NO_BODY,
     UPGRADE_TO,
+    Limited,
     Relocation,
     check_target,
     error_parts,
     has_length,
-    limited,
     reason_phrase,
     refusal_bytes,
     request_line,
@@ -192,21 +192,24 @@ class Proxy:
         while True:
             await self._clock.sleep(self._tls_recheck_every)
             async with self._rebuilding:  # the config as it is now, not as a SIGHUP left it
-                cfg = self._config
-                files = self._tls
-                if URL(self._base).scheme != "https" or files is None:
-                    continue
-                if not await files.changed():
-                    continue
-                try:
-                    await self._reconfigure(cfg, self._base, self._rules)
-                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                    log.error(
-                        "proxy.tls_reload_failed",
-                        extra={"error": str(exc), "kept": "the certificates read before"},
-                    )
-                    continue
-            log.info("proxy.tls_reloaded", extra={"upstream": self._base})
+                reloaded = await self._reload_changed_tls()
+            if reloaded:
+                log.info("proxy.tls_reloaded", extra={"upstream": self._base})
+
+    async def _reload_changed_tls(self) -> bool:
+        """A new pool when the upstream's TLS files changed; True when one was built."""
+        files = self._tls
+        if URL(self._base).scheme != "https" or files is None or not await files.changed():
+            return False
+        try:
+            await self._reconfigure(self._config, self._base, self._rules)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error(
+                "proxy.tls_reload_failed",
+                extra={"error": str(exc), "kept": "the certificates read before"},
+            )
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Close the pooled upstream connections (and stop looking at the TLS files)."""
@@ -276,7 +279,7 @@ class Proxy:
                     body = await stream.read()
                     framing = CONTENT_LENGTH % len(body)
                 else:
-                    body = stream if limit is None or length is not None else limited(stream, limit)
+                    body = stream if limit is None or length is not None else Limited(stream, limit)
                     replayable = False
                     if length is None:
                         chunked = True
@@ -467,7 +470,7 @@ class Proxy:
     async def _pump(self, request: Request, upstream: UpstreamResponse, chunked: bool) -> None:
         """Copy the upstream's body (or tunnel bytes) to the caller, with backpressure."""
         try:
-            async for chunk in upstream.iter_body():
+            while (chunk := await upstream.next_chunk()) is not None:
                 await request.send(chunk, chunked)
         except UpstreamBroken as exc:
             upstream.close()
