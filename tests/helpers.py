@@ -11,6 +11,8 @@ import os
 import random
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,20 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: s
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for: {what or predicate}")
         await asyncio.sleep(0.01)
+
+
+def python_output(script: str, env: dict[str, str]) -> str:
+    """What a fresh interpreter prints running ``script`` from the repository's root with ``env``
+    (the interpreter of the tests; an error fails the test)."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env=env,
+    ).stdout
 
 
 def sample(metric_text: str, name: str) -> float | None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 from sidecar.compiled import MODULES, PURE_PYTHON, installed, wanted_pure
+from tests.helpers import python_output
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,15 +33,7 @@ def _files(pure: bool) -> list[str]:
         "except SystemExit:\n"
         "    pass\n"
     )
-    out = subprocess.run(  # noqa: S603 - our own argv
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.splitlines()
+    return python_output(script, env).splitlines()
 
 
 def test_a_build_made_without_asking_for_the_sources_is_compiled() -> None:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.idp import FakeIdP
-from tests.helpers import free_port
+from tests.helpers import free_port, python_output
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,14 +35,7 @@ def modules_after(code: str) -> set[str]:
         + "print(json.dumps(sorted(sys.modules)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
-    out = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env=env,
-    ).stdout
+    out = python_output(script, env)
     return set(json.loads(out.splitlines()[-1]))
 
 
