@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 
 from setuptools import setup
 
@@ -16,8 +17,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 compiled = runpy.run_path(os.path.join(HERE, "sidecar", "compiled.py"))
 
 
+#: the commands that build extension modules; the others (metadata, sdist) need no compiling,
+#: and pip runs this file for them first
+BUILDING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+
+
 def ext_modules() -> list:  # type: ignore[type-arg]
-    if compiled["wanted_pure"]():
+    if compiled["wanted_pure"]() or not BUILDING & set(sys.argv[1:]):
         return []
     try:
         # mypyc type-checks what the compiled modules import, with pyproject.toml's [tool.mypy]

@@ -473,3 +473,35 @@ def test_documented_config_reference_equals_the_model() -> None:
     for line in committed.splitlines():
         if line.startswith("| `") and "| section |" not in line:
             assert not line.rstrip().endswith("|  |"), line
+
+
+def _requirers(lock: Path) -> dict[str, set[str]]:
+    """Each package of a pip-compile lock file and what its ``# via`` lines name."""
+    found: dict[str, set[str]] = {}
+    current = ""
+    for line in lock.read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            current = line.split("==")[0].strip().lower()
+            found[current] = set()
+        elif line.strip().startswith("#") and current:
+            words = line.strip("# ").removeprefix("via").strip()
+            if words:
+                found[current].add(words.split(" (")[0].lower())
+    return found
+
+
+def test_the_image_leaves_out_exactly_what_only_the_build_needs() -> None:
+    """The image's build stage compiles the data path with mypy's mypyc, then uninstalls mypy and
+    every package of requirements/run.txt that only mypy needs: a lock refresh that changes those
+    makes this test name the difference instead of leaving a compiler in the image (or removing
+    what sidecar runs on)."""
+    requirers = _requirers(ROOT / "requirements" / "run.txt")
+    build_only = {"mypy"}
+    grew = True
+    while grew:
+        more = {p for p, via in requirers.items() if via and via <= build_only} - build_only
+        build_only |= more
+        grew = bool(more)
+    text = (DEPLOY / "Dockerfile").read_text()
+    uninstall = text.split("pip uninstall --yes ", 1)[1].split("\\", 1)[0].split()
+    assert {name.lower().replace("_", "-") for name in uninstall} == build_only
