@@ -67,18 +67,9 @@ class UpstreamResponse:
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""
         conn = self._conn
-        if not conn.complete or conn._error is not None:  # (conn.failed, without its call)
+        if not conn.complete or conn.failed:
             return None
-        # the connection's bytes taken in place (no call): reading resumes if it had paused
-        # for them (a connection pooled while paused would never read its next answer)
-        chunks = conn.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
-        chunks.clear()
-        conn.buffered = 0
-        if conn._read_paused and conn.transport is not None:
-            conn._read_paused = False
-            conn.transport.resume_reading()
-        return body
+        return conn.take_all()
 
     async def next_chunk(self) -> bytes | None:
         """The body's next chunk as it arrives, None at its end; each wait is bounded by the
@@ -106,14 +97,7 @@ class UpstreamResponse:
             writer.cancel()
             reusable = False
         if reusable:
-            # the pool's put() written out (one call less per request)
-            pool = self._pool
-            if len(pool._idle) < pool._max_idle and not pool._closed:
-                conn.reused = True
-                conn._parser = None  # (conn.stop_parsing(), without its call)
-                pool._idle.append(conn)
-            elif conn.transport is not None:
-                conn.transport.close()
+            self._pool.put(conn)
         else:
             self.close()
 
@@ -157,6 +141,14 @@ class UpstreamPool:
         # a timeout fires at most a tenth of itself (and at most 0.1 s) late
         self._sweep_every = min(head_timeout / 10, 0.1)
 
+    def put(self, conn: UpstreamConnection) -> None:
+        if len(self._idle) < self._max_idle and not self._closed:
+            conn.reused = True
+            conn.stop_parsing()
+            self._idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
@@ -191,6 +183,13 @@ class UpstreamPool:
             ) from exc
         return conn
 
+    def _idle_connection(self) -> UpstreamConnection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
     async def request(
         self,
         head: bytes,
@@ -221,16 +220,7 @@ class UpstreamPool:
         length), so a slow upload that keeps moving is not cut for taking long.
         """
         replayable = idempotent and not hasattr(body, "__aiter__")
-        # _idle_connection's statements (one call less per request): the newest idle
-        # connection still open, the closed ones dropped on the way
-        conn: UpstreamConnection | None = None
-        idle = self._idle
-        while idle:
-            candidate = idle.pop()
-            transport = candidate.transport
-            if not candidate.closed and transport is not None and not transport.is_closing():
-                conn = candidate
-                break
+        conn = self._idle_connection()
         if conn is None:
             conn = await self._connect()
         # the exchange written out here rather than in a coroutine of its own: one frame less
@@ -257,16 +247,7 @@ class UpstreamPool:
                 if self._sweeper is None:
                     self._sweeper = conn._loop.call_later(self._sweep_every, self._sweep)
                 try:
-                    # the wait for the response head, in place (two calls fewer per request):
-                    # the exchange's error, else the head once here, else a future to await
-                    while True:
-                        if conn._error is not None:
-                            raise conn._error
-                        if conn.head_done:
-                            break
-                        if conn.closed and not conn.complete:
-                            raise UpstreamUnavailable("upstream closed the connection")
-                        pending = conn._head_waiter = conn._loop.create_future()
+                    while (pending := conn.head_pending()) is not None:
                         await pending
                 except BaseException:
                     _abort(conn, writer)

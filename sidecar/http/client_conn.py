@@ -278,9 +278,7 @@ class UpstreamConnection:
             # llhttp has checked the value; the body's later bytes bypass it (see data_received)
             self._remaining = int(length)
         self.head_done = True
-        waiter = self._head_waiter  # wake()'s statements (one call less per answer)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        wake(self._head_waiter)
         if self._head_only:
             self.keep_alive = False  # llhttp cannot be told a HEAD answer has no body
             self._message_complete()
@@ -396,6 +394,31 @@ class UpstreamConnection:
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
+
+    def head_pending(self) -> asyncio.Future[None] | None:
+        """None once the response head is here; else a future to await before asking again.
+        Raises the exchange's error. (Not a coroutine: the exchange awaits the future itself,
+        one frame less per request.)"""
+        if self._error is not None:
+            raise self._error
+        if self.head_done:
+            return None
+        if self.closed and not self.complete:
+            raise UpstreamUnavailable("upstream closed the connection")
+        waiter = self._head_waiter = self._loop.create_future()
+        return waiter
+
+    def take_all(self) -> bytes:
+        """The body bytes received and not yet taken, all at once; reading resumes if it had
+        paused for them (a connection pooled while paused would never read its next answer)."""
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (one: no copy)
+        chunks.clear()
+        self.buffered = 0
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return body
 
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end of the body."""

@@ -411,9 +411,7 @@ class FrontProtocol:
         self._queue.append(request)
         if len(self._queue) > MAX_QUEUED:
             self.pause_reading()
-        waiter = self._waiter  # wake()'s statements (one call less per request)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        wake(self._waiter)
 
     def on_body(self, body: bytes) -> None:
         """llhttp: body bytes (de-chunked) for the request being parsed."""

@@ -132,10 +132,7 @@ class CallerPolicy:
                 raise RefusedRequest(
                     "an HTTP/1.1 request needs a Host header", status=400, code="host_missing"
                 )
-        elif not (
-            # host_allowed's own first test, without the call for the usual exact names
-            any_host or self._any_host or host.lower() in self._hosts or self.host_allowed(host)
-        ):
+        elif not (any_host or self._any_host or self.host_allowed(host)):
             raise RefusedRequest(
                 f"Host {_quote(host)} is not a loopback name nor in listen.allowed_hosts (a web "
                 "page that rebound its own name to this address sends its name)",

@@ -237,15 +237,9 @@ class Proxy:
                 )
             raw_path = request.raw_path
             check_target(raw_path)
-            # the session snapshot when its token is valid (plain attribute reads), else
-            # CredentialSource.credentials waits for one
-            session = self._session
-            creds = session.current
-            now = self._clock.time()
-            if creds is not None and creds.usable_at(now):
-                session.last_api_call_at = now
-            else:
-                creds = await session.credentials()
+            creds = self._usable()
+            if creds is None:
+                creds = await self._session.credentials()
             line = (self._line % (method, raw_path)).encode("latin-1")
             if request.upgrade:
                 if request.wants_websocket():
@@ -373,6 +367,18 @@ class Proxy:
         head, body = error_parts(status, code, detail, request.request_id)
         request.respond(status, reason_phrase(status), head, body)
         return True
+
+    def _usable(self) -> Credentials | None:
+        """The session snapshot when its token is valid (a plain attribute read), else None:
+        then :meth:`CredentialSource.credentials` waits for one. Not a coroutine: the common
+        case needs no await."""
+        session = self._session
+        creds = session.current
+        now = self._clock.time()
+        if creds is not None and creds.usable_at(now):
+            session.last_api_call_at = now
+            return creds
+        return None
 
     @staticmethod
     def _may_replay(method: str, upstream: UpstreamResponse) -> bool:
